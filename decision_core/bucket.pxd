@@ -1,0 +1,18 @@
+cimport cython
+
+
+cdef class TokenBucket:
+    cdef readonly long long tokens_per_period
+    cdef readonly long long period_ns
+    cdef readonly long long capacity
+    cdef readonly long long burst
+    cdef long long credit
+    cdef long long updated_ns
+
+    @cython.locals(elapsed_ns=cython.longlong, missing=cython.longlong)
+    cdef void _refill(self, long long now_ns)
+
+    @cython.locals(now_ns=cython.longlong, wait_ns=cython.longlong)
+    cpdef double take(self, double now)
+
+    cpdef double available(self, double now)

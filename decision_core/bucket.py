@@ -1,0 +1,77 @@
+# Token bucket for the level-2 throttle, in exact integer arithmetic.
+# Credit is counted in token-nanoseconds: time adds `tokens_per_period` credit per
+# nanosecond and one token costs `period_ns`, so refills never drift or round.
+# The bucket never holds more than `burst` tokens and a clock that goes backwards
+# refills nothing.
+
+from decision_core.errors import RateError
+
+NS_PER_S = 1_000_000_000
+# Credit values stay far below 2**63 so integer products never overflow.
+MAX_CAPACITY = 1 << 62
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+class TokenBucket:
+    """Admit up to `tokens` requests per `period_s` seconds with bursts of `burst`.
+
+    The bucket starts full at `now` (seconds, any epoch the caller uses consistently).
+    Raises RateError when tokens, period or burst are not positive or too large.
+    """
+
+    def __init__(self, tokens, period_s, burst, now):
+        if tokens < 1 or period_s <= 0 or burst < 1:
+            raise RateError(
+                f"throttle rate needs tokens >= 1, period > 0 and burst >= 1, "
+                f"got {tokens} per {period_s}s, burst {burst}"
+            )
+        period_ns = int(round(period_s * NS_PER_S))
+        divisor = _gcd(int(tokens), period_ns)
+        rate_tokens = int(tokens) // divisor
+        period_ns = period_ns // divisor
+        capacity = int(burst) * period_ns
+        if capacity >= MAX_CAPACITY or rate_tokens >= MAX_CAPACITY // NS_PER_S:
+            raise RateError(f"throttle rate {tokens} per {period_s}s with burst {burst} is too large")
+        self.tokens_per_period = rate_tokens
+        self.period_ns = period_ns
+        self.capacity = capacity
+        self.burst = int(burst)
+        self.credit = capacity
+        self.updated_ns = int(now * NS_PER_S)
+
+    def _refill(self, now_ns):
+        elapsed_ns = now_ns - self.updated_ns
+        if elapsed_ns <= 0:
+            # Same instant or a clock that stepped back: nothing to add, keep the later mark.
+            return
+        missing = self.capacity - self.credit
+        if elapsed_ns > missing // self.tokens_per_period:
+            self.credit = self.capacity
+        else:
+            self.credit += elapsed_ns * self.tokens_per_period
+        self.updated_ns = now_ns
+
+    def take(self, now):
+        """Take one token at `now` (seconds).
+
+        Returns 0.0 when the token was taken, otherwise the seconds until the next
+        token is available (> 0; the caller's Retry-After is its ceiling).
+        """
+        now_ns = int(now * NS_PER_S)
+        self._refill(now_ns)
+        if self.credit >= self.period_ns:
+            self.credit -= self.period_ns
+            return 0.0
+        # Ceil division: the first whole nanosecond at which a full token exists.
+        wait_ns = (self.period_ns - self.credit + self.tokens_per_period - 1) // self.tokens_per_period
+        return wait_ns / NS_PER_S
+
+    def available(self, now):
+        """Tokens available at `now` (fractional), never more than the burst."""
+        self._refill(int(now * NS_PER_S))
+        return self.credit / self.period_ns

@@ -1,0 +1,208 @@
+# decide(): may this request proceed, from the customer's edge state, the request's
+# facts and `now`. Rules apply in this order and the first that refuses wins:
+#   1 subscription not active -> 403   2 feature not in plan -> 403
+#   3 hard quota exhausted -> 429      4 margin level 3 (block, or a locked feature) -> 429
+#   5 margin level 2 throttle bucket empty -> 429     otherwise allowed
+#     (at level 2 with `X-Aforo-Throttle: true`).
+# Quota and margin state belong to the current period: once `now` reaches period_end
+# they are ignored until the control plane sends the new period.
+
+from decision_core.state import OVERALL
+
+ALLOW = 0            # forward untouched (plus quota headers)
+ALLOW_THROTTLED = 1  # forward, with X-Aforo-Throttle: true
+REJECT = 2           # answer from the edge with `status`, never forwarded
+
+REASON_ALLOWED = "allowed"
+REASON_THROTTLE = "throttle"                    # allowed at level 2
+REASON_SUBSCRIPTION_INACTIVE = "subscription_inactive"
+REASON_FEATURE_NOT_ENTITLED = "feature_not_entitled"
+REASON_QUOTA_EXCEEDED = "quota_exceeded"
+REASON_MARGIN_BLOCKED = "margin_blocked"
+REASON_FEATURE_LOCKED = "feature_locked"
+REASON_THROTTLED = "throttled"                  # level-2 rate exceeded
+
+TITLES = {
+    REASON_ALLOWED: "OK",
+    REASON_THROTTLE: "OK",
+    REASON_SUBSCRIPTION_INACTIVE: "Subscription Not Active",
+    REASON_FEATURE_NOT_ENTITLED: "Feature Not In Plan",
+    REASON_QUOTA_EXCEEDED: "Quota Exceeded",
+    REASON_MARGIN_BLOCKED: "Margin Limit Exceeded",
+    REASON_FEATURE_LOCKED: "Margin Limit Exceeded",
+    REASON_THROTTLED: "Throttled",
+}
+
+HEADER_RATELIMIT_POLICY = "RateLimit-Policy"
+HEADER_RATELIMIT = "RateLimit"
+HEADER_RETRY_AFTER = "Retry-After"
+HEADER_THROTTLE = "X-Aforo-Throttle"
+HEADER_SHADOW = "X-Aforo-Shadow"
+_NO_HEADERS = ()
+_THROTTLE_HEADER = ((HEADER_THROTTLE, "true"),)
+
+
+class Decision:
+    """The outcome of decide(): ALLOW, ALLOW_THROTTLED or REJECT.
+
+    status: 0 when forwarded (the upstream answers), else the edge's status code.
+    reason: machine-readable cause (REASON_*); title/detail: for the problem body.
+    retry_after_s: seconds for Retry-After (0 = none). headers: (name, value) pairs to
+    add to the response. guard_id: the guard that acted, if any. shadow: what a
+    shadow-mode guard would have done ("" when nothing).
+    """
+
+    def __repr__(self):
+        return (
+            f"Decision(outcome={self.outcome}, status={self.status}, reason={self.reason!r}, "
+            f"retry_after_s={self.retry_after_s}, headers={self.headers!r}, "
+            f"guard_id={self.guard_id!r}, shadow={self.shadow!r})"
+        )
+
+
+def _decision(outcome, status, reason, detail, retry_after_s, headers, guard_id, shadow):
+    decision = Decision.__new__(Decision)
+    decision.outcome = outcome
+    decision.status = status
+    decision.reason = reason
+    decision.title = TITLES[reason]
+    decision.detail = detail
+    decision.retry_after_s = retry_after_s
+    decision.headers = headers
+    decision.guard_id = guard_id
+    decision.shadow = shadow
+    return decision
+
+
+ALLOWED = _decision(ALLOW, 0, REASON_ALLOWED, "", 0, _NO_HEADERS, "", "")
+
+
+def _ceil_seconds(seconds):
+    # Whole seconds for Retry-After / reset, at least 1 so a client never retries at once.
+    whole = int(seconds)
+    if whole < seconds:
+        whole += 1
+    return whole if whole > 1 else 1
+
+
+def _margin_action(standing, facts, now, reset_s):
+    # Returns (reason, retry_after_s) for what `standing` does to this request, or
+    # ("", 0) when it lets it through untouched. Level 2 takes a token from the bucket.
+    level = standing.level
+    if level == 3:
+        if not standing.locked_features:
+            return REASON_MARGIN_BLOCKED, reset_s
+        for feature in facts.features:
+            if feature in standing.locked_features:
+                return REASON_FEATURE_LOCKED, reset_s
+        return "", 0
+    if level == 2:
+        wait_s = standing.bucket.take(now)
+        if wait_s > 0.0:
+            return REASON_THROTTLED, _ceil_seconds(wait_s)
+        return REASON_THROTTLE, 0
+    return "", 0
+
+
+def _margin_detail(reason, standing, facts):
+    if reason == REASON_MARGIN_BLOCKED:
+        return f"margin guard {standing.guard_id!r} blocks requests until the next billing period"
+    if reason == REASON_FEATURE_LOCKED:
+        locked = [f for f in facts.features if f in standing.locked_features]
+        return f"margin guard {standing.guard_id!r} locks feature {locked[0]!r} until the next billing period"
+    return f"margin guard {standing.guard_id!r} limits this customer's request rate"
+
+
+def decide(customer, facts, now):
+    """Decide one request.
+
+    customer: CustomerState; facts: RequestFacts; now: seconds on the same clock as
+    customer.period_end. Returns a Decision (see the rule order at the top of this
+    module). When both the metric's and the overall guard standing apply, every
+    enforcing one acts (blocks before throttles, metric before overall); shadow-mode
+    standings only add `X-Aforo-Shadow`. Only level-2 buckets change. A period that has
+    ended (now >= period_end) ignores quota and margin state. Retry-After is at
+    least 1 second.
+    """
+    if not customer.subscription_open:
+        return _decision(
+            REJECT, 403, REASON_SUBSCRIPTION_INACTIVE,
+            f"subscription is {customer.subscription_status}", 0, _NO_HEADERS, "", "",
+        )
+    for feature in facts.features:
+        if feature not in customer.features:
+            return _decision(
+                REJECT, 403, REASON_FEATURE_NOT_ENTITLED,
+                f"feature {feature!r} is not in the customer's plan", 0, _NO_HEADERS, "", "",
+            )
+    if now >= customer.period_end:
+        return ALLOWED
+    reset_s = _ceil_seconds(customer.period_end - now)
+
+    quota_headers = _NO_HEADERS
+    quota = customer.quotas.get(facts.metric)
+    if quota is not None:
+        if not quota.admits(facts.units):
+            return _decision(
+                REJECT, 429, REASON_QUOTA_EXCEEDED,
+                f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",
+                reset_s,
+                (
+                    (HEADER_RATELIMIT_POLICY, quota.policy_header),
+                    (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)),
+                    (HEADER_RETRY_AFTER, str(reset_s)),
+                ),
+                "", "",
+            )
+        quota_headers = (
+            (HEADER_RATELIMIT_POLICY, quota.policy_header),
+            (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)),
+        )
+
+    levels = customer.guard_levels
+    if not levels:
+        if quota is None:
+            return ALLOWED
+        return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_headers, "", "")
+
+    standings = (levels.get(facts.metric), levels.get(OVERALL))
+    # Blocks first, so a blocked request takes no throttle token.
+    for standing in standings:
+        if standing is not None and standing.enforce and standing.level == 3:
+            reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
+            if reason:
+                return _decision(
+                    REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
+                    quota_headers + ((HEADER_RETRY_AFTER, str(retry_after_s)),), standing.guard_id, "",
+                )
+    outcome = ALLOW
+    acting_guard = ""
+    for standing in standings:
+        if standing is not None and standing.enforce and standing.level == 2:
+            reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
+            if reason == REASON_THROTTLED:
+                return _decision(
+                    REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
+                    quota_headers + ((HEADER_RETRY_AFTER, str(retry_after_s)),), standing.guard_id, "",
+                )
+            outcome = ALLOW_THROTTLED
+            acting_guard = standing.guard_id
+
+    shadow = ""
+    for standing in standings:
+        if standing is not None and not standing.enforce and standing.level >= 2:
+            reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
+            if reason and not shadow:
+                shadow = f"{reason}; guard={standing.guard_id}"
+
+    headers = quota_headers
+    if outcome == ALLOW_THROTTLED:
+        headers = headers + _THROTTLE_HEADER
+    if shadow:
+        headers = headers + ((HEADER_SHADOW, shadow),)
+    if outcome == ALLOW and not headers and not shadow:
+        return ALLOWED
+    return _decision(
+        outcome, 0, REASON_THROTTLE if outcome == ALLOW_THROTTLED else REASON_ALLOWED,
+        "", 0, headers, acting_guard, shadow,
+    )

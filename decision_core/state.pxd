@@ -1,0 +1,26 @@
+from decision_core.bucket cimport TokenBucket
+
+
+cdef class GuardStanding:
+    cdef readonly str guard_id
+    cdef readonly int level
+    cdef readonly bint enforce
+    cdef readonly TokenBucket bucket
+    cdef readonly frozenset locked_features
+
+
+cdef class CustomerState:
+    cdef readonly str customer_id
+    cdef readonly str tier
+    cdef readonly str subscription_status
+    cdef readonly bint subscription_open
+    cdef readonly frozenset features
+    cdef readonly dict quotas
+    cdef readonly dict guard_levels
+    cdef readonly double period_end
+
+
+cdef class RequestFacts:
+    cdef readonly tuple features
+    cdef readonly str metric
+    cdef readonly long long units

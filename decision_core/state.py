@@ -1,0 +1,73 @@
+# Edge state: what a proxy holds in memory about one customer, as the control plane
+# computed it. Built once per snapshot and swapped whole; between snapshots only the
+# throttle buckets and the local quota counters change.
+
+from decision_core.bucket import TokenBucket
+from decision_core.errors import InvalidStateError
+
+# Subscription statuses that may send traffic; every other known status is refused.
+OPEN_STATUSES = frozenset(("active", "trialing"))
+SUBSCRIPTION_STATUSES = frozenset(("active", "trialing", "past_due", "canceled", "paused", "expired"))
+
+# Key of the customer's overall margin standing (across all metrics) in guard_levels.
+OVERALL = "overall"
+
+
+class GuardStanding:
+    """A customer's standing under one guard: its margin level (0..3), whether the
+    guard enforces or only shadows, the level-2 throttle bucket, and for the level-3
+    lock variant the features it suspends (empty = block every request).
+
+    Raises InvalidStateError for a level outside 0..3 or level 2 without a bucket.
+    """
+
+    def __init__(self, guard_id, level, enforce=True, bucket=None, locked_features=frozenset()):
+        if level < 0 or level > 3:
+            raise InvalidStateError(f"guard {guard_id!r}: margin level must be 0..3, got {level}")
+        if level == 2 and bucket is None:
+            raise InvalidStateError(f"guard {guard_id!r}: level 2 needs a throttle bucket")
+        if bucket is not None and not isinstance(bucket, TokenBucket):
+            raise InvalidStateError(f"guard {guard_id!r}: bucket must be a TokenBucket")
+        self.guard_id = guard_id
+        self.level = level
+        self.enforce = bool(enforce)
+        self.bucket = bucket
+        self.locked_features = frozenset(locked_features)
+
+
+class CustomerState:
+    """Everything the proxy decides on for one customer.
+
+    - subscription_status: one of SUBSCRIPTION_STATUSES; only OPEN_STATUSES send traffic.
+    - features: the plan's entitlements.
+    - quotas: metric -> Quota for the current period.
+    - guard_levels: metric (or OVERALL) -> GuardStanding, already resolved per metric.
+    - period_end: end of the current billing period, seconds on the caller's clock.
+    Raises InvalidStateError for an unknown subscription status.
+    """
+
+    def __init__(self, customer_id, tier, subscription_status, features, quotas, guard_levels, period_end):
+        if subscription_status not in SUBSCRIPTION_STATUSES:
+            raise InvalidStateError(
+                f"customer {customer_id!r}: unknown subscription status {subscription_status!r}"
+            )
+        self.customer_id = customer_id
+        self.tier = tier
+        self.subscription_status = subscription_status
+        self.subscription_open = subscription_status in OPEN_STATUSES
+        self.features = frozenset(features)
+        self.quotas = dict(quotas)
+        self.guard_levels = dict(guard_levels)
+        self.period_end = float(period_end)
+
+
+class RequestFacts:
+    """What a request asks for: the features its route requires, the metric it meters
+    and the units it will use (known up front, or an estimate). Routes build it once."""
+
+    def __init__(self, features, metric, units=1):
+        if units < 0:
+            raise InvalidStateError(f"a request cannot use negative units, got {units}")
+        self.features = tuple(features)
+        self.metric = metric
+        self.units = units
