@@ -1,0 +1,38 @@
+# Which build of the decision core is loaded must be the one that was asked for:
+# CI runs the suite once compiled (AFORO_EXPECT_COMPILED=1) and once pure
+# (AFORO_PURE_PYTHON=1), and a silent fallback to the Python sources must fail.
+import importlib.machinery
+import os
+import sys
+
+import pytest
+
+import decision_core
+
+
+def _loader_kinds():
+    return {
+        name: type(sys.modules[f"decision_core.{name}"].__spec__.loader)
+        for name in decision_core.CORE_MODULES
+    }
+
+
+@pytest.mark.skipif(os.environ.get("AFORO_EXPECT_COMPILED") != "1", reason="compiled core not expected in this run")
+def test_compiled_core_is_loaded_when_expected():
+    assert decision_core.COMPILED, f"expected the compiled core, loaded: {_loader_kinds()}"
+    assert set(_loader_kinds().values()) == {importlib.machinery.ExtensionFileLoader}
+
+
+@pytest.mark.skipif(os.environ.get("AFORO_PURE_PYTHON", "") in ("", "0"), reason="pure core not requested")
+def test_pure_core_is_loaded_when_requested():
+    assert not decision_core.COMPILED
+    assert importlib.machinery.ExtensionFileLoader not in set(_loader_kinds().values())
+
+
+def test_core_imports_nothing_with_io():
+    # The core must stay free of I/O and clocks so it can be compiled and reasoned about.
+    banned = ("asyncio", "time", "logging", "redis", "msgspec", "socket", "datetime")
+    for name in decision_core.CORE_MODULES:
+        source = open(os.path.join(os.path.dirname(decision_core.__file__), f"{name}.py")).read()
+        for module in banned:
+            assert f"import {module}" not in source and f"from {module}" not in source, (name, module)
