@@ -1,5 +1,9 @@
 cimport cython
 
+cdef long long NS_PER_S
+
+cdef long long _to_ns(double now)
+
 
 cdef class TokenBucket:
     cdef readonly long long tokens_per_period
@@ -12,7 +16,7 @@ cdef class TokenBucket:
     @cython.locals(elapsed_ns=cython.longlong, missing=cython.longlong)
     cdef void _refill(self, long long now_ns)
 
-    @cython.locals(now_ns=cython.longlong, wait_ns=cython.longlong)
+    @cython.locals(wait_ns=cython.longlong)
     cpdef double take(self, double now)
 
     cpdef double available(self, double now)

@@ -4,11 +4,18 @@
 # The bucket never holds more than `burst` tokens and a clock that goes backwards
 # refills nothing.
 
+import cython
+
 from decision_core.errors import RateError
 
 NS_PER_S = 1_000_000_000
 # Credit values stay far below 2**63 so integer products never overflow.
 MAX_CAPACITY = 1 << 62
+
+
+def _to_ns(now):
+    # Seconds -> whole nanoseconds, truncated (exact for any clock within +-292 years of 0).
+    return cython.cast(cython.longlong, now * NS_PER_S)
 
 
 def _gcd(a, b):
@@ -42,7 +49,7 @@ class TokenBucket:
         self.capacity = capacity
         self.burst = int(burst)
         self.credit = capacity
-        self.updated_ns = int(now * NS_PER_S)
+        self.updated_ns = _to_ns(now)
 
     def _refill(self, now_ns):
         elapsed_ns = now_ns - self.updated_ns
@@ -62,8 +69,7 @@ class TokenBucket:
         Returns 0.0 when the token was taken, otherwise the seconds until the next
         token is available (> 0; the caller's Retry-After is its ceiling).
         """
-        now_ns = int(now * NS_PER_S)
-        self._refill(now_ns)
+        self._refill(_to_ns(now))
         if self.credit >= self.period_ns:
             self.credit -= self.period_ns
             return 0.0
@@ -73,5 +79,5 @@ class TokenBucket:
 
     def available(self, now):
         """Tokens available at `now` (fractional), never more than the burst."""
-        self._refill(int(now * NS_PER_S))
+        self._refill(_to_ns(now))
         return self.credit / self.period_ns

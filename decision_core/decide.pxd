@@ -18,6 +18,11 @@ cdef class Decision:
 cdef tuple _NO_HEADERS
 cdef tuple _THROTTLE_HEADER
 cdef dict TITLES
+cdef dict _INACTIVE
+cdef dict _NOT_ENTITLED
+cdef str _OVERALL_KEY
+
+cdef Decision _not_entitled(str feature)
 
 @cython.locals(decision=Decision)
 cdef Decision _decision(int outcome, int status, str reason, str detail,
@@ -30,6 +35,8 @@ cdef long long _ceil_seconds(double seconds)
 cdef tuple _margin_action(GuardStanding standing, RequestFacts facts, double now, long long reset_s)
 
 @cython.locals(quota=Quota, reset_s=cython.longlong, retry_after_s=cython.longlong,
-               standing=GuardStanding, outcome=cython.int, levels=dict, quota_headers=tuple,
+               standing=GuardStanding, outcome=cython.int, levels=dict, quotas=dict, quota_headers=tuple,
                headers=tuple)
 cpdef Decision decide(CustomerState customer, RequestFacts facts, double now)
+
+cdef str _margin_detail(str reason, GuardStanding standing, RequestFacts facts)

@@ -7,7 +7,7 @@
 # Quota and margin state belong to the current period: once `now` reaches period_end
 # they are ignored until the control plane sends the new period.
 
-from decision_core.state import OVERALL
+from decision_core.state import OVERALL, SUBSCRIPTION_STATUSES
 
 ALLOW = 0            # forward untouched (plus quota headers)
 ALLOW_THROTTLED = 1  # forward, with X-Aforo-Throttle: true
@@ -75,6 +75,25 @@ def _decision(outcome, status, reason, detail, retry_after_s, headers, guard_id,
 
 
 ALLOWED = _decision(ALLOW, 0, REASON_ALLOWED, "", 0, _NO_HEADERS, "", "")
+# Refusals that depend on nothing but a name are built once and shared.
+_INACTIVE = {
+    status: _decision(REJECT, 403, REASON_SUBSCRIPTION_INACTIVE, f"subscription is {status}", 0, _NO_HEADERS, "", "")
+    for status in SUBSCRIPTION_STATUSES
+}
+_NOT_ENTITLED = {}
+_OVERALL_KEY = OVERALL
+
+
+def _not_entitled(feature):
+    decision = _NOT_ENTITLED.get(feature)
+    if decision is None:
+        decision = _decision(
+            REJECT, 403, REASON_FEATURE_NOT_ENTITLED,
+            f"feature {feature!r} is not in the customer's plan", 0, _NO_HEADERS, "", "",
+        )
+        # Features come from route configuration, so this stays as small as the route table.
+        _NOT_ENTITLED[feature] = decision
+    return decision
 
 
 def _ceil_seconds(seconds):
@@ -106,11 +125,11 @@ def _margin_action(standing, facts, now, reset_s):
 
 def _margin_detail(reason, standing, facts):
     if reason == REASON_MARGIN_BLOCKED:
-        return f"margin guard {standing.guard_id!r} blocks requests until the next billing period"
+        return standing.block_detail
     if reason == REASON_FEATURE_LOCKED:
         locked = [f for f in facts.features if f in standing.locked_features]
         return f"margin guard {standing.guard_id!r} locks feature {locked[0]!r} until the next billing period"
-    return f"margin guard {standing.guard_id!r} limits this customer's request rate"
+    return standing.throttle_detail
 
 
 def decide(customer, facts, now):
@@ -125,22 +144,17 @@ def decide(customer, facts, now):
     least 1 second.
     """
     if not customer.subscription_open:
-        return _decision(
-            REJECT, 403, REASON_SUBSCRIPTION_INACTIVE,
-            f"subscription is {customer.subscription_status}", 0, _NO_HEADERS, "", "",
-        )
+        return _INACTIVE[customer.subscription_status]
     for feature in facts.features:
         if feature not in customer.features:
-            return _decision(
-                REJECT, 403, REASON_FEATURE_NOT_ENTITLED,
-                f"feature {feature!r} is not in the customer's plan", 0, _NO_HEADERS, "", "",
-            )
+            return _not_entitled(feature)
     if now >= customer.period_end:
         return ALLOWED
     reset_s = _ceil_seconds(customer.period_end - now)
 
     quota_headers = _NO_HEADERS
-    quota = customer.quotas.get(facts.metric)
+    quotas = customer.quota_index
+    quota = None if quotas is None else quotas.get(facts.metric)
     if quota is not None:
         if not quota.admits(facts.units):
             return _decision(
@@ -148,24 +162,21 @@ def decide(customer, facts, now):
                 f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",
                 reset_s,
                 (
-                    (HEADER_RATELIMIT_POLICY, quota.policy_header),
+                    quota.policy_field,
                     (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)),
                     (HEADER_RETRY_AFTER, str(reset_s)),
                 ),
                 "", "",
             )
-        quota_headers = (
-            (HEADER_RATELIMIT_POLICY, quota.policy_header),
-            (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)),
-        )
+        quota_headers = (quota.policy_field, (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)))
 
-    levels = customer.guard_levels
-    if not levels:
+    levels = customer.acting_levels
+    if levels is None:
         if quota is None:
             return ALLOWED
         return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_headers, "", "")
 
-    standings = (levels.get(facts.metric), levels.get(OVERALL))
+    standings = (levels.get(facts.metric), levels.get(_OVERALL_KEY))
     # Blocks first, so a blocked request takes no throttle token.
     for standing in standings:
         if standing is not None and standing.enforce and standing.level == 3:

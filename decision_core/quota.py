@@ -10,6 +10,22 @@ QUOTA_UNDER = 0       # usage below the limit
 QUOTA_AT_LIMIT = 1    # usage exactly at the limit: a hard quota admits nothing more
 QUOTA_OVERAGE = 2     # usage above the limit: only a soft quota gets here (billed overage)
 
+# Customers on one plan share their quota's header texts, so the hot path reads one
+# shared object instead of one per customer. Bounded: cleared when it grows past this.
+POLICY_CACHE_MAX = 100_000
+_POLICY_TEXTS = {}
+
+
+def _policy_texts(metric, limit, window_s):
+    key = (metric, limit, window_s)
+    texts = _POLICY_TEXTS.get(key)
+    if texts is None:
+        if len(_POLICY_TEXTS) >= POLICY_CACHE_MAX:
+            _POLICY_TEXTS.clear()
+        texts = (("RateLimit-Policy", f'"{metric}";q={limit};w={window_s}'), f'"{metric}";r=')
+        _POLICY_TEXTS[key] = texts
+    return texts
+
 
 class Quota:
     """One metric's quota for a customer's current period.
@@ -30,7 +46,8 @@ class Quota:
         self.used = used
         self.hard = bool(hard)
         self.window_s = int(window_s)
-        self.policy_header = f'"{metric}";q={limit};w={self.window_s}'
+        # policy_field: the shared ("RateLimit-Policy", value) pair for this quota.
+        self.policy_field, self.remaining_prefix = _policy_texts(metric, limit, self.window_s)
 
     def admits(self, units):
         """Whether `units` more fit: always for a soft quota; for a hard one only
@@ -38,6 +55,11 @@ class Quota:
         if not self.hard:
             return True
         return self.used + units <= self.limit
+
+    @property
+    def policy_header(self):
+        """The `RateLimit-Policy` field value."""
+        return self.policy_field[1]
 
     def remaining(self):
         """Units left this period, never negative (0 once a soft quota is in overage)."""
@@ -54,7 +76,7 @@ class Quota:
 
     def ratelimit_header(self, reset_s):
         """The `RateLimit` field value with `reset_s` seconds until the period resets."""
-        return f'"{self.metric}";r={self.remaining()};t={reset_s}'
+        return f"{self.remaining_prefix}{self.remaining()};t={reset_s}"
 
     def add_usage(self, units):
         """Count `units` used at once (the proxy's local counter between syncs)."""

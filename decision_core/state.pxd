@@ -7,6 +7,8 @@ cdef class GuardStanding:
     cdef readonly bint enforce
     cdef readonly TokenBucket bucket
     cdef readonly frozenset locked_features
+    cdef readonly str block_detail
+    cdef readonly str throttle_detail
 
 
 cdef class CustomerState:
@@ -18,6 +20,8 @@ cdef class CustomerState:
     cdef readonly dict quotas
     cdef readonly dict guard_levels
     cdef readonly double period_end
+    cdef readonly dict quota_index
+    cdef readonly dict acting_levels
 
 
 cdef class RequestFacts:

@@ -1,0 +1,145 @@
+"""Time decide() on realistic edge state, compiled and uncompiled, in one run.
+
+    python -m bench.decision_core [--customers 10000] [--decisions 200000] [--repeats 5]
+
+Builds 10,000 customers over free / pro / enterprise plans (quotas, entitlements,
+guard standings at every level, a few inactive subscriptions), replays the same
+seeded request mix through the compiled core in this process and through the pure
+Python core in a child process (AFORO_PURE_PYTHON=1), prints a table, and prints as
+its last line a JSON object with compiled_ns_per_decision, pure_ns_per_decision and
+speedup. The time per decision includes the Python call and the loop that feeds it.
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+T0 = 1_700_000_000.0
+MONTH_S = 30 * 86400
+SEED = 20261123
+PLAN_FEATURES = {"free": (), "pro": ("large_models",), "enterprise": ("large_models", "premium_compute")}
+# (name, required features, metric, units)
+ROUTES = (
+    ("chat", ("large_models",), "ai_tokens", 800),
+    ("reasoning", ("large_models",), "ai_reasoning_tokens", 2000),
+    ("embeddings", (), "api_calls", 1),
+    ("search", (), "enrichment_credits", 1),
+    ("compute", ("premium_compute",), "api_calls", 1),
+)
+
+
+def build_workload(core, customers, decisions):
+    """Seeded customers and a request list of (state, facts, now) for `core`."""
+    rng = random.Random(SEED)
+    period_end = T0 + 12 * 86400
+    # Entitlements belong to the plan: customers on one plan share its feature set,
+    # as the control plane's snapshot builder does.
+    plan_features = {tier: frozenset(features) for tier, features in PLAN_FEATURES.items()}
+    states = []
+    for index in range(customers):
+        roll = rng.random()
+        tier = "free" if roll < 0.4 else "pro" if roll < 0.85 else "enterprise"
+        status = "past_due" if rng.random() < 0.02 else "active"
+        features = plan_features[tier]
+        quotas = {}
+        levels = {}
+        if tier == "free":
+            quotas["api_calls"] = core.Quota("api_calls", 1000, rng.randrange(0, 1001), True, MONTH_S)
+        elif tier == "pro":
+            quotas["api_calls"] = core.Quota("api_calls", 100_000, rng.randrange(0, 100_000), True, MONTH_S)
+            quotas["ai_tokens"] = core.Quota("ai_tokens", 5_000_000, rng.randrange(0, 6_000_000), False, MONTH_S)
+        for metric in ("ai_tokens", "ai_reasoning_tokens", core.OVERALL):
+            level = rng.choices((0, 1, 2, 3), weights=(80, 10, 7, 3))[0]
+            if tier == "enterprise" and metric != core.OVERALL:
+                continue
+            bucket = core.TokenBucket(50, 1, 50, T0) if level == 2 else None
+            locked = ("large_models",) if level == 3 and rng.random() < 0.5 else ()
+            enforce = rng.random() < 0.8
+            levels[metric] = core.GuardStanding(f"guard-{metric}", level, enforce, bucket, locked)
+        states.append(core.CustomerState(f"cus_{index}", tier, status, features, quotas, levels, period_end))
+    facts = [core.RequestFacts(features, metric, units) for _, features, metric, units in ROUTES]
+    # Clients mostly call routes their plan includes; 5% of calls try any route.
+    entitled = {
+        tier: [f for f in facts if set(f.features) <= set(plan_features)]
+        for tier, plan_features in PLAN_FEATURES.items()
+    }
+    requests = []
+    for n in range(decisions):
+        state = states[rng.randrange(customers)]
+        choices = facts if rng.random() < 0.05 else entitled[state.tier]
+        requests.append((state, choices[rng.randrange(len(choices))], T0 + n * 20e-6))
+    return requests
+
+
+def measure(customers, decisions, repeats):
+    """Best-of-`repeats` ns per decide() call and the outcome mix, for the loaded core."""
+    import decision_core as core
+
+    requests = build_workload(core, customers, decisions)
+    decide = core.decide
+    outcomes = {}
+    for state, facts, now in requests[:20_000]:
+        reason = decide(state, facts, now).reason
+        outcomes[reason] = outcomes.get(reason, 0) + 1
+    best_ns = None
+    for _ in range(repeats):
+        requests = build_workload(core, customers, decisions)  # fresh buckets each repeat
+        started = time.perf_counter_ns()
+        for state, facts, now in requests:
+            decide(state, facts, now)
+        elapsed = time.perf_counter_ns() - started
+        best_ns = elapsed if best_ns is None else min(best_ns, elapsed)
+    return {"compiled": core.COMPILED, "ns_per_decision": best_ns / decisions, "outcomes": outcomes}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--decisions", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure_only:
+        print(json.dumps(measure(args.customers, args.decisions, args.repeats)))
+        return 0
+
+    compiled = measure(args.customers, args.decisions, args.repeats)
+    if not compiled["compiled"]:
+        print("the compiled decision core is not loaded: build it with `pip install -e .`", file=sys.stderr)
+        return 1
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.decision_core", "--measure-only",
+         "--customers", str(args.customers), "--decisions", str(args.decisions), "--repeats", str(args.repeats)],
+        env={**os.environ, "AFORO_PURE_PYTHON": "1"}, capture_output=True, text=True, check=True,
+    )
+    pure = json.loads(child.stdout.strip().splitlines()[-1])
+    if pure["compiled"]:
+        print("the pure-Python run loaded the compiled core", file=sys.stderr)
+        return 1
+
+    speedup = pure["ns_per_decision"] / compiled["ns_per_decision"]
+    print(f"decide() on {args.customers:,} customers, {args.decisions:,} decisions, best of {args.repeats}")
+    print(f"{'core':<10}{'ns/decision':>14}{'decisions/s':>16}")
+    for name, run in (("compiled", compiled), ("pure", pure)):
+        ns = run["ns_per_decision"]
+        print(f"{name:<10}{ns:>14.0f}{1e9 / ns:>16,.0f}")
+    print(f"speedup   {speedup:.1f}x   (targets: compiled <= 1000 ns, speedup >= 5x)")
+    mix = ", ".join(f"{reason} {count * 100 / sum(compiled['outcomes'].values()):.1f}%"
+                    for reason, count in sorted(compiled["outcomes"].items()))
+    print(f"outcome mix: {mix}")
+    print(json.dumps({
+        "customers": args.customers,
+        "decisions": args.decisions,
+        "compiled_ns_per_decision": round(compiled["ns_per_decision"], 1),
+        "pure_ns_per_decision": round(pure["ns_per_decision"], 1),
+        "speedup": round(speedup, 2),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+# Guard files -> an immutable GuardSet. Precedence when resolving a guard for
+# (customer, tier, metric): customer scope > tier scope > global; within one scope an
+# exact metric guard > a `*` guard. `overall` is matched only exactly, never by `*`.
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from os import PathLike
+from pathlib import Path
+
+import msgspec
+
+from config.errors import ConfigError, raise_if_any
+from config.schema import (
+    OVERALL_METRIC,
+    PATTERN_MEANINGS,
+    WILDCARD_METRIC,
+    Guard,
+    to_guard_file,
+)
+from config.yaml_source import YamlDocument, load_yaml
+
+VERSION_HEX_CHARS = 16
+_AT_PATH = re.compile(r"(?P<message>.*) - at `(?P<path>\$[^`]*)`", re.DOTALL)
+_AT_KEY = re.compile(r"(?P<message>.*) - at `key` in `(?P<path>\$[^`]*)`", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+_PATTERN_MISMATCH = re.compile(r"Expected `str` matching regex (?P<pattern>'.*')")
+_YAML_KIND = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+
+
+class GuardSet:
+    """The guards of one file, validated and indexed; immutable.
+
+    `guards` (tuple, file order), `version` (first 16 hex chars of the sha256 of
+    the file bytes: equal files, equal versions), `source` (the file name).
+    `resolve` precedence: customer scope > tier scope > global; within one scope an
+    exact metric guard > a `*` guard; `overall` is only matched by an `overall` guard.
+    Construction raises ValueError for two guards with one scope and metric
+    (`parse_guards` reports that as a ConfigError before building the set).
+    """
+
+    __slots__ = ("guards", "version", "source", "_by_customer", "_by_tier", "_global")
+
+    def __init__(self, guards: Iterable[Guard], version: str, source: str) -> None:
+        by_customer: dict[str, dict[str, Guard]] = {}
+        by_tier: dict[str, dict[str, Guard]] = {}
+        by_global: dict[str, Guard] = {}
+        frozen = tuple(guards)
+        for guard in frozen:
+            if guard.scope.kind == "customer":
+                by_metric = by_customer.setdefault(guard.scope.name, {})
+            elif guard.scope.kind == "tier":
+                by_metric = by_tier.setdefault(guard.scope.name, {})
+            else:
+                by_metric = by_global
+            if guard.metric in by_metric:
+                raise ValueError(f"two guards for scope {guard.scope} and metric {guard.metric}")
+            by_metric[guard.metric] = guard
+        for name, value in (
+            ("guards", frozen),
+            ("version", version),
+            ("source", source),
+            ("_by_customer", by_customer),
+            ("_by_tier", by_tier),
+            ("_global", by_global),
+        ):
+            object.__setattr__(self, name, value)
+
+    def resolve(self, customer_id: str, tier: str, metric: str) -> Guard | None:
+        """The guard that applies to `customer_id` (on plan `tier`) for `metric`.
+
+        Tried in order: customer exact, customer `*`, tier exact, tier `*`, global
+        exact, global `*`; the first hit wins. For metric == "overall" (the
+        customer's margin across all metrics) only `overall` guards are tried.
+        Returns None when no guard applies.
+        """
+        wildcard_applies = metric != OVERALL_METRIC
+        for by_metric in (
+            self._by_customer.get(customer_id),
+            self._by_tier.get(tier),
+            self._global,
+        ):
+            if by_metric:
+                guard = by_metric.get(metric)
+                if guard is None and wildcard_applies:
+                    guard = by_metric.get(WILDCARD_METRIC)
+                if guard is not None:
+                    return guard
+        return None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("GuardSet is immutable; load a new one instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("GuardSet is immutable; load a new one instead")
+
+    def __repr__(self) -> str:
+        return (
+            f"GuardSet(source={self.source!r}, version={self.version!r}, "
+            f"guards={len(self.guards)})"
+        )
+
+
+def parse_guards(text: str, file: str = "<string>") -> GuardSet:
+    """Validate guard YAML `text` into a GuardSet; `file` names it in errors and
+    becomes `GuardSet.source`. The version hashes the UTF-8 encoding of `text`.
+
+    Raises ConfigError (ConfigErrors when several problems are known at once) for
+    YAML errors, an empty file or a top level that is not a mapping, schema errors,
+    duplicate guard ids and two guards with the same scope and metric. An empty
+    `guards: []` is valid: no guard applies to anyone.
+    """
+    return _build(text, file, _version(text.encode("utf-8")))
+
+
+def load_guards(path: str | PathLike[str]) -> GuardSet:
+    """Read and validate the guard file at `path` (source = the path as given).
+
+    Raises OSError when the file cannot be read (missing, a directory, no
+    permission), ConfigError when it is not UTF-8 or not a valid guard file.
+    """
+    file = str(path)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"File is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
+            file,
+            line,
+        ) from err
+    return _build(text, file, _version(raw))
+
+
+def _version(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:VERSION_HEX_CHARS]
+
+
+def _build(text: str, file: str, version: str) -> GuardSet:
+    document = load_yaml(text, file)
+    if document.root is None:
+        raise ConfigError("File is empty; expected a mapping with a `guards` list", file)
+    if not isinstance(document.data, dict):
+        kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
+        raise ConfigError(
+            f"Expected a mapping with a `guards` list at the top level, got {kind}",
+            file,
+            document.line_of(None),
+        )
+    try:
+        guard_file = to_guard_file(document.data)
+    except msgspec.ValidationError as err:
+        raise _schema_error(str(err), document, file) from err
+    raise_if_any(_ambiguities(guard_file.guards, document, file))
+    return GuardSet(guard_file.guards, version, file)
+
+
+def _schema_error(text: str, document: YamlDocument, file: str) -> ConfigError:
+    message, path = text, None
+    match = _AT_KEY.fullmatch(text)
+    if match:
+        message, path = f"{match['message']} as a mapping key", match["path"]
+    elif match := _AT_PATH.fullmatch(text):
+        message, path = match["message"], match["path"]
+    unknown = _UNKNOWN_FIELD.fullmatch(message)
+    line = document.line_of(path, unknown["key"] if unknown else None)
+    return ConfigError(_explain_pattern(message, document.scalar_at(path)), file, line, path)
+
+
+def _explain_pattern(message: str, written: str | None) -> str:
+    # msgspec names the regex a string failed; say what the field expects instead.
+    mismatch = _PATTERN_MISMATCH.fullmatch(message)
+    if mismatch is None or written is None:
+        return message
+    for pattern, meaning in PATTERN_MEANINGS.items():
+        if mismatch["pattern"] == repr(pattern):
+            return f"Expected {meaning}, got `{written}`"
+    return message
+
+
+def _ambiguities(guards: tuple[Guard, ...], document: YamlDocument, file: str) -> list[ConfigError]:
+    """Duplicate ids, and two guards with one (scope, metric): either would make
+    `resolve` or a reported transition depend on file order."""
+    errors: list[ConfigError] = []
+    index_of_id: dict[str, int] = {}
+    index_of_target: dict[tuple[object, str], int] = {}
+    for index, guard in enumerate(guards):
+        first = index_of_id.setdefault(guard.id, index)
+        if first != index:
+            path = f"$.guards[{index}].id"
+            errors.append(
+                ConfigError(
+                    f"Duplicate guard id `{guard.id}`; first used by `$.guards[{first}]`",
+                    file,
+                    document.line_of(path),
+                    path,
+                )
+            )
+        first = index_of_target.setdefault((guard.scope, guard.metric), index)
+        if first != index:
+            path = f"$.guards[{index}]"
+            errors.append(
+                ConfigError(
+                    f"Guard `{guard.id}` has the same scope `{guard.scope}` and metric "
+                    f"`{guard.metric}` as guard `{guards[first].id}` (`$.guards[{first}]`); "
+                    "which one applies would be ambiguous",
+                    file,
+                    document.line_of(path),
+                    path,
+                )
+            )
+    return errors

@@ -1,0 +1,182 @@
+# `aforo check-config` and the loader behind it: one bad fixture per failure mode,
+# each with the exact message a user sees (file, line, path), and the exit statuses.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_guards
+from control_plane.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+BAD = Path(__file__).resolve().parent / "bad"
+EXAMPLE = REPO / "config" / "examples" / "guards.yaml"
+RATE_FORMS = (
+    "`5req/sec`, `300req/min` or `1000req/hour` (units: s, sec, second, m, min, minute, h, hour)"
+)
+
+# (fixture, message); `{file}` is the fixture's path as passed to the loader.
+BAD_FIXTURES = [
+    ("unknown_key.yaml",
+     "{file}:8: Object contains unknown field `notfy` - at `$.guards[0].actions.level_1`"),
+    ("unknown_top_key.yaml",
+     "{file}:1: Object contains unknown field `guard`"),
+    ("wrong_type.yaml",
+     "{file}:3: Expected `str`, got `int` - at `$.guards[0].metric`"),
+    ("missing_field.yaml",
+     "{file}:2: Object missing required field `min_margin` - at `$.guards[0]`"),
+    ("duplicate_id.yaml",
+     "{file}:12: Duplicate guard id `token-floor`; first used by `$.guards[0]` - at `$.guards[2].id`"),
+    ("duplicate_scope_metric.yaml",
+     "{file}:8: Guard `pro-calls-strict` has the same scope `tier: pro` and metric `api_calls` as "
+     "guard `pro-calls` (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[1]`"),
+    ("duplicate_yaml_key.yaml",
+     "{file}:7: Duplicate key `min_margin` (first at line 4) - at `$.guards[0].min_margin`"),
+    ("several_duplicates.yaml",
+     "{file}:4: Duplicate key `metric` (first at line 3) - at `$.guards[0].metric`\n"
+     "{file}:7: Duplicate key `threshold` (first at line 7)"
+     " - at `$.guards[0].actions.level_1.threshold`"),
+    ("unsafe_tag.yaml",
+     "{file}:3: Tag `!!python/object/apply:os.system` is not allowed; use plain YAML values"
+     " - at `$.guards[0].metric`"),
+    ("custom_tag.yaml",
+     "{file}:4: Tag `!percent` is not allowed; use plain YAML values - at `$.guards[0].min_margin`"),
+    ("alias_bomb.yaml",
+     "{file}:1: Aliases expand the document to 123463 values (limit 100000)"),
+    ("thresholds_not_descending.yaml",
+     "{file}:5: Thresholds must descend from level 1 to level 3: `level_2` threshold 20% is not"
+     " below `level_1` threshold 15% - at `$.guards[0].actions`"),
+    ("no_levels.yaml",
+     "{file}:5: At least one of `level_1`, `level_2`, `level_3` is required - at `$.guards[0].actions`"),
+    ("bad_rate.yaml",
+     f"{{file}}:7: Expected a rate like {RATE_FORMS}, got `5 per second`"
+     " - at `$.guards[0].actions.level_2.throttle_rate`"),
+    ("zero_rate.yaml",
+     "{file}:6: Expected a positive request count, got `0req/min`"
+     " - at `$.guards[0].actions.level_2.throttle_rate`"),
+    ("bad_burst.yaml",
+     "{file}:6: Expected `int` >= 1 - at `$.guards[0].actions.level_2.burst`"),
+    ("bad_percent.yaml",
+     "{file}:4: Expected a percentage like `25%`, got `25` - at `$.guards[0].min_margin`"),
+    ("percent_out_of_range.yaml",
+     "{file}:6: Expected a percentage between -1000% and 100%, got `150%`"
+     " - at `$.guards[0].actions.level_1.threshold`"),
+    ("negative_band.yaml",
+     "{file}:5: Expected a percentage between 0% and 100%, got `-1%` - at `$.guards[0].recovery_band`"),
+    ("lock_without_features.yaml",
+     "{file}:7: `action: lock_features` needs a non-empty `features` list"
+     " - at `$.guards[0].actions.level_3`"),
+    ("block_with_features.yaml",
+     "{file}:6: `features` only applies to `action: lock_features`; `block_request` blocks every"
+     " request - at `$.guards[0].actions.level_3`"),
+    ("empty_channel.yaml",
+     "{file}:10: Expected `str` of length >= 1 - at `$.guards[0].actions.level_1.notify[1]`"),
+    ("bad_scope.yaml",
+     "{file}:4: Scope takes exactly one of `tier` or `customer`, got `customer`, `tier`"
+     " - at `$.guards[0].scope`"),
+    ("unknown_scope_key.yaml",
+     "{file}:4: Unknown scope key `plan`; expected exactly one of `tier` or `customer`"
+     " - at `$.guards[0].scope`"),
+    ("bad_mode.yaml",
+     "{file}:5: Invalid enum value 'dry-run' - at `$.guards[0].mode`"),
+    ("bad_id.yaml",
+     "{file}:2: Expected a guard id (lowercase letters, digits, `_`, `.`, `-`), got `API Calls Floor`"
+     " - at `$.guards[0].id`"),
+    ("partial_wildcard.yaml",
+     "{file}:3: Expected a metric name (letters, digits, `_`, `.`, `:`, `-`), `*` or `overall`,"
+     " got `ai_*` - at `$.guards[0].metric`"),
+    ("syntax_error.yaml",
+     "{file}:6: Invalid YAML: expected ',' or ']', but got '}' (while parsing a flow sequence"
+     " at line 6)"),
+    ("two_documents.yaml",
+     "{file}:2: Invalid YAML: expected a single document in the stream, but found another document"),
+    ("empty.yaml",
+     "{file}: File is empty; expected a mapping with a `guards` list"),
+    ("top_level_list.yaml",
+     "{file}:1: Expected a mapping with a `guards` list at the top level, got a list"),
+    ("not_utf8.yaml",
+     "{file}:2: File is not UTF-8 text (byte 0xe9 at offset 19)"),
+]
+
+
+def test_every_bad_fixture_is_in_the_table():
+    assert sorted(path.name for path in BAD.glob("*.yaml")) == sorted(name for name, _ in BAD_FIXTURES)
+
+
+@pytest.mark.parametrize(("fixture", "message"), BAD_FIXTURES, ids=[name for name, _ in BAD_FIXTURES])
+def test_bad_fixture_message(fixture, message):
+    path = BAD / fixture
+    with pytest.raises(ConfigError) as caught:
+        load_guards(path)
+    assert str(caught.value) == message.replace("{file}", str(path))
+
+
+def run_aforo(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "control_plane.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_cli_accepts_the_example():
+    result = run_aforo("check-config", str(EXAMPLE))
+    version = load_guards(EXAMPLE).version
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"ok: {EXAMPLE} (5 guards, version {version})\n", ""
+    )
+
+
+def test_cli_reports_a_bad_file_on_stderr():
+    path = BAD / "bad_rate.yaml"
+    result = run_aforo("check-config", str(path))
+    expected = dict(BAD_FIXTURES)["bad_rate.yaml"].replace("{file}", str(path))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", expected + "\n")
+
+
+def test_cli_missing_file_is_a_usage_error():
+    result = run_aforo("check-config", "no/such/guards.yaml")
+    assert result.returncode == 2
+    assert result.stderr == "aforo check-config: cannot read no/such/guards.yaml: No such file or directory\n"
+
+
+def test_cli_checks_every_file_and_prints_every_error(capsys):
+    several = BAD / "several_duplicates.yaml"
+    status = main(["check-config", str(EXAMPLE), str(several), str(BAD / "empty.yaml")])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out.startswith(f"ok: {EXAMPLE} (5 guards, ")
+    assert err.splitlines() == [
+        f"{several}:4: Duplicate key `metric` (first at line 3) - at `$.guards[0].metric`",
+        f"{several}:7: Duplicate key `threshold` (first at line 7)"
+        " - at `$.guards[0].actions.level_1.threshold`",
+        f"{BAD / 'empty.yaml'}: File is empty; expected a mapping with a `guards` list",
+    ]
+
+
+def test_cli_unreadable_file_outranks_invalid_one(capsys, tmp_path):
+    status = main(["check-config", str(BAD / "empty.yaml"), str(tmp_path)])
+    assert status == 2
+    assert f"aforo check-config: cannot read {tmp_path}: Is a directory" in capsys.readouterr().err
+
+
+def test_cli_counts_a_single_guard_in_the_singular(capsys, tmp_path):
+    one = tmp_path / "one.yaml"
+    one.write_text("guards:\n  - {id: g, metric: m, min_margin: 5%, actions: {level_3: {threshold: 0%}}}\n")
+    assert main(["check-config", str(one)]) == 0
+    assert capsys.readouterr().out == f"ok: {one} (1 guard, version {load_guards(one).version})\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage_hint"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["check-config"], "the following arguments are required: FILE"),
+        (["check-konfig", "guards.yaml"], "invalid choice: 'check-konfig'"),
+    ],
+)
+def test_cli_usage_errors_exit_2(argv, usage_hint, capsys):
+    assert main(argv) == 2
+    assert usage_hint in capsys.readouterr().err
