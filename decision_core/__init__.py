@@ -54,7 +54,7 @@ from decision_core.margin import (  # noqa: E402
     margin_pct,
     transition_kind,
 )
-from decision_core.quota import Quota  # noqa: E402
+from decision_core.quota import MAX_QUOTA_METRICS, NO_QUOTAS, PlanQuotas, QuotaLimit  # noqa: E402
 from decision_core.rating import FlatFee, Graduated, Package, PerUnit, Tier, Volume, event_revenue  # noqa: E402
 from decision_core.state import OVERALL, CustomerState, GuardStanding, RequestFacts  # noqa: E402
 

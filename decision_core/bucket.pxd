@@ -5,6 +5,7 @@ cdef long long NS_PER_S
 cdef long long _to_ns(double now)
 
 
+@cython.final
 cdef class TokenBucket:
     cdef readonly long long tokens_per_period
     cdef readonly long long period_ns

@@ -15,7 +15,9 @@ MAX_CAPACITY = 1 << 62
 
 def _to_ns(now):
     # Seconds -> whole nanoseconds, truncated (exact for any clock within +-292 years of 0).
-    return cython.cast(cython.longlong, now * NS_PER_S)
+    if cython.compiled:
+        return cython.cast(cython.longlong, now * NS_PER_S)
+    return int(now * NS_PER_S)
 
 
 def _gcd(a, b):

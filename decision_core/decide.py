@@ -38,19 +38,39 @@ HEADER_RATELIMIT = "RateLimit"
 HEADER_RETRY_AFTER = "Retry-After"
 HEADER_THROTTLE = "X-Aforo-Throttle"
 HEADER_SHADOW = "X-Aforo-Shadow"
-_NO_HEADERS = ()
-_THROTTLE_HEADER = ((HEADER_THROTTLE, "true"),)
 
 
 class Decision:
     """The outcome of decide(): ALLOW, ALLOW_THROTTLED or REJECT.
 
     status: 0 when forwarded (the upstream answers), else the edge's status code.
-    reason: machine-readable cause (REASON_*); title/detail: for the problem body.
-    retry_after_s: seconds for Retry-After (0 = none). headers: (name, value) pairs to
-    add to the response. guard_id: the guard that acted, if any. shadow: what a
-    shadow-mode guard would have done ("" when nothing).
+    reason: machine-readable cause (REASON_*); title and detail: for the problem body.
+    retry_after_s: seconds for Retry-After (0 = none). guard_id: the guard that
+    acted, if any. shadow: what a shadow-mode guard would have done ("" = nothing).
+    The response header values are fields (quota_policy, quota_status: "" when the
+    metric has no quota) so the proxy can write them without building containers;
+    `headers` gives them as (name, value) pairs.
     """
+
+    @property
+    def title(self):
+        """Short title for the problem body ("Margin Limit Exceeded", ...)."""
+        return TITLES[self.reason]
+
+    @property
+    def headers(self):
+        """Response header fields to add, as a tuple of (name, value) pairs."""
+        fields = []
+        if self.quota_policy:
+            fields.append((HEADER_RATELIMIT_POLICY, self.quota_policy))
+            fields.append((HEADER_RATELIMIT, self.quota_status))
+        if self.retry_after_s:
+            fields.append((HEADER_RETRY_AFTER, str(self.retry_after_s)))
+        if self.outcome == ALLOW_THROTTLED:
+            fields.append((HEADER_THROTTLE, "true"))
+        if self.shadow:
+            fields.append((HEADER_SHADOW, self.shadow))
+        return tuple(fields)
 
     def __repr__(self):
         return (
@@ -60,24 +80,24 @@ class Decision:
         )
 
 
-def _decision(outcome, status, reason, detail, retry_after_s, headers, guard_id, shadow):
+def _decision(outcome, status, reason, detail, retry_after_s, quota_policy, quota_status, guard_id, shadow):
     decision = Decision.__new__(Decision)
     decision.outcome = outcome
     decision.status = status
     decision.reason = reason
-    decision.title = TITLES[reason]
     decision.detail = detail
     decision.retry_after_s = retry_after_s
-    decision.headers = headers
+    decision.quota_policy = quota_policy
+    decision.quota_status = quota_status
     decision.guard_id = guard_id
     decision.shadow = shadow
     return decision
 
 
-ALLOWED = _decision(ALLOW, 0, REASON_ALLOWED, "", 0, _NO_HEADERS, "", "")
+ALLOWED = _decision(ALLOW, 0, REASON_ALLOWED, "", 0, "", "", "", "")
 # Refusals that depend on nothing but a name are built once and shared.
 _INACTIVE = {
-    status: _decision(REJECT, 403, REASON_SUBSCRIPTION_INACTIVE, f"subscription is {status}", 0, _NO_HEADERS, "", "")
+    status: _decision(REJECT, 403, REASON_SUBSCRIPTION_INACTIVE, f"subscription is {status}", 0, "", "", "", "")
     for status in SUBSCRIPTION_STATUSES
 }
 _NOT_ENTITLED = {}
@@ -89,7 +109,7 @@ def _not_entitled(feature):
     if decision is None:
         decision = _decision(
             REJECT, 403, REASON_FEATURE_NOT_ENTITLED,
-            f"feature {feature!r} is not in the customer's plan", 0, _NO_HEADERS, "", "",
+            f"feature {feature!r} is not in the customer's plan", 0, "", "", "", "",
         )
         # Features come from route configuration, so this stays as small as the route table.
         _NOT_ENTITLED[feature] = decision
@@ -139,9 +159,9 @@ def decide(customer, facts, now):
     customer.period_end. Returns a Decision (see the rule order at the top of this
     module). When both the metric's and the overall guard standing apply, every
     enforcing one acts (blocks before throttles, metric before overall); shadow-mode
-    standings only add `X-Aforo-Shadow`. Only level-2 buckets change. A period that has
-    ended (now >= period_end) ignores quota and margin state. Retry-After is at
-    least 1 second.
+    standings only report in `shadow`. Only level-2 buckets change: decide() never
+    counts usage. A period that has ended (now >= period_end) ignores quota and
+    margin state. Retry-After is at least 1 second.
     """
     if not customer.subscription_open:
         return _INACTIVE[customer.subscription_status]
@@ -152,29 +172,26 @@ def decide(customer, facts, now):
         return ALLOWED
     reset_s = _ceil_seconds(customer.period_end - now)
 
-    quota_headers = _NO_HEADERS
-    quotas = customer.quota_index
-    quota = None if quotas is None else quotas.get(facts.metric)
-    if quota is not None:
-        if not quota.admits(facts.units):
+    quota_policy = ""
+    quota_status = ""
+    slot = customer.quotas.slot(facts.metric)
+    if slot >= 0:
+        quota = customer.quotas.limit_at(slot)
+        used = customer.used[slot]
+        quota_policy = quota.policy_header
+        quota_status = quota.ratelimit_header(used, reset_s)
+        if not quota.admits(used, facts.units):
             return _decision(
                 REJECT, 429, REASON_QUOTA_EXCEEDED,
                 f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",
-                reset_s,
-                (
-                    quota.policy_field,
-                    (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)),
-                    (HEADER_RETRY_AFTER, str(reset_s)),
-                ),
-                "", "",
+                reset_s, quota_policy, quota_status, "", "",
             )
-        quota_headers = (quota.policy_field, (HEADER_RATELIMIT, quota.ratelimit_header(reset_s)))
 
     levels = customer.acting_levels
     if levels is None:
-        if quota is None:
+        if slot < 0:
             return ALLOWED
-        return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_headers, "", "")
+        return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_policy, quota_status, "", "")
 
     standings = (levels.get(facts.metric), levels.get(_OVERALL_KEY))
     # Blocks first, so a blocked request takes no throttle token.
@@ -184,7 +201,7 @@ def decide(customer, facts, now):
             if reason:
                 return _decision(
                     REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
-                    quota_headers + ((HEADER_RETRY_AFTER, str(retry_after_s)),), standing.guard_id, "",
+                    quota_policy, quota_status, standing.guard_id, "",
                 )
     outcome = ALLOW
     acting_guard = ""
@@ -194,7 +211,7 @@ def decide(customer, facts, now):
             if reason == REASON_THROTTLED:
                 return _decision(
                     REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
-                    quota_headers + ((HEADER_RETRY_AFTER, str(retry_after_s)),), standing.guard_id, "",
+                    quota_policy, quota_status, standing.guard_id, "",
                 )
             outcome = ALLOW_THROTTLED
             acting_guard = standing.guard_id
@@ -206,14 +223,9 @@ def decide(customer, facts, now):
             if reason and not shadow:
                 shadow = f"{reason}; guard={standing.guard_id}"
 
-    headers = quota_headers
-    if outcome == ALLOW_THROTTLED:
-        headers = headers + _THROTTLE_HEADER
-    if shadow:
-        headers = headers + ((HEADER_SHADOW, shadow),)
-    if outcome == ALLOW and not headers and not shadow:
+    if outcome == ALLOW and slot < 0 and not shadow:
         return ALLOWED
     return _decision(
         outcome, 0, REASON_THROTTLE if outcome == ALLOW_THROTTLED else REASON_ALLOWED,
-        "", 0, headers, acting_guard, shadow,
+        "", 0, quota_policy, quota_status, acting_guard, shadow,
     )

@@ -1,3 +1,6 @@
+cimport cython
+
+@cython.final
 cdef class LevelThresholds:
     cdef readonly double level_1
     cdef readonly double level_2

@@ -1,18 +1,26 @@
-cdef dict _POLICY_TEXTS
-cdef tuple _policy_texts(str metric, long long limit, long long window_s)
+cimport cython
 
 
-cdef class Quota:
+@cython.final
+cdef class QuotaLimit:
     cdef readonly str metric
     cdef readonly long long limit
-    cdef public long long used
     cdef readonly bint hard
     cdef readonly long long window_s
-    cdef readonly tuple policy_field
+    cdef readonly str policy_header
     cdef readonly str remaining_prefix
 
-    cpdef bint admits(self, long long units)
-    cpdef long long remaining(self)
-    cpdef int state(self)
-    cpdef str ratelimit_header(self, long long reset_s)
-    cpdef void add_usage(self, long long units)
+    cpdef bint admits(self, long long used, long long units)
+    @cython.locals(left=cython.longlong)
+    cpdef long long remaining(self, long long used)
+    cpdef int state(self, long long used)
+    cpdef str ratelimit_header(self, long long used, long long reset_s)
+
+
+@cython.final
+cdef class PlanQuotas:
+    cdef readonly tuple limits
+    cdef readonly dict slots
+
+    cpdef int slot(self, str metric)
+    cpdef QuotaLimit limit_at(self, int slot)

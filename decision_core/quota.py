@@ -1,7 +1,9 @@
 # Quotas: usage this billing period against the plan's limit for one metric.
 # A hard quota admits a request only while used + units <= limit; a soft quota always
-# admits (the overage is billed). Header values follow the IETF httpapi
-# ratelimit-headers draft: `RateLimit-Policy: "<metric>";q=<limit>;w=<period s>` and
+# admits (the overage is billed). Limits belong to the plan and are shared by all its
+# customers (PlanQuotas); each customer's usage is counted in its own edge state.
+# Header values follow the IETF httpapi ratelimit-headers draft:
+# `RateLimit-Policy: "<metric>";q=<limit>;w=<period s>` and
 # `RateLimit: "<metric>";r=<remaining>;t=<seconds to reset>`.
 
 from decision_core.errors import InvalidStateError
@@ -10,74 +12,77 @@ QUOTA_UNDER = 0       # usage below the limit
 QUOTA_AT_LIMIT = 1    # usage exactly at the limit: a hard quota admits nothing more
 QUOTA_OVERAGE = 2     # usage above the limit: only a soft quota gets here (billed overage)
 
-# Customers on one plan share their quota's header texts, so the hot path reads one
-# shared object instead of one per customer. Bounded: cleared when it grows past this.
-POLICY_CACHE_MAX = 100_000
-_POLICY_TEXTS = {}
+# Usage counters live inline in each customer's state, one slot per quota metric.
+MAX_QUOTA_METRICS = 8
 
 
-def _policy_texts(metric, limit, window_s):
-    key = (metric, limit, window_s)
-    texts = _POLICY_TEXTS.get(key)
-    if texts is None:
-        if len(_POLICY_TEXTS) >= POLICY_CACHE_MAX:
-            _POLICY_TEXTS.clear()
-        texts = (("RateLimit-Policy", f'"{metric}";q={limit};w={window_s}'), f'"{metric}";r=')
-        _POLICY_TEXTS[key] = texts
-    return texts
-
-
-class Quota:
-    """One metric's quota for a customer's current period.
-
-    `limit` and `used` are whole units of the metric; `window_s` is the billing
-    period length in seconds (advertised as the policy window). Raises
-    InvalidStateError for a negative limit, negative usage or a non-positive window.
+class QuotaLimit:
+    """A plan's quota on one metric: `limit` whole units per billing period of
+    `window_s` seconds, `hard` (block at the limit) or soft (allow billed overage).
+    Raises InvalidStateError for a negative limit or a non-positive window.
     """
 
-    def __init__(self, metric, limit, used, hard, window_s):
-        if limit < 0 or used < 0 or window_s <= 0:
+    def __init__(self, metric, limit, hard, window_s):
+        if limit < 0 or window_s <= 0:
             raise InvalidStateError(
-                f"quota for {metric!r} needs limit >= 0, used >= 0 and window > 0, "
-                f"got limit={limit} used={used} window={window_s}"
+                f"quota for {metric!r} needs limit >= 0 and window > 0, got limit={limit} window={window_s}"
             )
         self.metric = metric
         self.limit = limit
-        self.used = used
         self.hard = bool(hard)
         self.window_s = int(window_s)
-        # policy_field: the shared ("RateLimit-Policy", value) pair for this quota.
-        self.policy_field, self.remaining_prefix = _policy_texts(metric, limit, self.window_s)
+        self.policy_header = f'"{metric}";q={limit};w={self.window_s}'
+        self.remaining_prefix = f'"{metric}";r='
 
-    def admits(self, units):
-        """Whether `units` more fit: always for a soft quota; for a hard one only
-        while used + units <= limit (a zero-unit request fits even at the limit)."""
+    def admits(self, used, units):
+        """Whether `units` more fit after `used`: always for a soft quota; for a hard
+        one only while used + units <= limit (zero units fit even at the limit)."""
         if not self.hard:
             return True
-        return self.used + units <= self.limit
+        return used + units <= self.limit
 
-    @property
-    def policy_header(self):
-        """The `RateLimit-Policy` field value."""
-        return self.policy_field[1]
-
-    def remaining(self):
-        """Units left this period, never negative (0 once a soft quota is in overage)."""
-        left = self.limit - self.used
+    def remaining(self, used):
+        """Units left this period after `used`, never negative."""
+        left = self.limit - used
         return left if left > 0 else 0
 
-    def state(self):
-        """QUOTA_UNDER, QUOTA_AT_LIMIT or QUOTA_OVERAGE."""
-        if self.used < self.limit:
+    def state(self, used):
+        """QUOTA_UNDER, QUOTA_AT_LIMIT or QUOTA_OVERAGE for `used` units."""
+        if used < self.limit:
             return QUOTA_UNDER
-        if self.used == self.limit:
+        if used == self.limit:
             return QUOTA_AT_LIMIT
         return QUOTA_OVERAGE
 
-    def ratelimit_header(self, reset_s):
-        """The `RateLimit` field value with `reset_s` seconds until the period resets."""
-        return f"{self.remaining_prefix}{self.remaining()};t={reset_s}"
+    def ratelimit_header(self, used, reset_s):
+        """The `RateLimit` field value after `used` units, `reset_s` seconds before reset."""
+        return f"{self.remaining_prefix}{self.remaining(used)};t={reset_s}"
 
-    def add_usage(self, units):
-        """Count `units` used at once (the proxy's local counter between syncs)."""
-        self.used += units
+
+class PlanQuotas:
+    """The quota limits of one plan, by metric; built once per plan and shared by its
+    customers. Raises InvalidStateError for two limits on one metric or more than
+    MAX_QUOTA_METRICS metrics."""
+
+    def __init__(self, limits):
+        self.limits = tuple(limits)
+        if len(self.limits) > MAX_QUOTA_METRICS:
+            raise InvalidStateError(
+                f"a plan can set quotas on at most {MAX_QUOTA_METRICS} metrics, got {len(self.limits)}"
+            )
+        self.slots = {}
+        for slot, limit in enumerate(self.limits):
+            if limit.metric in self.slots:
+                raise InvalidStateError(f"two quotas for metric {limit.metric!r}")
+            self.slots[limit.metric] = slot
+
+    def slot(self, metric):
+        """The usage slot of `metric`, or -1 when the plan sets no quota on it."""
+        return self.slots.get(metric, -1)
+
+    def limit_at(self, slot):
+        """The QuotaLimit in `slot` (from slot())."""
+        return self.limits[slot]
+
+
+NO_QUOTAS = PlanQuotas(())

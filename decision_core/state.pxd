@@ -1,6 +1,10 @@
+cimport cython
+
 from decision_core.bucket cimport TokenBucket
+from decision_core.quota cimport PlanQuotas
 
 
+@cython.final
 cdef class GuardStanding:
     cdef readonly str guard_id
     cdef readonly int level
@@ -11,19 +15,26 @@ cdef class GuardStanding:
     cdef readonly str throttle_detail
 
 
+@cython.final
 cdef class CustomerState:
     cdef readonly str customer_id
     cdef readonly str tier
     cdef readonly str subscription_status
     cdef readonly bint subscription_open
     cdef readonly frozenset features
-    cdef readonly dict quotas
+    cdef readonly PlanQuotas quotas
+    cdef long long used[8]
     cdef readonly dict guard_levels
     cdef readonly double period_end
-    cdef readonly dict quota_index
     cdef readonly dict acting_levels
 
+    @cython.locals(slot=cython.int)
+    cpdef long long quota_used(self, str metric)
+    @cython.locals(slot=cython.int)
+    cpdef void add_usage(self, str metric, long long units)
 
+
+@cython.final
 cdef class RequestFacts:
     cdef readonly tuple features
     cdef readonly str metric

@@ -10,7 +10,8 @@ from decision_core import (
     CustomerState,
     GuardStanding,
     InvalidStateError,
-    Quota,
+    PlanQuotas,
+    QuotaLimit,
     RequestFacts,
     TokenBucket,
     decide,
@@ -22,8 +23,10 @@ MONTH_S = 30 * 86400
 
 
 def customer(status="active", features=("large_models",), quota=None, levels=None, period_end=PERIOD_END):
-    quotas = {} if quota is None else {"ai_tokens": quota}
-    return CustomerState("cus_1", "pro", status, features, quotas, levels or {}, period_end)
+    # quota: (QuotaLimit on ai_tokens, units used) or None
+    plan = PlanQuotas([] if quota is None else [quota[0]])
+    usage = {} if quota is None else {"ai_tokens": quota[1]}
+    return CustomerState("cus_1", "pro", status, features, plan, usage, levels or {}, period_end)
 
 
 def standing(level, enforce=True, locked=(), rate=(5, 1, 5), guard_id="g-tokens"):
@@ -32,7 +35,7 @@ def standing(level, enforce=True, locked=(), rate=(5, 1, 5), guard_id="g-tokens"
 
 
 def hard_quota(used, limit=1000):
-    return Quota("ai_tokens", limit, used, True, MONTH_S)
+    return QuotaLimit("ai_tokens", limit, True, MONTH_S), used
 
 
 FACTS = RequestFacts(("large_models",), "ai_tokens", 10)
@@ -112,8 +115,7 @@ def test_a_refused_quota_reports_what_is_left():
 
 
 def test_soft_quota_allows_overage():
-    quota = Quota("ai_tokens", 1000, 5000, False, MONTH_S)
-    decision = decide(customer(quota=quota), FACTS, NOW)
+    decision = decide(customer(quota=(QuotaLimit("ai_tokens", 1000, False, MONTH_S), 5000)), FACTS, NOW)
     assert decision.outcome == ALLOW
     assert headers(decision)["RateLimit"] == '"ai_tokens";r=0;t=3601'
 
@@ -181,11 +183,10 @@ def test_retry_after_is_never_zero_at_the_end_of_a_period():
 
 
 def test_decide_does_not_count_usage():
-    quota = hard_quota(0, limit=10)
-    state = customer(quota=quota)
+    state = customer(quota=hard_quota(0, limit=10))
     for _ in range(5):
         decide(state, FACTS, NOW)
-    assert quota.used == 0
+    assert state.quota_used("ai_tokens") == 0
 
 
 @pytest.mark.parametrize(
@@ -205,9 +206,8 @@ def test_state_that_cannot_be_decided_on_is_refused(build):
 @settings(max_examples=200, deadline=None)
 @given(limit=st.integers(0, 200), sizes=st.lists(st.integers(0, 20), max_size=100))
 def test_admitted_usage_never_exceeds_a_hard_quota(limit, sizes):
-    quota = Quota("ai_tokens", limit, 0, True, MONTH_S)
-    state = customer(quota=quota)
+    state = customer(quota=hard_quota(0, limit=limit))
     for units in sizes:
         if decide(state, RequestFacts(("large_models",), "ai_tokens", units), NOW).outcome != REJECT:
-            quota.add_usage(units)
-    assert quota.used <= limit
+            state.add_usage("ai_tokens", units)
+    assert state.quota_used("ai_tokens") <= limit
