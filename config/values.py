@@ -62,13 +62,39 @@ class Percent(float):
         return f"{float(self):g}%"
 
 
+class _Value:
+    """Base of the small immutable values decoded by the schema's dec_hook (msgspec
+    would decode a dataclass or named tuple by itself, bypassing the hook): equality,
+    hashing and repr over the fields named in __slots__."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self.__slots__, self._fields()))
+        return f"{type(self).__name__}({fields})"
+
+
 class Band(Percent):
     """A non-negative percentage: the hysteresis width a recovering margin must clear."""
 
     MIN: ClassVar[float] = 0.0
 
 
-class Rate:
+class Rate(_Value):
     """A request rate: `tokens` requests per `per_s` seconds (`5req/sec` -> 5 per 1 s).
 
     Immutable and hashable. `default_burst` is the bucket size used when a guard
@@ -101,20 +127,6 @@ class Rate:
     def default_burst(self) -> int:
         return max(1, math.ceil(self.tokens / self.per_s))
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Rate):
-            return NotImplemented
-        return (self.tokens, self.per_s) == (other.tokens, other.per_s)
-
-    def __hash__(self) -> int:
-        return hash((self.tokens, self.per_s))
-
-    def __repr__(self) -> str:
-        return f"Rate(tokens={self.tokens}, per_s={self.per_s})"
-
     def __str__(self) -> str:
         unit = _UNIT_NAME.get(self.per_s)
         return f"{self.tokens}req/{unit}" if unit else f"{self.tokens}req/{self.per_s}s"
@@ -124,7 +136,7 @@ ScopeKind = Literal["global", "tier", "customer"]
 _SCOPE_FORMS = "`global`, `{tier: NAME}` or `{customer: ID}`"
 
 
-class Scope:
+class Scope(_Value):
     """Who a guard applies to: everyone (`global`), one plan tier, or one customer.
 
     `kind` is "global", "tier" or "customer"; `name` is the tier name or customer id
@@ -162,20 +174,6 @@ class Scope:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"Scope `{kind}` must be a non-empty string, got `{show(name)}`")
         return cls(kind, name)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Scope):
-            return NotImplemented
-        return (self.kind, self.name) == (other.kind, other.name)
-
-    def __hash__(self) -> int:
-        return hash((self.kind, self.name))
-
-    def __repr__(self) -> str:
-        return f"Scope({self.kind!r}, {self.name!r})"
 
     def __str__(self) -> str:
         return "global" if self.name is None else f"{self.kind}: {self.name}"
