@@ -1,8 +1,10 @@
-# Configuration: guard file schema, strict YAML loading, and the validated GuardSet.
-# Loading either returns a complete GuardSet or raises ConfigError; there is no
-# partially loaded state, so a reload can keep the old set on any error.
+# Configuration: guard files, proxy settings and edge state files, all read by one
+# strict loader. Loading either returns a complete value or raises ConfigError; there
+# is no partially loaded state, so a reload can keep the old value on any error.
+from config.edge_state_file import EdgeStateFile, load_edge_state_file, parse_edge_state_file
 from config.errors import ConfigError, ConfigErrors
 from config.guards import GuardSet, load_guards, parse_guards
+from config.proxy_settings import ProxySettings, load_proxy_settings, parse_proxy_settings
 from config.schema import (
     OVERALL_METRIC,
     WILDCARD_METRIC,
@@ -23,6 +25,7 @@ __all__ = [
     "Band",
     "ConfigError",
     "ConfigErrors",
+    "EdgeStateFile",
     "Guard",
     "GuardFile",
     "GuardSet",
@@ -30,9 +33,14 @@ __all__ = [
     "Level2",
     "Level3",
     "Percent",
+    "ProxySettings",
     "Rate",
     "Schema",
     "Scope",
+    "load_edge_state_file",
     "load_guards",
+    "load_proxy_settings",
+    "parse_edge_state_file",
     "parse_guards",
+    "parse_proxy_settings",
 ]

@@ -3,30 +3,24 @@
 # exact metric guard > a `*` guard. `overall` is matched only exactly, never by `*`.
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable
 from os import PathLike
-from pathlib import Path
 
-import msgspec
-
-from config.errors import ConfigError, raise_if_any
+from config.documents import (
+    Problem,
+    content_version,
+    parse_document,
+    read_document,
+)
 from config.schema import (
     OVERALL_METRIC,
     PATTERN_MEANINGS,
     WILDCARD_METRIC,
     Guard,
-    to_guard_file,
+    GuardFile,
 )
-from config.yaml_source import YamlDocument, load_yaml
 
-VERSION_HEX_CHARS = 16
-_AT_PATH = re.compile(r"(?P<message>.*) - at `(?P<path>\$[^`]*)`", re.DOTALL)
-_AT_KEY = re.compile(r"(?P<message>.*) - at `key` in `(?P<path>\$[^`]*)`", re.DOTALL)
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
-_PATTERN_MISMATCH = re.compile(r"Expected `str` matching regex (?P<pattern>'.*')")
-_YAML_KIND = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+GUARD_FILE_EXPECTED = "a mapping with a `guards` list"
 
 
 class GuardSet:
@@ -111,7 +105,7 @@ def parse_guards(text: str, file: str = "<string>") -> GuardSet:
     duplicate guard ids and two guards with the same scope and metric. An empty
     `guards: []` is valid: no guard applies to anyone.
     """
-    return _build(text, file, _version(text.encode("utf-8")))
+    return _build(text, file, content_version(text.encode("utf-8")))
 
 
 def load_guards(path: str | PathLike[str]) -> GuardSet:
@@ -120,95 +114,46 @@ def load_guards(path: str | PathLike[str]) -> GuardSet:
     Raises OSError when the file cannot be read (missing, a directory, no
     permission), ConfigError when it is not UTF-8 or not a valid guard file.
     """
-    file = str(path)
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(
-            f"File is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
-            file,
-            line,
-        ) from err
-    return _build(text, file, _version(raw))
-
-
-def _version(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()[:VERSION_HEX_CHARS]
+    text, raw = read_document(path)
+    return _build(text, str(path), content_version(raw))
 
 
 def _build(text: str, file: str, version: str) -> GuardSet:
-    document = load_yaml(text, file)
-    if document.root is None:
-        raise ConfigError("File is empty; expected a mapping with a `guards` list", file)
-    if not isinstance(document.data, dict):
-        kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
-        raise ConfigError(
-            f"Expected a mapping with a `guards` list at the top level, got {kind}",
-            file,
-            document.line_of(None),
-        )
-    try:
-        guard_file = to_guard_file(document.data)
-    except msgspec.ValidationError as err:
-        raise _schema_error(str(err), document, file) from err
-    raise_if_any(_ambiguities(guard_file.guards, document, file))
+    guard_file = parse_document(
+        text,
+        file,
+        GuardFile,
+        expected=GUARD_FILE_EXPECTED,
+        pattern_meanings=PATTERN_MEANINGS,
+        cross_check=_ambiguities,
+    )
     return GuardSet(guard_file.guards, version, file)
 
 
-def _schema_error(text: str, document: YamlDocument, file: str) -> ConfigError:
-    message, path = text, None
-    match = _AT_KEY.fullmatch(text)
-    if match:
-        message, path = f"{match['message']} as a mapping key", match["path"]
-    elif match := _AT_PATH.fullmatch(text):
-        message, path = match["message"], match["path"]
-    unknown = _UNKNOWN_FIELD.fullmatch(message)
-    line = document.line_of(path, unknown["key"] if unknown else None)
-    return ConfigError(_explain_pattern(message, document.scalar_at(path)), file, line, path)
-
-
-def _explain_pattern(message: str, written: str | None) -> str:
-    # msgspec names the regex a string failed; say what the field expects instead.
-    mismatch = _PATTERN_MISMATCH.fullmatch(message)
-    if mismatch is None or written is None:
-        return message
-    for pattern, meaning in PATTERN_MEANINGS.items():
-        if mismatch["pattern"] == repr(pattern):
-            return f"Expected {meaning}, got `{written}`"
-    return message
-
-
-def _ambiguities(guards: tuple[Guard, ...], document: YamlDocument, file: str) -> list[ConfigError]:
+def _ambiguities(guard_file: GuardFile) -> list[Problem]:
     """Duplicate ids, and two guards with one (scope, metric): either would make
     `resolve` or a reported transition depend on file order."""
-    errors: list[ConfigError] = []
+    guards = guard_file.guards
+    problems: list[Problem] = []
     index_of_id: dict[str, int] = {}
     index_of_target: dict[tuple[object, str], int] = {}
     for index, guard in enumerate(guards):
         first = index_of_id.setdefault(guard.id, index)
         if first != index:
-            path = f"$.guards[{index}].id"
-            errors.append(
-                ConfigError(
+            problems.append(
+                Problem(
+                    f"$.guards[{index}].id",
                     f"Duplicate guard id `{guard.id}`; first used by `$.guards[{first}]`",
-                    file,
-                    document.line_of(path),
-                    path,
                 )
             )
         first = index_of_target.setdefault((guard.scope, guard.metric), index)
         if first != index:
-            path = f"$.guards[{index}]"
-            errors.append(
-                ConfigError(
+            problems.append(
+                Problem(
+                    f"$.guards[{index}]",
                     f"Guard `{guard.id}` has the same scope `{guard.scope}` and metric "
                     f"`{guard.metric}` as guard `{guards[first].id}` (`$.guards[{first}]`); "
                     "which one applies would be ambiguous",
-                    file,
-                    document.line_of(path),
-                    path,
                 )
             )
-    return errors
+    return problems

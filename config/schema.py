@@ -1,9 +1,9 @@
-# The guard file schema. Every struct forbids unknown fields (a typo is an error, not
-# a silently ignored key) and is frozen; cross-field rules live in __post_init__ and
-# raise ValueError, so msgspec reports them with the struct's path.
+# The guard file schema, and the base and names every configuration file shares. Every
+# struct forbids unknown fields (a typo is an error, not a silently ignored key) and is
+# frozen; cross-field rules live in __post_init__ and raise ValueError (msgspec adds the path).
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -16,13 +16,17 @@ GUARD_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 # A metric name, `*` (any metric without a more specific guard) or `overall`.
 # A partial wildcard such as `ai_*` is rejected rather than silently never matching.
 METRIC_PATTERN = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.:-]*)$"
+# A metric usage is counted in (routes, quotas, usage): a name, never `*`.
+METERED_METRIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 # What each pattern means, for error messages (msgspec would show the regex).
 PATTERN_MEANINGS = {
     GUARD_ID_PATTERN: "a guard id (lowercase letters, digits, `_`, `.`, `-`)",
     METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`), `*` or `overall`",
+    METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
 }
 GuardId = Annotated[str, msgspec.Meta(pattern=GUARD_ID_PATTERN)]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_PATTERN)]
+MeteredMetric = Annotated[str, msgspec.Meta(pattern=METERED_METRIC_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1)]
 Mode = Literal["enforce", "shadow"]
 Level3Action = Literal["block_request", "lock_features"]
@@ -118,23 +122,3 @@ class GuardFile(Schema):
     """The top level of a guard file: `guards:`, a list (possibly empty)."""
 
     guards: tuple[Guard, ...]
-
-
-def _dec_hook(kind: type, raw: Any) -> Any:
-    if isinstance(kind, type):
-        if issubclass(kind, Percent):
-            return kind.parse(raw)
-        if kind is Rate:
-            return Rate.parse(raw)
-        if kind is Scope:
-            return Scope.parse(raw)
-    raise NotImplementedError(f"no decoder for {kind!r}")
-
-
-def to_guard_file(data: object) -> GuardFile:
-    """Validate plain YAML data (dicts, lists, scalars) into a GuardFile.
-
-    Raises msgspec.ValidationError whose message ends in " - at `$.path`" when the
-    problem is below the top level.
-    """
-    return msgspec.convert(data, GuardFile, dec_hook=_dec_hook)

@@ -1,10 +1,11 @@
-# Value types written as YAML scalars: percentages (`25%`), request rates (`5req/sec`)
-# and guard scopes (`global`, `{tier: pro}`, `{customer: cus_42}`). Each `parse` takes
-# the raw YAML value and raises ValueError with a message that shows the accepted form.
+# Value types written as YAML scalars: percentages (`25%`), request rates (`5req/sec`),
+# guard scopes (`global`, `{tier: pro}`) and timestamps with a timezone. Each `parse`
+# takes the raw YAML value and raises ValueError with a message that shows the form.
 from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from typing import ClassVar, Literal
 
 _PERCENT = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*%")
@@ -62,10 +63,10 @@ class Percent(float):
         return f"{float(self):g}%"
 
 
-class _Value:
-    """Base of the small immutable values decoded by the schema's dec_hook (msgspec
-    would decode a dataclass or named tuple by itself, bypassing the hook): equality,
-    hashing and repr over the fields named in __slots__."""
+class ConfigValue:
+    """Base of the small immutable values decoded by their `parse` classmethod through
+    the schema's dec_hook (msgspec would decode a dataclass or named tuple by itself,
+    bypassing the hook): equality, hashing and repr over the fields in __slots__."""
 
     __slots__ = ()
 
@@ -94,7 +95,7 @@ class Band(Percent):
     MIN: ClassVar[float] = 0.0
 
 
-class Rate(_Value):
+class Rate(ConfigValue):
     """A request rate: `tokens` requests per `per_s` seconds (`5req/sec` -> 5 per 1 s).
 
     Immutable and hashable. `default_burst` is the bucket size used when a guard
@@ -136,7 +137,7 @@ ScopeKind = Literal["global", "tier", "customer"]
 _SCOPE_FORMS = "`global`, `{tier: NAME}` or `{customer: ID}`"
 
 
-class Scope(_Value):
+class Scope(ConfigValue):
     """Who a guard applies to: everyone (`global`), one plan tier, or one customer.
 
     `kind` is "global", "tier" or "customer"; `name` is the tier name or customer id
@@ -180,3 +181,47 @@ class Scope(_Value):
 
 
 Scope.GLOBAL = Scope("global")
+
+
+TIMESTAMP_FORM = "`2026-11-01T00:00:00Z` or `2026-11-01T00:00:00+01:00`"
+
+
+class Timestamp(ConfigValue):
+    """An instant written in RFC 3339 with a timezone (`2026-11-01T00:00:00Z`).
+
+    `at` is the timezone-aware datetime; `epoch_s` the Unix time in seconds. A time
+    without a timezone is refused: read on servers in other zones it would name
+    other instants, and a billing period must end at the same moment everywhere.
+    """
+
+    __slots__ = ("at",)
+    at: datetime
+
+    def __init__(self, at: datetime) -> None:
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(f"Timestamp needs a timezone, got {at.isoformat()}")
+        object.__setattr__(self, "at", at)
+
+    @classmethod
+    def parse(cls, raw: object) -> Timestamp:
+        """`"2026-11-01T00:00:00Z"` -> Timestamp. ValueError for anything that is not
+        an ISO 8601 date and time, and for one without `Z` or an offset."""
+        try:
+            at = datetime.fromisoformat(raw.strip()) if isinstance(raw, str) else None
+        except ValueError:
+            at = None
+        if at is None:
+            raise ValueError(f"Expected a timestamp like {TIMESTAMP_FORM}, got `{show(raw)}`")
+        if at.tzinfo is None:
+            raise ValueError(
+                f"Timestamp `{raw.strip()}` has no timezone; add `Z` (UTC) or an offset like `+01:00`"
+            )
+        return cls(at)
+
+    @property
+    def epoch_s(self) -> float:
+        """Seconds since the Unix epoch."""
+        return self.at.timestamp()
+
+    def __str__(self) -> str:
+        return self.at.isoformat().replace("+00:00", "Z")

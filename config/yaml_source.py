@@ -20,7 +20,9 @@ ALLOWED_TAGS = frozenset(
 # Anchors and aliases may share a list; they may not blow a small file up into a huge
 # value (the "billion laughs" shape) that validation would then walk.
 MAX_EXPANDED_VALUES = 100_000
-_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+# Path steps: `.key`, `[0]`, and `['any key']` for keys that are not identifiers.
+_PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^'\\]*)'\]")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class StrictSafeLoader(yaml.SafeLoader):
@@ -44,7 +46,8 @@ class StrictSafeLoader(yaml.SafeLoader):
 
 StrictSafeLoader.add_constructor(None, StrictSafeLoader.construct_undefined)
 # Plain scalars that YAML 1.1 reads as dates (`2024-01-01`) or as `=` stay strings:
-# no guard field is a date, and an impossible date must not crash the loader.
+# timestamps are read by the schema (which insists on a timezone), and an impossible
+# date must not crash the loader.
 StrictSafeLoader.add_constructor(_CORE_TAG + "timestamp", StrictSafeLoader.construct_yaml_str)
 StrictSafeLoader.add_constructor(_CORE_TAG + "value", StrictSafeLoader.construct_yaml_str)
 
@@ -81,17 +84,17 @@ class YamlDocument:
         if self.root is None:
             return None, None
         node, line = self.root, _line(self.root)
-        for key, index in _PATH_STEP.findall(path or ""):
-            if key:
+        for key, index in path_steps(path):
+            if index is None:
                 found = _find_key(node, key)
                 if found is None:
                     return (None if exact else node), line
                 key_node, node = found
                 line = _line(key_node)
             else:
-                if not isinstance(node, SequenceNode) or int(index) >= len(node.value):
+                if not isinstance(node, SequenceNode) or index >= len(node.value):
                     return (None if exact else node), line
-                node = node.value[int(index)]
+                node = node.value[index]
                 line = _line(node)
         return node, line
 
@@ -187,7 +190,7 @@ def _check_tree(root: Node, file: str) -> list[ConfigError]:
                 if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
                     size += visit(value_node, path)
                     continue
-                child_path = _child_path(path, key_node.value)
+                child_path = child_path_of(path, key_node.value)
                 identity = (key_node.tag, key_node.value)
                 if identity in first_line:
                     error(
@@ -214,5 +217,16 @@ def _check_tree(root: Node, file: str) -> list[ConfigError]:
     return errors
 
 
-def _child_path(path: str, key: str) -> str:
-    return f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f"{path}[{key!r}]"
+def path_steps(path: str | None) -> list[tuple[str, None] | tuple[None, int]]:
+    """The steps of a path: `$.plans['pro-2'].quotas[0]` -> [("plans", None),
+    ("pro-2", None), ("quotas", None), (None, 0)]. Unreadable parts are skipped."""
+    return [
+        (None, int(index)) if index else (name or quoted, None)
+        for name, index, quoted in _PATH_STEP.findall(path or "")
+    ]
+
+
+def child_path_of(path: str, key: object) -> str:
+    """The path of mapping key `key` under `path`: `$.plans.pro`, `$.upstreams['chat-api']`."""
+    text = str(key)
+    return f"{path}.{text}" if _IDENTIFIER.fullmatch(text) else f"{path}[{text!r}]"

@@ -1,0 +1,240 @@
+# The proxy settings file (`aforo proxy --config FILE`). Every field but `upstreams`,
+# `routes` and `edge_state` has a default; every route names a defined upstream; and
+# relative file paths are read from the settings file's directory, not the cwd.
+#
+# Fields (defaults in parentheses):
+#   listen ("127.0.0.1:8080")  where clients connect, `host:port` (IPv6 as `[::1]:8080`)
+#   workers (1)                processes serving `listen`, >= 1
+#   admin ("127.0.0.1:9090")   health and Prometheus metrics, `host:port`
+#   api_key_header ("authorization")  where the API key is: in `authorization` as
+#                              `Bearer <key>`; in any other header, the whole value
+#   trusted_proxies ([])       CIDRs of load balancers whose X-Forwarded-* headers are
+#                              believed; from any other peer they are replaced
+#   limits                     request and connection limits (see Limits)
+#   upstreams                  name -> Upstream (url, pool_size, timeouts); at least one
+#   routes                     list of Route, at least one (see RouteSettings)
+#   edge_state                 the customers' edge state file and how often it is checked
+#   metering                   where meter events go (see MeteringSettings)
+from __future__ import annotations
+
+import os
+from os import PathLike
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from config.documents import Problem, parse_document, read_document
+from config.network import (
+    HeaderName,
+    HostName,
+    HostPort,
+    HttpMethod,
+    TrustedNetwork,
+    UpstreamUrl,
+)
+from config.schema import PATTERN_MEANINGS, MeteredMetric, Name, Schema
+
+PROXY_SETTINGS_EXPECTED = "a mapping of proxy settings with `upstreams`, `routes` and `edge_state`"
+BEARER_HEADER = "authorization"
+MIB = 1024 * 1024
+PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
+SETTINGS_PATTERN_MEANINGS = {
+    **PATTERN_MEANINGS,
+    PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
+}
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Units = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+GraceSeconds = Annotated[float, msgspec.Meta(ge=0)]
+PathPrefix = Annotated[str, msgspec.Meta(pattern=PATH_PREFIX_PATTERN)]
+FilePath = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Limits(Schema):
+    """What one request and the whole listener may take before the proxy refuses.
+
+    Sizes in bytes: request line (414 above), all header fields together and their
+    count (431 above), request body (413 above; 0 refuses any body). Seconds: to
+    receive a request's headers (408 after), an idle keep-alive connection is kept,
+    and in-flight requests get to finish on shutdown. `max_connections` open client
+    connections per worker; a connection beyond that is answered 503 and closed.
+    """
+
+    max_request_line_bytes: Count = 8192
+    max_header_bytes: Count = 32768
+    max_headers: Count = 100
+    max_body_bytes: Units = 10 * MIB
+    header_timeout_s: Seconds = 10.0
+    keepalive_timeout_s: Seconds = 75.0
+    max_connections: Count = 10000
+    shutdown_grace_s: GraceSeconds = 30.0
+
+
+class Upstream(Schema):
+    """A backend the proxy forwards to: `url` (`http://host:port`), up to `pool_size`
+    keep-alive connections, seconds to connect and to wait for each read."""
+
+    url: UpstreamUrl
+    pool_size: Count = 64
+    connect_timeout_s: Seconds = 2.0
+    read_timeout_s: Seconds = 60.0
+
+
+class RouteSettings(Schema):
+    """Which requests go to which upstream, and what they cost the customer.
+
+    A request matches when its host equals `host` (case-insensitive, port ignored;
+    no `host` = any host), its path starts with `path_prefix` on a segment boundary
+    and its method is in `methods` (none = any). Matching routes need every feature
+    in `features` and count `units` of `metric` toward the customer's quota.
+    """
+
+    name: Name
+    upstream: Name
+    host: HostName | None = None
+    path_prefix: PathPrefix = "/"
+    methods: tuple[HttpMethod, ...] | None = None
+    features: tuple[Name, ...] = ()
+    metric: MeteredMetric = "api_calls"
+    units: Units = 1
+
+
+class EdgeStateSource(Schema):
+    """The customers' edge state file and how often (seconds) it is checked for a
+    change; a change is rebuilt and swapped in, a broken file is reported and skipped."""
+
+    file: FilePath
+    reload_interval_s: Seconds = 1.0
+
+
+class MeteringSettings(Schema):
+    """Meter events: appended as NDJSON to `path`, spooled to `spool_dir` while the
+    sink is behind; up to `buffer_events` held in memory, written `batch_events` at
+    a time at least every `flush_interval_s` seconds."""
+
+    path: FilePath = "meter-events.ndjson"
+    spool_dir: FilePath = "meter-spool"
+    buffer_events: Count = 100_000
+    batch_events: Count = 1000
+    flush_interval_s: Seconds = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_events > self.buffer_events:
+            raise ValueError(
+                f"`batch_events` ({self.batch_events}) must not exceed "
+                f"`buffer_events` ({self.buffer_events})"
+            )
+
+
+class ProxySettings(Schema):
+    """A validated proxy settings file (see the module comment for every field)."""
+
+    upstreams: dict[Name, Upstream]
+    routes: tuple[RouteSettings, ...]
+    edge_state: EdgeStateSource
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    workers: Count = 1
+    admin: HostPort = HostPort("127.0.0.1", 9090)
+    api_key_header: HeaderName = HeaderName(BEARER_HEADER)
+    trusted_proxies: tuple[TrustedNetwork, ...] = ()
+    limits: Limits = msgspec.field(default_factory=Limits)
+    metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
+
+    @property
+    def api_key_is_bearer(self) -> bool:
+        """True when the key is read as `Bearer <key>` from the Authorization header;
+        False when the whole value of `api_key_header` is the key."""
+        return self.api_key_header == BEARER_HEADER
+
+
+def parse_proxy_settings(
+    text: str, file: str = "<string>", base_dir: str | PathLike[str] | None = None
+) -> ProxySettings:
+    """Validate proxy settings YAML `text`; `file` names it in errors.
+
+    Relative `edge_state.file`, `metering.path` and `metering.spool_dir` are joined
+    to `base_dir` (left as written when None; absolute paths are never changed).
+    Raises ConfigError (ConfigErrors for several cross-field problems) naming the
+    file, line and path: YAML and schema errors, a route naming an unknown upstream,
+    duplicate route names, and a route that an earlier one always wins over.
+    """
+    settings = parse_document(
+        text,
+        file,
+        ProxySettings,
+        expected=PROXY_SETTINGS_EXPECTED,
+        pattern_meanings=SETTINGS_PATTERN_MEANINGS,
+        cross_check=_route_problems,
+    )
+    return settings if base_dir is None else _resolve_paths(settings, base_dir)
+
+
+def load_proxy_settings(path: str | PathLike[str]) -> ProxySettings:
+    """Read and validate the settings file at `path`; relative paths inside it are
+    resolved against its directory. Raises OSError when it cannot be read and
+    ConfigError as parse_proxy_settings does (and for text that is not UTF-8)."""
+    text, _ = read_document(path)
+    return parse_proxy_settings(text, str(path), Path(path).parent)
+
+
+def _resolve_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> ProxySettings:
+    def resolve(file: str) -> str:
+        return os.path.join(base_dir, file)
+
+    edge_state = msgspec.structs.replace(settings.edge_state, file=resolve(settings.edge_state.file))
+    metering = msgspec.structs.replace(
+        settings.metering,
+        path=resolve(settings.metering.path),
+        spool_dir=resolve(settings.metering.spool_dir),
+    )
+    return msgspec.structs.replace(settings, edge_state=edge_state, metering=metering)
+
+
+def _route_problems(settings: ProxySettings) -> list[Problem]:
+    """No upstream or no route at all; routes that name no upstream, share a name, or
+    can never be chosen because an earlier route with the same host and prefix takes
+    all of their methods."""
+    problems: list[Problem] = []
+    if not settings.upstreams:
+        problems.append(Problem("$.upstreams", "At least one upstream is required"))
+    if not settings.routes:
+        problems.append(Problem("$.routes", "At least one route is required"))
+    known = ", ".join(f"`{name}`" for name in settings.upstreams)
+    first_by_name: dict[str, int] = {}
+    for index, route in enumerate(settings.routes):
+        if route.upstream not in settings.upstreams and settings.upstreams:
+            problems.append(
+                Problem(
+                    f"$.routes[{index}].upstream",
+                    f"Unknown upstream `{route.upstream}`; the upstreams are {known}",
+                )
+            )
+        first = first_by_name.setdefault(route.name, index)
+        if first != index:
+            problems.append(
+                Problem(
+                    f"$.routes[{index}].name",
+                    f"Duplicate route name `{route.name}`; first used by `$.routes[{first}]`",
+                )
+            )
+        for earlier_index, earlier in enumerate(settings.routes[:index]):
+            if _always_wins_over(earlier, route):
+                problems.append(
+                    Problem(
+                        f"$.routes[{index}]",
+                        f"Route `{route.name}` can never match: route `{earlier.name}` "
+                        f"(`$.routes[{earlier_index}]`) has the same host and path prefix "
+                        "and takes all of its methods",
+                    )
+                )
+                break
+    return problems
+
+
+def _always_wins_over(earlier: RouteSettings, later: RouteSettings) -> bool:
+    if (earlier.host, earlier.path_prefix) != (later.host, later.path_prefix):
+        return False
+    if earlier.methods is None:
+        return True
+    return later.methods is not None and set(later.methods) <= set(earlier.methods)

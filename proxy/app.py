@@ -1,0 +1,130 @@
+# What every connection of one proxy worker shares: limits, router, edge state,
+# upstream pools, the meter buffer and metrics, plus the clocks. Timeouts are checked
+# by one sweep per second over all connections instead of a timer per request, so the
+# hot path allocates no timer handles; tests call sweep() with a fake clock.
+import ipaddress
+import logging
+import time
+import urllib.parse
+
+from proxy.meter_event import MeterEvent, new_event_id
+from proxy.upstream import UpstreamPool
+
+log = logging.getLogger("aforo.proxy")
+
+SWEEP_INTERVAL_S = 1.0
+_BEARER = b"bearer "
+
+
+class ProxyApp:
+    """Shared state of one worker. `clock` is monotonic seconds (timeouts);
+    `wall_clock` is epoch seconds (billing periods, meter timestamps)."""
+
+    def __init__(self, settings, router, edge_state, meter, metrics, loop,
+                 clock=time.monotonic, wall_clock=time.time):
+        self.settings = settings
+        self.limits = settings.limits
+        self.router = router
+        self.edge_state = edge_state
+        self.meter_buffer = meter
+        self.metrics = metrics
+        self.loop = loop
+        self.clock = clock
+        self.wall_clock = wall_clock
+        header = settings.api_key_header.lower().encode()
+        self.api_key_header = header
+        self.bearer = header == b"authorization"
+        self.trusted_networks = tuple(ipaddress.ip_network(cidr) for cidr in settings.trusted_proxies)
+        self.pools = {}
+        for name, upstream in settings.upstreams.items():
+            url = urllib.parse.urlsplit(upstream.url)
+            self.pools[name] = UpstreamPool(
+                name, url.hostname, url.port or 80, upstream.pool_size,
+                upstream.connect_timeout_s, upstream.read_timeout_s, loop, clock,
+            )
+        self.connections = set()
+        self.closing = False
+
+    # -- connections ----------------------------------------------------------------
+    def is_trusted(self, ip):
+        """Whether a peer address is a configured trusted proxy (whose X-Forwarded-*
+        values are kept)."""
+        if not self.trusted_networks:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_networks)
+
+    def admit_connection(self, connection):
+        """Register a new client connection; False when max_connections is reached."""
+        if len(self.connections) >= self.limits.max_connections or self.closing:
+            return False
+        self.connections.add(connection)
+        return True
+
+    def forget_connection(self, connection):
+        self.connections.discard(connection)
+
+    def api_key(self, raw):
+        """The API key from the configured header's value: `Bearer <key>` for
+        Authorization, the whole value otherwise; None when absent or malformed."""
+        if raw is None:
+            return None
+        if self.bearer:
+            if raw[:7].lower() != _BEARER:
+                return None
+            raw = raw[7:]
+        key = raw.strip()
+        return key or None
+
+    # -- accounting -------------------------------------------------------------------
+    def count_request(self, route_name, decision):
+        self.metrics.count_request(route_name, decision)
+
+    def count_refusal(self, status):
+        self.metrics.count_request("", "bad_request" if status < 500 else f"error_{status}")
+
+    def meter(self, exchange):
+        """Record the meter event of a forwarded exchange (never blocks)."""
+        route = exchange.route
+        now = self.wall_clock()
+        self.meter_buffer.record(MeterEvent(
+            id=new_event_id(),
+            customer_id=exchange.customer.customer_id,
+            metric=route.facts.metric,
+            quantity=route.facts.units,
+            timestamp=now,
+            route=route.name,
+            status=exchange.response_status,
+            request_bytes=exchange.request_bytes,
+            response_bytes=exchange.response_bytes,
+            latency_ms=(self.clock() - exchange.started_at) * 1000.0,
+        ))
+
+    def log_error(self, message, error):
+        log.error("%s: %r", message, error, exc_info=error)
+
+    # -- time ----------------------------------------------------------------------------
+    def sweep(self, now=None):
+        """Enforce header, idle, connect and read timeouts as of `now` (default: clock())."""
+        now = self.clock() if now is None else now
+        for connection in list(self.connections):
+            connection.check_deadline(now)
+        for pool in self.pools.values():
+            pool.sweep(now)
+
+    def schedule_sweeps(self):
+        """Sweep every SWEEP_INTERVAL_S on the loop until shutdown."""
+        def tick():
+            self.sweep()
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+
+    def begin_shutdown(self):
+        """Stop keeping connections alive: idle ones close now, busy ones after their
+        current response."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_when_idle()

@@ -1,0 +1,696 @@
+# Client side of the proxy: one ClientConnection per accepted socket, one Exchange per
+# request. The protocol callbacks only feed httptools and hand facts to the exchange;
+# nothing raises out of data_received. Requests are answered strictly in order: a
+# pipelined request waits (its bytes buffered, reading paused) until the one before it
+# has been answered. Anything malformed is refused with 400/501 and the connection is
+# closed without forwarding a byte.
+import asyncio
+import collections
+import socket
+from time import perf_counter
+
+import httptools
+
+from decision_core import REJECT, decide
+from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, render
+from proxy.problem import problem_response, status_line
+
+# Bytes of request body held while waiting for an upstream connection before the
+# client is paused.
+PENDING_BODY_HIGH_WATER = 256 * 1024
+_CHUNKED_END = b"0\r\n\r\n"
+_NO_BODY_STATUSES = frozenset((204, 304))
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: parses requests, runs each through an Exchange in order."""
+
+    def __init__(self, app):
+        self.app = app
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = b""
+        self.peer_trusted = False
+        self.exchanges = collections.deque()   # [0] is being answered; the rest wait
+        self.parsing = None                     # the exchange whose request is being parsed
+        self.closing = False
+        self.writing_paused = False
+        self.reading_paused_by = 0              # reasons reading is paused (bit set)
+        self.deadline = 0.0                     # header / idle timeout, checked by the sweeper
+        self.idle = True
+        self.tunnel = None
+        self.upgrading = None                   # the exchange waiting for 101, if any
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        app = self.app
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0].encode()
+            self.peer_trusted = app.is_trusted(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.deadline = app.clock() + app.limits.keepalive_timeout_s
+        if not app.admit_connection(self):
+            transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
+            transport.close()
+
+    def data_received(self, data):
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        if self.upgrading is not None:
+            # Bytes after an upgrade request, before the upstream switched protocols.
+            self.upgrading.upgrade_data(data)
+            return
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange = self.exchanges[-1] if self.exchanges else None
+            if exchange is not None and exchange.upgrade is not None:
+                self.upgrading = exchange
+                exchange.upgrade_data(data[upgrade.args[0]:] if upgrade.args else b"")
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, _Refusal):
+                self.refuse(cause.status, cause.title, cause.detail)
+            else:
+                self._failed(cause or error)
+        except httptools.HttpParserError as error:
+            self.refuse(400, "Bad Request", f"malformed request: {error}")
+        except Exception as error:
+            self._failed(error)
+
+    def _failed(self, error):
+        # A bug must never leave the socket half-handled.
+        self.app.log_error("request handling failed", error)
+        self.refuse(500, "Internal Server Error", "the proxy failed to handle this request")
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self.app.forget_connection(self)
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.abort()
+        for exchange in self.exchanges:
+            exchange.client_gone()
+        self.exchanges.clear()
+
+    def pause_writing(self):
+        self.writing_paused = True
+        if self.exchanges:
+            self.exchanges[0].pause_upstream_reading()
+
+    def resume_writing(self):
+        self.writing_paused = False
+        if self.exchanges:
+            self.exchanges[0].resume_upstream_reading()
+
+    # -- httptools callbacks ------------------------------------------------------
+    def on_message_begin(self):
+        self.idle = False
+        exchange = Exchange(self)
+        self.parsing = exchange
+        self.exchanges.append(exchange)
+        self.deadline = self.app.clock() + self.app.limits.header_timeout_s
+        if len(self.exchanges) > 1:
+            # Pipelined: answer in order; stop reading until the earlier ones are done.
+            self.pause_reading(_PIPELINE)
+
+    def on_url(self, url):
+        exchange = self.parsing
+        exchange.url += url
+        if len(exchange.url) > self.app.limits.max_request_line_bytes:
+            raise _Refusal(414, "URI Too Long", "the request line is longer than the proxy accepts")
+
+    def on_header(self, name, value):
+        self.parsing.request_header(name, value)
+
+    def on_headers_complete(self):
+        exchange = self.parsing
+        exchange.request_headers_complete(self.parser.get_method(), self.parser.get_http_version(),
+                                          self.parser.should_keep_alive())
+        if exchange is self.exchanges[0]:
+            exchange.start()
+
+    def on_body(self, body):
+        self.parsing.request_body(body)
+
+    def on_message_complete(self):
+        exchange = self.parsing
+        self.parsing = None
+        exchange.request_completed()
+
+    # -- flow control ---------------------------------------------------------------
+    def pause_reading(self, reason):
+        if not self.reading_paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self.reading_paused_by |= reason
+
+    def resume_reading(self, reason):
+        if self.reading_paused_by & reason:
+            self.reading_paused_by &= ~reason
+            if not self.reading_paused_by and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+    def pause_reading_for_upstream(self):
+        self.pause_reading(_UPSTREAM_FULL)
+
+    def resume_reading_for_upstream(self):
+        self.resume_reading(_UPSTREAM_FULL)
+
+    # -- used by exchanges and the sweeper --------------------------------------------
+    def write(self, data):
+        self.transport.write(data)
+
+    def refuse(self, status, title, detail, reason=""):
+        """Answer with a problem response and close; used for malformed input, where
+        nothing after this point on the connection can be trusted."""
+        if self.closing:
+            return
+        self.closing = True
+        started = self.exchanges and self.exchanges[0].response_started
+        if not started:
+            self.transport.write(problem_response(status, title, detail, reason=reason, close=True))
+            self.app.count_refusal(status)
+        for exchange in self.exchanges:
+            exchange.client_gone()
+        self.exchanges.clear()
+        if started:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def exchange_done(self, exchange, keep_alive):
+        """The head exchange was answered; start the next or wait idle / close."""
+        if self.exchanges and self.exchanges[0] is exchange:
+            self.exchanges.popleft()
+        if not keep_alive or self.app.closing:
+            self.closing = True
+            self.exchanges.clear()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.resume_reading(_PIPELINE)
+        if self.exchanges:
+            head = self.exchanges[0]
+            if head.headers_done:
+                head.start()
+        else:
+            self.idle = True
+            self.deadline = self.app.clock() + self.app.limits.keepalive_timeout_s
+
+    def check_deadline(self, now):
+        """Header timeout (408) for a request still being received, idle keep-alive
+        close for a connection with nothing in flight, upstream read timeout for the
+        exchange being answered."""
+        if self.exchanges:
+            self.exchanges[0].check_deadline(now)
+        if self.closing or now < self.deadline or self.tunnel is not None:
+            return
+        if self.idle:
+            self.closing = True
+            self.transport.close()
+        elif self.parsing is not None and not self.parsing.headers_done:
+            self.refuse(408, "Request Timeout", "the request headers did not arrive in time")
+
+    def close_when_idle(self):
+        """At shutdown: close at once when idle, else after the current response."""
+        if self.idle and not self.exchanges and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+    def start_tunnel(self, upstream_conn):
+        """After `101 Switching Protocols`: relay raw bytes both ways until either side closes."""
+        self.upgrading = None
+        self.tunnel = upstream_conn
+        upstream_conn.tunnel = self
+
+
+class _Refusal(Exception):
+    """Raised inside a parser callback to stop parsing and refuse the request."""
+
+    def __init__(self, status, title, detail):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+# Reasons the client socket's reading is paused.
+_PIPELINE = 1
+_UPSTREAM_FULL = 2
+_PENDING_BODY = 4
+
+
+class Exchange:
+    """One request and its response: decide, forward, stream back, meter."""
+
+    def __init__(self, client):
+        self.client = client
+        self.app = client.app
+        self.started_at = self.app.clock()
+        self.url = b""
+        self.method = b""
+        self.http_11 = True
+        self.keep_alive = True
+        self.headers = []
+        self.header_bytes = 0
+        self.host = None
+        self.content_length = None
+        self.transfer_encoding = None
+        self.connection = frozenset()
+        self.upgrade = None
+        self.api_key = None
+        self.client_forwarded_for = None
+        self.client_forwarded_proto = None
+        self.client_forwarded_host = None
+        self.headers_done = False
+        self.request_complete = False
+        self.request_bytes = 0
+        self.pending_body = []
+        self.pending_bytes = 0
+        self.upgrade_tail = b""
+        self.route = None
+        self.customer = None
+        self.decision = None
+        self.upstream = None
+        self.upstream_reused = False
+        self.upstream_deadline = 0.0
+        self.upstream_sent_at = 0.0
+        self.forwarding = False
+        self.response_started = False
+        self.response_status = 0
+        self.response_status_phrase = b""
+        self.response_headers = []
+        self.response_chunked_out = False
+        self.response_close_delimited = False
+        self.response_bytes = 0
+        self.response_keep_alive = True
+        self.finished = False
+        self.retried = False
+
+    # -- request, from the parser -------------------------------------------------------
+    def request_header(self, name, value):
+        app = self.app
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > app.limits.max_header_bytes or len(self.headers) >= app.limits.max_headers:
+            raise _Refusal(431, "Request Header Fields Too Large", "the request headers are larger than the proxy accepts")
+        lower = name.lower()
+        if lower == b"host":
+            if self.host is not None:
+                raise _Refusal(400, "Bad Request", "more than one Host header")
+            self.host = value
+            self.headers.append((b"host", value))
+        elif lower == b"content-length":
+            self.content_length = int(value)
+        elif lower == b"transfer-encoding":
+            self.transfer_encoding = value
+        elif lower == b"connection":
+            self.connection = frozenset(connection_tokens(value))
+        elif lower == b"upgrade":
+            self.upgrade = value
+        elif lower in FORWARDED_FIELDS:
+            if lower == b"x-forwarded-for":
+                self.client_forwarded_for = value
+            elif lower == b"x-forwarded-proto":
+                self.client_forwarded_proto = value
+            elif lower == b"x-forwarded-host":
+                self.client_forwarded_host = value
+        elif lower in HOP_BY_HOP or lower.startswith(OWN_PREFIX):
+            pass
+        else:
+            if lower == app.api_key_header:
+                self.api_key = value
+            self.headers.append((lower, value))
+
+    def request_headers_complete(self, method, version, keep_alive):
+        self.headers_done = True
+        self.method = method
+        self.http_11 = version == "1.1"
+        self.keep_alive = keep_alive
+        limits = self.app.limits
+        if self.http_11 and self.host is None:
+            raise _Refusal(400, "Bad Request", "HTTP/1.1 requests need a Host header")
+        if self.transfer_encoding is not None:
+            if not self.http_11:
+                raise _Refusal(400, "Bad Request", "Transfer-Encoding is not allowed in HTTP/1.0 requests")
+            if self.transfer_encoding.strip().lower() != b"chunked":
+                raise _Refusal(501, "Not Implemented", "only `Transfer-Encoding: chunked` is supported")
+        if self.content_length is not None and self.content_length > limits.max_body_bytes:
+            raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
+        if not self.url.startswith(b"/"):
+            self._absolute_form()
+        if self.connection:
+            self.headers = [(name, value) for name, value in self.headers if name not in self.connection]
+        if self.upgrade is not None and b"upgrade" not in self.connection:
+            self.upgrade = None
+        self.client.deadline = float("inf")
+
+    def _absolute_form(self):
+        # `GET http://host/path HTTP/1.1`: the target's authority replaces Host.
+        if self.url == b"*" and self.method == b"OPTIONS":
+            return
+        try:
+            parsed = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refusal(400, "Bad Request", "the request target is not a valid URL") from None
+        if parsed.schema not in (b"http", b"https") or not parsed.host:
+            raise _Refusal(400, "Bad Request", "the request target must be a path or an http URL")
+        self.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        self.headers = [(name, value) for name, value in self.headers if name != b"host"]
+        self.headers.insert(0, (b"host", self.host))
+        self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+
+    def request_body(self, body):
+        self.request_bytes += len(body)
+        if self.request_bytes > self.app.limits.max_body_bytes:
+            raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
+        if self.finished:
+            return
+        if self.forwarding and self.upstream is not None:
+            self._send_body(body)
+        else:
+            self.pending_body.append(body)
+            self.pending_bytes += len(body)
+            if self.pending_bytes > PENDING_BODY_HIGH_WATER:
+                self.client.pause_reading(_PENDING_BODY)
+
+    def upgrade_data(self, data):
+        """Raw bytes that followed an upgrade request: held until the tunnel opens."""
+        if not data:
+            return
+        if self.upstream is not None and self.forwarding:
+            self.upstream.transport.write(data)
+        else:
+            self.upgrade_tail += data
+
+    def request_completed(self):
+        self.request_complete = True
+        if self.forwarding and self.upstream is not None and self.transfer_encoding is not None:
+            self.upstream.transport.write(_CHUNKED_END)
+
+    # -- decision -----------------------------------------------------------------------
+    def start(self):
+        """Route, identify and decide; then forward or answer from the edge."""
+        app = self.app
+        route = app.router.match(self.host, self.url, self.method)
+        if route is None:
+            self.answer(404, "Not Found", "no route matches this request", "unrouted")
+            return
+        self.route = route
+        key = app.api_key(self.api_key)
+        customer = app.edge_state.customer_for_key(key) if key else None
+        if customer is None:
+            self.answer(401, "Unauthorized", "a valid API key is required" if key else "an API key is required",
+                        "unauthorized", ((b"www-authenticate", b"Bearer"),))
+            return
+        self.customer = customer
+        started = perf_counter()
+        decision = decide(customer, route.facts, app.wall_clock())
+        app.metrics.observe_decision(perf_counter() - started)
+        self.decision = decision
+        if decision.outcome == REJECT:
+            headers = []
+            if decision.quota_policy:
+                headers.append((b"ratelimit-policy", decision.quota_policy.encode()))
+                headers.append((b"ratelimit", decision.quota_status.encode()))
+            if decision.retry_after_s:
+                headers.append((b"retry-after", b"%d" % decision.retry_after_s))
+            self.answer(decision.status, decision.title, decision.detail, decision.reason, headers)
+            return
+        customer.add_usage(route.facts.metric, route.facts.units)
+        self.forwarding = True
+        app.pools[route.upstream].acquire(self)
+
+    def answer(self, status, title, detail, reason, headers=()):
+        """Answer from the edge (never forwarded). The connection stays open only when
+        the request had no body left unread."""
+        self.finished = True
+        self.app.count_request(self.route.name if self.route else "", reason)
+        body_pending = not self.request_complete and (self.content_length or self.transfer_encoding is not None)
+        keep_alive = self.keep_alive and not body_pending and not self.client.closing
+        self.client.write(problem_response(status, title, detail, reason=reason, headers=headers, close=not keep_alive))
+        self.client.exchange_done(self, keep_alive)
+
+    # -- upstream -------------------------------------------------------------------------
+    def upstream_ready(self, conn, reused):
+        if self.finished:
+            conn.pool.release(conn, True)
+            return
+        self.upstream = conn
+        self.upstream_reused = reused
+        app = self.app
+        head = [self.method, b" ", self.url, b" HTTP/1.1\r\n", render(self.headers)]
+        forwarded_for = self.client.peer_ip
+        if self.client.peer_trusted and self.client_forwarded_for:
+            forwarded_for = self.client_forwarded_for + b", " + forwarded_for
+        proto = self.client_forwarded_proto if self.client.peer_trusted and self.client_forwarded_proto else b"http"
+        forwarded_host = (self.client_forwarded_host if self.client.peer_trusted and self.client_forwarded_host
+                          else self.host)
+        head.append(b"x-forwarded-for: " + forwarded_for + b"\r\nx-forwarded-proto: " + proto + b"\r\n")
+        if forwarded_host:
+            head.append(b"x-forwarded-host: " + forwarded_host + b"\r\n")
+        head.append(b"x-aforo-customer: " + self.customer.customer_id.encode() + b"\r\n")
+        if self.upgrade is not None:
+            head.append(b"connection: upgrade\r\nupgrade: " + self.upgrade + b"\r\n")
+        elif self.transfer_encoding is not None:
+            head.append(b"transfer-encoding: chunked\r\n")
+        elif self.content_length is not None:
+            head.append(b"content-length: %d\r\n" % self.content_length)
+        head.append(b"\r\n")
+        conn.transport.write(b"".join(head))
+        self.upstream_sent_at = app.clock()
+        self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
+        if self.pending_body:
+            for body in self.pending_body:
+                self._send_body(body)
+            self.pending_body = []
+            self.pending_bytes = 0
+            self.client.resume_reading(_PENDING_BODY)
+        if self.request_complete and self.transfer_encoding is not None:
+            conn.transport.write(_CHUNKED_END)
+        if self.upgrade_tail:
+            conn.transport.write(self.upgrade_tail)
+            self.upgrade_tail = b""
+
+    def _send_body(self, body):
+        if self.transfer_encoding is not None:
+            self.upstream.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.upstream.transport.write(body)
+
+    def upstream_failed(self, status, detail):
+        """No connection could be had (502 refused / 504 timed out)."""
+        if self.finished:
+            return
+        self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+        self.answer(status, "Bad Gateway" if status == 502 else "Gateway Timeout", detail,
+                    "error_502" if status == 502 else "error_504")
+
+    def upstream_lost(self):
+        """The upstream connection closed under this exchange."""
+        if self.finished:
+            return
+        conn = self.upstream
+        self.upstream = None
+        conn.pool.release(conn, False)
+        if self.response_started:
+            if self.response_close_delimited:
+                self.response_complete()
+                return
+            # Mid-response: the client must see a broken response, never a clean end.
+            self._abort_client("upstream closed the connection mid-response")
+            return
+        if (self.upstream_reused and not self.retried and self.method in IDEMPOTENT_METHODS
+                and self.request_bytes == 0 and self.upgrade is None):
+            # A reused keep-alive connection the upstream had just closed: safe to send again.
+            self.retried = True
+            conn.pool.acquire(self)
+            return
+        self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+        self.answer(502, "Bad Gateway", "upstream closed the connection before responding", "error_502")
+
+    def upstream_broken(self, detail):
+        conn = self.upstream
+        if conn is not None:
+            conn.abort()
+        if not self.response_started and not self.finished:
+            self.upstream = None
+            if conn is not None:
+                conn.pool.release(conn, False)
+            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+            self.answer(502, "Bad Gateway", detail, "error_502")
+
+    def check_deadline(self, now):
+        """Upstream read timeout: 504 before the response starts, abort after."""
+        if self.upstream is None or self.finished or now < self.upstream_deadline:
+            return
+        conn = self.upstream
+        self.upstream = None
+        conn.abort()
+        conn.pool.release(conn, False)
+        if self.response_started:
+            self._abort_client("upstream stopped sending mid-response")
+        else:
+            self.answer(504, "Gateway Timeout", "upstream did not respond in time", "error_504")
+
+    # -- response, from the upstream parser ----------------------------------------------
+    def response_header(self, name, value):
+        self.response_headers.append((name.lower(), value))
+
+    def response_headers_complete(self, status, upstream_keep_alive):
+        self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue): relay it, the real one follows.
+            self.client.write(status_line(status, self.response_status_phrase or None) + b"\r\n")
+            self.response_headers = []
+            self.response_status_phrase = b""
+            return
+        self.response_started = True
+        self.response_status = status
+        self.app.metrics.observe_upstream(self.upstream.pool.name, self.app.clock() - self.upstream_sent_at)
+        self.response_keep_alive = upstream_keep_alive
+        named = set()
+        length = None
+        chunked = False
+        for name, value in self.response_headers:
+            if name == b"connection":
+                named |= connection_tokens(value)
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        client_keep_alive = self.keep_alive and not self.client.closing and not self.app.closing
+        if self.upgrade is not None and status != 101:
+            # The client is waiting to switch protocols; after a refusal its connection
+            # cannot be trusted to carry HTTP again, nor can the upstream's.
+            client_keep_alive = False
+            self.response_keep_alive = False
+        head = [status_line(status, self.response_status_phrase or None)]
+        for name, value in self.response_headers:
+            if (name in HOP_BY_HOP or name in named or name == b"content-length"
+                    or name.startswith(OWN_PREFIX)):
+                continue
+            head.append(name + b": " + value + b"\r\n")
+        decision = self.decision
+        if decision.quota_policy:
+            head.append(b"ratelimit-policy: " + decision.quota_policy.encode()
+                        + b"\r\nratelimit: " + decision.quota_status.encode() + b"\r\n")
+        if decision.outcome != 0:
+            head.append(b"x-aforo-throttle: true\r\n")
+        if decision.shadow:
+            head.append(b"x-aforo-shadow: " + decision.shadow.encode() + b"\r\n")
+        no_body = self.method == b"HEAD" or status in _NO_BODY_STATUSES or status == 101
+        if status == 101:
+            head.append(b"connection: upgrade\r\nupgrade: " + (self.upgrade or b"") + b"\r\n")
+        elif no_body:
+            if length is not None:
+                head.append(b"content-length: " + length + b"\r\n")
+        elif length is not None and not chunked:
+            head.append(b"content-length: " + length + b"\r\n")
+        elif self.http_11:
+            self.response_chunked_out = True
+            head.append(b"transfer-encoding: chunked\r\n")
+        else:
+            client_keep_alive = False   # HTTP/1.0 client: the end of the body is the close
+        if not chunked and length is None and not no_body:
+            self.response_close_delimited = True
+        if not client_keep_alive and status != 101:
+            head.append(b"connection: close\r\n")
+        self.keep_alive = client_keep_alive
+        head.append(b"\r\n")
+        self.client.write(b"".join(head))
+        if self.method == b"HEAD" and status != 101:
+            self.upstream.reset_parser()
+            self.response_complete()
+
+    def response_body(self, body):
+        self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
+        self.response_bytes += len(body)
+        if self.response_chunked_out:
+            self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.client.write(body)
+
+    def response_complete(self):
+        if self.finished or not self.response_started or self.response_status == 101:
+            # Already done, an interim 1xx, or a 101 whose tunnel the parser opens next.
+            return
+        self.finished = True
+        if self.response_chunked_out:
+            self.client.write(_CHUNKED_END)
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            reusable = (self.response_keep_alive and self.request_complete and not self.response_close_delimited
+                        and not conn.closed)
+            conn.pool.release(conn, reusable)
+        app = self.app
+        app.count_request(self.route.name, self.decision.reason)
+        app.meter(self)
+        self.client.exchange_done(self, self.keep_alive)
+
+    def upstream_switched_protocols(self, tail):
+        """101 from the upstream: the head was relayed; tunnel raw bytes from now on."""
+        conn = self.upstream
+        if self.response_status != 101 or conn is None:
+            self.upstream_broken("upstream switched protocols without 101")
+            return
+        self.finished = True
+        self.upstream = None
+        conn.pool.busy -= 1          # a tunnel never returns to the pool
+        conn.exchange = None
+        if tail:
+            self.client.write(tail)
+        app = self.app
+        app.count_request(self.route.name, self.decision.reason)
+        app.meter(self)
+        client = self.client
+        if client.exchanges and client.exchanges[0] is self:
+            client.exchanges.popleft()
+        client.start_tunnel(conn)
+        if self.upgrade_tail:
+            conn.transport.write(self.upgrade_tail)
+            self.upgrade_tail = b""
+
+    # -- teardown ---------------------------------------------------------------------------
+    def client_gone(self):
+        """The client connection closed: stop the upstream side of this exchange."""
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.abort()
+            conn.pool.release(conn, False)
+            if self.response_started:
+                self.app.meter(self)
+        elif self.forwarding and self.route is not None:
+            self.app.pools[self.route.upstream].cancel(self)
+
+    def _abort_client(self, why):
+        self.finished = True
+        self.app.count_request(self.route.name, "error_502")
+        self.app.meter(self)
+        client = self.client
+        client.closing = True
+        client.exchanges.clear()
+        if client.transport is not None:
+            client.transport.abort()
+
+    def pause_upstream_reading(self):
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_upstream_reading(self):
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()

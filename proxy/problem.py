@@ -1,0 +1,49 @@
+# Responses the proxy answers itself, as RFC 9457 problem+json. Bodies and heads are
+# built once per distinct (status, title, detail) and reused: refusals are hot too.
+import json
+
+REASON_PHRASES = {
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+    414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+PROBLEM_CACHE_MAX = 4096
+_BODIES = {}
+
+
+def problem_body(status, title, detail, reason=""):
+    """The problem+json body for a refusal: {"type", "title", "status", "detail"} plus
+    the machine-readable "reason" when given. Cached by its inputs."""
+    key = (status, title, detail, reason)
+    body = _BODIES.get(key)
+    if body is None:
+        document = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        if reason:
+            document["reason"] = reason
+        body = json.dumps(document, separators=(",", ":")).encode()
+        if len(_BODIES) >= PROBLEM_CACHE_MAX:
+            _BODIES.clear()
+        _BODIES[key] = body
+    return body
+
+
+def status_line(status, phrase=None):
+    """b"HTTP/1.1 <status> <phrase>\\r\\n"."""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase if phrase is not None else REASON_PHRASES.get(status, b"Unknown"))
+
+
+def problem_response(status, title, detail, *, reason="", headers=(), close=False):
+    """A complete problem+json response: status line, `headers` ((name, value) bytes
+    pairs), Content-Type, Content-Length, `Connection: close` when `close`, and body."""
+    body = problem_body(status, title, detail, reason)
+    parts = [status_line(status)]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"content-type: application/problem+json\r\ncontent-length: %d\r\n" % len(body))
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)

@@ -1,0 +1,140 @@
+# Which route a request takes. Routes bound to the request's host are tried before
+# routes for any host; within each group the longest path prefix wins, matched on a
+# segment boundary (`/v1/chat` takes `/v1/chat`, `/v1/chat/x`, `/v1/chat?x`, never
+# `/v1/chatty`). A route whose methods exclude the request's is skipped, not fatal.
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from config.proxy_settings import RouteSettings
+from decision_core import RequestFacts
+
+_SLASH = ord("/")
+_QUERY = ord("?")
+# Host header values seen as sent -> that host's routes, so a repeated Host skips
+# normalising. Bounded: Host is client input, and unseen values still match, slower.
+HOST_CACHE_ENTRIES = 1024
+_UNSEEN = object()
+
+
+class Route:
+    """One route: `name`, the `upstream` it forwards to (a name from the settings),
+    `host` (lower-case bytes without port, or None for any host), `path_prefix`
+    (bytes), `methods` (frozenset of upper-case bytes, or None for any) and `facts`,
+    the RequestFacts (features, metric, units) decide() gets, built once here."""
+
+    __slots__ = ("name", "upstream", "host", "path_prefix", "methods", "facts")
+
+    def __init__(
+        self,
+        name: str,
+        upstream: str,
+        path_prefix: bytes = b"/",
+        host: bytes | None = None,
+        methods: Iterable[bytes] | None = None,
+        features: Iterable[str] = (),
+        metric: str = "api_calls",
+        units: int = 1,
+    ) -> None:
+        if not path_prefix.startswith(b"/"):
+            raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
+        self.name = name
+        self.upstream = upstream
+        self.host = None if host is None else _host_name(host)
+        self.path_prefix = path_prefix
+        self.methods = None if methods is None else frozenset(methods)
+        self.facts = RequestFacts(tuple(features), metric, units)
+
+    @classmethod
+    def from_settings(cls, settings: RouteSettings) -> Route:
+        """The route a validated settings entry describes."""
+        return cls(
+            settings.name,
+            settings.upstream,
+            settings.path_prefix.encode(),
+            None if settings.host is None else settings.host.encode("ascii"),
+            None if settings.methods is None else (method.encode() for method in settings.methods),
+            settings.features,
+            settings.metric,
+            settings.units,
+        )
+
+    def __repr__(self) -> str:
+        return f"Route(name={self.name!r}, host={self.host!r}, path_prefix={self.path_prefix!r})"
+
+
+class Router:
+    """Matches requests to routes; built once per route table. Only a bounded cache
+    of normalised Host values changes after that (one worker, one event loop)."""
+
+    __slots__ = ("routes", "_by_host", "_any_host", "_host_cache")
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+        by_host: dict[bytes, list[Route]] = {}
+        any_host: list[Route] = []
+        for route in self.routes:
+            if route.host is None:
+                any_host.append(route)
+            else:
+                by_host.setdefault(route.host, []).append(route)
+        self._by_host = {host: _candidates(group) for host, group in by_host.items()}
+        self._any_host = _candidates(any_host)
+        self._host_cache: dict[bytes, object] = {}
+
+    @classmethod
+    def from_settings(cls, routes: Iterable[RouteSettings]) -> Router:
+        """The router for the `routes` of validated proxy settings."""
+        return cls(Route.from_settings(route) for route in routes)
+
+    def match(self, host: bytes | None, path: bytes, method: bytes) -> Route | None:
+        """The route for a request, or None when no route takes it.
+
+        `host`: the Host header (any case, with or without port; None when absent).
+        `path`: the request target in origin form, query string included.
+        `method`: as sent (methods are case-sensitive). Routes for `host` are tried
+        first, then routes for any host; within each, the longest matching prefix
+        whose methods allow `method`; equal prefixes keep settings order.
+        """
+        if host is not None and self._by_host:
+            candidates = self._host_cache.get(host, _UNSEEN)
+            if candidates is _UNSEEN:
+                candidates = self._by_host.get(_host_name(host))
+                if len(self._host_cache) < HOST_CACHE_ENTRIES:
+                    self._host_cache[host] = candidates
+            if candidates is not None:
+                route = _first_match(candidates, path, method)
+                if route is not None:
+                    return route
+        return _first_match(self._any_host, path, method)
+
+
+def _candidates(routes: list[Route]) -> tuple[tuple[bytes, int, bool, frozenset[bytes] | None, Route], ...]:
+    # Longest prefix first; sorted() is stable, so equal prefixes keep settings order.
+    ordered = sorted(routes, key=lambda route: -len(route.path_prefix))
+    return tuple(
+        (route.path_prefix, len(route.path_prefix), route.path_prefix.endswith(b"/"), route.methods, route)
+        for route in ordered
+    )
+
+
+def _first_match(candidates, path: bytes, method: bytes) -> Route | None:
+    for prefix, size, ends_in_slash, methods, route in candidates:
+        if (
+            path.startswith(prefix)
+            and (ends_in_slash or len(path) == size or path[size] == _SLASH or path[size] == _QUERY)
+            and (methods is None or method in methods)
+        ):
+            return route
+    return None
+
+
+def _host_name(host: bytes) -> bytes:
+    # `API.example.com:8443` -> `api.example.com`; `[::1]:8080` -> `[::1]`; a trailing
+    # dot (fully qualified form) names the same host.
+    if host[:1] == b"[":
+        end = host.find(b"]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    colon = host.find(b":")
+    name = host if colon < 0 else host[:colon]
+    return name.rstrip(b".").lower()
