@@ -179,8 +179,11 @@ def decide(customer, facts, now):
         quota = customer.quotas.limit_at(slot)
         used = customer.used[slot]
         quota_policy = quota.policy_header
-        quota_status = quota.ratelimit_header(used, reset_s)
-        if not quota.admits(used, facts.units):
+        if quota.admits(used, facts.units):
+            # What is left once this request is served.
+            quota_status = quota.ratelimit_header(used + facts.units, reset_s)
+        else:
+            quota_status = quota.ratelimit_header(used, reset_s)
             return _decision(
                 REJECT, 429, REASON_QUOTA_EXCEEDED,
                 f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",

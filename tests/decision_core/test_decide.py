@@ -105,7 +105,7 @@ def test_allowed_requests_carry_the_quota_headers():
     decision = decide(customer(quota=hard_quota(250)), FACTS, NOW)
     assert headers(decision) == {
         "RateLimit-Policy": '"ai_tokens";q=1000;w=2592000',
-        "RateLimit": '"ai_tokens";r=750;t=3601',
+        "RateLimit": '"ai_tokens";r=740;t=3601',   # after this request's 10 units
     }
 
 

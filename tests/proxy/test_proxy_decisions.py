@@ -1,0 +1,97 @@
+# Decision outcomes through the running proxy, per the contract table in DESIGN.md.
+import json
+
+import pytest
+
+from conftest import request
+
+
+@pytest.fixture
+def proxy(upstream, make_proxy):
+    return make_proxy(upstream.port)
+
+
+def problem(body):
+    return json.loads(body)
+
+
+def test_an_allowed_request_reaches_the_upstream_with_quota_headers(proxy, upstream):
+    status, headers, body = request(proxy.port, "GET", "/echo/hello?x=1")
+    assert status == 200
+    assert json.loads(body)["path"] == "/echo/hello?x=1"
+    assert headers["ratelimit-policy"].startswith('"api_calls";q=100000;w=')
+    assert headers["ratelimit"].startswith('"api_calls";r=99999;t=')   # after this request
+    assert json.loads(body)["headers"]["x-aforo-customer"] == "cus_pro"
+
+
+@pytest.mark.parametrize(
+    "key, method, path, status, title, reason",
+    [
+        (None, "GET", "/echo", 401, "Unauthorized", "unauthorized"),
+        ("k-nobody", "GET", "/echo", 401, "Unauthorized", "unauthorized"),
+        ("k-pastdue", "GET", "/echo", 403, "Subscription Not Active", "subscription_inactive"),
+        ("k-free", "POST", "/v1/chat", 403, "Feature Not In Plan", "feature_not_entitled"),
+        ("k-blocked", "GET", "/echo", 429, "Margin Limit Exceeded", "margin_blocked"),
+        ("k-locked", "POST", "/v1/chat", 429, "Margin Limit Exceeded", "feature_locked"),
+    ],
+)
+def test_refusals_follow_the_contract_and_never_reach_the_upstream(proxy, upstream, key, method, path, status,
+                                                                     title, reason):
+    got_status, headers, body = request(proxy.port, method, path, key=key, body=b"{}" if method == "POST" else None)
+    assert got_status == status
+    assert headers["content-type"] == "application/problem+json"
+    assert problem(body)["title"] == title
+    assert problem(body)["reason"] == reason
+    assert problem(body)["status"] == status
+    if status == 429:
+        assert int(headers["retry-after"]) > 86400     # to the end of the billing period
+    assert upstream.requests == []
+
+
+def test_the_api_key_may_come_from_a_custom_header(upstream, make_proxy):
+    proxy = make_proxy(upstream.port, api_key_header="x-api-key")
+    assert request(proxy.port, "GET", "/echo", key=None, headers={"X-Api-Key": "k-pro"})[0] == 200
+    assert request(proxy.port, "GET", "/echo", key="k-pro")[0] == 401
+
+
+def test_a_hard_quota_holds_between_meter_flushes(proxy, upstream):
+    # 998 of 1000 used: two more requests fit, the third is refused at the edge.
+    first = request(proxy.port, "GET", "/echo", key="k-nearquota")
+    second = request(proxy.port, "GET", "/echo", key="k-nearquota")
+    third = request(proxy.port, "GET", "/echo", key="k-nearquota")
+    assert (first[0], second[0], third[0]) == (200, 200, 429)
+    assert first[1]["ratelimit"].startswith('"api_calls";r=1;')     # left after this request
+    assert second[1]["ratelimit"].startswith('"api_calls";r=0;')
+    assert problem(third[2])["reason"] == "quota_exceeded"
+    assert third[1]["ratelimit"].startswith('"api_calls";r=0;')
+    assert len(upstream.requests) == 2
+
+
+def test_level_2_marks_responses_then_limits_the_rate(proxy, upstream):
+    # 1req/min with a burst of 2.
+    responses = [request(proxy.port, "GET", "/echo", key="k-throttled") for _ in range(3)]
+    assert [r[0] for r in responses] == [200, 200, 429]
+    assert responses[0][1]["x-aforo-throttle"] == "true"
+    assert responses[1][1]["x-aforo-throttle"] == "true"
+    assert problem(responses[2][2])["reason"] == "throttled"
+    assert 1 <= int(responses[2][1]["retry-after"]) <= 60
+
+
+def test_a_shadow_guard_only_adds_a_header(proxy, upstream):
+    status, headers, _ = request(proxy.port, "GET", "/echo", key="k-shadow")
+    assert status == 200
+    assert headers["x-aforo-shadow"] == "margin_blocked; guard=g-shadow"
+    assert "x-aforo-throttle" not in headers
+
+
+def test_an_upstream_cannot_forge_the_proxys_headers(proxy, upstream):
+    status, headers, _ = request(proxy.port, "GET", "/echo", key="k-pro")
+    assert status == 200
+    assert "x-aforo-throttle" not in headers
+
+
+def test_a_request_no_route_takes_is_404(upstream, make_proxy):
+    proxy = make_proxy(upstream.port, routes="  - {name: only, upstream: main, path_prefix: /echo}\n")
+    status, headers, body = request(proxy.port, "GET", "/elsewhere")
+    assert status == 404
+    assert problem(body)["reason"] == "unrouted"
