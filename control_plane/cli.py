@@ -1,12 +1,16 @@
 # The `aforo` command. Exit status: 0 success, 1 invalid configuration, 2 usage error
 # or unreadable file. Subcommands each get a `run_*` function taking parsed arguments;
-# only `check-config` exists so far.
+# heavy modules are imported inside them so `check-config` stays quick.
 from __future__ import annotations
 
 import argparse
 import sys
 
+import yaml
+
 from config import ConfigError, load_guards
+from config.edge_state_file import load_edge_state_file
+from config.proxy_settings import load_proxy_settings
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -27,14 +31,55 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def _describe_guards(file: str) -> str:
+    guard_set = load_guards(file)
+    count = len(guard_set.guards)
+    return f"{count} {'guard' if count == 1 else 'guards'}, version {guard_set.version}"
+
+
+def _describe_proxy_settings(file: str) -> str:
+    settings = load_proxy_settings(file)
+    return f"proxy settings, {len(settings.routes)} routes, {len(settings.upstreams)} upstreams"
+
+
+def _describe_edge_state(file: str) -> str:
+    state = load_edge_state_file(file)
+    return f"edge state, {len(state.plans)} plans, {len(state.customers)} customers"
+
+
+# kind -> (a top-level key that identifies it, validator returning a summary)
+CONFIG_KINDS = {
+    "guards": ("guards", _describe_guards),
+    "proxy": ("upstreams", _describe_proxy_settings),
+    "edge-state": ("customers", _describe_edge_state),
+}
+
+
+def _kind_of(file: str) -> str:
+    # Sniff the top-level keys; anything unreadable goes to the guard loader, which
+    # reports YAML errors with their line.
+    try:
+        with open(file, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return "guards"
+    if isinstance(document, dict):
+        for kind, (key, _) in CONFIG_KINDS.items():
+            if key in document:
+                return kind
+    return "guards"
+
+
 def run_check_config(args: argparse.Namespace) -> int:
-    """Validate each guard file; print `ok: FILE (N guards, version V)` to stdout or
-    every error to stderr. Returns 0 if all are valid, 1 if any is invalid, 2 if
-    any cannot be read (every file is still checked)."""
+    """Validate each configuration file — guards, proxy settings or edge state, told
+    apart by their top-level keys unless --kind says — and print `ok: FILE (summary)`
+    to stdout or every error to stderr. Returns 0 if all are valid, 1 if any is
+    invalid, 2 if any cannot be read (every file is still checked)."""
     status = EXIT_OK
     for file in args.files:
         try:
-            guard_set = load_guards(file)
+            kind = args.kind or _kind_of(file)
+            summary = CONFIG_KINDS[kind][1](file)
         except ConfigError as err:
             for error in err.errors:
                 print(error, file=sys.stderr)
@@ -43,10 +88,26 @@ def run_check_config(args: argparse.Namespace) -> int:
             print(f"aforo check-config: cannot read {file}: {err.strerror or err}", file=sys.stderr)
             status = EXIT_USAGE
         else:
-            count = len(guard_set.guards)
-            noun = "guard" if count == 1 else "guards"
-            print(f"ok: {file} ({count} {noun}, version {guard_set.version})")
+            print(f"ok: {file} ({summary})")
     return status
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    """Run the edge proxy from a settings file until SIGTERM / SIGINT."""
+    import logging
+
+    from proxy.server import run_proxy as serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return serve(args.config)
+    except ConfigError as err:
+        for error in err.errors:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as err:
+        print(f"aforo proxy: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +117,21 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser(
         "check-config",
-        help="validate guard files (for CI); exit 1 if any is invalid",
-        description="Validate guard files and print every error with file, line and path.",
+        help="validate configuration files (for CI); exit 1 if any is invalid",
+        description="Validate guard, proxy settings and edge state files and print every "
+        "error with file, line and path.",
     )
-    check.add_argument("files", nargs="+", metavar="FILE", help="guard YAML file")
+    check.add_argument("files", nargs="+", metavar="FILE", help="YAML file")
+    check.add_argument("--kind", choices=sorted(CONFIG_KINDS), help="the kind of file (default: from its keys)")
     check.set_defaults(run=run_check_config)
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the edge proxy",
+        description="Run the edge proxy: workers sharing the listen port, admin endpoint, "
+        "hot-reloaded edge state, asynchronous metering. SIGTERM shuts down gracefully.",
+    )
+    proxy.add_argument("--config", required=True, metavar="FILE", help="proxy settings YAML")
+    proxy.set_defaults(run=run_proxy)
     return parser
 
 

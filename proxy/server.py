@@ -58,8 +58,11 @@ class ProxyWorker:
     gracefully and returns once every meter event is with the sink or the spool.
     """
 
-    def __init__(self, settings, *, worker_index=0, loop=None, clock=time.monotonic, wall_clock=time.time):
+    def __init__(self, settings, *, worker_index=0, loop=None, clock=time.monotonic, wall_clock=time.time,
+                 edge_state=None):
         self.settings = settings
+        # An EdgeState to serve instead of the settings' file (the benchmark builds one).
+        self.given_edge_state = edge_state
         self.worker_index = worker_index
         self.loop = loop or asyncio.get_event_loop()
         self.clock = clock
@@ -79,8 +82,8 @@ class ProxyWorker:
         settings = self.settings
         workers = settings.workers
         metrics = new_proxy_metrics()
-        self.edge_state = FileEdgeState(settings.edge_state.file, clock=self.wall_clock,
-                                        on_reload_error=metrics.count_reload_error)
+        self.edge_state = self.given_edge_state or FileEdgeState(
+            settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
         metering = settings.metering
         sink = NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
         self.meter = MeterBuffer(
@@ -103,7 +106,8 @@ class ProxyWorker:
         self.admin = await start_admin_server(settings.admin.host, admin_port, metrics, self.ready)
         self.admin_port = self.admin.sockets[0].getsockname()[1]
         self.meter_task = self.loop.create_task(self.meter.run())
-        self.watch_task = self.loop.create_task(self.edge_state.watch(settings.edge_state.reload_interval_s))
+        if hasattr(self.edge_state, "watch"):
+            self.watch_task = self.loop.create_task(self.edge_state.watch(settings.edge_state.reload_interval_s))
         self.app.schedule_sweeps()
         log.info("worker %d listening on %s:%d (admin %s:%d)", self.worker_index,
                  settings.listen.host, self.port, settings.admin.host, self.admin_port)
@@ -132,8 +136,9 @@ class ProxyWorker:
                 connection.transport.abort()
         for pool in app.pools.values():
             pool.close()
-        self.watch_task.cancel()
-        await asyncio.gather(self.watch_task, return_exceptions=True)
+        if self.watch_task is not None:
+            self.watch_task.cancel()
+            await asyncio.gather(self.watch_task, return_exceptions=True)
         # close() delivers what is buffered and ends run(); nothing is cancelled mid-write.
         await self.meter.close(METER_CLOSE_TIMEOUT_S)
         await asyncio.gather(self.meter_task, return_exceptions=True)

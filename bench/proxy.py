@@ -1,0 +1,365 @@
+"""Proxy throughput and latency against nginx, side by side, plus memory at 1M customers.
+
+    python -m bench.proxy [--duration 10] [--connections 16,64] [--customers 10000]
+
+Starts a local upstream (nginx answering a small fixed body, or a Python server when
+nginx is missing), then each target in turn: nginx as a plain reverse proxy with
+upstream keep-alive, and this proxy (one worker, decisions on, `--customers`
+customers, every request with one of their API keys). Upstream and target share one
+core, wrk runs on the other (taskset). wrk drives each target at every connection
+count; the table shows requests/s and p50/p99 latency. Then a worker with 1,000,000
+customers loaded reports its resident memory. The last line is a JSON object with
+the figures, including rps_ratio_vs_nginx, p99_ratio_vs_nginx (at 64 connections)
+and rss_mib_1m_customers. Everything listens on 127.0.0.1 and stops by itself.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+PATH = "/v1/resource"
+SERVER_CPU = "1"
+LOAD_CPU = "0"
+READY_ATTEMPTS = 200
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port, process=None):
+    for _ in range(READY_ATTEMPTS):
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def pinned(cpu, command):
+    return (["taskset", "-c", cpu] if shutil.which("taskset") else []) + command
+
+
+# -- servers -----------------------------------------------------------------------
+
+def nginx_config(folder, body):
+    """nginx.conf text: `body` goes inside the http block."""
+    return textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        master_process off;
+        pid {folder}/nginx.pid;
+        error_log {folder}/error.log error;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {folder}/body;
+            proxy_temp_path {folder}/proxy;
+            fastcgi_temp_path {folder}/fastcgi;
+            uwsgi_temp_path {folder}/uwsgi;
+            scgi_temp_path {folder}/scgi;
+        """) + textwrap.indent(body, "    ") + "}\n"
+
+
+def start_nginx(folder, name, body):
+    folder = Path(folder) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "nginx.conf"
+    config.write_text(nginx_config(folder, body))
+    return subprocess.Popen(pinned(SERVER_CPU, ["nginx", "-c", str(config), "-p", str(folder)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_upstream(folder, port):
+    if shutil.which("nginx"):
+        process = start_nginx(folder, "upstream", textwrap.dedent(f"""\
+            server {{
+                listen 127.0.0.1:{port} reuseport backlog=4096;
+                keepalive_requests 1000000;
+                location / {{ return 200 "ok from upstream\\n"; }}
+            }}
+            """))
+    else:
+        process = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.proxy", "--serve-upstream",
+                                                       str(port)]))
+    wait_listening(port, process)
+    return process
+
+
+def start_nginx_proxy(folder, port, upstream_port):
+    process = start_nginx(folder, "proxy", textwrap.dedent(f"""\
+        upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000; }}
+        server {{
+            listen 127.0.0.1:{port} reuseport backlog=4096;
+            keepalive_requests 1000000;
+            location / {{
+                proxy_pass http://backend;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}
+        """))
+    wait_listening(port, process)
+    return process
+
+
+def settings_yaml(port, admin_port, upstream_port, folder):
+    return textwrap.dedent(f"""\
+        listen: 127.0.0.1:{port}
+        admin: 127.0.0.1:{admin_port}
+        workers: 1
+        upstreams:
+          api: {{url: "http://127.0.0.1:{upstream_port}", pool_size: 128}}
+        routes:
+          - {{name: resource, upstream: api, path_prefix: /v1, metric: api_calls, units: 1}}
+        edge_state: {{file: {folder}/unused-edge-state.yaml}}
+        metering: {{path: {folder}/meter-events.ndjson, spool_dir: {folder}/spool, buffer_events: 200000, batch_events: 5000}}
+        """)
+
+
+def bench_key(index):
+    return f"bench-key-{index:07d}"
+
+
+def build_edge_state(customers):
+    """A snapshot of `customers` customers over three plans, as the control plane
+    would send it: quotas large enough never to refuse, a few standings at level 1."""
+    from config.edge_state_file import Customer, Plan, Quota
+    from proxy.edge_state import build_snapshot, hash_api_key
+
+    plans = {
+        "free": Plan(tier="free", quotas={"api_calls": Quota(limit=10**12, hard=True)}),
+        "pro": Plan(tier="pro", features=("large_models",),
+                    quotas={"api_calls": Quota(limit=10**12, hard=True), "ai_tokens": Quota(limit=10**12, hard=False)}),
+        "enterprise": Plan(tier="enterprise", features=("large_models", "premium_compute")),
+    }
+    names = ("free", "pro", "enterprise")
+
+    def rows():
+        for index in range(customers):
+            yield Customer(id=f"cus_{index:07d}", plan=names[index % 3], status="active",
+                           api_keys=(hash_api_key(bench_key(index).encode()).hex(),),
+                           usage={"api_calls": index % 1000})
+
+    now = time.time()
+    return build_snapshot(plans, rows(), now - 10 * 86400, now + 20 * 86400, now)
+
+
+def serve_proxy(settings_path, customers, ready_file):
+    """Child process: one proxy worker serving `customers` customers until SIGTERM."""
+    import uvloop
+
+    from config.proxy_settings import load_proxy_settings
+    from proxy.server import ProxyWorker
+
+    uvloop.install()
+    settings = load_proxy_settings(settings_path)
+    edge_state = build_edge_state(customers)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        worker = ProxyWorker(settings, loop=loop, edge_state=edge_state)
+        await worker.start()
+        Path(ready_file).write_text(str(rss_mib()))
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await worker.stop(1.0)
+
+    asyncio.run(main())
+
+
+def serve_upstream(port):
+    """Fallback upstream without nginx: a minimal asyncio HTTP server."""
+    import uvloop
+
+    response = b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\nok from upstream\n"
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data):
+            self.buffer += data
+            while b"\r\n\r\n" in self.buffer:
+                _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+                self.transport.write(response)
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", port, reuse_port=True)
+        await server.serve_forever()
+
+    uvloop.install()
+    asyncio.run(main())
+
+
+def rss_mib(pid="self"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_proxy(folder, port, upstream_port, customers):
+    folder = Path(folder)
+    settings = folder / "aforo-proxy.yaml"
+    settings.write_text(settings_yaml(port, free_port(), upstream_port, folder))
+    ready = folder / f"ready-{customers}"
+    process = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.proxy", "--serve-proxy",
+                                                   str(settings), str(customers), str(ready)]))
+    for _ in range(READY_ATTEMPTS * 10):
+        if ready.exists() and ready.read_text():
+            break
+        if process.poll() is not None:
+            raise RuntimeError(f"proxy exited with {process.returncode}")
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("proxy did not become ready")
+    wait_listening(port, process)
+    return process, float(ready.read_text())
+
+
+def stop(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- load --------------------------------------------------------------------------------
+
+def wrk_script(folder, customers):
+    """A wrk Lua script sending each request with the next customer's API key."""
+    keys = ",".join(f'"{bench_key(index)}"' for index in range(customers))
+    script = Path(folder) / "keys.lua"
+    script.write_text(textwrap.dedent(f"""\
+        local keys = {{{keys}}}
+        local n = 0
+        request = function()
+            n = n + 1
+            return wrk.format("GET", "{PATH}", {{["Authorization"] = "Bearer " .. keys[(n % #keys) + 1]}})
+        end
+        """))
+    return script
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text):
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def run_wrk(port, connections, duration_s, script):
+    output = subprocess.run(
+        pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "-s", str(script),
+                          f"http://127.0.0.1:{port}{PATH}"]),
+        capture_output=True, text=True, check=True, timeout=duration_s + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: (.*)", output)
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99,
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", default="16,64")
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--rss-customers", type=int, default=1_000_000)
+    parser.add_argument("--serve-proxy", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_proxy:
+        serve_proxy(args.serve_proxy[0], int(args.serve_proxy[1]), args.serve_proxy[2])
+        return 0
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
+    if not shutil.which("wrk"):
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 1
+    connection_counts = [int(count) for count in args.connections.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
+        script = wrk_script(folder, args.customers)
+        upstream_port = free_port()
+        upstream = start_upstream(folder, upstream_port)
+        try:
+            targets = []
+            if shutil.which("nginx"):
+                targets.append("nginx")
+            targets.append("aforo")
+            for target in targets:
+                port = free_port()
+                if target == "nginx":
+                    process = start_nginx_proxy(folder, port, upstream_port)
+                else:
+                    process, _ = start_proxy(folder, port, upstream_port, args.customers)
+                try:
+                    run_wrk(port, connection_counts[0], 2, script)    # warm-up
+                    for connections in connection_counts:
+                        results[(target, connections)] = run_wrk(port, connections, args.duration, script)
+                    if target == "aforo":
+                        results[("aforo", "rss_mib_after_load")] = rss_mib(process.pid)
+                finally:
+                    stop(process)
+        finally:
+            stop(upstream)
+        rss_process, rss_1m = start_proxy(folder, free_port(), free_port(), args.rss_customers)
+        stop(rss_process)
+
+    print(f"{'target':<8}{'conns':>6}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    for (target, connections), run in results.items():
+        if isinstance(connections, int):
+            print(f"{target:<8}{connections:>6}{run['rps']:>12,.0f}{run['p50_ms']:>10.2f}{run['p99_ms']:>10.2f}"
+                  f"{run['non_2xx']:>9}  {run['socket_errors']}")
+    print(f"aforo worker RSS after load ({args.customers:,} customers): "
+          f"{results[('aforo', 'rss_mib_after_load')]:.0f} MiB")
+    print(f"aforo worker RSS with {args.rss_customers:,} customers loaded: {rss_1m:.0f} MiB (target <= 200)")
+    high = max(connection_counts)
+    summary = {
+        f"{target}_{key}_c{connections}": run[key]
+        for (target, connections), run in results.items() if isinstance(connections, int)
+        for key in ("rps", "p50_ms", "p99_ms")
+    }
+    nginx_high = results.get(("nginx", high))
+    aforo_high = results[("aforo", high)]
+    summary.update({
+        "rps_ratio_vs_nginx": round(aforo_high["rps"] / nginx_high["rps"], 3) if nginx_high else None,
+        "p99_ratio_vs_nginx": round(aforo_high["p99_ms"] / nginx_high["p99_ms"], 3) if nginx_high else None,
+        "rss_mib_1m_customers": round(rss_1m, 1),
+        "customers": args.customers,
+    })
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
