@@ -1,10 +1,12 @@
 # An edge snapshot: every customer's decision-core state, found by the sha256 of an
 # API key. Built whole, then only read (the usage counters and throttle buckets inside
-# each CustomerState still move). One features set and one PlanQuotas per plan are
-# shared by all of its customers, so a million customers cost a million small objects.
+# each CustomerState still move). Customers are stored compactly and get their
+# CustomerState when first seen; one features set and one PlanQuotas per plan are
+# shared by all of its customers.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterable, Mapping
 
 from config.edge_state_file import Customer, EdgeStateFile, Plan, Standing
@@ -20,9 +22,11 @@ from decision_core import (
 from decision_core.state import SUBSCRIPTION_STATUSES
 
 KEY_DIGEST_BYTES = 32
+# The part of a key digest the index keeps: 128 bits, far beyond any collision risk.
+INDEX_DIGEST_BYTES = 16
 _sha256 = hashlib.sha256
-# One string object per status for every customer, instead of one per file line.
-_STATUS = {status: status for status in SUBSCRIPTION_STATUSES}
+_STATUSES = tuple(sorted(SUBSCRIPTION_STATUSES))
+_STATUS_NUMBERS = {status: number for number, status in enumerate(_STATUSES)}
 _NO_STANDINGS: dict[str, GuardStanding] = {}  # CustomerState copies it; never changed
 
 
@@ -35,40 +39,63 @@ def hash_api_key(key: bytes) -> bytes:
 class EdgeSnapshot:
     """Customers' edge state at one version; immutable once built.
 
-    `customers_by_key`: 32-byte key digest -> CustomerState; `customers_by_id`:
-    customer id -> the same CustomerState; `version`: the source's version (for a
-    file, a hash of its bytes); `period_end`: end of the billing period, epoch
-    seconds. A snapshot is itself an EdgeState that is always ready.
+    Customers are held compactly (their API key digests in an open-addressing
+    table, ids in one blob, plan, status and usage in arrays) and a decision-core
+    CustomerState is made the first time one of a customer's keys is seen, then
+    kept: every key of a customer finds the same state, so local usage counts once.
+    A million customers therefore cost about 60 bytes each until they send traffic.
+    `version`: the source's version (for a file, a hash of its bytes); `period_end`:
+    end of the billing period, epoch seconds. A snapshot is itself an EdgeState
+    that is always ready.
     """
 
-    __slots__ = ("customers_by_key", "customers_by_id", "version", "period_end")
     ready = True
 
-    def __init__(
-        self,
-        customers_by_key: dict[bytes, CustomerState],
-        customers_by_id: dict[str, CustomerState],
-        version: str,
-        period_end: float,
-    ) -> None:
-        for name, value in (
-            ("customers_by_key", customers_by_key),
-            ("customers_by_id", customers_by_id),
-            ("version", version),
-            ("period_end", period_end),
-        ):
-            object.__setattr__(self, name, value)
+    def __init__(self, store: _CustomerStore, version: str, period_end: float) -> None:
+        self._store = store
+        self._by_key: dict[bytes, CustomerState] = {}     # hot path: keys seen so far
+        self._by_index: dict[int, CustomerState] = {}     # made states, by customer
+        self._by_id: dict[str, int] | None = None          # built on first use
+        self.version = version
+        self.period_end = period_end
+        self._sealed = True
 
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         """The customer whose API key is `api_key` (plain, as the client sent it), or
         None for an unknown key. Hashes the key; never compares plain keys."""
-        return self.customers_by_key.get(_sha256(api_key).digest())
+        digest = _sha256(api_key).digest()[:INDEX_DIGEST_BYTES]
+        state = self._by_key.get(digest)
+        if state is None:
+            index = self._store.find(digest)
+            if index < 0:
+                return None
+            state = self._state_of(index)
+            self._by_key[digest] = state
+        return state
+
+    def customer_by_id(self, customer_id: str) -> CustomerState | None:
+        """The customer with `customer_id`, or None (for updates and inspection, not
+        the request path: the id index is built on first use)."""
+        if self._by_id is None:
+            by_id = {self._store.customer_id(index): index for index in range(len(self._store))}
+            object.__setattr__(self, "_by_id", by_id)
+        index = self._by_id.get(customer_id)
+        return None if index is None else self._state_of(index)
+
+    def _state_of(self, index: int) -> CustomerState:
+        state = self._by_index.get(index)
+        if state is None:
+            state = self._store.materialize(index, self.period_end)
+            self._by_index[index] = state
+        return state
 
     def __len__(self) -> int:
-        return len(self.customers_by_id)
+        return len(self._store)
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("EdgeSnapshot is immutable; build a new one instead")
+        if getattr(self, "_sealed", False):
+            raise AttributeError("EdgeSnapshot is immutable; build a new one instead")
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         return f"EdgeSnapshot(version={self.version!r}, customers={len(self)})"
@@ -76,13 +103,113 @@ class EdgeSnapshot:
 
 class _PlanState:
     # What all customers of one plan share.
-    __slots__ = ("tier", "features", "quotas")
+    __slots__ = ("tier", "features", "quotas", "quota_metrics")
 
     def __init__(self, plan: Plan, window_s: int) -> None:
         self.tier = plan.tier
         self.features = frozenset(plan.features)
+        self.quota_metrics = tuple(plan.quotas)
         self.quotas = PlanQuotas(
             [QuotaLimit(metric, quota.limit, quota.hard, window_s) for metric, quota in plan.quotas.items()]
+        )
+
+
+class _CustomerStore:
+    """Every customer of a snapshot in flat arrays, and an open-addressing table from
+    the first INDEX_DIGEST_BYTES of each key digest to its customer.
+
+    The table has a power-of-two number of slots, at most half full; a slot holds
+    key number + 1 (0 = empty) and probing is linear, comparing whole digests.
+    """
+
+    def __init__(self, plans: list[_PlanState]) -> None:
+        self.plans = plans
+        self.ids = bytearray()
+        self.id_ends = array("I")
+        self.plan_of = array("H")
+        self.status_of = array("B")
+        self.usage = array("q")          # each customer's usage, one per plan quota metric
+        self.usage_start = array("I")
+        self.standings: dict[int, dict[str, GuardStanding]] = {}
+        self.digests = bytearray()       # key digests, INDEX_DIGEST_BYTES each
+        self.key_owner = array("I")      # customer of each key
+        self.slots = array("I")
+        self.mask = 0
+
+    def __len__(self) -> int:
+        return len(self.plan_of)
+
+    def add(self, customer_id: str, plan_number: int, status_number: int, usage: Mapping[str, int],
+            standings: dict[str, GuardStanding], digests: list[bytes]) -> int:
+        index = len(self.plan_of)
+        self.ids += customer_id.encode()
+        self.id_ends.append(len(self.ids))
+        self.plan_of.append(plan_number)
+        self.status_of.append(status_number)
+        self.usage_start.append(len(self.usage))
+        for metric in self.plans[plan_number].quota_metrics:
+            self.usage.append(usage.get(metric, 0))
+        if standings:
+            self.standings[index] = standings
+        for digest in digests:
+            self.digests += digest
+            self.key_owner.append(index)
+        return index
+
+    def seal(self) -> list[tuple[int, int, bytes]]:
+        """Build the key table; returns (customer, earlier customer, digest) for keys
+        whose digests clash (the caller refuses them)."""
+        keys = len(self.key_owner)
+        size = 8
+        while size < keys * 2:
+            size *= 2
+        self.slots = array("I", bytes(4 * size))
+        self.mask = size - 1
+        clashes = []
+        width = INDEX_DIGEST_BYTES
+        for key in range(keys):
+            digest = self.digests[key * width:(key + 1) * width]
+            slot = int.from_bytes(digest[:8], "little") & self.mask
+            while self.slots[slot]:
+                other = self.slots[slot] - 1
+                if self.digests[other * width:(other + 1) * width] == digest:
+                    clashes.append((self.key_owner[key], self.key_owner[other], bytes(digest)))
+                    break
+                slot = (slot + 1) & self.mask
+            else:
+                self.slots[slot] = key + 1
+        return clashes
+
+    def find(self, digest: bytes) -> int:
+        """The customer owning `digest` (INDEX_DIGEST_BYTES long), or -1."""
+        width = INDEX_DIGEST_BYTES
+        slot = int.from_bytes(digest[:8], "little") & self.mask
+        while True:
+            key = self.slots[slot]
+            if not key:
+                return -1
+            key -= 1
+            if self.digests[key * width:(key + 1) * width] == digest:
+                return self.key_owner[key]
+            slot = (slot + 1) & self.mask
+
+    def customer_id(self, index: int) -> str:
+        start = self.id_ends[index - 1] if index else 0
+        return self.ids[start:self.id_ends[index]].decode()
+
+    def materialize(self, index: int, period_end: float) -> CustomerState:
+        plan = self.plans[self.plan_of[index]]
+        start = self.usage_start[index]
+        usage = {metric: self.usage[start + offset] for offset, metric in enumerate(plan.quota_metrics)}
+        return CustomerState(
+            self.customer_id(index),
+            plan.tier,
+            _STATUSES[self.status_of[index]],
+            plan.features,
+            plan.quotas,
+            usage,
+            self.standings.get(index, _NO_STANDINGS),
+            period_end,
         )
 
 
@@ -95,7 +222,8 @@ def build_snapshot(
     version: str = "built",
 ) -> EdgeSnapshot:
     """Build a snapshot from plans (name -> Plan) and customers (Customer values as
-    in the edge state file, which need not come from one).
+    in the edge state file, which need not come from one; a generator keeps memory
+    flat for millions).
 
     `period_start`/`period_end` are epoch seconds (the quota window is their
     difference); `now` starts every level-2 throttle bucket full. Usage of a metric
@@ -108,39 +236,36 @@ def build_snapshot(
     window_s = int(period_end - period_start)
     if window_s <= 0:
         raise InvalidStateError(f"the billing period must end after it starts, got {period_start}..{period_end}")
-    shared = {name: _PlanState(plan, window_s) for name, plan in plans.items()}
-    by_key: dict[bytes, CustomerState] = {}
-    by_id: dict[str, CustomerState] = {}
+    plan_numbers = {name: number for number, name in enumerate(plans)}
+    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()])
+    seen_ids: set[str] = set()
     for customer in customers:
-        plan = shared.get(customer.plan)
-        if plan is None:
+        plan_number = plan_numbers.get(customer.plan)
+        if plan_number is None:
             raise InvalidStateError(f"customer {customer.id!r}: unknown plan {customer.plan!r}")
-        if customer.id in by_id:
+        if customer.id in seen_ids:
             raise InvalidStateError(f"customer {customer.id!r} is listed twice")
+        seen_ids.add(customer.id)
+        status_number = _STATUS_NUMBERS.get(customer.status)
+        if status_number is None:
+            raise InvalidStateError(f"customer {customer.id!r}: unknown subscription status {customer.status!r}")
+        if any(units < 0 for units in customer.usage.values()):
+            raise InvalidStateError(f"customer {customer.id!r}: negative usage")
         try:
-            state = CustomerState(
-                customer.id,
-                plan.tier,
-                _STATUS.get(customer.status, customer.status),
-                plan.features,
-                plan.quotas,
-                customer.usage,
-                {metric: _guard_standing(standing, now) for metric, standing in customer.levels.items()}
-                if customer.levels
-                else _NO_STANDINGS,
-                period_end,
-            )
-            digests = [_digest(hex_digest) for hex_digest in customer.api_keys]
+            standings = {metric: _guard_standing(standing, now) for metric, standing in customer.levels.items()}
+            digests = [_digest(hex_digest)[:INDEX_DIGEST_BYTES] for hex_digest in customer.api_keys]
         except DecisionCoreError as err:
             raise InvalidStateError(f"customer {customer.id!r}: {err}") from err
-        for digest in digests:
-            if by_key.setdefault(digest, state) is not state:
-                raise InvalidStateError(
-                    f"customer {customer.id!r}: API key digest {digest.hex()[:12]}... already "
-                    f"belongs to customer {by_key[digest].customer_id!r}"
-                )
-        by_id[customer.id] = state
-    return EdgeSnapshot(by_key, by_id, version, float(period_end))
+        store.add(customer.id, plan_number, status_number, customer.usage, standings, digests)
+    seen_ids.clear()
+    clashes = store.seal()
+    if clashes:
+        owner, other, digest = clashes[0]
+        raise InvalidStateError(
+            f"customer {store.customer_id(owner)!r}: API key digest {digest.hex()[:12]}... already "
+            f"belongs to customer {store.customer_id(other)!r}"
+        )
+    return EdgeSnapshot(store, version, float(period_end))
 
 
 def snapshot_from_file(state: EdgeStateFile, version: str, now: float) -> EdgeSnapshot:

@@ -88,7 +88,7 @@ def test_file_edge_state_plays_the_edge_state_role(state_file):
 
 def test_customer_state_holds_what_the_file_says(state_file):
     snapshot = FileEdgeState(state_file, clock=FakeClock()).snapshot
-    cus_a, cus_b = snapshot.customers_by_id["cus_a"], snapshot.customers_by_id["cus_b"]
+    cus_a, cus_b = snapshot.customer_by_id("cus_a"), snapshot.customer_by_id("cus_b")
     assert (cus_b.customer_id, cus_b.tier, cus_b.subscription_status) == ("cus_b", "pro", "trialing")
     assert cus_b.features == frozenset({"large_models"})
     assert (cus_a.quota_used("api_calls"), cus_b.quota_used("api_calls"), cus_b.quota_used("ai_tokens")) == (40, 7, 4000)
@@ -103,7 +103,7 @@ def test_customer_state_holds_what_the_file_says(state_file):
 
 def test_customers_of_one_plan_share_its_objects(state_file):
     snapshot = FileEdgeState(state_file).snapshot
-    a, b = snapshot.customers_by_id["cus_a"], snapshot.customers_by_id["cus_b"]
+    a, b = snapshot.customer_by_id("cus_a"), snapshot.customer_by_id("cus_b")
     assert a.quotas is b.quotas
     assert a.features is b.features
     assert a.tier is b.tier
@@ -111,7 +111,7 @@ def test_customers_of_one_plan_share_its_objects(state_file):
 
 def test_throttle_buckets_start_full_at_the_clock_given(state_file):
     snapshot = FileEdgeState(state_file, clock=FakeClock(NOW)).snapshot
-    bucket = snapshot.customers_by_id["cus_b"].guard_levels["ai_tokens"].bucket
+    bucket = snapshot.customer_by_id("cus_b").guard_levels["ai_tokens"].bucket
     assert bucket.available(NOW) == 3.0
     assert [bucket.take(NOW) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
     assert bucket.take(NOW) == pytest.approx(30.0)
@@ -163,7 +163,8 @@ def test_build_snapshot_from_plain_values():
     assert snapshot.customer_for_key(b"k7").customer_id == "cus_7"
     assert snapshot.customer_for_key(b"k7").quotas is snapshot.customer_for_key(b"k9").quotas
     assert snapshot.customer_for_key(b"k8").features is snapshot.customer_for_key(b"k10").features
-    assert all(len(digest) == 32 and isinstance(digest, bytes) for digest in snapshot.customers_by_key)
+    assert snapshot.customer_for_key(b"k7") is snapshot.customer_by_id("cus_7")   # one state per customer
+    assert snapshot.customer_for_key(b"no such key") is None
     assert snapshot.customer_for_key(b"slow").guard_levels["api_calls"].bucket.burst == 1
     with pytest.raises(AttributeError, match="immutable"):
         snapshot.version = "other"
@@ -181,7 +182,7 @@ def test_build_snapshot_from_plain_values():
         ([Customer(id="c1", plan="free", status="active", api_keys=("k",))],
          "customer 'c1': an API key digest is 64 hex characters, got 'k'"),
         ([Customer(id="c1", plan="free", status="gone")],
-         "customer 'c1': customer 'c1': unknown subscription status 'gone'"),
+         "customer 'c1': unknown subscription status 'gone'"),
     ],
 )
 def test_build_snapshot_refuses_state_it_cannot_serve(customers, message):
