@@ -1,13 +1,17 @@
 # Every Prometheus metric of one proxy, on the proxy's own registry (never the global
-# one). Hot path: the request counter and the decision histogram, through label children
-# cached per (route, decision). Gauges mirroring live objects are read at scrape time only.
+# one). The per-request metrics (request counter, decision and upstream histograms) are
+# plain integers and lists bumped without locks — one event loop thread owns them — and
+# become Prometheus families only when /metrics is scraped; so do the gauges that
+# mirror live objects.
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from decision_core.decide import TITLES
@@ -50,50 +54,41 @@ class ProxyMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests_total = Counter(
-            "aforo_requests_total",
-            "Requests answered, by route and decision (decision core reason or proxy outcome).",
-            ("route", "decision"), registry=self.registry)
-        self.decision_seconds = Histogram(
-            "aforo_decision_seconds", "Time spent in the decision core per request.",
-            buckets=DECISION_BUCKETS_S, registry=self.registry)
-        self.upstream_seconds = Histogram(
-            "aforo_upstream_seconds", "Time from forwarding a request to the end of the upstream's response.",
-            ("upstream",), buckets=UPSTREAM_BUCKETS_S, registry=self.registry)
         self.config_reload_errors_total = Counter(
             "aforo_config_reload_errors_total",
             "Configuration reloads rejected (the old configuration stays in force).",
             ("file",), registry=self.registry)
+        self._requests: dict[tuple[str, str], int] = {}
+        self._decision = _Histogram(DECISION_BUCKETS_S)
+        self._upstream: dict[str, _Histogram] = {}
         self._live = _LiveCollector()
+        self._live.requests = self._requests
+        self._live.decision = self._decision
+        self._live.upstream = self._upstream
         self.registry.register(self._live)
-        self._request_children: dict[tuple[str, str], object] = {}
-        self._upstream_children: dict[str, object] = {}
-        # Bound once: the unlabelled histogram is its own child.
-        self.observe_decision: Callable[[float], None] = self.decision_seconds.observe
+        self.observe_decision: Callable[[float], None] = self._decision.observe
 
     def request_counter(self, route: str, decision: str):
-        """The `aforo_requests_total{route, decision}` child, created once and cached.
-        Call `.inc()` on it. Route names come from configuration and decisions from
-        DECISION_LABELS, which keeps the number of series bounded."""
-        key = (route, decision)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests_total.labels(route=route, decision=decision)
-        return child
+        """A handle on the `aforo_requests_total{route, decision}` count: `.inc()`.
+        Route names come from configuration and decisions from DECISION_LABELS,
+        which keeps the number of series bounded."""
+        return _RequestCounter(self._requests, (route, decision))
 
     def count_request(self, route: str, decision: str) -> None:
         """Count one answered request under (route, decision)."""
-        child = self._request_children.get((route, decision))
-        if child is None:
-            child = self.request_counter(route, decision)
-        child.inc()
+        key = (route, decision)
+        self._requests[key] = self._requests.get(key, 0) + 1
+
+    def request_count(self, route: str, decision: str) -> int:
+        """Requests counted so far under (route, decision)."""
+        return self._requests.get((route, decision), 0)
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
         """Record one upstream exchange's duration, in seconds."""
-        child = self._upstream_children.get(upstream)
-        if child is None:
-            child = self._upstream_children[upstream] = self.upstream_seconds.labels(upstream=upstream)
-        child.observe(seconds)
+        histogram = self._upstream.get(upstream)
+        if histogram is None:
+            histogram = self._upstream[upstream] = _Histogram(UPSTREAM_BUCKETS_S)
+        histogram.observe(seconds)
 
     def count_reload_error(self, file: str, error: BaseException | None = None) -> None:
         """Count one rejected reload of configuration `file` (its path as configured).
@@ -143,19 +138,66 @@ def new_proxy_metrics() -> ProxyMetrics:
     return ProxyMetrics()
 
 
+class _RequestCounter:
+    __slots__ = ("counts", "key")
+
+    def __init__(self, counts, key):
+        self.counts = counts
+        self.key = key
+
+    def inc(self, amount=1):
+        self.counts[self.key] = self.counts.get(self.key, 0) + amount
+
+
+class _Histogram:
+    # Non-cumulative bucket counts (the last one is +Inf) and the sum; made cumulative
+    # at scrape time.
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family_samples(self):
+        cumulative = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return cumulative, self.sum
+
+
 class _LiveCollector(Collector):
     # Families computed from live objects at scrape time. A source that raises is
     # logged and its family left without samples, so one bad source never fails a scrape.
 
     def __init__(self):
+        self.requests: dict[tuple[str, str], int] = {}
+        self.decision: _Histogram | None = None
+        self.upstream: dict[str, _Histogram] = {}
         self.meter_buffer = None
         self.pool_connections: PoolConnections | None = None
         self.edge_state_age_s: Callable[[], float] | None = None
 
     def describe(self) -> Iterator[Metric]:
-        return iter(_families())
+        return iter((*_request_families(), *_families()))
 
     def collect(self) -> Iterator[Metric]:
+        requests, decision, upstream = _request_families()
+        for (route, outcome), count in list(self.requests.items()):
+            requests.add_metric([route, outcome], count)
+        if self.decision is not None:
+            buckets, total = self.decision.family_samples()
+            decision.add_metric([], buckets, total)
+        for name, histogram in list(self.upstream.items()):
+            buckets, total = histogram.family_samples()
+            upstream.add_metric([name], buckets, total)
+        yield from (requests, decision, upstream)
         depth, spooled, events, sink_errors, pools, age = _families()
         buffer = self.meter_buffer
         if buffer is not None:
@@ -179,7 +221,17 @@ class _LiveCollector(Collector):
                 age.add_metric([], self.edge_state_age_s())
             except Exception:
                 log.exception("cannot read the edge state age for /metrics")
-        return iter((depth, spooled, events, sink_errors, pools, age))
+        yield from (depth, spooled, events, sink_errors, pools, age)
+
+
+def _request_families():
+    return (
+        CounterMetricFamily("aforo_requests", "Requests answered, by route and decision "
+                            "(decision core reason or proxy outcome).", labels=("route", "decision")),
+        HistogramMetricFamily("aforo_decision_seconds", "Time spent in the decision core per request."),
+        HistogramMetricFamily("aforo_upstream_seconds", "Time from forwarding a request to the upstream's "
+                              "response head.", labels=("upstream",)),
+    )
 
 
 def _families():
