@@ -44,6 +44,7 @@ class ProxyApp:
             )
         self.connections = set()
         self.closing = False
+        self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
 
     # -- connections ----------------------------------------------------------------
     def is_trusted(self, ip):
@@ -116,11 +117,18 @@ class ProxyApp:
             pool.sweep(now)
 
     def schedule_sweeps(self):
-        """Sweep every SWEEP_INTERVAL_S on the loop until shutdown."""
+        """Sweep every SWEEP_INTERVAL_S on the loop until stop_sweeps()."""
         def tick():
             self.sweep()
-            self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+            self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+        self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+
+    def stop_sweeps(self):
+        """Cancel the scheduled sweeps (the worker has stopped): nothing on the loop
+        keeps this app alive any more."""
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
 
     def begin_shutdown(self):
         """Stop keeping connections alive: idle ones close now, busy ones after their

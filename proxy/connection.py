@@ -2,8 +2,9 @@
 # request. The protocol callbacks only feed httptools and hand facts to the exchange;
 # nothing raises out of data_received. Requests are answered strictly in order: a
 # pipelined request waits (its bytes buffered, reading paused) until the one before it
-# has been answered. Anything malformed is refused with 400/501 and the connection is
-# closed without forwarding a byte.
+# has been answered. Anything malformed is refused with 400/501, after the answers to
+# the requests before it, and the connection is closed: a malformed request is never
+# forwarded whole (a body found bad midway is cut off upstream too).
 import asyncio
 import collections
 import socket
@@ -12,7 +13,8 @@ from time import perf_counter
 import httptools
 
 from decision_core import REJECT, decide
-from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, render
+from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens,
+                           forwardable, render)
 from proxy.problem import problem_response, status_line
 
 # Bytes of request body held while waiting for an upstream connection before the
@@ -20,6 +22,9 @@ from proxy.problem import problem_response, status_line
 PENDING_BODY_HIGH_WATER = 256 * 1024
 _CHUNKED_END = b"0\r\n\r\n"
 _NO_BODY_STATUSES = frozenset((204, 304))
+# What a Host value may hold (RFC 3986 host and port: reg-name, IP literal, pct-encoding).
+_HOST_CHARACTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+_HTTP_VERSIONS = frozenset(("1.0", "1.1"))
 
 
 class ClientConnection(asyncio.Protocol):
@@ -34,6 +39,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchanges = collections.deque()   # [0] is being answered; the rest wait
         self.parsing = None                     # the exchange whose request is being parsed
         self.closing = False
+        self.refusal = None                     # a refusal waiting for the requests before it
         self.writing_paused = False
         self.reading_paused_by = 0              # reasons reading is paused (bit set)
         self.deadline = 0.0                     # header / idle timeout, checked by the sweeper
@@ -55,7 +61,8 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self.deadline = app.clock() + app.limits.keepalive_timeout_s
+        # A new connection owes its first request's headers within the header timeout.
+        self.deadline = app.clock() + app.limits.header_timeout_s
         if not app.admit_connection(self):
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
             transport.close()
@@ -68,10 +75,13 @@ class ClientConnection(asyncio.Protocol):
             # Bytes after an upgrade request, before the upstream switched protocols.
             self.upgrading.upgrade_data(data)
             return
-        if self.closing:
+        if self.closing or self.refusal is not None:
             return
+        parsing = self.parsing
         try:
             self.parser.feed_data(data)
+            if parsing is not None and parsing is self.parsing and not parsing.headers_done:
+                self._head_grew(parsing, len(data))
         except httptools.HttpParserUpgrade as upgrade:
             exchange = self.exchanges[-1] if self.exchanges else None
             if exchange is not None and exchange.upgrade is not None:
@@ -87,6 +97,14 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(400, "Bad Request", f"malformed request: {error}")
         except Exception as error:
             self._failed(error)
+
+    def _head_grew(self, exchange, size):
+        # A whole read went into a request head begun earlier. httptools holds a header
+        # value until it ends, so the head's size is bounded here as it arrives.
+        exchange.head_bytes += size
+        limits = self.app.limits
+        if exchange.head_bytes > limits.max_request_line_bytes + limits.max_header_bytes:
+            self.refuse(431, "Request Header Fields Too Large", "the request headers are larger than the proxy accepts")
 
     def _failed(self, error):
         # A bug must never leave the socket half-handled.
@@ -172,8 +190,18 @@ class ClientConnection(asyncio.Protocol):
 
     def refuse(self, status, title, detail, reason=""):
         """Answer with a problem response and close; used for malformed input, where
-        nothing after this point on the connection can be trusted."""
-        if self.closing:
+        nothing after this point on the connection can be trusted. Requests read whole
+        before it are still answered first, in order; the refusal follows the last."""
+        if self.closing or self.refusal is not None:
+            return
+        refused = self.parsing
+        if self.exchanges and self.exchanges[0] is not refused:
+            if refused is not None and refused in self.exchanges:
+                self.exchanges.remove(refused)
+                refused.client_gone()
+            self.parsing = None
+            self.refusal = problem_response(status, title, detail, reason=reason, close=True)
+            self.app.count_refusal(status)
             return
         self.closing = True
         started = self.exchanges and self.exchanges[0].response_started
@@ -197,6 +225,12 @@ class ClientConnection(asyncio.Protocol):
             self.exchanges.clear()
             if self.transport is not None:
                 self.transport.close()
+            return
+        if self.refusal is not None and not self.exchanges:
+            # Everything read before the malformed request is answered: refuse it now.
+            self.closing = True
+            self.transport.write(self.refusal)
+            self.transport.close()
             return
         self.resume_reading(_PIPELINE)
         if self.exchanges:
@@ -263,6 +297,8 @@ class Exchange:
         self.keep_alive = True
         self.headers = []
         self.header_bytes = 0
+        self.header_fields = 0       # every field line, forwarded or not
+        self.head_bytes = 0          # raw bytes of the head read after its first read
         self.host = None
         self.content_length = None
         self.transfer_encoding = None
@@ -301,25 +337,36 @@ class Exchange:
     def request_header(self, name, value):
         app = self.app
         self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > app.limits.max_header_bytes or len(self.headers) >= app.limits.max_headers:
+        self.header_fields += 1
+        if self.header_bytes > app.limits.max_header_bytes or self.header_fields > app.limits.max_headers:
             raise _Refusal(431, "Request Header Fields Too Large", "the request headers are larger than the proxy accepts")
+        if self.headers_done:
+            # A trailer field after a chunked body: dropped, it can change nothing already sent.
+            return
         lower = name.lower()
         if lower == b"host":
             if self.host is not None:
                 raise _Refusal(400, "Bad Request", "more than one Host header")
+            if value.translate(None, _HOST_CHARACTERS):
+                raise _Refusal(400, "Bad Request", "the Host header is not a valid host")
             self.host = value
             self.headers.append((b"host", value))
         elif lower == b"content-length":
             self.content_length = int(value)
         elif lower == b"transfer-encoding":
-            self.transfer_encoding = value
+            # Repeated fields are one list: `gzip` then `chunked` is `gzip, chunked`.
+            self.transfer_encoding = (value if self.transfer_encoding is None
+                                      else self.transfer_encoding + b", " + value)
         elif lower == b"connection":
-            self.connection = frozenset(connection_tokens(value))
+            # Repeated Connection fields are one list (RFC 9110 5.3): each names more to drop.
+            self.connection = self.connection.union(connection_tokens(value))
         elif lower == b"upgrade":
             self.upgrade = value
         elif lower in FORWARDED_FIELDS:
             if lower == b"x-forwarded-for":
-                self.client_forwarded_for = value
+                # Repeated fields are one list: keep every hop a trusted proxy reported.
+                self.client_forwarded_for = (value if self.client_forwarded_for is None
+                                             else self.client_forwarded_for + b", " + value)
             elif lower == b"x-forwarded-proto":
                 self.client_forwarded_proto = value
             elif lower == b"x-forwarded-host":
@@ -337,6 +384,10 @@ class Exchange:
         self.http_11 = version == "1.1"
         self.keep_alive = keep_alive
         limits = self.app.limits
+        if version not in _HTTP_VERSIONS:
+            raise _Refusal(400, "Bad Request", "only HTTP/1.0 and HTTP/1.1 requests are accepted")
+        if method == b"CONNECT":
+            raise _Refusal(501, "Not Implemented", "CONNECT is not supported by this proxy")
         if self.http_11 and self.host is None:
             raise _Refusal(400, "Bad Request", "HTTP/1.1 requests need a Host header")
         if self.transfer_encoding is not None:
@@ -350,7 +401,10 @@ class Exchange:
             self._absolute_form()
         if self.connection:
             self.headers = [(name, value) for name, value in self.headers if name not in self.connection]
-        if self.upgrade is not None and b"upgrade" not in self.connection:
+        if self.upgrade is not None and (b"upgrade" not in self.connection
+                                         or self.upgrade.strip().lower() != b"websocket"):
+            # Only WebSocket is relayed: behind any other switch (h2c) later requests
+            # would bypass every decision. The request goes on as plain HTTP/1.1.
             self.upgrade = None
         self.client.deadline = float("inf")
 
@@ -362,8 +416,8 @@ class Exchange:
             parsed = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:
             raise _Refusal(400, "Bad Request", "the request target is not a valid URL") from None
-        if parsed.schema not in (b"http", b"https") or not parsed.host:
-            raise _Refusal(400, "Bad Request", "the request target must be a path or an http URL")
+        if parsed.schema not in (b"http", b"https") or not parsed.host or parsed.userinfo:
+            raise _Refusal(400, "Bad Request", "the request target must be a path or an http URL without user info")
         self.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
         self.headers = [(name, value) for name, value in self.headers if name != b"host"]
         self.headers.insert(0, (b"host", self.host))
@@ -458,6 +512,9 @@ class Exchange:
         head.append(b"x-forwarded-for: " + forwarded_for + b"\r\nx-forwarded-proto: " + proto + b"\r\n")
         if forwarded_host:
             head.append(b"x-forwarded-host: " + forwarded_host + b"\r\n")
+        if self.host is None:
+            # An HTTP/1.0 request may lack Host; what is forwarded is HTTP/1.1, which needs one.
+            head.append(b"host: " + conn.pool.authority + b"\r\n")
         head.append(b"x-aforo-customer: " + self.customer.customer_id.encode() + b"\r\n")
         if self.upgrade is not None:
             head.append(b"connection: upgrade\r\nupgrade: " + self.upgrade + b"\r\n")
@@ -480,6 +537,10 @@ class Exchange:
         if self.upgrade_tail:
             conn.transport.write(self.upgrade_tail)
             self.upgrade_tail = b""
+        if self.client.writing_paused:
+            # The client has not taken the response before this one yet (pipelining):
+            # this one waits upstream, not in the proxy's memory.
+            conn.pause_reading()
 
     def _send_body(self, body):
         if self.transfer_encoding is not None:
@@ -540,6 +601,8 @@ class Exchange:
         if self.response_started:
             self._abort_client("upstream stopped sending mid-response")
         else:
+            # Like every 502/504: the customer is not charged for a response never given.
+            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
             self.answer(504, "Gateway Timeout", "upstream did not respond in time", "error_504")
 
     # -- response, from the upstream parser ----------------------------------------------
@@ -549,8 +612,15 @@ class Exchange:
     def response_headers_complete(self, status, upstream_keep_alive):
         self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
         if 100 <= status < 200 and status != 101:
-            # Interim response (100 Continue): relay it, the real one follows.
-            self.client.write(status_line(status, self.response_status_phrase or None) + b"\r\n")
+            # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
+            # the real one follows. An HTTP/1.0 client would take it for the answer.
+            if self.http_11:
+                named = set()
+                for name, value in self.response_headers:
+                    if name == b"connection":
+                        named |= connection_tokens(value)
+                self.client.write(status_line(status, self.response_status_phrase or None)
+                                  + render(forwardable(self.response_headers, named)) + b"\r\n")
             self.response_headers = []
             self.response_status_phrase = b""
             return
@@ -605,6 +675,9 @@ class Exchange:
             self.response_close_delimited = True
         if not client_keep_alive and status != 101:
             head.append(b"connection: close\r\n")
+        elif not self.http_11 and status != 101:
+            # An HTTP/1.0 client keeps the connection only when the response says so.
+            head.append(b"connection: keep-alive\r\n")
         self.keep_alive = client_keep_alive
         head.append(b"\r\n")
         self.client.write(b"".join(head))
@@ -676,6 +749,9 @@ class Exchange:
                 self.app.meter(self)
         elif self.forwarding and self.route is not None:
             self.app.pools[self.route.upstream].cancel(self)
+        if self.forwarding and not self.response_started:
+            # No response, no meter event: the quota is not charged either.
+            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
 
     def _abort_client(self, why):
         self.finished = True
@@ -689,8 +765,8 @@ class Exchange:
 
     def pause_upstream_reading(self):
         if self.upstream is not None:
-            self.upstream.transport.pause_reading()
+            self.upstream.pause_reading()
 
     def resume_upstream_reading(self):
         if self.upstream is not None:
-            self.upstream.transport.resume_reading()
+            self.upstream.resume_reading()

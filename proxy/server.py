@@ -134,6 +134,7 @@ class ProxyWorker:
         for connection in list(app.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        app.stop_sweeps()
         for pool in app.pools.values():
             pool.close()
         if self.watch_task is not None:
@@ -180,12 +181,20 @@ def run_proxy(settings_path):
         child.start()
 
     def forward(signum, _frame):
+        # Runs inside join(): a worker join() has reaped but not yet recorded is gone
+        # already. Nothing may raise here, or the workers after it are never told.
         for child in children:
-            if child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
+            if child.exitcode is None:
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for child in children:
         child.join()
-    return max((child.exitcode or 0) for child in children)
+    # A worker killed by a signal has a negative exit code: report it as a shell does
+    # (128 + signal number), never as success.
+    codes = [child.exitcode or 0 for child in children]
+    return max((128 - code if code < 0 else code) for code in codes)

@@ -20,6 +20,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel = None          # the client connection once a 101 switched protocols
         self.writing_paused = False
+        self.reading_paused = False  # while the owning exchange's client cannot take more
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport):
@@ -46,7 +47,12 @@ class UpstreamConnection(asyncio.Protocol):
             tail = data[upgrade.args[0]:] if upgrade.args else b""
             exchange.upstream_switched_protocols(tail)
         except httptools.HttpParserError as error:
-            exchange.upstream_broken(f"invalid response from upstream: {error}")
+            if self.exchange is exchange:
+                exchange.upstream_broken(f"invalid response from upstream: {error}")
+            else:
+                # Bytes after the end of the response, in the same read: they answer no
+                # request, so nothing that comes on this connection can be trusted.
+                self.abort()
 
     def eof_received(self):
         return False
@@ -90,6 +96,18 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.response_complete()
 
     # -- used by the exchange -------------------------------------------------------
+    def pause_reading(self):
+        """Stop reading the response while the client's socket is full."""
+        if not self.reading_paused and not self.closed and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
+
     def reset_parser(self):
         """A fresh parser for the next response (after a HEAD response, whose body the
         parser cannot know is absent)."""
@@ -121,6 +139,8 @@ class UpstreamPool:
         self.name = name
         self.host = host
         self.port = port
+        # The Host of requests that came without one (HTTP/1.0).
+        self.authority = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.size = size
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -164,6 +184,10 @@ class UpstreamPool:
         self.busy -= 1
         conn.exchange = None
         if reusable and not conn.closed:
+            # A response can end in the very read whose relay filled the client's socket:
+            # the pause was for that client only, and an idle connection must be read to
+            # notice the upstream closing it.
+            conn.resume_reading()
             if self.waiters:
                 exchange, _ = self.waiters.popleft()
                 self.busy += 1

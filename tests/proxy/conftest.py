@@ -10,6 +10,7 @@ import json
 import socket
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ class Upstream:
         self.loop_thread = loop_thread
         self.requests = []            # (method, path, headers dict, body bytes, peer port)
         self.gates = {}               # name -> threading.Event the handler waits on
+        self.collected = []           # sizes of the request body pieces /collect has read so far
         self.runner = None
         self.port = None
 
@@ -98,6 +100,35 @@ class Upstream:
                 "peer_port": peer_port,
             }, headers={"X-Upstream": "yes", "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1",
                         "Keep-Alive": "timeout=5", "X-Aforo-Throttle": "forged"})
+
+        @routes.route("*", "/inspect{tail:.*}")
+        async def inspect(request):
+            # Like /echo, but reports the request line and every header field exactly
+            # as received (repeats included), so duplicates and casing are visible.
+            body = await request.read()
+            peer_port = request.transport.get_extra_info("peername")[1]
+            self.requests.append((request.method, request.raw_path, dict(request.headers), body, peer_port))
+            return web.json_response({
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "version": f"{request.version.major}.{request.version.minor}",
+                "raw_headers": [[name.decode("latin-1").lower(), value.decode("latin-1")]
+                                for name, value in request.raw_headers],
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "peer_port": peer_port,
+            })
+
+        @routes.post("/collect")
+        async def collect(request):
+            # Reads the request body piece by piece as it arrives; `collected` lets a
+            # test see how much has reached the upstream before it sends more.
+            digest = hashlib.sha256()
+            async for piece in request.content.iter_any():
+                digest.update(piece)
+                self.collected.append(len(piece))
+            return web.json_response({"body_len": sum(self.collected), "body_sha256": digest.hexdigest(),
+                                      "chunked": request.headers.get("Transfer-Encoding", "") == "chunked"})
 
         @routes.get("/stream")
         async def stream(request):
@@ -179,6 +210,77 @@ def upstream(loop_thread):
     loop_thread.run(server.start())
     yield server
     loop_thread.run(server.stop())
+
+
+class RawUpstream:
+    """A bare TCP upstream whose answers a test scripts byte for byte, for responses an
+    HTTP framework will not produce (close-delimited bodies, closing a keep-alive
+    connection at a chosen moment).
+
+    `script(upstream, index, reader, writer)` runs for each accepted connection
+    (`index` counts them from 0); the connection is closed when it returns.
+    `read_request(reader)` reads one request (Content-Length bodies only) and logs it
+    in `requests` as (connection index, method, target, body)."""
+
+    def __init__(self, loop_thread):
+        self.loop_thread = loop_thread
+        self.script = None
+        self.connections = 0
+        self.requests = []
+        self.server = None
+        self.port = None
+
+    async def _serve(self, reader, writer):
+        index = self.connections
+        self.connections += 1
+        try:
+            await self.script(self, index, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader, index):
+        """(method, target, body) of the next request on the connection, or None at EOF."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        body = await reader.readexactly(length) if length else b""
+        self.requests.append((index, method, target, body))
+        return method, target, body
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self):
+        self.server.close()
+
+
+@pytest.fixture
+def raw_upstream(loop_thread):
+    server = RawUpstream(loop_thread)
+    loop_thread.run(server.start())
+    yield server
+    loop_thread.run(server.stop())
+
+
+def wait_until(loop_thread, predicate, timeout_s=SOCKET_TIMEOUT_S):
+    """Evaluate `predicate()` on the proxy's loop until it is true; a bound on waiting
+    for something the test caused to happen, never a timed assertion."""
+    deadline = time.monotonic() + timeout_s
+    while not loop_thread.call(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition never became true: {predicate}")
+        time.sleep(0.002)
 
 
 # -- edge state and settings ------------------------------------------------------------------
