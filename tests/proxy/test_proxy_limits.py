@@ -2,7 +2,6 @@
 # settings is enforced with its status (414, 431, 413, 408, 503), the connection is
 # closed, and nothing over a limit reaches the upstream. Time moves only by sweep().
 import json
-import socket
 
 import pytest
 

@@ -160,7 +160,8 @@ class ProxyProcess:
             routes:
               - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
             edge_state: {{file: edge_state.yaml, reload_interval_s: 3600}}
-            metering: {{path: meter-events.ndjson, spool_dir: meter-spool, buffer_events: 1000, batch_events: 50, flush_interval_s: 3600}}
+            metering: {{path: meter-events.ndjson, spool_dir: meter-spool, buffer_events: 1000, batch_events: 50,
+                       flush_interval_s: 3600}}
             """))
         self.log = open(folder / "proxy.log", "wb")
         self.process = subprocess.Popen(proxy_command(settings_path), cwd=folder, stdout=self.log,
