@@ -8,24 +8,46 @@ import importlib.util
 import os
 import sys
 
-# Compiled modules, in dependency order; `errors` and `money` always stay plain Python.
+# Compiled modules, in dependency order; `errors` always stays plain Python.
 CORE_MODULES = ("bucket", "quota", "margin", "rating", "state", "decide")
 PURE_PYTHON_ENV = "AFORO_PURE_PYTHON"
+PURE_PYTHON = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
 
 
 class _SourceFinder:
-    # Finds decision_core modules as .py sources even where a compiled build sits beside them.
-    @staticmethod
-    def find_spec(fullname, path=None, target=None):
+    # Finds a package's compiled modules as .py sources even where a compiled build
+    # sits beside them.
+    def __init__(self, package, directory, module_names):
+        self.package = package
+        self.directory = directory
+        self.module_names = frozenset(module_names)
+
+    def find_spec(self, fullname, path=None, target=None):
         package, _, name = fullname.rpartition(".")
-        if package != __name__ or name not in CORE_MODULES:
+        if package != self.package or name not in self.module_names:
             return None
-        source = os.path.join(os.path.dirname(__file__), name + ".py")
-        return importlib.util.spec_from_file_location(fullname, source)
+        return importlib.util.spec_from_file_location(fullname, os.path.join(self.directory, name + ".py"))
 
 
-if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
-    sys.meta_path.insert(0, _SourceFinder)
+def use_sources_when_pure(package, directory, module_names):
+    """When AFORO_PURE_PYTHON is set, make `package`'s `module_names` (files in
+    `directory`) load from their .py sources instead of their compiled builds. Call
+    from the package's __init__ before importing them."""
+    if PURE_PYTHON:
+        sys.meta_path.insert(0, _SourceFinder(package, directory, module_names))
+
+
+def compiled(package, module_names):
+    """True only when every one of `package`'s `module_names` (already imported) was
+    loaded from its compiled extension."""
+    return all(
+        isinstance(getattr(sys.modules[f"{package}.{name}"].__spec__, "loader", None),
+                   importlib.machinery.ExtensionFileLoader)
+        for name in module_names
+    )
+
+
+use_sources_when_pure(__name__, os.path.dirname(__file__), CORE_MODULES)
 
 from decision_core import bucket, decide as _decide_module, margin, quota, rating, state  # noqa: E402
 from decision_core.bucket import TokenBucket  # noqa: E402
@@ -59,9 +81,5 @@ from decision_core.rating import FlatFee, Graduated, Package, PerUnit, Tier, Vol
 from decision_core.state import OVERALL, CustomerState, GuardStanding, RequestFacts  # noqa: E402
 
 
-def _is_compiled(module):
-    return isinstance(getattr(module.__spec__, "loader", None), importlib.machinery.ExtensionFileLoader)
-
-
 # True only when every core module was loaded from its compiled extension.
-COMPILED = all(_is_compiled(sys.modules[f"{__name__}.{name}"]) for name in CORE_MODULES)
+COMPILED = compiled(__name__, CORE_MODULES)

@@ -1,0 +1,13 @@
+# The edge proxy (data plane). Its hot path — the client and upstream protocols — is
+# compiled by Cython at install like the decision core; AFORO_PURE_PYTHON=1 runs the
+# .py sources instead. COMPILED says which build is loaded.
+import os
+
+from decision_core import compiled, use_sources_when_pure
+
+COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "upstream", "app", "connection")
+use_sources_when_pure(__name__, os.path.dirname(__file__), COMPILED_MODULES)
+
+from proxy import app, connection, edge_snapshot, headers, problem, routing, upstream  # noqa: E402,F401
+
+COMPILED = compiled(__name__, COMPILED_MODULES)

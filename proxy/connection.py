@@ -5,7 +5,6 @@
 # has been answered. Anything malformed is refused with 400/501, after the answers to
 # the requests before it, and the connection is closed: a malformed request is never
 # forwarded whole (a body found bad midway is cut off upstream too).
-import asyncio
 import collections
 import socket
 from time import perf_counter
@@ -27,7 +26,7 @@ _HOST_CHARACTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 _HTTP_VERSIONS = frozenset(("1.0", "1.1"))
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client socket: parses requests, runs each through an Exchange in order."""
 
     def __init__(self, app):
@@ -46,8 +45,14 @@ class ClientConnection(asyncio.Protocol):
         self.idle = True
         self.tunnel = None
         self.upgrading = None                   # the exchange waiting for 101, if any
+        self.corked = False                     # hold writes until the current read is done
+        self.out = []                           # what was written while corked
 
-    # -- asyncio.Protocol ---------------------------------------------------------
+    # -- asyncio protocol (duck-typed: a compiled class cannot derive asyncio.Protocol) --
+    def eof_received(self):
+        # The client half-closed: close our side too (as asyncio.Protocol's default).
+        return None
+
     def connection_made(self, transport):
         self.transport = transport
         app = self.app
@@ -78,6 +83,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closing or self.refusal is not None:
             return
         parsing = self.parsing
+        self.corked = True
         try:
             self.parser.feed_data(data)
             if parsing is not None and parsing is self.parsing and not parsing.headers_done:
@@ -97,6 +103,8 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(400, "Bad Request", f"malformed request: {error}")
         except Exception as error:
             self._failed(error)
+        finally:
+            self.uncork()
 
     def _head_grew(self, exchange, size):
         # A whole read went into a request head begun earlier. httptools holds a header
@@ -186,7 +194,33 @@ class ClientConnection(asyncio.Protocol):
 
     # -- used by exchanges and the sweeper --------------------------------------------
     def write(self, data):
-        self.transport.write(data)
+        """Send `data` to the client; while corked (inside one read from the upstream
+        or the client) it is held and sent with the rest of that read's output in one
+        write, so a response head and a small body leave in one system call."""
+        if self.corked:
+            self.out.append(data)
+        else:
+            self.transport.write(data)
+
+    def cork(self):
+        self.corked = True
+
+    def uncork(self):
+        """Send what was written while corked, in one write."""
+        self.corked = False
+        self.flush()
+
+    def flush(self):
+        out = self.out
+        if out:
+            self.out = []
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _close(self):
+        # Close after sending whatever is held back.
+        self.flush()
+        self.transport.close()
 
     def refuse(self, status, title, detail, reason=""):
         """Answer with a problem response and close; used for malformed input, where
@@ -205,6 +239,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closing = True
         started = self.exchanges and self.exchanges[0].response_started
+        self.flush()
         if not started:
             self.transport.write(problem_response(status, title, detail, reason=reason, close=True))
             self.app.count_refusal(status)
@@ -224,13 +259,13 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             self.exchanges.clear()
             if self.transport is not None:
-                self.transport.close()
+                self._close()
             return
         if self.refusal is not None and not self.exchanges:
             # Everything read before the malformed request is answered: refuse it now.
             self.closing = True
-            self.transport.write(self.refusal)
-            self.transport.close()
+            self.write(self.refusal)
+            self._close()
             return
         self.resume_reading(_PIPELINE)
         if self.exchanges:
@@ -251,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.idle:
             self.closing = True
-            self.transport.close()
+            self._close()
         elif self.parsing is not None and not self.parsing.headers_done:
             self.refuse(408, "Request Timeout", "the request headers did not arrive in time")
 
@@ -259,7 +294,7 @@ class ClientConnection(asyncio.Protocol):
         """At shutdown: close at once when idle, else after the current response."""
         if self.idle and not self.exchanges and self.transport is not None:
             self.closing = True
-            self.transport.close()
+            self._close()
 
     def start_tunnel(self, upstream_conn):
         """After `101 Switching Protocols`: relay raw bytes both ways until either side closes."""

@@ -9,7 +9,7 @@ import socket
 import httptools
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """A connection to an upstream, owned by at most one exchange at a time."""
 
     def __init__(self, pool):
@@ -22,7 +22,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.writing_paused = False
         self.reading_paused = False  # while the owning exchange's client cannot take more
 
-    # -- asyncio.Protocol ---------------------------------------------------------
+    # -- asyncio protocol (duck-typed: a compiled class cannot derive asyncio.Protocol) --
     def connection_made(self, transport):
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -41,6 +41,9 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes from an idle upstream are a protocol error: never reuse it.
             self.close()
             return
+        # Everything this read produces for the client leaves in one write.
+        client = exchange.client
+        client.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -53,6 +56,8 @@ class UpstreamConnection(asyncio.Protocol):
                 # Bytes after the end of the response, in the same read: they answer no
                 # request, so nothing that comes on this connection can be trusted.
                 self.abort()
+        finally:
+            client.uncork()
 
     def eof_received(self):
         return False

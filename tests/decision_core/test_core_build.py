@@ -1,4 +1,4 @@
-# Which build of the decision core is loaded must be the one that was asked for:
+# Which build of the decision core and the proxy is loaded must be the one asked for:
 # CI runs the suite once compiled (AFORO_EXPECT_COMPILED=1) and once pure
 # (AFORO_PURE_PYTHON=1), and a silent fallback to the Python sources must fail.
 import importlib.machinery
@@ -10,20 +10,24 @@ import pytest
 import decision_core
 
 
+import proxy
+
+COMPILED_MODULES = [f"decision_core.{name}" for name in decision_core.CORE_MODULES] + [
+    f"proxy.{name}" for name in proxy.COMPILED_MODULES
+]
+
+
 def _loader_kinds():
-    return {
-        name: type(sys.modules[f"decision_core.{name}"].__spec__.loader)
-        for name in decision_core.CORE_MODULES
-    }
+    return {name: type(sys.modules[name].__spec__.loader) for name in COMPILED_MODULES}
 
 
 def test_the_requested_build_of_the_core_is_loaded():
     pure_requested = os.environ.get("AFORO_PURE_PYTHON", "") not in ("", "0")
     if pure_requested:
-        assert not decision_core.COMPILED
+        assert not decision_core.COMPILED and not proxy.COMPILED
         assert importlib.machinery.ExtensionFileLoader not in set(_loader_kinds().values())
     elif os.environ.get("AFORO_EXPECT_COMPILED") == "1":
-        assert decision_core.COMPILED, f"expected the compiled core, loaded: {_loader_kinds()}"
+        assert decision_core.COMPILED and proxy.COMPILED, f"expected compiled modules, loaded: {_loader_kinds()}"
         assert set(_loader_kinds().values()) == {importlib.machinery.ExtensionFileLoader}
     else:
         pytest.skip("no build requested: set AFORO_EXPECT_COMPILED=1 or AFORO_PURE_PYTHON=1")
