@@ -38,6 +38,21 @@ class Problem(NamedTuple):
 CrossCheck = Callable[[Any], Iterable[Problem]]
 
 
+def duplicate_names(names: Iterable[str], list_path: str, field: str, what: str) -> list[Problem]:
+    """A Problem for every entry of the list at `list_path` whose `field` repeats an
+    earlier entry's: "Duplicate <what> `x`; first used by `$.list[i]`"."""
+    first_by_name: dict[str, int] = {}
+    problems = []
+    for index, name in enumerate(names):
+        first = first_by_name.setdefault(name, index)
+        if first != index:
+            problems.append(Problem(
+                f"{list_path}[{index}].{field}",
+                f"Duplicate {what} `{name}`; first used by `{list_path}[{first}]`",
+            ))
+    return problems
+
+
 def read_document(path: str | PathLike[str]) -> tuple[str, bytes]:
     """Read the file at `path`: returns (text, raw bytes).
 
@@ -95,7 +110,7 @@ def parse_document(
     `pattern_meanings` maps a regex used in the schema to words for the message
     (msgspec would show the regex). `cross_check(value)` yields Problems the schema
     cannot see (references between sections, duplicates); each becomes a ConfigError
-    with the line of its path, all of them raised together as ConfigErrors.
+    with the line of its path, all of them raised together (in line order) as ConfigErrors.
 
     Raises ConfigError for YAML errors (syntax, tags, duplicate keys), an empty file,
     a top level that is not a mapping, and the first schema error; ConfigErrors when
@@ -114,12 +129,13 @@ def parse_document(
     except msgspec.ValidationError as err:
         raise _schema_error(str(err), document, file, schema_type, pattern_meanings or {}) from err
     if cross_check is not None:
-        raise_if_any(
-            [
-                ConfigError(problem.message, file, document.line_of(problem.path), problem.path)
-                for problem in cross_check(value)
-            ]
-        )
+        errors = [
+            ConfigError(problem.message, file, document.line_of(problem.path), problem.path)
+            for problem in cross_check(value)
+        ]
+        # In file order, as a reader fixing them top to bottom expects.
+        errors.sort(key=lambda error: error.line or 0)
+        raise_if_any(errors)
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from config.documents import Problem, parse_document, read_document
+from config.documents import Problem, duplicate_names, parse_document, read_document
 from config.schema import (
     PATTERN_MEANINGS,
     GuardId,
@@ -163,21 +163,13 @@ def _customer_problems(state: EdgeStateFile) -> list[Problem]:
     that identified two customers would bill one for the other's traffic."""
     problems: list[Problem] = []
     known = ", ".join(f"`{name}`" for name in state.plans) or "none"
-    first_by_id: dict[str, int] = {}
+    problems += duplicate_names((customer.id for customer in state.customers), "$.customers", "id", "customer id")
     first_by_digest: dict[str, tuple[str, str]] = {}
     for index, customer in enumerate(state.customers):
         path = f"$.customers[{index}]"
         if customer.plan not in state.plans:
             problems.append(
                 Problem(f"{path}.plan", f"Unknown plan `{customer.plan}`; the plans are {known}")
-            )
-        first = first_by_id.setdefault(customer.id, index)
-        if first != index:
-            problems.append(
-                Problem(
-                    f"{path}.id",
-                    f"Duplicate customer id `{customer.id}`; first used by `$.customers[{first}]`",
-                )
             )
         for key_index, digest in enumerate(customer.api_keys):
             key_path = f"{path}.api_keys[{key_index}]"

@@ -8,6 +8,7 @@ from os import PathLike
 
 from config.documents import (
     Problem,
+    duplicate_names,
     content_version,
     parse_document,
     read_document,
@@ -135,17 +136,9 @@ def _ambiguities(guard_file: GuardFile) -> list[Problem]:
     `resolve` or a reported transition depend on file order."""
     guards = guard_file.guards
     problems: list[Problem] = []
-    index_of_id: dict[str, int] = {}
+    problems += duplicate_names((guard.id for guard in guards), "$.guards", "id", "guard id")
     index_of_target: dict[tuple[object, str], int] = {}
     for index, guard in enumerate(guards):
-        first = index_of_id.setdefault(guard.id, index)
-        if first != index:
-            problems.append(
-                Problem(
-                    f"$.guards[{index}].id",
-                    f"Duplicate guard id `{guard.id}`; first used by `$.guards[{first}]`",
-                )
-            )
         first = index_of_target.setdefault((guard.scope, guard.metric), index)
         if first != index:
             problems.append(

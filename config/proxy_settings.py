@@ -24,7 +24,7 @@ from typing import Annotated
 
 import msgspec
 
-from config.documents import Problem, parse_document, read_document
+from config.documents import Problem, duplicate_names, parse_document, read_document
 from config.network import (
     HeaderName,
     HostName,
@@ -201,21 +201,13 @@ def _route_problems(settings: ProxySettings) -> list[Problem]:
     if not settings.routes:
         problems.append(Problem("$.routes", "At least one route is required"))
     known = ", ".join(f"`{name}`" for name in settings.upstreams)
-    first_by_name: dict[str, int] = {}
+    problems += duplicate_names((route.name for route in settings.routes), "$.routes", "name", "route name")
     for index, route in enumerate(settings.routes):
         if route.upstream not in settings.upstreams and settings.upstreams:
             problems.append(
                 Problem(
                     f"$.routes[{index}].upstream",
                     f"Unknown upstream `{route.upstream}`; the upstreams are {known}",
-                )
-            )
-        first = first_by_name.setdefault(route.name, index)
-        if first != index:
-            problems.append(
-                Problem(
-                    f"$.routes[{index}].name",
-                    f"Duplicate route name `{route.name}`; first used by `$.routes[{first}]`",
                 )
             )
         for earlier_index, earlier in enumerate(settings.routes[:index]):

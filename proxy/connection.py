@@ -6,7 +6,6 @@
 # the requests before it, and the connection is closed: a malformed request is never
 # forwarded whole (a body found bad midway is cut off upstream too).
 import collections
-import socket
 from time import perf_counter
 
 import httptools
@@ -60,12 +59,7 @@ class ClientConnection:
         if peer:
             self.peer_ip = peer[0].encode()
             self.peer_trusted = app.is_trusted(peer[0])
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # (uvloop sets TCP_NODELAY on every TCP transport: small writes leave at once.)
         # A new connection owes its first request's headers within the header timeout.
         self.deadline = app.clock() + app.limits.header_timeout_s
         if not app.admit_connection(self):

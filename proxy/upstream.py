@@ -4,7 +4,6 @@
 # connecting); requests beyond that wait in order. Only idle connections are reused.
 import asyncio
 import collections
-import socket
 
 import httptools
 
@@ -24,13 +23,8 @@ class UpstreamConnection:
 
     # -- asyncio protocol (duck-typed: a compiled class cannot derive asyncio.Protocol) --
     def connection_made(self, transport):
+        # uvloop sets TCP_NODELAY on every TCP transport: request heads leave at once.
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data):
         if self.tunnel is not None:
