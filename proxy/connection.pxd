@@ -21,6 +21,7 @@ cdef class ClientConnection:
     cdef public object tunnel
     cdef public object upgrading
     cdef public bint corked
+    cdef public bint lingering
     cdef public list out
 
 

@@ -20,6 +20,10 @@ from proxy.problem import problem_response, status_line
 PENDING_BODY_HIGH_WATER = 256 * 1024
 _CHUNKED_END = b"0\r\n\r\n"
 _NO_BODY_STATUSES = frozenset((204, 304))
+# After refusing a request whose bytes were not all read, the proxy half-closes and
+# reads (and drops) what the client still sends for up to this long: closing a socket
+# with unread input sends a reset, which can destroy the refusal before it is read.
+LINGER_S = 2.0
 # What a Host value may hold (RFC 3986 host and port: reg-name, IP literal, pct-encoding).
 _HOST_CHARACTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 _HTTP_VERSIONS = frozenset(("1.0", "1.1"))
@@ -45,6 +49,7 @@ class ClientConnection:
         self.tunnel = None
         self.upgrading = None                   # the exchange waiting for 101, if any
         self.corked = False                     # hold writes until the current read is done
+        self.lingering = False                  # refused and half-closed: draining input
         self.out = []                           # what was written while corked
 
     # -- asyncio protocol (duck-typed: a compiled class cannot derive asyncio.Protocol) --
@@ -67,6 +72,8 @@ class ClientConnection:
             transport.close()
 
     def data_received(self, data):
+        if self.lingering:
+            return
         if self.tunnel is not None:
             self.tunnel.transport.write(data)
             return
@@ -243,7 +250,24 @@ class ClientConnection:
         if started:
             self.transport.abort()
         else:
-            self.transport.close()
+            self._linger()
+
+    def _linger(self):
+        # Send everything, half-close, and drain input until the client closes or
+        # LINGER_S passes (the sweep then closes), so the answer is read, not reset.
+        self.flush()
+        self.closing = True
+        self.lingering = True
+        self.deadline = self.app.clock() + LINGER_S
+        transport = self.transport
+        try:
+            transport.resume_reading()
+            if transport.can_write_eof():
+                transport.write_eof()
+                return
+        except Exception:
+            pass
+        transport.close()
 
     def exchange_done(self, exchange, keep_alive):
         """The head exchange was answered; start the next or wait idle / close."""
@@ -253,13 +277,16 @@ class ClientConnection:
             self.closing = True
             self.exchanges.clear()
             if self.transport is not None:
-                self._close()
+                if exchange.request_complete:
+                    self._close()
+                else:
+                    self._linger()      # its body is still arriving
             return
         if self.refusal is not None and not self.exchanges:
             # Everything read before the malformed request is answered: refuse it now.
             self.closing = True
             self.write(self.refusal)
-            self._close()
+            self._linger()
             return
         self.resume_reading(_PIPELINE)
         if self.exchanges:
@@ -274,6 +301,10 @@ class ClientConnection:
         """Header timeout (408) for a request still being received, idle keep-alive
         close for a connection with nothing in flight, upstream read timeout for the
         exchange being answered."""
+        if self.lingering:
+            if now >= self.deadline:
+                self.transport.close()
+            return
         if self.exchanges:
             self.exchanges[0].check_deadline(now)
         if self.closing or now < self.deadline or self.tunnel is not None:

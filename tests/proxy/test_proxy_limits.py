@@ -218,3 +218,29 @@ def test_connections_over_the_limit_get_503_while_the_others_keep_working(proxy,
     # Closed connections free their places.
     wait_until(proxy.loop_thread, lambda: len(proxy.app.connections) == 0)
     assert request(proxy.port, "GET", "/echo")[0] == 200
+
+
+def test_a_refused_upload_is_read_by_the_client_not_reset(proxy, upstream):
+    # The client keeps sending a body the proxy refused by its Content-Length; the
+    # proxy drains it after answering, so the 413 arrives instead of a reset.
+    with connect(proxy.port) as sock:
+        sock.sendall(f"POST /echo HTTP/1.1\r\n{HEAD}Content-Length: 5000000\r\n\r\n".encode())
+        sent = 0
+        while sent < 2_000_000:
+            sock.sendall(b"x" * 65536)
+            sent += 65536
+        response = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in response
+    assert upstream.requests == []
+
+
+def test_a_lingering_connection_is_closed_by_the_sweep(proxy, upstream):
+    with connect(proxy.port) as sock:
+        sock.sendall(f"POST /echo HTTP/1.1\r\n{HEAD}Content-Length: 5000000\r\n\r\nxyz".encode())
+        reader = HttpReader(sock)
+        status, _, _, _ = reader.read_response()
+        assert status == 413
+        wait_until(proxy.loop_thread, lambda: any(c.lingering for c in proxy.app.connections))
+        proxy.sweep(60)
+        wait_until(proxy.loop_thread, lambda: not proxy.app.connections)
