@@ -1,6 +1,10 @@
 # C types for proxy/connection.py (compiled by Cython at install; the .py runs as is
 # when AFORO_PURE_PYTHON=1).
 cimport cython
+from proxy.upstream cimport UpstreamConnection, UpstreamPool
+
+
+cdef class Exchange
 
 
 @cython.final
@@ -11,7 +15,7 @@ cdef class ClientConnection:
     cdef public bytes peer_ip
     cdef public bint peer_trusted
     cdef public object exchanges
-    cdef public object parsing
+    cdef public Exchange parsing
     cdef public bint closing
     cdef public object refusal
     cdef public bint writing_paused
@@ -23,6 +27,36 @@ cdef class ClientConnection:
     cdef public bint corked
     cdef public bint lingering
     cdef public list out
+
+    cpdef eof_received(self)
+    cpdef connection_made(self, transport)
+    cpdef data_received(self, data)
+    cpdef _head_grew(self, exchange, size)
+    cpdef _failed(self, error)
+    cpdef connection_lost(self, exc)
+    cpdef pause_writing(self)
+    cpdef resume_writing(self)
+    cpdef on_message_begin(self)
+    cpdef on_url(self, url)
+    cpdef on_header(self, name, value)
+    cpdef on_headers_complete(self)
+    cpdef on_body(self, body)
+    cpdef on_message_complete(self)
+    cpdef pause_reading(self, reason)
+    cpdef resume_reading(self, reason)
+    cpdef pause_reading_for_upstream(self)
+    cpdef resume_reading_for_upstream(self)
+    cpdef write(self, data)
+    cpdef cork(self)
+    cpdef uncork(self)
+    cpdef flush(self)
+    cpdef _close(self)
+    cpdef refuse(self, status, title, detail, reason=*)
+    cpdef _linger(self)
+    cpdef exchange_done(self, exchange, keep_alive)
+    cpdef check_deadline(self, now)
+    cpdef close_when_idle(self)
+    cpdef start_tunnel(self, upstream_conn)
 
 
 @cython.final
@@ -56,7 +90,7 @@ cdef class Exchange:
     cdef public object route
     cdef public object customer
     cdef public object decision
-    cdef public object upstream
+    cdef public UpstreamConnection upstream
     cdef public bint upstream_reused
     cdef public double upstream_deadline
     cdef public double upstream_sent_at
@@ -71,3 +105,26 @@ cdef class Exchange:
     cdef public bint response_keep_alive
     cdef public bint finished
     cdef public bint retried
+
+    cpdef request_header(self, name, value)
+    cpdef request_headers_complete(self, method, version, keep_alive)
+    cpdef _absolute_form(self)
+    cpdef request_body(self, body)
+    cpdef upgrade_data(self, data)
+    cpdef request_completed(self)
+    cpdef start(self)
+    cpdef upstream_ready(self, conn, reused)
+    cpdef _send_body(self, body)
+    cpdef upstream_failed(self, status, detail)
+    cpdef upstream_lost(self)
+    cpdef upstream_broken(self, detail)
+    cpdef check_deadline(self, now)
+    cpdef response_header(self, name, value)
+    cpdef response_headers_complete(self, status, upstream_keep_alive)
+    cpdef response_body(self, body)
+    cpdef response_complete(self)
+    cpdef upstream_switched_protocols(self, tail)
+    cpdef client_gone(self)
+    cpdef _abort_client(self, why)
+    cpdef pause_upstream_reading(self)
+    cpdef resume_upstream_reading(self)

@@ -3,6 +3,9 @@
 cimport cython
 
 
+cdef class UpstreamPool
+
+
 @cython.final
 cdef class UpstreamConnection:
     cdef public UpstreamPool pool
@@ -13,6 +16,23 @@ cdef class UpstreamConnection:
     cdef public object tunnel
     cdef public bint writing_paused
     cdef public bint reading_paused
+
+    cpdef connection_made(self, transport)
+    cpdef data_received(self, data)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
+    cpdef pause_writing(self)
+    cpdef resume_writing(self)
+    cpdef on_status(self, status)
+    cpdef on_header(self, name, value)
+    cpdef on_headers_complete(self)
+    cpdef on_body(self, body)
+    cpdef on_message_complete(self)
+    cpdef pause_reading(self)
+    cpdef resume_reading(self)
+    cpdef reset_parser(self)
+    cpdef close(self)
+    cpdef abort(self)
 
 
 @cython.final
@@ -31,3 +51,12 @@ cdef class UpstreamPool:
     cdef public dict connecting
     cdef public object waiters
     cdef public long long connects_total
+
+    cpdef acquire(self, exchange)
+    cpdef cancel(self, exchange)
+    cpdef release(self, conn, reusable)
+    cpdef forget(self, conn)
+    cpdef sweep(self, now)
+    cpdef close(self)
+    cpdef _serve_waiter(self)
+    cpdef _connected(self, task)
