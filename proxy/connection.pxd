@@ -1,6 +1,7 @@
 # C types for proxy/connection.py (compiled by Cython at install; the .py runs as is
 # when AFORO_PURE_PYTHON=1).
 cimport cython
+from proxy.app cimport ProxyApp
 from proxy.upstream cimport UpstreamConnection, UpstreamPool
 
 
@@ -9,7 +10,7 @@ cdef class Exchange
 
 @cython.final
 cdef class ClientConnection:
-    cdef public object app
+    cdef public ProxyApp app
     cdef public object transport
     cdef public object parser
     cdef public bytes peer_ip
@@ -62,7 +63,7 @@ cdef class ClientConnection:
 @cython.final
 cdef class Exchange:
     cdef public ClientConnection client
-    cdef public object app
+    cdef public ProxyApp app
     cdef public double started_at
     cdef public bytes url
     cdef public bytes method

@@ -1,0 +1,34 @@
+# C types for proxy/app.py (compiled by Cython at install; the .py runs as is when
+# AFORO_PURE_PYTHON=1).
+cimport cython
+
+
+@cython.final
+cdef class ProxyApp:
+    cdef public object settings
+    cdef public object limits
+    cdef public object router
+    cdef public object edge_state
+    cdef public object meter_buffer
+    cdef public object metrics
+    cdef public object loop
+    cdef public object clock
+    cdef public object wall_clock
+    cdef public bytes api_key_header
+    cdef public bint bearer
+    cdef public tuple trusted_networks
+    cdef public dict pools
+    cdef public set connections
+    cdef public bint closing
+    cdef public object sweeper
+
+    cpdef admit_connection(self, connection)
+    cpdef forget_connection(self, connection)
+    cpdef api_key(self, raw)
+    cpdef count_request(self, route_name, decision)
+    cpdef count_refusal(self, status)
+    cpdef meter(self, exchange)
+    cpdef log_error(self, message, error)
+    cpdef sweep(self, now=*)
+    cpdef stop_sweeps(self)
+    cpdef begin_shutdown(self)
