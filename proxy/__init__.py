@@ -5,9 +5,9 @@ import os
 
 from decision_core import compiled, use_sources_when_pure
 
-COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "upstream", "app", "connection")
+COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection")
 use_sources_when_pure(__name__, os.path.dirname(__file__), COMPILED_MODULES)
 
-from proxy import app, connection, edge_snapshot, headers, problem, routing, upstream  # noqa: E402,F401
+from proxy import app, connection, edge_snapshot, headers, meter_event, metering, metrics, problem, routing, upstream  # noqa: E402,F401
 
 COMPILED = compiled(__name__, COMPILED_MODULES)
