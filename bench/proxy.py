@@ -16,7 +16,6 @@ and rss_mib_1m_customers. Everything listens on 127.0.0.1 and stops by itself.
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal

@@ -12,8 +12,6 @@ HOP_BY_HOP = frozenset((
 FORWARDED_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"))
 # The proxy's own namespace: never accepted from a client or an upstream.
 OWN_PREFIX = b"x-aforo-"
-# Fields the proxy writes itself on every response it forwards.
-RESPONSE_FRAMING = frozenset((b"content-length",))
 
 # Methods safe to send again when a reused upstream connection closed before any
 # response byte (RFC 9110 9.2.2).

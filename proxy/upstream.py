@@ -2,7 +2,6 @@
 # parses an upstream's responses with httptools and hands them to the exchange that
 # owns the connection. A pool never holds more than `size` connections (idle, busy or
 # connecting); requests beyond that wait in order. Only idle connections are reused.
-import asyncio
 import collections
 
 import httptools
