@@ -92,16 +92,9 @@ class ProxyApp:
         route = exchange.route
         now = self.wall_clock()
         self.meter_buffer.record(MeterEvent(
-            id=new_event_id(),
-            customer_id=exchange.customer.customer_id,
-            metric=route.facts.metric,
-            quantity=route.facts.units,
-            timestamp=now,
-            route=route.name,
-            status=exchange.response_status,
-            request_bytes=exchange.request_bytes,
-            response_bytes=exchange.response_bytes,
-            latency_ms=(self.clock() - exchange.started_at) * 1000.0,
+            new_event_id(), exchange.customer.customer_id, route.facts.metric, route.facts.units, now,
+            route.name, exchange.response_status, exchange.request_bytes, exchange.response_bytes,
+            (self.clock() - exchange.started_at) * 1000.0,
         ))
 
     def log_error(self, message, error):

@@ -2,7 +2,7 @@
 # when AFORO_PURE_PYTHON=1).
 cimport cython
 from proxy.app cimport ProxyApp
-from proxy.upstream cimport UpstreamConnection, UpstreamPool
+from proxy.upstream cimport ResponseSink, UpstreamConnection, UpstreamPool
 
 
 cdef class Exchange
@@ -45,8 +45,6 @@ cdef class ClientConnection:
     cpdef on_message_complete(self)
     cpdef pause_reading(self, reason)
     cpdef resume_reading(self, reason)
-    cpdef pause_reading_for_upstream(self)
-    cpdef resume_reading_for_upstream(self)
     cpdef write(self, data)
     cpdef cork(self)
     cpdef uncork(self)
@@ -61,7 +59,7 @@ cdef class ClientConnection:
 
 
 @cython.final
-cdef class Exchange:
+cdef class Exchange(ResponseSink):
     cdef public ClientConnection client
     cdef public ProxyApp app
     cdef public double started_at
@@ -100,6 +98,9 @@ cdef class Exchange:
     cdef public int response_status
     cdef public bytes response_status_phrase
     cdef public list response_headers
+    cdef public object response_named
+    cdef public object response_length
+    cdef public bint response_chunked_in
     cdef public bint response_chunked_out
     cdef public bint response_close_delimited
     cdef public long long response_bytes
@@ -114,17 +115,9 @@ cdef class Exchange:
     cpdef upgrade_data(self, data)
     cpdef request_completed(self)
     cpdef start(self)
-    cpdef upstream_ready(self, conn, reused)
     cpdef _send_body(self, body)
-    cpdef upstream_failed(self, status, detail)
-    cpdef upstream_lost(self)
-    cpdef upstream_broken(self, detail)
     cpdef check_deadline(self, now)
-    cpdef response_header(self, name, value)
-    cpdef response_headers_complete(self, status, upstream_keep_alive)
-    cpdef response_body(self, body)
-    cpdef response_complete(self)
-    cpdef upstream_switched_protocols(self, tail)
+    cpdef bytes _response_fields(self)
     cpdef client_gone(self)
     cpdef _abort_client(self, why)
     cpdef pause_upstream_reading(self)

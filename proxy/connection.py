@@ -11,9 +11,9 @@ from time import perf_counter
 import httptools
 
 from decision_core import REJECT, decide
-from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens,
-                           forwardable, render)
+from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, render
 from proxy.problem import problem_response, status_line
+from proxy.upstream import ResponseSink
 
 # Bytes of request body held while waiting for an upstream connection before the
 # client is paused.
@@ -187,12 +187,6 @@ class ClientConnection:
             if not self.reading_paused_by and self.transport is not None and not self.closing:
                 self.transport.resume_reading()
 
-    def pause_reading_for_upstream(self):
-        self.pause_reading(_UPSTREAM_FULL)
-
-    def resume_reading_for_upstream(self):
-        self.resume_reading(_UPSTREAM_FULL)
-
     # -- used by exchanges and the sweeper --------------------------------------------
     def write(self, data):
         """Send `data` to the client; while corked (inside one read from the upstream
@@ -344,7 +338,7 @@ _UPSTREAM_FULL = 2
 _PENDING_BODY = 4
 
 
-class Exchange:
+class Exchange(ResponseSink):
     """One request and its response: decide, forward, stream back, meter."""
 
     def __init__(self, client):
@@ -386,6 +380,9 @@ class Exchange:
         self.response_status = 0
         self.response_status_phrase = b""
         self.response_headers = []
+        self.response_named = None           # fields the upstream's Connection named
+        self.response_length = None          # the upstream's Content-Length value
+        self.response_chunked_in = False     # the upstream's body is chunked
         self.response_chunked_out = False
         self.response_close_delimited = False
         self.response_bytes = 0
@@ -667,7 +664,26 @@ class Exchange:
 
     # -- response, from the upstream parser ----------------------------------------------
     def response_header(self, name, value):
-        self.response_headers.append((name.lower(), value))
+        # Framing and hop-by-hop fields are taken out as they arrive; the fields the
+        # upstream's Connection names are dropped once the head is complete.
+        lower = name.lower()
+        if lower == b"content-length":
+            self.response_length = value
+        elif lower == b"transfer-encoding":
+            self.response_chunked_in = True
+        elif lower == b"connection":
+            tokens = connection_tokens(value)
+            if not tokens <= HOP_BY_HOP:
+                self.response_named = tokens if self.response_named is None else self.response_named | tokens
+        elif lower not in HOP_BY_HOP and not lower.startswith(OWN_PREFIX):
+            self.response_headers.append((lower, value))
+
+    def _response_fields(self):
+        """The upstream's end-to-end fields, wire form, without those its Connection named."""
+        named = self.response_named
+        if named is None:
+            return render(self.response_headers)
+        return render([(name, value) for name, value in self.response_headers if name not in named])
 
     def response_headers_complete(self, status, upstream_keep_alive):
         self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
@@ -675,41 +691,27 @@ class Exchange:
             # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
             # the real one follows. An HTTP/1.0 client would take it for the answer.
             if self.http_11:
-                named = set()
-                for name, value in self.response_headers:
-                    if name == b"connection":
-                        named |= connection_tokens(value)
                 self.client.write(status_line(status, self.response_status_phrase or None)
-                                  + render(forwardable(self.response_headers, named)) + b"\r\n")
+                                  + self._response_fields() + b"\r\n")
             self.response_headers = []
+            self.response_named = None
+            self.response_length = None
+            self.response_chunked_in = False
             self.response_status_phrase = b""
             return
         self.response_started = True
         self.response_status = status
         self.app.metrics.observe_upstream(self.upstream.pool.name, self.app.clock() - self.upstream_sent_at)
         self.response_keep_alive = upstream_keep_alive
-        named = set()
-        length = None
-        chunked = False
-        for name, value in self.response_headers:
-            if name == b"connection":
-                named |= connection_tokens(value)
-            elif name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = True
+        length = self.response_length
+        chunked = self.response_chunked_in
         client_keep_alive = self.keep_alive and not self.client.closing and not self.app.closing
         if self.upgrade is not None and status != 101:
             # The client is waiting to switch protocols; after a refusal its connection
             # cannot be trusted to carry HTTP again, nor can the upstream's.
             client_keep_alive = False
             self.response_keep_alive = False
-        head = [status_line(status, self.response_status_phrase or None)]
-        for name, value in self.response_headers:
-            if (name in HOP_BY_HOP or name in named or name == b"content-length"
-                    or name.startswith(OWN_PREFIX)):
-                continue
-            head.append(name + b": " + value + b"\r\n")
+        head = [status_line(status, self.response_status_phrase or None), self._response_fields()]
         decision = self.decision
         if decision.quota_policy:
             head.append(b"ratelimit-policy: " + decision.quota_policy.encode()
@@ -793,6 +795,18 @@ class Exchange:
         if self.upgrade_tail:
             conn.transport.write(self.upgrade_tail)
             self.upgrade_tail = b""
+
+    def cork_client(self):
+        self.client.cork()
+
+    def uncork_client(self):
+        self.client.uncork()
+
+    def upstream_full(self):
+        self.client.pause_reading(_UPSTREAM_FULL)
+
+    def upstream_drained(self):
+        self.client.resume_reading(_UPSTREAM_FULL)
 
     # -- teardown ---------------------------------------------------------------------------
     def client_gone(self):

@@ -28,6 +28,11 @@ _sha256 = hashlib.sha256
 _STATUSES = tuple(sorted(SUBSCRIPTION_STATUSES))
 _STATUS_NUMBERS = {status: number for number, status in enumerate(_STATUSES)}
 _NO_STANDINGS: dict[str, GuardStanding] = {}  # CustomerState copies it; never changed
+# Keys seen recently, as sent, to their customer: a hit skips hashing (the costliest
+# step of a lookup). Only keys that belong to a customer enter, so unknown keys
+# cannot flood it; when full it starts over. Keys live in this process's memory only
+# for as long as the snapshot does, as they pass through it on every request anyway.
+KEY_CACHE_MAX = 1 << 17
 
 
 def hash_api_key(key: bytes) -> bytes:
@@ -53,7 +58,7 @@ class EdgeSnapshot:
 
     def __init__(self, store: _CustomerStore, version: str, period_end: float) -> None:
         self._store = store
-        self._by_key: dict[bytes, CustomerState] = {}     # hot path: keys seen so far
+        self._by_key: dict[bytes, CustomerState] = {}     # hot path: recent keys, as sent
         self._by_index: dict[int, CustomerState] = {}     # made states, by customer
         self._by_id: dict[str, int] | None = None          # built on first use
         self.version = version
@@ -62,15 +67,17 @@ class EdgeSnapshot:
 
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         """The customer whose API key is `api_key` (plain, as the client sent it), or
-        None for an unknown key. Hashes the key; never compares plain keys."""
-        digest = _sha256(api_key).digest()[:INDEX_DIGEST_BYTES]
-        state = self._by_key.get(digest)
+        None for an unknown key. Keys are looked up by their hash; a key already found
+        once is remembered as sent (see KEY_CACHE_MAX)."""
+        state = self._by_key.get(api_key)
         if state is None:
-            index = self._store.find(digest)
+            index = self._store.find(_sha256(api_key).digest()[:INDEX_DIGEST_BYTES])
             if index < 0:
                 return None
             state = self._state_of(index)
-            self._by_key[digest] = state
+            if len(self._by_key) >= KEY_CACHE_MAX:
+                self._by_key.clear()
+            self._by_key[api_key] = state
         return state
 
     def customer_by_id(self, customer_id: str) -> CustomerState | None:

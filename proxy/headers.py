@@ -18,21 +18,24 @@ OWN_PREFIX = b"x-aforo-"
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
+_COMMON_CONNECTION_VALUES = {
+    b"keep-alive": frozenset((b"keep-alive",)), b"close": frozenset((b"close",)),
+    b"Keep-Alive": frozenset((b"keep-alive",)), b"Close": frozenset((b"close",)),
+}
+
+
 def connection_tokens(value):
     """The lower-cased, stripped tokens of a Connection field value (b"close, Upgrade"
     -> {b"close", b"upgrade"}); empty tokens are ignored."""
-    return {token.strip().lower() for token in value.split(b",") if token.strip()}
-
-
-def forwardable(headers, named_by_connection):
-    """`headers` ((name, value) pairs, names lower-cased) without hop-by-hop fields,
-    the fields named by Connection, and the proxy's own `x-aforo-*` fields."""
-    return [
-        (name, value) for name, value in headers
-        if name not in HOP_BY_HOP and name not in named_by_connection and not name.startswith(OWN_PREFIX)
-    ]
+    common = _COMMON_CONNECTION_VALUES.get(value)
+    if common is not None:
+        return common
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
 def render(headers):
     """Wire form of (name, value) pairs: b"name: value\\r\\n" each, in order."""
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    parts = []
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)

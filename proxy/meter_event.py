@@ -75,7 +75,7 @@ class EventIds:
     unique across processes, hosts and restarts without coordination.
     """
 
-    __slots__ = ("prefix", "_prefix_hex", "_counter")
+    __slots__ = ("prefix", "_prefix_hex", "_ids")
 
     def __init__(self, prefix: int | None = None):
         if prefix is None:
@@ -84,11 +84,12 @@ class EventIds:
             raise ValueError(f"an event id prefix is 64 bits, got {prefix}")
         self.prefix = prefix
         self._prefix_hex = format(prefix, "016x")
-        self._counter = itertools.count()
+        # The prefix in the high 64 bits, the counter in the low 64: one number per id.
+        self._ids = itertools.count(prefix << 64)
 
     def next(self) -> str:
         """The next id: 32 hex chars. Cheap: one counter step and one format."""
-        return self._prefix_hex + format(next(self._counter), "016x")
+        return "%032x" % next(self._ids)
 
 
 _PROCESS_IDS = EventIds()

@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
-from bisect import bisect_left
-
+import cython
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -155,12 +154,18 @@ class _Histogram:
     __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds):
-        self.bounds = bounds
+        self.bounds = tuple(float(bound) for bound in bounds)
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value):
-        self.counts[bisect_left(self.bounds, value)] += 1
+        # The first bucket whose upper bound is >= value (bounds are few and ascending).
+        index = 0
+        for bound in self.bounds:
+            if value <= cython.cast(cython.double, bound):
+                break
+            index += 1
+        self.counts[index] += 1
         self.sum += value
 
     def family_samples(self):

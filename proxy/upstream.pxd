@@ -4,13 +4,30 @@ cimport cython
 
 
 cdef class UpstreamPool
+cdef class UpstreamConnection
+
+
+cdef class ResponseSink:
+    cpdef upstream_ready(self, UpstreamConnection conn, bint reused)
+    cpdef upstream_failed(self, status, detail)
+    cpdef upstream_lost(self)
+    cpdef upstream_broken(self, detail)
+    cpdef response_header(self, bytes name, bytes value)
+    cpdef response_headers_complete(self, int status, bint upstream_keep_alive)
+    cpdef response_body(self, bytes body)
+    cpdef response_complete(self)
+    cpdef upstream_switched_protocols(self, tail)
+    cpdef cork_client(self)
+    cpdef uncork_client(self)
+    cpdef upstream_full(self)
+    cpdef upstream_drained(self)
 
 
 @cython.final
 cdef class UpstreamConnection:
     cdef public UpstreamPool pool
     cdef public object transport
-    cdef public object exchange
+    cdef public ResponseSink exchange
     cdef public object parser
     cdef public bint closed
     cdef public object tunnel
@@ -52,7 +69,7 @@ cdef class UpstreamPool:
     cdef public object waiters
     cdef public long long connects_total
 
-    cpdef acquire(self, exchange)
+    cpdef acquire(self, ResponseSink exchange)
     cpdef cancel(self, exchange)
     cpdef release(self, conn, reusable)
     cpdef forget(self, conn)

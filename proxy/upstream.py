@@ -7,6 +7,57 @@ import collections
 import httptools
 
 
+class ResponseSink:
+    """What an upstream connection hands its responses to: the exchange that owns it.
+    (A base class so that, compiled, these are direct C calls.)"""
+
+    def upstream_ready(self, conn, reused):
+        """`conn` is this exchange's now (`reused`: it served requests before)."""
+        raise NotImplementedError
+
+    def upstream_failed(self, status, detail):
+        """No connection could be had: 502 (refused, unreachable) or 504 (timed out)."""
+        raise NotImplementedError
+
+    def upstream_lost(self):
+        """The connection closed under this exchange."""
+        raise NotImplementedError
+
+    def upstream_broken(self, detail):
+        """The upstream sent something that is not HTTP."""
+        raise NotImplementedError
+
+    def response_header(self, name, value):
+        raise NotImplementedError
+
+    def response_headers_complete(self, status, upstream_keep_alive):
+        raise NotImplementedError
+
+    def response_body(self, body):
+        raise NotImplementedError
+
+    def response_complete(self):
+        raise NotImplementedError
+
+    def upstream_switched_protocols(self, tail):
+        """101 and its tunnel: `tail` is what followed the response head in the same read."""
+        raise NotImplementedError
+
+    def cork_client(self):
+        """Hold what is written to the client until uncork_client() (one read's output)."""
+        raise NotImplementedError
+
+    def uncork_client(self):
+        raise NotImplementedError
+
+    def upstream_full(self):
+        """The upstream takes no more request bytes for now: stop reading the client."""
+        raise NotImplementedError
+
+    def upstream_drained(self):
+        raise NotImplementedError
+
+
 class UpstreamConnection:
     """A connection to an upstream, owned by at most one exchange at a time."""
 
@@ -35,8 +86,7 @@ class UpstreamConnection:
             self.close()
             return
         # Everything this read produces for the client leaves in one write.
-        client = exchange.client
-        client.cork()
+        exchange.cork_client()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -50,7 +100,7 @@ class UpstreamConnection:
                 # request, so nothing that comes on this connection can be trusted.
                 self.abort()
         finally:
-            client.uncork()
+            exchange.uncork_client()
 
     def eof_received(self):
         return False
@@ -68,12 +118,12 @@ class UpstreamConnection:
     def pause_writing(self):
         self.writing_paused = True
         if self.exchange is not None:
-            self.exchange.client.pause_reading_for_upstream()
+            self.exchange.upstream_full()
 
     def resume_writing(self):
         self.writing_paused = False
         if self.exchange is not None:
-            self.exchange.client.resume_reading_for_upstream()
+            self.exchange.upstream_drained()
 
     # -- httptools callbacks: forwarded to the owning exchange ---------------------
     def on_status(self, status):
