@@ -7,6 +7,11 @@ cimport cython
 cdef class ProxyApp:
     cdef public object settings
     cdef public object limits
+    cdef public long long max_request_line_bytes
+    cdef public long long max_header_bytes
+    cdef public long long max_headers
+    cdef public long long max_body_bytes
+    cdef public double header_timeout_s
     cdef public object router
     cdef public object edge_state
     cdef public object meter_buffer
@@ -27,7 +32,6 @@ cdef class ProxyApp:
     cpdef api_key(self, raw)
     cpdef count_request(self, route_name, decision)
     cpdef count_refusal(self, status)
-    cpdef meter(self, exchange)
     cpdef log_error(self, message, error)
     cpdef sweep(self, now=*)
     cpdef stop_sweeps(self)

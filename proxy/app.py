@@ -7,7 +7,6 @@ import logging
 import time
 import urllib.parse
 
-from proxy.meter_event import MeterEvent, new_event_id
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("aforo.proxy")
@@ -24,6 +23,12 @@ class ProxyApp:
                  clock=time.monotonic, wall_clock=time.time):
         self.settings = settings
         self.limits = settings.limits
+        # The per-request limits as C numbers (read for every header).
+        self.max_request_line_bytes = settings.limits.max_request_line_bytes
+        self.max_header_bytes = settings.limits.max_header_bytes
+        self.max_headers = settings.limits.max_headers
+        self.max_body_bytes = settings.limits.max_body_bytes
+        self.header_timeout_s = settings.limits.header_timeout_s
         self.router = router
         self.edge_state = edge_state
         self.meter_buffer = meter
@@ -86,16 +91,6 @@ class ProxyApp:
 
     def count_refusal(self, status):
         self.metrics.count_request("", "bad_request" if status < 500 else f"error_{status}")
-
-    def meter(self, exchange):
-        """Record the meter event of a forwarded exchange (never blocks)."""
-        route = exchange.route
-        now = self.wall_clock()
-        self.meter_buffer.record(MeterEvent(
-            new_event_id(), exchange.customer.customer_id, route.facts.metric, route.facts.units, now,
-            route.name, exchange.response_status, exchange.request_bytes, exchange.response_bytes,
-            (self.clock() - exchange.started_at) * 1000.0,
-        ))
 
     def log_error(self, message, error):
         log.error("%s: %r", message, error, exc_info=error)

@@ -11,8 +11,10 @@ from time import perf_counter
 import httptools
 
 from decision_core import REJECT, decide
-from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, render
+from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, field_line,
+                           without_fields)
 from proxy.problem import problem_response, status_line
+from proxy.meter_event import MeterEvent, new_event_id
 from proxy.upstream import ResponseSink
 
 # Bytes of request body held while waiting for an upstream connection before the
@@ -27,6 +29,9 @@ LINGER_S = 2.0
 # What a Host value may hold (RFC 3986 host and port: reg-name, IP literal, pct-encoding).
 _HOST_CHARACTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 _HTTP_VERSIONS = frozenset(("1.0", "1.1"))
+# Host values already found valid (a few per deployment), so each is checked once.
+VALID_HOSTS_REMEMBERED = 1024
+_VALID_HOSTS = set()
 
 
 class ClientConnection:
@@ -66,7 +71,7 @@ class ClientConnection:
             self.peer_trusted = app.is_trusted(peer[0])
         # (uvloop sets TCP_NODELAY on every TCP transport: small writes leave at once.)
         # A new connection owes its first request's headers within the header timeout.
-        self.deadline = app.clock() + app.limits.header_timeout_s
+        self.deadline = app.clock() + app.header_timeout_s
         if not app.admit_connection(self):
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
             transport.close()
@@ -111,8 +116,8 @@ class ClientConnection:
         # A whole read went into a request head begun earlier. httptools holds a header
         # value until it ends, so the head's size is bounded here as it arrives.
         exchange.head_bytes += size
-        limits = self.app.limits
-        if exchange.head_bytes > limits.max_request_line_bytes + limits.max_header_bytes:
+        app = self.app
+        if exchange.head_bytes > app.max_request_line_bytes + app.max_header_bytes:
             self.refuse(431, "Request Header Fields Too Large", "the request headers are larger than the proxy accepts")
 
     def _failed(self, error):
@@ -146,7 +151,7 @@ class ClientConnection:
         exchange = Exchange(self)
         self.parsing = exchange
         self.exchanges.append(exchange)
-        self.deadline = self.app.clock() + self.app.limits.header_timeout_s
+        self.deadline = exchange.started_at + self.app.header_timeout_s
         if len(self.exchanges) > 1:
             # Pipelined: answer in order; stop reading until the earlier ones are done.
             self.pause_reading(_PIPELINE)
@@ -154,7 +159,7 @@ class ClientConnection:
     def on_url(self, url):
         exchange = self.parsing
         exchange.url += url
-        if len(exchange.url) > self.app.limits.max_request_line_bytes:
+        if len(exchange.url) > self.app.max_request_line_bytes:
             raise _Refusal(414, "URI Too Long", "the request line is longer than the proxy accepts")
 
     def on_header(self, name, value):
@@ -349,7 +354,7 @@ class Exchange(ResponseSink):
         self.method = b""
         self.http_11 = True
         self.keep_alive = True
-        self.headers = []
+        self.headers = []              # fields to forward, in wire form
         self.header_bytes = 0
         self.header_fields = 0       # every field line, forwarded or not
         self.head_bytes = 0          # raw bytes of the head read after its first read
@@ -379,7 +384,7 @@ class Exchange(ResponseSink):
         self.response_started = False
         self.response_status = 0
         self.response_status_phrase = b""
-        self.response_headers = []
+        self.response_headers = []     # the upstream's end-to-end fields, wire form
         self.response_named = None           # fields the upstream's Connection named
         self.response_length = None          # the upstream's Content-Length value
         self.response_chunked_in = False     # the upstream's body is chunked
@@ -395,7 +400,7 @@ class Exchange(ResponseSink):
         app = self.app
         self.header_bytes += len(name) + len(value) + 4
         self.header_fields += 1
-        if self.header_bytes > app.limits.max_header_bytes or self.header_fields > app.limits.max_headers:
+        if self.header_bytes > app.max_header_bytes or self.header_fields > app.max_headers:
             raise _Refusal(431, "Request Header Fields Too Large", "the request headers are larger than the proxy accepts")
         if self.headers_done:
             # A trailer field after a chunked body: dropped, it can change nothing already sent.
@@ -404,10 +409,13 @@ class Exchange(ResponseSink):
         if lower == b"host":
             if self.host is not None:
                 raise _Refusal(400, "Bad Request", "more than one Host header")
-            if value.translate(None, _HOST_CHARACTERS):
-                raise _Refusal(400, "Bad Request", "the Host header is not a valid host")
+            if value not in _VALID_HOSTS:
+                if value.translate(None, _HOST_CHARACTERS):
+                    raise _Refusal(400, "Bad Request", "the Host header is not a valid host")
+                if len(_VALID_HOSTS) < VALID_HOSTS_REMEMBERED:
+                    _VALID_HOSTS.add(value)
             self.host = value
-            self.headers.append((b"host", value))
+            self.headers.append(field_line(b"host", value))
         elif lower == b"content-length":
             self.content_length = int(value)
         elif lower == b"transfer-encoding":
@@ -433,14 +441,13 @@ class Exchange(ResponseSink):
         else:
             if lower == app.api_key_header:
                 self.api_key = value
-            self.headers.append((lower, value))
+            self.headers.append(b"".join((lower, b": ", value, b"\r\n")))
 
     def request_headers_complete(self, method, version, keep_alive):
         self.headers_done = True
         self.method = method
         self.http_11 = version == "1.1"
         self.keep_alive = keep_alive
-        limits = self.app.limits
         if version not in _HTTP_VERSIONS:
             raise _Refusal(400, "Bad Request", "only HTTP/1.0 and HTTP/1.1 requests are accepted")
         if method == b"CONNECT":
@@ -452,12 +459,12 @@ class Exchange(ResponseSink):
                 raise _Refusal(400, "Bad Request", "Transfer-Encoding is not allowed in HTTP/1.0 requests")
             if self.transfer_encoding.strip().lower() != b"chunked":
                 raise _Refusal(501, "Not Implemented", "only `Transfer-Encoding: chunked` is supported")
-        if self.content_length is not None and self.content_length > limits.max_body_bytes:
+        if self.content_length is not None and self.content_length > self.app.max_body_bytes:
             raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
         if not self.url.startswith(b"/"):
             self._absolute_form()
         if self.connection:
-            self.headers = [(name, value) for name, value in self.headers if name not in self.connection]
+            self.headers = without_fields(self.headers, self.connection)
         if self.upgrade is not None and (b"upgrade" not in self.connection
                                          or self.upgrade.strip().lower() != b"websocket"):
             # Only WebSocket is relayed: behind any other switch (h2c) later requests
@@ -476,13 +483,13 @@ class Exchange(ResponseSink):
         if parsed.schema not in (b"http", b"https") or not parsed.host or parsed.userinfo:
             raise _Refusal(400, "Bad Request", "the request target must be a path or an http URL without user info")
         self.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        self.headers = [(name, value) for name, value in self.headers if name != b"host"]
-        self.headers.insert(0, (b"host", self.host))
+        self.headers = without_fields(self.headers, (b"host",))
+        self.headers.insert(0, field_line(b"host", self.host))
         self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
 
     def request_body(self, body):
         self.request_bytes += len(body)
-        if self.request_bytes > self.app.limits.max_body_bytes:
+        if self.request_bytes > self.app.max_body_bytes:
             raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
         if self.finished:
             return
@@ -559,7 +566,7 @@ class Exchange(ResponseSink):
         self.upstream = conn
         self.upstream_reused = reused
         app = self.app
-        head = [self.method, b" ", self.url, b" HTTP/1.1\r\n", render(self.headers)]
+        head = [self.method, b" ", self.url, b" HTTP/1.1\r\n", b"".join(self.headers)]
         forwarded_for = self.client.peer_ip
         if self.client.peer_trusted and self.client_forwarded_for:
             forwarded_for = self.client_forwarded_for + b", " + forwarded_for
@@ -676,14 +683,12 @@ class Exchange(ResponseSink):
             if not tokens <= HOP_BY_HOP:
                 self.response_named = tokens if self.response_named is None else self.response_named | tokens
         elif lower not in HOP_BY_HOP and not lower.startswith(OWN_PREFIX):
-            self.response_headers.append((lower, value))
+            self.response_headers.append(b"".join((lower, b": ", value, b"\r\n")))
 
     def _response_fields(self):
         """The upstream's end-to-end fields, wire form, without those its Connection named."""
         named = self.response_named
-        if named is None:
-            return render(self.response_headers)
-        return render([(name, value) for name, value in self.response_headers if name not in named])
+        return b"".join(self.response_headers if named is None else without_fields(self.response_headers, named))
 
     def response_headers_complete(self, status, upstream_keep_alive):
         self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
@@ -770,7 +775,7 @@ class Exchange(ResponseSink):
             conn.pool.release(conn, reusable)
         app = self.app
         app.count_request(self.route.name, self.decision.reason)
-        app.meter(self)
+        self._meter()
         self.client.exchange_done(self, self.keep_alive)
 
     def upstream_switched_protocols(self, tail):
@@ -787,7 +792,7 @@ class Exchange(ResponseSink):
             self.client.write(tail)
         app = self.app
         app.count_request(self.route.name, self.decision.reason)
-        app.meter(self)
+        self._meter()
         client = self.client
         if client.exchanges and client.exchanges[0] is self:
             client.exchanges.popleft()
@@ -795,6 +800,17 @@ class Exchange(ResponseSink):
         if self.upgrade_tail:
             conn.transport.write(self.upgrade_tail)
             self.upgrade_tail = b""
+
+    def _meter(self):
+        """Record this forwarded exchange's meter event (never blocks)."""
+        app = self.app
+        route = self.route
+        facts = route.facts
+        app.meter_buffer.record(MeterEvent(
+            new_event_id(), self.customer.customer_id, facts.metric, facts.units, app.wall_clock(), route.name,
+            self.response_status, self.request_bytes, self.response_bytes,
+            (app.clock() - self.started_at) * 1000.0,
+        ))
 
     def cork_client(self):
         self.client.cork()
@@ -820,7 +836,7 @@ class Exchange(ResponseSink):
             conn.abort()
             conn.pool.release(conn, False)
             if self.response_started:
-                self.app.meter(self)
+                self._meter()
         elif self.forwarding and self.route is not None:
             self.app.pools[self.route.upstream].cancel(self)
         if self.forwarding and not self.response_started:
@@ -830,7 +846,7 @@ class Exchange(ResponseSink):
     def _abort_client(self, why):
         self.finished = True
         self.app.count_request(self.route.name, "error_502")
-        self.app.meter(self)
+        self._meter()
         client = self.client
         client.closing = True
         client.exchanges.clear()

@@ -33,9 +33,16 @@ def connection_tokens(value):
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
-def render(headers):
-    """Wire form of (name, value) pairs: b"name: value\\r\\n" each, in order."""
-    parts = []
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    return b"".join(parts)
+def field_line(name, value):
+    """The wire form of one field: b"name: value\\r\\n"."""
+    return b"".join((name, b": ", value, b"\r\n"))
+
+
+def field_name(line):
+    """The name of a field in wire form (as field_line made it)."""
+    return line[:line.index(b":")]
+
+
+def without_fields(lines, names):
+    """Wire-form field `lines` without those whose name is in `names`."""
+    return [line for line in lines if field_name(line) not in names]

@@ -29,9 +29,18 @@ def problem_body(status, title, detail, reason=""):
     return body
 
 
+_STATUS_LINES = {}   # status -> (phrase, line) of the last line made for it
+
+
 def status_line(status, phrase=None):
-    """b"HTTP/1.1 <status> <phrase>\\r\\n"."""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase if phrase is not None else REASON_PHRASES.get(status, b"Unknown"))
+    """b"HTTP/1.1 <status> <phrase>\\r\\n"; the standard phrase when `phrase` is None."""
+    last = _STATUS_LINES.get(status)
+    if last is not None and last[0] == phrase:
+        return last[1]
+    line = b"HTTP/1.1 %d %s\r\n" % (status, phrase if phrase is not None else REASON_PHRASES.get(status, b"Unknown"))
+    if len(_STATUS_LINES) < 1000:      # statuses are three digits; the cache stays small
+        _STATUS_LINES[status] = (phrase, line)
+    return line
 
 
 def problem_response(status, title, detail, *, reason="", headers=(), close=False):
