@@ -16,6 +16,7 @@ cdef class ProxyApp:
     cdef public object edge_state
     cdef public object meter_buffer
     cdef public object metrics
+    cdef public dict request_counts
     cdef public object loop
     cdef public object clock
     cdef public object wall_clock

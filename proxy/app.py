@@ -33,6 +33,7 @@ class ProxyApp:
         self.edge_state = edge_state
         self.meter_buffer = meter
         self.metrics = metrics
+        self.request_counts = metrics.request_counts
         self.loop = loop
         self.clock = clock
         self.wall_clock = wall_clock
@@ -87,7 +88,9 @@ class ProxyApp:
 
     # -- accounting -------------------------------------------------------------------
     def count_request(self, route_name, decision):
-        self.metrics.count_request(route_name, decision)
+        counts = self.request_counts
+        key = (route_name, decision)
+        counts[key] = counts.get(key, 0) + 1
 
     def count_refusal(self, status):
         self.metrics.count_request("", "bad_request" if status < 500 else f"error_{status}")

@@ -2,6 +2,7 @@
 # when AFORO_PURE_PYTHON=1).
 cimport cython
 from proxy.app cimport ProxyApp
+from proxy.meter_event cimport new_event_id
 from proxy.upstream cimport ResponseSink, UpstreamConnection, UpstreamPool
 
 

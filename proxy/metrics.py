@@ -57,11 +57,12 @@ class ProxyMetrics:
             "aforo_config_reload_errors_total",
             "Configuration reloads rejected (the old configuration stays in force).",
             ("file",), registry=self.registry)
-        self._requests: dict[tuple[str, str], int] = {}
+        # (route, decision) -> requests answered; the proxy bumps it directly.
+        self.request_counts: dict[tuple[str, str], int] = {}
         self._decision = _Histogram(DECISION_BUCKETS_S)
         self._upstream: dict[str, _Histogram] = {}
         self._live = _LiveCollector()
-        self._live.requests = self._requests
+        self._live.requests = self.request_counts
         self._live.decision = self._decision
         self._live.upstream = self._upstream
         self.registry.register(self._live)
@@ -71,16 +72,16 @@ class ProxyMetrics:
         """A handle on the `aforo_requests_total{route, decision}` count: `.inc()`.
         Route names come from configuration and decisions from DECISION_LABELS,
         which keeps the number of series bounded."""
-        return _RequestCounter(self._requests, (route, decision))
+        return _RequestCounter(self.request_counts, (route, decision))
 
     def count_request(self, route: str, decision: str) -> None:
         """Count one answered request under (route, decision)."""
         key = (route, decision)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        self.request_counts[key] = self.request_counts.get(key, 0) + 1
 
     def request_count(self, route: str, decision: str) -> int:
         """Requests counted so far under (route, decision)."""
-        return self._requests.get((route, decision), 0)
+        return self.request_counts.get((route, decision), 0)
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
         """Record one upstream exchange's duration, in seconds."""
