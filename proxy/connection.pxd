@@ -118,7 +118,7 @@ cdef class Exchange(ResponseSink):
     cpdef start(self)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)
-    cpdef bytes _response_fields(self)
+    cpdef list _response_fields(self)
     cpdef _meter(self)
     cpdef client_gone(self)
     cpdef _abort_client(self, why)

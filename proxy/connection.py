@@ -11,8 +11,7 @@ from time import perf_counter
 import httptools
 
 from decision_core import REJECT, decide
-from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, field_line,
-                           without_fields)
+from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, without_fields
 from proxy.problem import problem_response, status_line
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.upstream import ResponseSink
@@ -354,7 +353,7 @@ class Exchange(ResponseSink):
         self.method = b""
         self.http_11 = True
         self.keep_alive = True
-        self.headers = []              # fields to forward, in wire form
+        self.headers = []              # fields to forward, as wire parts (headers.FIELD_PARTS)
         self.header_bytes = 0
         self.header_fields = 0       # every field line, forwarded or not
         self.head_bytes = 0          # raw bytes of the head read after its first read
@@ -384,7 +383,7 @@ class Exchange(ResponseSink):
         self.response_started = False
         self.response_status = 0
         self.response_status_phrase = b""
-        self.response_headers = []     # the upstream's end-to-end fields, wire form
+        self.response_headers = []     # the upstream's end-to-end fields, as wire parts
         self.response_named = None           # fields the upstream's Connection named
         self.response_length = None          # the upstream's Content-Length value
         self.response_chunked_in = False     # the upstream's body is chunked
@@ -415,7 +414,11 @@ class Exchange(ResponseSink):
                 if len(_VALID_HOSTS) < VALID_HOSTS_REMEMBERED:
                     _VALID_HOSTS.add(value)
             self.host = value
-            self.headers.append(field_line(b"host", value))
+            headers = self.headers
+            headers.append(b"host")
+            headers.append(b": ")
+            headers.append(value)
+            headers.append(b"\r\n")
         elif lower == b"content-length":
             self.content_length = int(value)
         elif lower == b"transfer-encoding":
@@ -441,7 +444,11 @@ class Exchange(ResponseSink):
         else:
             if lower == app.api_key_header:
                 self.api_key = value
-            self.headers.append(b"".join((lower, b": ", value, b"\r\n")))
+            headers = self.headers
+            headers.append(lower)
+            headers.append(b": ")
+            headers.append(value)
+            headers.append(b"\r\n")
 
     def request_headers_complete(self, method, version, keep_alive):
         self.headers_done = True
@@ -483,8 +490,7 @@ class Exchange(ResponseSink):
         if parsed.schema not in (b"http", b"https") or not parsed.host or parsed.userinfo:
             raise _Refusal(400, "Bad Request", "the request target must be a path or an http URL without user info")
         self.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        self.headers = without_fields(self.headers, (b"host",))
-        self.headers.insert(0, field_line(b"host", self.host))
+        self.headers = [b"host", b": ", self.host, b"\r\n"] + without_fields(self.headers, (b"host",))
         self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
 
     def request_body(self, body):
@@ -692,12 +698,16 @@ class Exchange(ResponseSink):
             if not tokens <= HOP_BY_HOP:
                 self.response_named = tokens if self.response_named is None else self.response_named | tokens
         elif lower not in HOP_BY_HOP and not lower.startswith(OWN_PREFIX):
-            self.response_headers.append(b"".join((lower, b": ", value, b"\r\n")))
+            headers = self.response_headers
+            headers.append(lower)
+            headers.append(b": ")
+            headers.append(value)
+            headers.append(b"\r\n")
 
     def _response_fields(self):
-        """The upstream's end-to-end fields, wire form, without those its Connection named."""
+        """The upstream's end-to-end fields as wire parts, without those its Connection named."""
         named = self.response_named
-        return b"".join(self.response_headers if named is None else without_fields(self.response_headers, named))
+        return self.response_headers if named is None else without_fields(self.response_headers, named)
 
     def response_headers_complete(self, status, upstream_keep_alive):
         self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
@@ -705,8 +715,10 @@ class Exchange(ResponseSink):
             # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
             # the real one follows. An HTTP/1.0 client would take it for the answer.
             if self.http_11:
-                self.client.write(status_line(status, self.response_status_phrase or None)
-                                  + self._response_fields() + b"\r\n")
+                head = [status_line(status, self.response_status_phrase or None)]
+                head.extend(self._response_fields())
+                head.append(b"\r\n")
+                self.client.write(b"".join(head))
             self.response_headers = []
             self.response_named = None
             self.response_length = None
@@ -725,7 +737,8 @@ class Exchange(ResponseSink):
             # cannot be trusted to carry HTTP again, nor can the upstream's.
             client_keep_alive = False
             self.response_keep_alive = False
-        head = [status_line(status, self.response_status_phrase or None), self._response_fields()]
+        head = [status_line(status, self.response_status_phrase or None)]
+        head.extend(self._response_fields())
         decision = self.decision
         if decision.quota_policy:
             head.append(b"ratelimit-policy: ")

@@ -33,16 +33,16 @@ def connection_tokens(value):
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
-def field_line(name, value):
-    """The wire form of one field: b"name: value\\r\\n"."""
-    return b"".join((name, b": ", value, b"\r\n"))
+# Fields on their way out are kept as a flat list of wire-form parts, four per field
+# (name, b": ", value, b"\r\n"), and joined once with the rest of the head.
+FIELD_PARTS = 4
 
 
-def field_name(line):
-    """The name of a field in wire form (as field_line made it)."""
-    return line[:line.index(b":")]
-
-
-def without_fields(lines, names):
-    """Wire-form field `lines` without those whose name is in `names`."""
-    return [line for line in lines if field_name(line) not in names]
+def without_fields(parts, names):
+    """Field `parts` (four per field, see FIELD_PARTS) without the fields whose
+    (lower-cased) name is in `names`."""
+    kept = []
+    for index in range(0, len(parts), FIELD_PARTS):
+        if parts[index] not in names:
+            kept.extend(parts[index:index + FIELD_PARTS])
+    return kept
