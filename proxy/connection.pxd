@@ -115,6 +115,7 @@ cdef class Exchange(ResponseSink):
     cpdef request_body(self, body)
     cpdef upgrade_data(self, data)
     cpdef request_completed(self)
+    @cython.locals(pool=UpstreamPool)
     cpdef start(self)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)

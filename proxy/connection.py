@@ -552,7 +552,8 @@ class Exchange(ResponseSink):
             return
         customer.add_usage(route.facts.metric, route.facts.units)
         self.forwarding = True
-        app.pools[route.upstream].acquire(self)
+        pool = app.pools[route.upstream]
+        pool.acquire(self)
 
     def answer(self, status, title, detail, reason, headers=()):
         """Answer from the edge (never forwarded). The connection stays open only when
@@ -710,7 +711,8 @@ class Exchange(ResponseSink):
         return self.response_headers if named is None else without_fields(self.response_headers, named)
 
     def response_headers_complete(self, status, upstream_keep_alive):
-        self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
+        now = self.app.clock()
+        self.upstream_deadline = now + self.upstream.pool.read_timeout_s
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
             # the real one follows. An HTTP/1.0 client would take it for the answer.
@@ -727,7 +729,7 @@ class Exchange(ResponseSink):
             return
         self.response_started = True
         self.response_status = status
-        self.app.metrics.observe_upstream(self.upstream.pool.name, self.app.clock() - self.upstream_sent_at)
+        self.app.metrics.observe_upstream(self.upstream.pool.name, now - self.upstream_sent_at)
         self.response_keep_alive = upstream_keep_alive
         length = self.response_length
         chunked = self.response_chunked_in
