@@ -1,14 +1,15 @@
 # Responses the proxy answers itself, as RFC 9457 problem+json. Bodies and heads are
 # built once per distinct (status, title, detail) and reused: refusals are hot too.
+import http
 import json
 
-REASON_PHRASES = {
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
-    414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
-}
+# Standard reason phrases, for the proxy's own answers and for upstream responses
+# that came without one (RFC 9110 names, e.g. 413 "Content Too Large").
+REASON_PHRASES = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+REASON_PHRASES.update({
+    413: b"Content Too Large", 414: b"URI Too Long", 416: b"Range Not Satisfiable",
+    421: b"Misdirected Request", 422: b"Unprocessable Content",
+})
 PROBLEM_CACHE_MAX = 4096
 _BODIES = {}
 

@@ -79,6 +79,20 @@ def test_customers_are_found_by_plain_key_only(state_file):
     assert edge_state.customer_for_key(digest_hex(b"key-a").encode()) is None
 
 
+def test_keys_stay_right_when_more_are_seen_than_are_remembered(state_file, monkeypatch):
+    # Keys already found are remembered (as sent) up to KEY_CACHE_MAX; past that the
+    # memory starts over, and every lookup still finds the right customer.
+    from proxy import edge_snapshot
+    monkeypatch.setattr(edge_snapshot, "KEY_CACHE_MAX", 2)
+    edge_state = FileEdgeState(state_file, clock=FakeClock())
+    expected = {b"key-a": "cus_a", b"key-b": "cus_b", b"key-b2": "cus_b", b"key-c": None}
+    for _ in range(3):
+        for key, customer_id in expected.items():
+            customer = edge_state.customer_for_key(key)
+            assert (customer.customer_id if customer else None) == customer_id
+    assert edge_state.customer_for_key(b"key-b") is edge_state.customer_for_key(b"key-b2")
+
+
 def test_file_edge_state_plays_the_edge_state_role(state_file):
     edge_state: EdgeState = FileEdgeState(state_file)
     assert edge_state.ready

@@ -427,6 +427,23 @@ def test_file_sink_output_parses_back_into_the_same_events(tmp_path):
         "request_bytes", "response_bytes", "latency_ms"}
 
 
+def test_a_batch_larger_than_an_encoding_slice_lands_whole_and_in_order(tmp_path):
+    # The file sink encodes a big batch in slices between requests; the file must
+    # still hold the batch once, in order, with no slice lost or repeated.
+    from proxy.metering import ENCODE_SLICE_EVENTS
+    path = tmp_path / "events.ndjson"
+    count = 3 * ENCODE_SLICE_EVENTS + 5
+    batch = [event(n) for n in range(count)]
+
+    async def scenario():
+        sink = NdjsonFileSink(path)
+        await sink.write_batch(batch)
+        await sink.close()
+
+    asyncio.run(scenario())
+    assert decode_ndjson(path.read_bytes()) == (batch, 0)
+
+
 def test_buffer_into_file_sink_end_to_end(tmp_path):
     async def scenario():
         sink = NdjsonFileSink(tmp_path / "events.ndjson")

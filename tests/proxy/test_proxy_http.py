@@ -305,6 +305,29 @@ def test_bodiless_responses_leave_the_connection_usable(proxy, method, path, sta
         assert reader.buffer == b""
 
 
+def test_the_upstream_reason_phrase_reaches_the_client(raw_upstream, make_proxy):
+    # Each response keeps its own phrase, even when the same status came before with
+    # another; an upstream that sends none gets the standard one.
+    phrases = [b"OK", b"Fine Thanks", b"OK", b""]
+
+    async def script(raw, index, reader, writer):
+        while (await raw.read_request(reader, index)) is not None:
+            phrase = phrases.pop(0)
+            writer.write(b"HTTP/1.1 200 " + phrase + b"\r\nContent-Length: 2\r\n\r\nok")
+    raw_upstream.script = script
+    proxy = make_proxy(raw_upstream.port)
+    with connect(proxy.port) as sock:
+        reader = HttpReader(sock)
+        lines = []
+        for _ in range(4):
+            send(sock, "GET", "/phrase")
+            line = reader.read_line()
+            lines.append(line)
+            reader.buffer = line + b"\r\n" + reader.buffer
+            assert reader.read_response()[2] == b"ok"
+    assert lines == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 Fine Thanks", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"]
+
+
 # -- interim responses --------------------------------------------------------------------------------
 
 def test_an_interim_response_reaches_http_1_1_clients_only(raw_upstream, make_proxy):
