@@ -93,7 +93,7 @@ class ProxyApp:
         counts[key] = counts.get(key, 0) + 1
 
     def count_refusal(self, status):
-        self.metrics.count_request("", "bad_request" if status < 500 else f"error_{status}")
+        self.count_request("", "bad_request" if status < 500 else f"error_{status}")
 
     def log_error(self, message, error):
         log.error("%s: %r", message, error, exc_info=error)
