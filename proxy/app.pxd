@@ -1,6 +1,8 @@
 # C types for proxy/app.py (compiled by Cython at install; the .py runs as is when
 # AFORO_PURE_PYTHON=1).
 cimport cython
+from proxy.metrics cimport ProxyMetrics
+from proxy.routing cimport Router
 
 
 @cython.final
@@ -12,10 +14,10 @@ cdef class ProxyApp:
     cdef public long long max_headers
     cdef public long long max_body_bytes
     cdef public double header_timeout_s
-    cdef public object router
+    cdef public Router router
     cdef public object edge_state
     cdef public object meter_buffer
-    cdef public object metrics
+    cdef public ProxyMetrics metrics
     cdef public dict request_counts
     cdef public object loop
     cdef public object clock

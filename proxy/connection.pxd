@@ -1,8 +1,12 @@
 # C types for proxy/connection.py (compiled by Cython at install; the .py runs as is
 # when AFORO_PURE_PYTHON=1).
 cimport cython
+from decision_core.decide cimport Decision, decide
+from decision_core.state cimport CustomerState
 from proxy.app cimport ProxyApp
+from proxy.edge_snapshot cimport EdgeSnapshot
 from proxy.meter_event cimport new_event_id
+from proxy.routing cimport Route
 from proxy.upstream cimport ResponseSink, UpstreamConnection, UpstreamPool
 
 
@@ -87,9 +91,9 @@ cdef class Exchange(ResponseSink):
     cdef public list pending_body
     cdef public long long pending_bytes
     cdef public bytes upgrade_tail
-    cdef public object route
-    cdef public object customer
-    cdef public object decision
+    cdef public Route route
+    cdef public CustomerState customer
+    cdef public Decision decision
     cdef public UpstreamConnection upstream
     cdef public bint upstream_reused
     cdef public double upstream_deadline
@@ -115,11 +119,12 @@ cdef class Exchange(ResponseSink):
     cpdef request_body(self, body)
     cpdef upgrade_data(self, data)
     cpdef request_completed(self)
-    @cython.locals(pool=UpstreamPool)
+    @cython.locals(pool=UpstreamPool, route=Route, customer=CustomerState, decision=Decision, snapshot=EdgeSnapshot)
     cpdef start(self)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)
     cpdef list _response_fields(self)
+    @cython.locals(route=Route)
     cpdef _meter(self)
     cpdef client_gone(self)
     cpdef _abort_client(self, why)

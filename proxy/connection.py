@@ -10,7 +10,7 @@ from time import perf_counter
 
 import httptools
 
-from decision_core import REJECT, decide
+from decision_core.decide import REJECT, decide
 from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, without_fields
 from proxy.problem import problem_response, status_line
 from proxy.meter_event import MeterEvent, new_event_id
@@ -531,7 +531,8 @@ class Exchange(ResponseSink):
             return
         self.route = route
         key = app.api_key(self.api_key)
-        customer = app.edge_state.customer_for_key(key) if key else None
+        snapshot = app.edge_state.snapshot
+        customer = snapshot.customer_for_key(key) if key else None
         if customer is None:
             self.answer(401, "Unauthorized", "a valid API key is required" if key else "an API key is required",
                         "unauthorized", ((b"www-authenticate", b"Bearer"),))
@@ -559,7 +560,7 @@ class Exchange(ResponseSink):
         """Answer from the edge (never forwarded). The connection stays open only when
         the request had no body left unread."""
         self.finished = True
-        self.app.count_request(self.route.name if self.route else "", reason)
+        self.app.count_request(self.route.name if self.route is not None else "", reason)
         body_pending = not self.request_complete and (self.content_length or self.transfer_encoding is not None)
         keep_alive = self.keep_alive and not body_pending and not self.client.closing
         self.client.write(problem_response(status, title, detail, reason=reason, headers=headers, close=not keep_alive))

@@ -9,9 +9,10 @@ import hashlib
 from array import array
 from collections.abc import Iterable, Mapping
 
+import cython
+
 from config.edge_state_file import Customer, EdgeStateFile, Plan, Standing
 from decision_core import (
-    CustomerState,
     DecisionCoreError,
     GuardStanding,
     InvalidStateError,
@@ -19,7 +20,7 @@ from decision_core import (
     QuotaLimit,
     TokenBucket,
 )
-from decision_core.state import SUBSCRIPTION_STATUSES
+from decision_core.state import SUBSCRIPTION_STATUSES, CustomerState
 
 KEY_DIGEST_BYTES = 32
 # The part of a key digest the index keeps: 128 bits, far beyond any collision risk.
@@ -60,10 +61,15 @@ class EdgeSnapshot:
         self._store = store
         self._by_key: dict[bytes, CustomerState] = {}     # hot path: recent keys, as sent
         self._by_index: dict[int, CustomerState] = {}     # made states, by customer
-        self._by_id: dict[str, int] | None = None          # built on first use
+        self._by_id: dict[str, int] = {}                   # filled on first use
         self.version = version
         self.period_end = period_end
         self._sealed = True
+
+    @property
+    def snapshot(self) -> EdgeSnapshot:
+        """The snapshot in force: this one (see EdgeState)."""
+        return self
 
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         """The customer whose API key is `api_key` (plain, as the client sent it), or
@@ -83,13 +89,12 @@ class EdgeSnapshot:
     def customer_by_id(self, customer_id: str) -> CustomerState | None:
         """The customer with `customer_id`, or None (for updates and inspection, not
         the request path: the id index is built on first use)."""
-        if self._by_id is None:
-            by_id = {self._store.customer_id(index): index for index in range(len(self._store))}
-            object.__setattr__(self, "_by_id", by_id)
+        if not self._by_id:
+            self._by_id.update((self._store.customer_id(index), index) for index in range(len(self._store)))
         index = self._by_id.get(customer_id)
         return None if index is None else self._state_of(index)
 
-    def _state_of(self, index: int) -> CustomerState:
+    def _state_of(self, index) -> CustomerState:
         state = self._by_index.get(index)
         if state is None:
             state = self._store.materialize(index, self.period_end)
@@ -100,7 +105,8 @@ class EdgeSnapshot:
         return len(self._store)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if getattr(self, "_sealed", False):
+        # Compiled, only assignments from Python get here (never the class's own).
+        if cython.compiled or getattr(self, "_sealed", False):
             raise AttributeError("EdgeSnapshot is immutable; build a new one instead")
         object.__setattr__(self, name, value)
 

@@ -46,12 +46,15 @@ class EdgeState(Protocol):
     """What the request path asks of edge state, whatever feeds it (a file today,
     the control plane later).
 
+    `snapshot`: the EdgeSnapshot in force, replaced whole (one assignment) when the
+    state changes; the request path looks customers up in it directly.
     `customer_for_key(api_key)`: the CustomerState for a plain API key (hashed
     inside), or None when the key is unknown. `version`: the version being served.
     `ready`: False until the first complete state has arrived; a proxy that is not
     ready should answer 503 rather than 401 to every key.
     """
 
+    snapshot: EdgeSnapshot
     version: str
     ready: bool
 

@@ -10,3 +10,17 @@ cdef class _Histogram:
     cdef readonly double sum
 
     cpdef observe(self, double value)
+
+
+@cython.final
+cdef class ProxyMetrics:
+    cdef readonly object registry
+    cdef readonly object config_reload_errors_total
+    cdef readonly dict request_counts
+    cdef _Histogram _decision
+    cdef dict _upstream
+    cdef object _live
+
+    cpdef observe_decision(self, double seconds)
+    @cython.locals(histogram=_Histogram)
+    cpdef observe_upstream(self, str upstream, double seconds)

@@ -66,7 +66,10 @@ class ProxyMetrics:
         self._live.decision = self._decision
         self._live.upstream = self._upstream
         self.registry.register(self._live)
-        self.observe_decision: Callable[[float], None] = self._decision.observe
+
+    def observe_decision(self, seconds: float) -> None:
+        """Record how long one decision took, in seconds."""
+        self._decision.observe(seconds)
 
     def request_counter(self, route: str, decision: str):
         """A handle on the `aforo_requests_total{route, decision}` count: `.inc()`.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from config.proxy_settings import RouteSettings
-from decision_core import RequestFacts
+from decision_core.state import RequestFacts
 
 _SLASH = ord("/")
 _QUERY = ord("?")
@@ -22,8 +22,6 @@ class Route:
     `host` (lower-case bytes without port, or None for any host), `path_prefix`
     (bytes), `methods` (frozenset of upper-case bytes, or None for any) and `facts`,
     the RequestFacts (features, metric, units) decide() gets, built once here."""
-
-    __slots__ = ("name", "upstream", "host", "path_prefix", "methods", "facts")
 
     def __init__(
         self,
@@ -66,8 +64,6 @@ class Route:
 class Router:
     """Matches requests to routes; built once per route table. Only a bounded cache
     of normalised Host values changes after that (one worker, one event loop)."""
-
-    __slots__ = ("routes", "_by_host", "_any_host", "_host_cache")
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = tuple(routes)
@@ -118,7 +114,7 @@ def _candidates(routes: list[Route]) -> tuple[tuple[bytes, int, bool, frozenset[
     )
 
 
-def _first_match(candidates, path: bytes, method: bytes) -> Route | None:
+def _first_match(candidates: tuple, path: bytes, method: bytes) -> Route | None:
     for prefix, size, ends_in_slash, methods, route in candidates:
         if (
             path.startswith(prefix)

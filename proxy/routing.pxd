@@ -1,0 +1,28 @@
+# C types for proxy/routing.py (compiled by Cython at install; the .py runs as is
+# when AFORO_PURE_PYTHON=1).
+cimport cython
+from decision_core.state cimport RequestFacts
+
+
+@cython.final
+cdef class Route:
+    cdef readonly str name
+    cdef readonly str upstream
+    cdef readonly object host
+    cdef readonly bytes path_prefix
+    cdef readonly object methods
+    cdef readonly RequestFacts facts
+
+
+@cython.final
+cdef class Router:
+    cdef readonly tuple routes
+    cdef dict _by_host
+    cdef tuple _any_host
+    cdef dict _host_cache
+
+    cpdef Route match(self, bytes host, bytes path, bytes method)
+
+
+@cython.locals(size=Py_ssize_t, ends_in_slash=bint, route=Route)
+cdef Route _first_match(tuple candidates, bytes path, bytes method)
