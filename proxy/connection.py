@@ -11,7 +11,8 @@ from time import perf_counter
 import httptools
 
 from decision_core.decide import REJECT, decide
-from proxy.headers import FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, without_fields
+from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, join_parts,
+                           without_fields)
 from proxy.problem import problem_response, status_line
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.upstream import ResponseSink
@@ -214,7 +215,7 @@ class ClientConnection:
         if out:
             self.out = []
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.transport.write(out[0] if len(out) == 1 else join_parts(out))
 
     def _close(self):
         # Close after sending whatever is held back.
@@ -604,7 +605,7 @@ class Exchange(ResponseSink):
         elif self.content_length is not None:
             head.append(b"\r\ncontent-length: %d" % self.content_length)
         head.append(b"\r\n\r\n")
-        conn.transport.write(b"".join(head))
+        conn.transport.write(join_parts(head))
         self.upstream_sent_at = app.clock()
         self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
         if self.pending_body:
@@ -721,7 +722,7 @@ class Exchange(ResponseSink):
                 head = [status_line(status, self.response_status_phrase or None)]
                 head.extend(self._response_fields())
                 head.append(b"\r\n")
-                self.client.write(b"".join(head))
+                self.client.write(join_parts(head))
             self.response_headers = []
             self.response_named = None
             self.response_length = None
@@ -779,7 +780,7 @@ class Exchange(ResponseSink):
             head.append(b"connection: keep-alive\r\n")
         self.keep_alive = client_keep_alive
         head.append(b"\r\n")
-        self.client.write(b"".join(head))
+        self.client.write(join_parts(head))
         if self.method == b"HEAD" and status != 101:
             self.upstream.reset_parser()
             self.response_complete()

@@ -5,10 +5,11 @@ cimport cython
 
 @cython.final
 cdef class _Histogram:
-    cdef readonly tuple bounds
-    cdef readonly list counts
+    cdef readonly double[::1] bounds
+    cdef readonly long long[::1] counts
     cdef readonly double sum
 
+    @cython.locals(size=Py_ssize_t, index=Py_ssize_t)
     cpdef observe(self, double value)
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 
 import cython
@@ -155,19 +156,20 @@ class _RequestCounter:
 class _Histogram:
     # Non-cumulative bucket counts (the last one is +Inf) and the sum; made cumulative
     # at scrape time.
-    __slots__ = ("bounds", "counts", "sum")
+    # Bounds and counts are machine arrays (compiled, C loops over them).
 
     def __init__(self, bounds):
-        self.bounds = tuple(float(bound) for bound in bounds)
-        self.counts = [0] * (len(bounds) + 1)
+        self.bounds = array("d", bounds)
+        self.counts = array("q", bytes(8 * (len(bounds) + 1)))
         self.sum = 0.0
 
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def observe(self, value):
         # The first bucket whose upper bound is >= value (bounds are few and ascending).
+        size = len(self.bounds)
         index = 0
-        for bound in self.bounds:
-            if value <= cython.cast(cython.double, bound):
-                break
+        while index < size and value > self.bounds[index]:
             index += 1
         self.counts[index] += 1
         self.sum += value
@@ -175,9 +177,10 @@ class _Histogram:
     def family_samples(self):
         cumulative = []
         running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
-            running += count
-            cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        bounds = len(self.bounds)
+        for index in range(bounds + 1):
+            running += self.counts[index]
+            cumulative.append((repr(float(self.bounds[index])) if index < bounds else "+Inf", running))
         return cumulative, self.sum
 
 
