@@ -1,6 +1,7 @@
 # C types for proxy/app.py (compiled by Cython at install; the .py runs as is when
 # AFORO_PURE_PYTHON=1).
 cimport cython
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from proxy.metrics cimport ProxyMetrics
 from proxy.routing cimport Router
 
@@ -20,8 +21,10 @@ cdef class ProxyApp:
     cdef public ProxyMetrics metrics
     cdef public dict request_counts
     cdef public object loop
-    cdef public object clock
-    cdef public object wall_clock
+    cdef readonly object clock
+    cdef readonly object wall_clock
+    cdef readonly bint system_clock
+    cdef readonly bint system_wall_clock
     cdef public bytes api_key_header
     cdef public bint bearer
     cdef public tuple trusted_networks
@@ -37,5 +40,9 @@ cdef class ProxyApp:
     cpdef count_refusal(self, status)
     cpdef log_error(self, message, error)
     cpdef sweep(self, now=*)
+    @cython.locals(reading=timespec)
+    cpdef double now(self)
+    @cython.locals(reading=timespec)
+    cpdef double wall_now(self)
     cpdef stop_sweeps(self)
     cpdef begin_shutdown(self)

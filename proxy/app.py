@@ -7,6 +7,8 @@ import logging
 import time
 import urllib.parse
 
+import cython
+
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("aforo.proxy")
@@ -37,6 +39,9 @@ class ProxyApp:
         self.loop = loop
         self.clock = clock
         self.wall_clock = wall_clock
+        # With the system clocks, compiled code reads them directly (no Python call).
+        self.system_clock = clock is time.monotonic
+        self.system_wall_clock = wall_clock is time.time
         header = settings.api_key_header.lower().encode()
         self.api_key_header = header
         self.bearer = header == b"authorization"
@@ -99,6 +104,20 @@ class ProxyApp:
         log.error("%s: %r", message, error, exc_info=error)
 
     # -- time ----------------------------------------------------------------------------
+    def now(self):
+        """`clock()`: monotonic seconds."""
+        if cython.compiled and self.system_clock:
+            clock_gettime(CLOCK_MONOTONIC, cython.address(reading))
+            return reading.tv_sec + reading.tv_nsec * 1e-9
+        return self.clock()
+
+    def wall_now(self):
+        """`wall_clock()`: epoch seconds."""
+        if cython.compiled and self.system_wall_clock:
+            clock_gettime(CLOCK_REALTIME, cython.address(reading))
+            return reading.tv_sec + reading.tv_nsec * 1e-9
+        return self.wall_clock()
+
     def sweep(self, now=None):
         """Enforce header, idle, connect and read timeouts as of `now` (default: clock())."""
         now = self.clock() if now is None else now

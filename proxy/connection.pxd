@@ -14,6 +14,10 @@ from proxy.upstream cimport ResponseSink, UpstreamConnection, UpstreamPool
 cdef class Exchange
 
 
+@cython.locals(end=Py_ssize_t)
+cdef str _line_version(bytes data)
+
+
 @cython.final
 cdef class ClientConnection:
     cdef public ProxyApp app
@@ -34,6 +38,7 @@ cdef class ClientConnection:
     cdef public bint corked
     cdef public bint lingering
     cdef public list out
+    cdef public str line_version
 
     cpdef eof_received(self)
     cpdef connection_made(self, transport)
@@ -115,7 +120,7 @@ cdef class Exchange(ResponseSink):
     cdef public bint retried
 
     cpdef request_header(self, name, value)
-    cpdef request_headers_complete(self, method, version, keep_alive)
+    cpdef request_headers_complete(self, method, version)
     cpdef _absolute_form(self)
     cpdef request_body(self, body)
     cpdef upgrade_data(self, data)

@@ -6,7 +6,6 @@
 # the requests before it, and the connection is closed: a malformed request is never
 # forwarded whole (a body found bad midway is cut off upstream too).
 import collections
-from time import perf_counter
 
 import httptools
 
@@ -56,6 +55,7 @@ class ClientConnection:
         self.corked = False                     # hold writes until the current read is done
         self.lingering = False                  # refused and half-closed: draining input
         self.out = []                           # what was written while corked
+        self.line_version = None                # see _line_version
 
     # -- asyncio protocol (duck-typed: a compiled class cannot derive asyncio.Protocol) --
     def eof_received(self):
@@ -71,7 +71,7 @@ class ClientConnection:
             self.peer_trusted = app.is_trusted(peer[0])
         # (uvloop sets TCP_NODELAY on every TCP transport: small writes leave at once.)
         # A new connection owes its first request's headers within the header timeout.
-        self.deadline = app.clock() + app.header_timeout_s
+        self.deadline = app.now() + app.header_timeout_s
         if not app.admit_connection(self):
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
             transport.close()
@@ -89,6 +89,8 @@ class ClientConnection:
         if self.closing or self.refusal is not None:
             return
         parsing = self.parsing
+        if parsing is None:
+            self.line_version = _line_version(data)
         self.corked = True
         try:
             self.parser.feed_data(data)
@@ -167,8 +169,12 @@ class ClientConnection:
 
     def on_headers_complete(self):
         exchange = self.parsing
-        exchange.request_headers_complete(self.parser.get_method(), self.parser.get_http_version(),
-                                          self.parser.should_keep_alive())
+        version = self.line_version
+        if version is None:
+            version = self.parser.get_http_version()
+        else:
+            self.line_version = None     # it was the first request's of that read
+        exchange.request_headers_complete(self.parser.get_method(), version)
         if exchange is self.exchanges[0]:
             exchange.start()
 
@@ -257,7 +263,7 @@ class ClientConnection:
         self.flush()
         self.closing = True
         self.lingering = True
-        self.deadline = self.app.clock() + LINGER_S
+        self.deadline = self.app.now() + LINGER_S
         transport = self.transport
         try:
             transport.resume_reading()
@@ -294,7 +300,7 @@ class ClientConnection:
                 head.start()
         else:
             self.idle = True
-            self.deadline = self.app.clock() + self.app.limits.keepalive_timeout_s
+            self.deadline = self.app.now() + self.app.limits.keepalive_timeout_s
 
     def check_deadline(self, now):
         """Header timeout (408) for a request still being received, idle keep-alive
@@ -327,6 +333,20 @@ class ClientConnection:
         upstream_conn.tunnel = self
 
 
+def _line_version(data):
+    # The HTTP version of a request line at the very start of `data` ("1.1" or "1.0"),
+    # read from the bytes the parser is about to parse, when the line is whole and ends
+    # in CRLF; otherwise None, and the parser is asked (a costlier call).
+    end = data.find(b"\n")
+    if end >= 10 and data[end - 1] == 13:
+        version = data[end - 9:end - 1]
+        if version == b"HTTP/1.1":
+            return "1.1"
+        if version == b"HTTP/1.0":
+            return "1.0"
+    return None
+
+
 class _Refusal(Exception):
     """Raised inside a parser callback to stop parsing and refuse the request."""
 
@@ -349,7 +369,7 @@ class Exchange(ResponseSink):
     def __init__(self, client):
         self.client = client
         self.app = client.app
-        self.started_at = self.app.clock()
+        self.started_at = self.app.now()
         self.url = b""
         self.method = b""
         self.http_11 = True
@@ -451,11 +471,12 @@ class Exchange(ResponseSink):
             headers.append(value)
             headers.append(b"\r\n")
 
-    def request_headers_complete(self, method, version, keep_alive):
+    def request_headers_complete(self, method, version):
         self.headers_done = True
         self.method = method
         self.http_11 = version == "1.1"
-        self.keep_alive = keep_alive
+        # As llhttp decides it: HTTP/1.1 unless `close`, HTTP/1.0 only with `keep-alive`.
+        self.keep_alive = b"close" not in self.connection if self.http_11 else b"keep-alive" in self.connection
         if version not in _HTTP_VERSIONS:
             raise _Refusal(400, "Bad Request", "only HTTP/1.0 and HTTP/1.1 requests are accepted")
         if method == b"CONNECT":
@@ -539,9 +560,9 @@ class Exchange(ResponseSink):
                         "unauthorized", ((b"www-authenticate", b"Bearer"),))
             return
         self.customer = customer
-        started = perf_counter()
-        decision = decide(customer, route.facts, app.wall_clock())
-        app.metrics.observe_decision(perf_counter() - started)
+        started = app.now()
+        decision = decide(customer, route.facts, app.wall_now())
+        app.metrics.observe_decision(app.now() - started)
         self.decision = decision
         if decision.outcome == REJECT:
             headers = []
@@ -606,7 +627,7 @@ class Exchange(ResponseSink):
             head.append(b"\r\ncontent-length: %d" % self.content_length)
         head.append(b"\r\n\r\n")
         conn.transport.write(join_parts(head))
-        self.upstream_sent_at = app.clock()
+        self.upstream_sent_at = app.now()
         self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
         if self.pending_body:
             for body in self.pending_body:
@@ -713,7 +734,7 @@ class Exchange(ResponseSink):
         return self.response_headers if named is None else without_fields(self.response_headers, named)
 
     def response_headers_complete(self, status, upstream_keep_alive):
-        now = self.app.clock()
+        now = self.app.now()
         self.upstream_deadline = now + self.upstream.pool.read_timeout_s
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
@@ -786,7 +807,7 @@ class Exchange(ResponseSink):
             self.response_complete()
 
     def response_body(self, body):
-        self.upstream_deadline = self.app.clock() + self.upstream.pool.read_timeout_s
+        self.upstream_deadline = self.app.now() + self.upstream.pool.read_timeout_s
         self.response_bytes += len(body)
         if self.response_chunked_out:
             self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
@@ -840,9 +861,9 @@ class Exchange(ResponseSink):
         route = self.route
         facts = route.facts
         app.meter_buffer.record(MeterEvent(
-            new_event_id(), self.customer.customer_id, facts.metric, facts.units, app.wall_clock(), route.name,
+            new_event_id(), self.customer.customer_id, facts.metric, facts.units, app.wall_now(), route.name,
             self.response_status, self.request_bytes, self.response_bytes,
-            (app.clock() - self.started_at) * 1000.0,
+            (app.now() - self.started_at) * 1000.0,
         ))
 
     def cork_client(self):

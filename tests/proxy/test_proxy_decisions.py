@@ -1,5 +1,6 @@
 # Decision outcomes through the running proxy, per the contract table in DESIGN.md.
 import json
+import time
 
 import pytest
 
@@ -65,6 +66,21 @@ def test_a_hard_quota_holds_between_meter_flushes(proxy, upstream):
     assert problem(third[2])["reason"] == "quota_exceeded"
     assert third[1]["ratelimit"].startswith('"api_calls";r=0;')
     assert len(upstream.requests) == 2
+
+
+def test_a_forwarded_request_is_metered_when_and_as_long_as_it_happened(proxy, upstream):
+    before = time.time()
+    started = time.monotonic()
+    status, _, body = request(proxy.port, "GET", "/echo/timed")
+    took_ms = (time.monotonic() - started) * 1000.0
+    after = time.time()
+    assert status == 200
+    proxy.stop()                                   # flushes the meter buffer
+    [event] = proxy.meter_events()
+    assert (event["customer_id"], event["route"], event["status"]) == ("cus_pro", "everything", 200)
+    assert before <= event["timestamp"] <= after
+    assert 0.0 < event["latency_ms"] <= took_ms
+    assert event["response_bytes"] == len(body)
 
 
 def test_level_2_marks_responses_then_limits_the_rate(proxy, upstream):

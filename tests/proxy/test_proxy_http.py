@@ -4,6 +4,7 @@
 import hashlib
 import json
 import threading
+import time
 
 import pytest
 
@@ -262,6 +263,30 @@ def test_pipelined_requests_are_answered_in_order(proxy):
     bodies = [json.loads(body) for _, _, body, _ in answers]
     assert [body["path"] for body in bodies] == ["/echo/first", "/echo/second", "/echo/third"]
     assert [body["body_len"] for body in bodies] == [0, 5, 0]
+
+
+@pytest.mark.parametrize("cuts", [(), (74,), (5, 22, 24, 74, 100), (70, 88, 100, 101)],
+                         ids=["one write", "one read each", "first line cut", "both lines cut"])
+def test_each_pipelined_request_is_answered_in_its_own_http_version(proxy, cuts):
+    # An HTTP/1.1 request then an HTTP/1.0 one without keep-alive: the first keeps the
+    # connection, the second is answered as HTTP/1.0 and closes it.
+    pipeline = (
+        b"GET /echo/eleven HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-pro\r\n\r\n"
+        b"GET /echo/ten HTTP/1.0\r\nAuthorization: Bearer k-pro\r\n\r\n"
+    )
+    with connect(proxy.port) as sock:
+        for start, end in zip((0, *cuts), (*cuts, len(pipeline))):
+            sock.sendall(pipeline[start:end])
+            time.sleep(0.01)      # each piece its own read
+        reader = HttpReader(sock)
+        first = reader.read_response()
+        assert first[0] == 200 and first[3] == "length"
+        assert "connection" not in first[1]
+        status, headers, body, _ = reader.read_response()
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert read_until_closed(sock) == b""
+    assert [json.loads(answer[2])["path"] for answer in (first, (status, headers, body))] == ["/echo/eleven", "/echo/ten"]
 
 
 def test_a_pipelined_request_after_an_edge_refusal_is_still_answered(proxy):
