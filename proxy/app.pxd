@@ -2,6 +2,7 @@
 # AFORO_PURE_PYTHON=1).
 cimport cython
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from proxy.metering cimport MeterBuffer
 from proxy.metrics cimport ProxyMetrics
 from proxy.routing cimport Router
 
@@ -17,7 +18,7 @@ cdef class ProxyApp:
     cdef public double header_timeout_s
     cdef public Router router
     cdef public object edge_state
-    cdef public object meter_buffer
+    cdef public MeterBuffer meter_buffer
     cdef public ProxyMetrics metrics
     cdef public dict request_counts
     cdef public object loop

@@ -1,9 +1,22 @@
 # C types for proxy/headers.py (compiled by Cython at install; the .py runs as is
 # when AFORO_PURE_PYTHON=1).
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 
-@cython.locals(size=Py_ssize_t, length=Py_ssize_t, out=cython.p_char, part=bytes, joined=bytes)
+cdef extern from "Python.h":
+    # Borrowed references: no reference counting per part.
+    PyObject* list_item "PyList_GET_ITEM" (list parts, Py_ssize_t index)
+    bint bytes_check_exact "PyBytes_CheckExact" (PyObject* part)
+    Py_ssize_t object_size "Py_SIZE" (PyObject* part)
+    char* bytes_data "PyBytes_AS_STRING" (PyObject* part)
+
+
+ctypedef PyObject* borrowed
+
+
+@cython.locals(count=Py_ssize_t, index=Py_ssize_t, size=Py_ssize_t, length=Py_ssize_t, out=cython.p_char,
+               part=borrowed, joined=bytes)
 cpdef bytes join_parts(list parts)

@@ -50,19 +50,22 @@ def without_fields(parts, names):
 
 
 def join_parts(parts):
-    """The bytes `parts` joined into one bytes object (b"".join without the buffer
-    protocol: compiled, it sizes the result once and copies each part into it)."""
+    """The bytes `parts` (a list) joined into one bytes object: b"".join without the
+    buffer protocol (compiled, it sizes the result once and copies each part in)."""
     if cython.compiled:
+        count = len(parts)
         size = 0
-        for part in parts:
-            if part is None:
-                raise TypeError("join_parts takes bytes, not None")
-            size += PyBytes_GET_SIZE(part)
+        for index in range(count):
+            part = list_item(parts, index)
+            if not bytes_check_exact(part):
+                raise TypeError("join_parts takes a list of bytes")
+            size += object_size(part)
         joined = PyBytes_FromStringAndSize(cython.NULL, size)
         out = PyBytes_AS_STRING(joined)
-        for part in parts:
-            length = PyBytes_GET_SIZE(part)
-            memcpy(out, PyBytes_AS_STRING(part), length)
+        for index in range(count):
+            part = list_item(parts, index)
+            length = object_size(part)
+            memcpy(out, bytes_data(part), length)
             out += length
         return joined
     return b"".join(parts)
