@@ -10,8 +10,10 @@ import collections
 import httptools
 
 from decision_core.decide import REJECT, decide
-from proxy.headers import (FORWARDED_FIELDS, HOP_BY_HOP, IDEMPOTENT_METHODS, OWN_PREFIX, connection_tokens, join_parts,
-                           without_fields)
+from proxy.headers import (FIELD_CONNECTION, FIELD_CONTENT_LENGTH, FIELD_DROPPED, FIELD_FORWARDED_FOR,
+                           FIELD_FORWARDED_HOST, FIELD_FORWARDED_PROTO, FIELD_HOST, FIELD_OTHER,
+                           FIELD_TRANSFER_ENCODING, FIELD_UPGRADE, HOP_BY_HOP, IDEMPOTENT_METHODS, connection_tokens,
+                           field_kind, join_parts, without_fields)
 from proxy.problem import problem_response, status_line
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.upstream import ResponseSink
@@ -425,8 +427,16 @@ class Exchange(ResponseSink):
         if self.headers_done:
             # A trailer field after a chunked body: dropped, it can change nothing already sent.
             return
-        lower = name.lower()
-        if lower == b"host":
+        lower, kind = field_kind(name)
+        if kind == FIELD_OTHER:
+            if lower == app.api_key_header:
+                self.api_key = value
+            headers = self.headers
+            headers.append(lower)
+            headers.append(b": ")
+            headers.append(value)
+            headers.append(b"\r\n")
+        elif kind == FIELD_HOST:
             if self.host is not None:
                 raise _Refusal(400, "Bad Request", "more than one Host header")
             if value not in _VALID_HOSTS:
@@ -440,36 +450,26 @@ class Exchange(ResponseSink):
             headers.append(b": ")
             headers.append(value)
             headers.append(b"\r\n")
-        elif lower == b"content-length":
+        elif kind == FIELD_CONTENT_LENGTH:
             self.content_length = int(value)
-        elif lower == b"transfer-encoding":
+        elif kind == FIELD_TRANSFER_ENCODING:
             # Repeated fields are one list: `gzip` then `chunked` is `gzip, chunked`.
             self.transfer_encoding = (value if self.transfer_encoding is None
                                       else self.transfer_encoding + b", " + value)
-        elif lower == b"connection":
+        elif kind == FIELD_CONNECTION:
             # Repeated Connection fields are one list (RFC 9110 5.3): each names more to drop.
             self.connection = self.connection.union(connection_tokens(value))
-        elif lower == b"upgrade":
+        elif kind == FIELD_UPGRADE:
             self.upgrade = value
-        elif lower in FORWARDED_FIELDS:
-            if lower == b"x-forwarded-for":
-                # Repeated fields are one list: keep every hop a trusted proxy reported.
-                self.client_forwarded_for = (value if self.client_forwarded_for is None
-                                             else self.client_forwarded_for + b", " + value)
-            elif lower == b"x-forwarded-proto":
-                self.client_forwarded_proto = value
-            elif lower == b"x-forwarded-host":
-                self.client_forwarded_host = value
-        elif lower in HOP_BY_HOP or lower.startswith(OWN_PREFIX):
-            pass
-        else:
-            if lower == app.api_key_header:
-                self.api_key = value
-            headers = self.headers
-            headers.append(lower)
-            headers.append(b": ")
-            headers.append(value)
-            headers.append(b"\r\n")
+        elif kind == FIELD_FORWARDED_FOR:
+            # Repeated fields are one list: keep every hop a trusted proxy reported.
+            self.client_forwarded_for = (value if self.client_forwarded_for is None
+                                         else self.client_forwarded_for + b", " + value)
+        elif kind == FIELD_FORWARDED_PROTO:
+            self.client_forwarded_proto = value
+        elif kind == FIELD_FORWARDED_HOST:
+            self.client_forwarded_host = value
+        # FIELD_FORWARDED (set by the proxy) and FIELD_DROPPED: never forwarded.
 
     def request_headers_complete(self, method, version):
         self.headers_done = True
@@ -712,16 +712,16 @@ class Exchange(ResponseSink):
     def response_header(self, name, value):
         # Framing and hop-by-hop fields are taken out as they arrive; the fields the
         # upstream's Connection names are dropped once the head is complete.
-        lower = name.lower()
-        if lower == b"content-length":
+        lower, kind = field_kind(name)
+        if kind == FIELD_CONTENT_LENGTH:
             self.response_length = value
-        elif lower == b"transfer-encoding":
+        elif kind == FIELD_TRANSFER_ENCODING:
             self.response_chunked_in = True
-        elif lower == b"connection":
+        elif kind == FIELD_CONNECTION:
             tokens = connection_tokens(value)
             if not tokens <= HOP_BY_HOP:
                 self.response_named = tokens if self.response_named is None else self.response_named | tokens
-        elif lower not in HOP_BY_HOP and not lower.startswith(OWN_PREFIX):
+        elif kind != FIELD_DROPPED and kind != FIELD_UPGRADE:
             headers = self.response_headers
             headers.append(lower)
             headers.append(b": ")

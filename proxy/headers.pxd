@@ -20,3 +20,9 @@ ctypedef PyObject* borrowed
 @cython.locals(count=Py_ssize_t, index=Py_ssize_t, size=Py_ssize_t, length=Py_ssize_t, out=cython.p_char,
                part=borrowed, joined=bytes)
 cpdef bytes join_parts(list parts)
+
+
+cdef dict _SPECIAL_FIELDS
+cdef dict _FIELD_NAMES
+
+cpdef tuple field_kind(bytes name)

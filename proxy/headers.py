@@ -9,8 +9,6 @@ HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 ))
-# Set by the proxy; client-sent values are used only from trusted proxies.
-FORWARDED_FIELDS = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"))
 # The proxy's own namespace: never accepted from a client or an upstream.
 OWN_PREFIX = b"x-aforo-"
 
@@ -32,6 +30,44 @@ def connection_tokens(value):
     if common is not None:
         return common
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
+# What a field is to the proxy, by its lower-cased name: a kind from below, found once
+# per distinct name as sent (a bounded memory; names past it are classified each time).
+FIELD_OTHER = 0                # end-to-end: forwarded as is
+FIELD_HOST = 1
+FIELD_CONTENT_LENGTH = 2
+FIELD_TRANSFER_ENCODING = 3
+FIELD_CONNECTION = 4
+FIELD_UPGRADE = 5
+# X-Forwarded-* are set by the proxy; client-sent values are used only from trusted proxies.
+FIELD_FORWARDED_FOR = 6
+FIELD_FORWARDED_PROTO = 7
+FIELD_FORWARDED_HOST = 8
+FIELD_FORWARDED = 9
+FIELD_DROPPED = 10             # hop-by-hop, or in the proxy's own namespace
+_SPECIAL_FIELDS = {
+    b"host": FIELD_HOST, b"content-length": FIELD_CONTENT_LENGTH, b"transfer-encoding": FIELD_TRANSFER_ENCODING,
+    b"connection": FIELD_CONNECTION, b"upgrade": FIELD_UPGRADE, b"x-forwarded-for": FIELD_FORWARDED_FOR,
+    b"x-forwarded-proto": FIELD_FORWARDED_PROTO, b"x-forwarded-host": FIELD_FORWARDED_HOST,
+    b"forwarded": FIELD_FORWARDED,
+}
+FIELD_NAMES_REMEMBERED = 512
+_FIELD_NAMES = {}
+
+
+def field_kind(name):
+    """(lower-cased name, kind) for a field name as sent."""
+    known = _FIELD_NAMES.get(name)
+    if known is None:
+        lower = name.lower()
+        kind = _SPECIAL_FIELDS.get(lower, FIELD_OTHER)
+        if kind == FIELD_OTHER and (lower in HOP_BY_HOP or lower.startswith(OWN_PREFIX)):
+            kind = FIELD_DROPPED
+        known = (lower, kind)
+        if len(_FIELD_NAMES) < FIELD_NAMES_REMEMBERED:
+            _FIELD_NAMES[name] = known
+    return known
 
 
 # Fields on their way out are kept as a flat list of wire-form parts, four per field
