@@ -427,8 +427,9 @@ class Exchange(ResponseSink):
         if self.headers_done:
             # A trailer field after a chunked body: dropped, it can change nothing already sent.
             return
-        lower, kind = field_kind(name)
+        kind = field_kind(name)
         if kind == FIELD_OTHER:
+            lower = name.lower()
             if lower == app.api_key_header:
                 self.api_key = value
             headers = self.headers
@@ -712,7 +713,7 @@ class Exchange(ResponseSink):
     def response_header(self, name, value):
         # Framing and hop-by-hop fields are taken out as they arrive; the fields the
         # upstream's Connection names are dropped once the head is complete.
-        lower, kind = field_kind(name)
+        kind = field_kind(name)
         if kind == FIELD_CONTENT_LENGTH:
             self.response_length = value
         elif kind == FIELD_TRANSFER_ENCODING:
@@ -723,7 +724,7 @@ class Exchange(ResponseSink):
                 self.response_named = tokens if self.response_named is None else self.response_named | tokens
         elif kind != FIELD_DROPPED and kind != FIELD_UPGRADE:
             headers = self.response_headers
-            headers.append(lower)
+            headers.append(name.lower())
             headers.append(b": ")
             headers.append(value)
             headers.append(b"\r\n")

@@ -6,6 +6,10 @@ from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 
+cdef extern from "<strings.h>":
+    int strncasecmp(const char* left, const char* right, size_t size)
+
+
 cdef extern from "Python.h":
     # Borrowed references: no reference counting per part.
     PyObject* list_item "PyList_GET_ITEM" (list parts, Py_ssize_t index)
@@ -22,7 +26,10 @@ ctypedef PyObject* borrowed
 cpdef bytes join_parts(list parts)
 
 
-cdef dict _SPECIAL_FIELDS
-cdef dict _FIELD_NAMES
+@cython.locals(size=Py_ssize_t, kind=int)
+cpdef int field_kind(bytes name) except -1
 
-cpdef tuple field_kind(bytes name)
+# `name` at least as long as `lower`.
+cdef bint _named(bytes name, bytes lower)
+
+cpdef frozenset connection_tokens(bytes value)

@@ -29,45 +29,86 @@ def connection_tokens(value):
     common = _COMMON_CONNECTION_VALUES.get(value)
     if common is not None:
         return common
-    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+    tokens = []
+    for token in value.split(b","):
+        token = token.strip()
+        if token:
+            tokens.append(token.lower())
+    return frozenset(tokens)
 
 
-# What a field is to the proxy, by its lower-cased name: a kind from below, found once
-# per distinct name as sent (a bounded memory; names past it are classified each time).
+# What a field is to the proxy, by its name (any case): one of these kinds.
 FIELD_OTHER = 0                # end-to-end: forwarded as is
 FIELD_HOST = 1
 FIELD_CONTENT_LENGTH = 2
 FIELD_TRANSFER_ENCODING = 3
 FIELD_CONNECTION = 4
 FIELD_UPGRADE = 5
-# X-Forwarded-* are set by the proxy; client-sent values are used only from trusted proxies.
+# X-Forwarded-* and Forwarded are set by the proxy; client-sent values are used only
+# from trusted proxies.
 FIELD_FORWARDED_FOR = 6
 FIELD_FORWARDED_PROTO = 7
 FIELD_FORWARDED_HOST = 8
 FIELD_FORWARDED = 9
-FIELD_DROPPED = 10             # hop-by-hop, or in the proxy's own namespace
-_SPECIAL_FIELDS = {
-    b"host": FIELD_HOST, b"content-length": FIELD_CONTENT_LENGTH, b"transfer-encoding": FIELD_TRANSFER_ENCODING,
-    b"connection": FIELD_CONNECTION, b"upgrade": FIELD_UPGRADE, b"x-forwarded-for": FIELD_FORWARDED_FOR,
-    b"x-forwarded-proto": FIELD_FORWARDED_PROTO, b"x-forwarded-host": FIELD_FORWARDED_HOST,
-    b"forwarded": FIELD_FORWARDED,
-}
-FIELD_NAMES_REMEMBERED = 512
-_FIELD_NAMES = {}
+FIELD_DROPPED = 10             # hop-by-hop (other than the above), or the proxy's own namespace
 
 
 def field_kind(name):
-    """(lower-cased name, kind) for a field name as sent."""
-    known = _FIELD_NAMES.get(name)
-    if known is None:
-        lower = name.lower()
-        kind = _SPECIAL_FIELDS.get(lower, FIELD_OTHER)
-        if kind == FIELD_OTHER and (lower in HOP_BY_HOP or lower.startswith(OWN_PREFIX)):
+    """The kind of a field, from its name as sent (any case). Names are told apart by
+    length first, so most take one comparison (this runs for every field)."""
+    size = len(name)
+    kind = FIELD_OTHER
+    if size == 4:
+        if _named(name, b"host"):
+            kind = FIELD_HOST
+    elif size == 14:
+        if _named(name, b"content-length"):
+            kind = FIELD_CONTENT_LENGTH
+    elif size == 10:
+        if _named(name, b"connection"):
+            kind = FIELD_CONNECTION
+        elif _named(name, b"keep-alive"):
             kind = FIELD_DROPPED
-        known = (lower, kind)
-        if len(_FIELD_NAMES) < FIELD_NAMES_REMEMBERED:
-            _FIELD_NAMES[name] = known
-    return known
+    elif size == 17:
+        if _named(name, b"transfer-encoding"):
+            kind = FIELD_TRANSFER_ENCODING
+        elif _named(name, b"x-forwarded-proto"):
+            kind = FIELD_FORWARDED_PROTO
+    elif size == 7:
+        if _named(name, b"upgrade"):
+            kind = FIELD_UPGRADE
+        elif _named(name, b"trailer"):
+            kind = FIELD_DROPPED
+    elif size == 15:
+        if _named(name, b"x-forwarded-for"):
+            kind = FIELD_FORWARDED_FOR
+    elif size == 16:
+        if _named(name, b"x-forwarded-host"):
+            kind = FIELD_FORWARDED_HOST
+        elif _named(name, b"proxy-connection"):
+            kind = FIELD_DROPPED
+    elif size == 9:
+        if _named(name, b"forwarded"):
+            kind = FIELD_FORWARDED
+    elif size == 2:
+        if _named(name, b"te"):
+            kind = FIELD_DROPPED
+    elif size == 18:
+        if _named(name, b"proxy-authenticate"):
+            kind = FIELD_DROPPED
+    elif size == 19:
+        if _named(name, b"proxy-authorization"):
+            kind = FIELD_DROPPED
+    if kind == FIELD_OTHER and size >= 8 and _named(name, OWN_PREFIX):
+        kind = FIELD_DROPPED
+    return kind
+
+
+def _named(name, lower):
+    # Whether `name` starts with `lower` (lower-case ASCII), ignoring case.
+    if cython.compiled:
+        return strncasecmp(PyBytes_AS_STRING(name), PyBytes_AS_STRING(lower), len(lower)) == 0
+    return name[:len(lower)].lower() == lower
 
 
 # Fields on their way out are kept as a flat list of wire-form parts, four per field
