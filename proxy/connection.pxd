@@ -13,6 +13,10 @@ from proxy.upstream cimport ResponseSink, UpstreamConnection, UpstreamPool
 
 cdef class Exchange
 
+# Field kinds (from proxy.headers), as C numbers here.
+cdef int FIELD_OTHER, FIELD_HOST, FIELD_CONTENT_LENGTH, FIELD_TRANSFER_ENCODING, FIELD_CONNECTION, FIELD_UPGRADE
+cdef int FIELD_FORWARDED_FOR, FIELD_FORWARDED_PROTO, FIELD_FORWARDED_HOST, FIELD_DROPPED
+
 
 @cython.locals(end=Py_ssize_t)
 cdef str _line_version(bytes data)

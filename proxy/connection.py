@@ -7,6 +7,8 @@
 # forwarded whole (a body found bad midway is cut off upstream too).
 import collections
 
+import cython
+
 import httptools
 
 from decision_core.decide import REJECT, decide
@@ -713,7 +715,7 @@ class Exchange(ResponseSink):
     def response_header(self, name, value):
         # Framing and hop-by-hop fields are taken out as they arrive; the fields the
         # upstream's Connection names are dropped once the head is complete.
-        kind = field_kind(name)
+        kind: cython.int = field_kind(name)
         if kind == FIELD_CONTENT_LENGTH:
             self.response_length = value
         elif kind == FIELD_TRANSFER_ENCODING:

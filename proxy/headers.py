@@ -17,18 +17,17 @@ OWN_PREFIX = b"x-aforo-"
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
-_COMMON_CONNECTION_VALUES = {
-    b"keep-alive": frozenset((b"keep-alive",)), b"close": frozenset((b"close",)),
-    b"Keep-Alive": frozenset((b"keep-alive",)), b"Close": frozenset((b"close",)),
-}
+_KEEP_ALIVE_TOKENS = frozenset((b"keep-alive",))
+_CLOSE_TOKENS = frozenset((b"close",))
 
 
 def connection_tokens(value):
     """The lower-cased, stripped tokens of a Connection field value (b"close, Upgrade"
     -> {b"close", b"upgrade"}); empty tokens are ignored."""
-    common = _COMMON_CONNECTION_VALUES.get(value)
-    if common is not None:
-        return common
+    if value == b"keep-alive" or value == b"Keep-Alive":
+        return _KEEP_ALIVE_TOKENS
+    if value == b"close" or value == b"Close":
+        return _CLOSE_TOKENS
     tokens = []
     for token in value.split(b","):
         token = token.strip()
