@@ -1,16 +1,19 @@
 """Proxy throughput and latency against nginx, side by side, plus memory at 1M customers.
 
-    python -m bench.proxy [--duration 10] [--connections 16,64] [--customers 10000]
+    python -m bench.proxy [--duration 6] [--rounds 3] [--connections 16,64] [--customers 10000]
 
 Starts a local upstream (nginx answering a small fixed body, or a Python server when
-nginx is missing), then each target in turn: nginx as a plain reverse proxy with
-upstream keep-alive, and this proxy (one worker, decisions on, `--customers`
-customers, every request with one of their API keys). Upstream and target share one
-core, wrk runs on the other (taskset). wrk drives each target at every connection
-count; the table shows requests/s and p50/p99 latency. Then a worker with 1,000,000
-customers loaded reports its resident memory. The last line is a JSON object with
-the figures, including rps_ratio_vs_nginx, p99_ratio_vs_nginx (at 64 connections)
-and rss_mib_1m_customers. Everything listens on 127.0.0.1 and stops by itself.
+nginx is missing), nginx as a plain reverse proxy with upstream keep-alive, and this
+proxy (one worker, decisions on, `--customers` customers, every request with one of
+their API keys). Upstream and targets share one core, wrk runs on the other
+(taskset). Both targets stay up and take turns for `--rounds` rounds (the order
+flips each round), wrk driving each at every connection count; the table shows
+requests/s and p50/p99 latency per run. Then a worker with 1,000,000 customers
+loaded reports its resident memory. The last line is a JSON object with the figures
+(medians over rounds), including rps_ratio_vs_nginx and p99_ratio_vs_nginx at 64
+connections (the median of each round's aforo/nginx ratio, every round's ratio
+listed beside it) and rss_mib_1m_customers. Everything listens on 127.0.0.1 and
+stops by itself.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,9 +290,14 @@ def run_wrk(port, connections, duration_s, script):
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
+def median(values):
+    return statistics.median(values) if values else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the targets")
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--rss-customers", type=int, default=1_000_000)
@@ -305,56 +314,63 @@ def main(argv=None):
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 1
     connection_counts = [int(count) for count in args.connections.split(",")]
-    results = {}
+    runs = {}           # (target, connections) -> one result per round
     with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
         script = wrk_script(folder, args.customers)
         upstream_port = free_port()
         upstream = start_upstream(folder, upstream_port)
+        processes = {}
         try:
-            targets = []
+            ports = {}
             if shutil.which("nginx"):
-                targets.append("nginx")
-            targets.append("aforo")
+                ports["nginx"] = free_port()
+                processes["nginx"] = start_nginx_proxy(folder, ports["nginx"], upstream_port)
+            ports["aforo"] = free_port()
+            processes["aforo"], _ = start_proxy(folder, ports["aforo"], upstream_port, args.customers)
+            targets = list(ports)
             for target in targets:
-                port = free_port()
-                if target == "nginx":
-                    process = start_nginx_proxy(folder, port, upstream_port)
-                else:
-                    process, _ = start_proxy(folder, port, upstream_port, args.customers)
-                try:
-                    run_wrk(port, connection_counts[0], 2, script)    # warm-up
+                run_wrk(ports[target], connection_counts[0], 2, script)    # warm-up
+            # Both targets stay up and take turns, the order flipping every round, so a
+            # machine that speeds up or slows down during the run touches both alike.
+            for round_number in range(args.rounds):
+                for target in (targets if round_number % 2 == 0 else targets[::-1]):
                     for connections in connection_counts:
-                        results[(target, connections)] = run_wrk(port, connections, args.duration, script)
-                    if target == "aforo":
-                        results[("aforo", "rss_mib_after_load")] = rss_mib(process.pid)
-                finally:
-                    stop(process)
+                        runs.setdefault((target, connections), []).append(
+                            run_wrk(ports[target], connections, args.duration, script))
+            rss_after_load = rss_mib(processes["aforo"].pid)
         finally:
+            for process in processes.values():
+                stop(process)
             stop(upstream)
         rss_process, rss_1m = start_proxy(folder, free_port(), free_port(), args.rss_customers)
         stop(rss_process)
 
-    print(f"{'target':<8}{'conns':>6}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
-    for (target, connections), run in results.items():
-        if isinstance(connections, int):
-            print(f"{target:<8}{connections:>6}{run['rps']:>12,.0f}{run['p50_ms']:>10.2f}{run['p99_ms']:>10.2f}"
-                  f"{run['non_2xx']:>9}  {run['socket_errors']}")
-    print(f"aforo worker RSS after load ({args.customers:,} customers): "
-          f"{results[('aforo', 'rss_mib_after_load')]:.0f} MiB")
+    print(f"{'target':<8}{'conns':>6}{'round':>6}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    for (target, connections), rounds in runs.items():
+        for number, run in enumerate(rounds, 1):
+            print(f"{target:<8}{connections:>6}{number:>6}{run['rps']:>12,.0f}{run['p50_ms']:>10.2f}"
+                  f"{run['p99_ms']:>10.2f}{run['non_2xx']:>9}  {run['socket_errors']}")
+    print(f"aforo worker RSS after load ({args.customers:,} customers): {rss_after_load:.0f} MiB")
     print(f"aforo worker RSS with {args.rss_customers:,} customers loaded: {rss_1m:.0f} MiB (target <= 200)")
     high = max(connection_counts)
     summary = {
-        f"{target}_{key}_c{connections}": run[key]
-        for (target, connections), run in results.items() if isinstance(connections, int)
+        f"{target}_{key}_c{connections}": median([run[key] for run in rounds])
+        for (target, connections), rounds in runs.items()
         for key in ("rps", "p50_ms", "p99_ms")
     }
-    nginx_high = results.get(("nginx", high))
-    aforo_high = results[("aforo", high)]
+    # Each round's aforo run against that round's nginx run; the median over rounds.
+    nginx_high = runs.get(("nginx", high))
+    aforo_high = runs[("aforo", high)]
+    rps_ratios = [a["rps"] / n["rps"] for a, n in zip(aforo_high, nginx_high)] if nginx_high else []
+    p99_ratios = [a["p99_ms"] / n["p99_ms"] for a, n in zip(aforo_high, nginx_high)] if nginx_high else []
     summary.update({
-        "rps_ratio_vs_nginx": round(aforo_high["rps"] / nginx_high["rps"], 3) if nginx_high else None,
-        "p99_ratio_vs_nginx": round(aforo_high["p99_ms"] / nginx_high["p99_ms"], 3) if nginx_high else None,
+        "rps_ratio_vs_nginx": round(median(rps_ratios), 3) if rps_ratios else None,
+        "p99_ratio_vs_nginx": round(median(p99_ratios), 3) if p99_ratios else None,
+        "rps_ratios_by_round": [round(ratio, 3) for ratio in rps_ratios],
+        "p99_ratios_by_round": [round(ratio, 3) for ratio in p99_ratios],
         "rss_mib_1m_customers": round(rss_1m, 1),
         "customers": args.customers,
+        "rounds": args.rounds,
     })
     print(json.dumps(summary))
     return 0

@@ -106,7 +106,7 @@ def field_kind(name):
 def _named(name, lower):
     # Whether `name` starts with `lower` (lower-case ASCII), ignoring case.
     if cython.compiled:
-        return strncasecmp(PyBytes_AS_STRING(name), PyBytes_AS_STRING(lower), len(lower)) == 0
+        return strncasecmp(PyBytes_AS_STRING(name), PyBytes_AS_STRING(lower), len(lower)) == 0  # noqa: F821
     return name[:len(lower)].lower() == lower
 
 
@@ -128,20 +128,20 @@ def without_fields(parts, names):
 def join_parts(parts):
     """The bytes `parts` (a list) joined into one bytes object: b"".join without the
     buffer protocol (compiled, it sizes the result once and copies each part in)."""
-    if cython.compiled:
+    if cython.compiled:                                 # C names from headers.pxd
         count = len(parts)
         size = 0
         for index in range(count):
-            part = list_item(parts, index)
-            if not bytes_check_exact(part):
+            part = list_item(parts, index)  # noqa: F821
+            if not bytes_check_exact(part):  # noqa: F821
                 raise TypeError("join_parts takes a list of bytes")
-            size += object_size(part)
-        joined = PyBytes_FromStringAndSize(cython.NULL, size)
-        out = PyBytes_AS_STRING(joined)
+            size += object_size(part)  # noqa: F821
+        joined = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821
+        out = PyBytes_AS_STRING(joined)  # noqa: F821
         for index in range(count):
-            part = list_item(parts, index)
-            length = object_size(part)
-            memcpy(out, bytes_data(part), length)
+            part = list_item(parts, index)  # noqa: F821
+            length = object_size(part)  # noqa: F821
+            memcpy(out, bytes_data(part), length)  # noqa: F821
             out += length
         return joined
     return b"".join(parts)
