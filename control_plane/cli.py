@@ -94,11 +94,9 @@ def run_check_config(args: argparse.Namespace) -> int:
 
 def run_proxy(args: argparse.Namespace) -> int:
     """Run the edge proxy from a settings file until SIGTERM / SIGINT."""
-    import logging
+    from proxy.server import configure_logging, run_proxy as serve
 
-    from proxy.server import run_proxy as serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         return serve(args.config)
     except ConfigError as err:

@@ -18,6 +18,7 @@ from proxy.headers import (FIELD_CONNECTION, FIELD_CONTENT_LENGTH, FIELD_DROPPED
                            field_kind, join_parts, without_fields)
 from proxy.problem import problem_response, status_line
 from proxy.meter_event import MeterEvent, new_event_id
+from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
 from proxy.upstream import ResponseSink
 
 # Bytes of request body held while waiting for an upstream connection before the
@@ -77,6 +78,7 @@ class ClientConnection:
         # A new connection owes its first request's headers within the header timeout.
         self.deadline = app.now() + app.header_timeout_s
         if not app.admit_connection(self):
+            app.count_request("", DECISION_TOO_MANY_CONNECTIONS)
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
             transport.close()
 

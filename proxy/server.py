@@ -5,6 +5,7 @@
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -148,8 +149,16 @@ class ProxyWorker:
         self.stopped.set()
 
 
+def configure_logging():
+    """Log INFO and up to stderr with times (once per process: spawned workers call it
+    too, as they inherit nothing from the parent's configuration)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+
+
 def run_worker(settings_path, worker_index=0):
     """Run one worker process until SIGTERM or SIGINT; returns the exit status."""
+    configure_logging()
     uvloop.install()
     settings = load_proxy_settings(settings_path)
 
@@ -168,33 +177,108 @@ def run_worker(settings_path, worker_index=0):
     return 0
 
 
-def run_proxy(settings_path):
-    """`aforo proxy`: run settings.workers workers sharing the listening port; on
-    SIGTERM / SIGINT every worker shuts down gracefully. Returns the exit status."""
-    settings = load_proxy_settings(settings_path)
-    if settings.workers == 1:
-        return run_worker(settings_path, 0)
-    context = multiprocessing.get_context("spawn")
-    children = [context.Process(target=run_worker, args=(settings_path, index), name=f"aforo-worker-{index}")
-                for index in range(settings.workers)]
-    for child in children:
-        child.start()
+# A worker that exits on its own is started again (same index: same admin port, meter
+# file and spool, whose leftovers it replays). One that dies within QUICK_EXIT_S of
+# starting waits before the next try, RESTART_DELAY_S doubling up to RESTART_DELAY_MAX_S;
+# after GIVE_UP_AFTER quick exits in a row the proxy stops with status 1 (a worker that
+# cannot start is a configuration or environment problem, not a crash to ride out).
+QUICK_EXIT_S = 10.0
+RESTART_DELAY_S = 0.25
+RESTART_DELAY_MAX_S = 30.0
+GIVE_UP_AFTER = 5
+_SUPERVISE_TICK_S = 0.5
 
-    def forward(signum, _frame):
-        # Runs inside join(): a worker join() has reaped but not yet recorded is gone
-        # already. Nothing may raise here, or the workers after it are never told.
-        for child in children:
-            if child.exitcode is None:
+
+def _status(exitcode):
+    # A worker killed by a signal has a negative exit code: reported as a shell does
+    # (128 + signal number), never as success.
+    exitcode = exitcode or 0
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+class _Supervisor:
+    """The parent of `workers` worker processes: starts them, replaces any that exits
+    while the proxy is running, and on SIGTERM / SIGINT tells every worker to shut down
+    gracefully and waits for them."""
+
+    def __init__(self, settings_path, workers):
+        self.settings_path = settings_path
+        self.context = multiprocessing.get_context("spawn")
+        self.children = [None] * workers
+        self.started_at = [0.0] * workers
+        self.quick_exits = [0] * workers
+        self.restart_at = {}                # worker index -> monotonic time of its restart
+        self.stopping = False
+        self.gave_up = False
+
+    def run(self):
+        for index in range(len(self.children)):
+            self._start(index)
+        signal.signal(signal.SIGTERM, self._stop_all)
+        signal.signal(signal.SIGINT, self._stop_all)
+        while True:
+            running = [child for child in self.children if child.exitcode is None]
+            if self.stopping and not running:
+                break
+            multiprocessing.connection.wait([child.sentinel for child in running], _SUPERVISE_TICK_S)
+            if not self.stopping:
+                self._replace_exited()
+        if self.gave_up:
+            return 1
+        return max(_status(child.exitcode) for child in self.children)
+
+    def _start(self, index):
+        child = self.context.Process(target=run_worker, args=(self.settings_path, index),
+                                     name=f"aforo-worker-{index}")
+        child.start()
+        self.children[index] = child
+        self.started_at[index] = time.monotonic()
+        if self.stopping:                       # a signal came while it was starting
+            self._stop_all(None, None)
+
+    def _replace_exited(self):
+        now = time.monotonic()
+        for index, child in enumerate(self.children):
+            if child.exitcode is None or index in self.restart_at:
+                continue
+            quick = now - self.started_at[index] < QUICK_EXIT_S
+            self.quick_exits[index] = self.quick_exits[index] + 1 if quick else 0
+            if self.quick_exits[index] >= GIVE_UP_AFTER:
+                log.error("worker %d exited with status %d %d times in a row within %.0f s of starting; "
+                          "stopping the proxy", index, _status(child.exitcode), GIVE_UP_AFTER, QUICK_EXIT_S)
+                self.gave_up = True
+                self._stop_all(None, None)
+                return
+            delay = RESTART_DELAY_S * 2 ** (self.quick_exits[index] - 1) if quick else 0.0
+            delay = min(delay, RESTART_DELAY_MAX_S)
+            log.error("worker %d (pid %d) exited with status %d; starting a new one in %.1f s",
+                      index, child.pid, _status(child.exitcode), delay)
+            self.restart_at[index] = now + delay
+        for index, when in list(self.restart_at.items()):
+            if now >= when and not self.stopping:
+                del self.restart_at[index]
+                self._start(index)
+
+    def _stop_all(self, _signum, _frame):
+        # Runs as a signal handler too: nothing may raise here, or the workers after it
+        # are never told.
+        self.stopping = True
+        self.restart_at.clear()
+        for child in self.children:
+            if child is not None and child.exitcode is None:
                 try:
                     os.kill(child.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
-    # A worker killed by a signal has a negative exit code: report it as a shell does
-    # (128 + signal number), never as success.
-    codes = [child.exitcode or 0 for child in children]
-    return max((128 - code if code < 0 else code) for code in codes)
+
+def run_proxy(settings_path):
+    """`aforo proxy`: run settings.workers workers sharing the listening port (more than
+    one: under a supervisor that replaces a worker that dies); on SIGTERM / SIGINT every
+    worker shuts down gracefully. Returns the exit status."""
+    settings = load_proxy_settings(settings_path)
+    if settings.workers == 1:
+        return run_worker(settings_path, 0)
+    # A bad edge state file is reported here, once, rather than by every worker.
+    FileEdgeState(settings.edge_state.file)
+    return _Supervisor(settings_path, settings.workers).run()

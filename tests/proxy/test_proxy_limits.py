@@ -212,6 +212,7 @@ def test_connections_over_the_limit_get_503_while_the_others_keep_working(proxy,
         wait_until(proxy.loop_thread, lambda: len(proxy.app.connections) == 2)
         with connect(proxy.port) as third:
             refused_and_closed(third, None, 503)
+        assert proxy.app.metrics.request_count("", "too_many_connections") == 1
         for sock in (first, second):
             assert exchange(sock, f"GET /echo HTTP/1.1\r\n{HEAD}\r\n".encode())[0] == 200
         assert len(upstream.requests) == 2

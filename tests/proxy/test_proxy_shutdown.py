@@ -143,7 +143,7 @@ class ProxyProcess:
     """`aforo proxy --config FILE` with `workers` workers in its own session, so every
     worker can be killed with it at the end."""
 
-    def __init__(self, folder, upstream_port, workers=2):
+    def __init__(self, folder, upstream_port, workers=2, start=True):
         self.folder = folder
         self.workers = workers
         self.port = free_port()
@@ -163,9 +163,15 @@ class ProxyProcess:
             metering: {{path: meter-events.ndjson, spool_dir: meter-spool, buffer_events: 1000, batch_events: 50,
                        flush_interval_s: 3600}}
             """))
+        self.settings_path = settings_path
         self.log = open(folder / "proxy.log", "wb")
-        self.process = subprocess.Popen(proxy_command(settings_path), cwd=folder, stdout=self.log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = None
+        if start:
+            self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(proxy_command(self.settings_path), cwd=self.folder, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def admin_ports(self):
@@ -186,7 +192,7 @@ class ProxyProcess:
         return (self.folder / "proxy.log").read_text(errors="replace")
 
     def kill(self):
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(PROCESS_EXIT_BOUND_S)
         self.log.close()
@@ -252,10 +258,51 @@ def test_sigterm_drains_every_worker_and_keeps_every_meter_event(proxy_process, 
     assert [path.name for path in proxy.folder.glob("meter-spool*/*") if path.is_file()] == []
 
 
-def test_a_worker_that_died_makes_the_exit_status_fail(proxy_process):
+def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(proxy_process):
     proxy = proxy_process(workers=2)
-    first, _ = proxy.worker_pids()
+    first, second = proxy.worker_pids()
     os.kill(first, signal.SIGKILL)
-    poll(lambda: None in [readiness(port) for port in proxy.admin_ports], "the killed worker's admin port closing")
+
+    def replaced():
+        pids = proxy.worker_pids()
+        return (len(pids) == 2 and first not in pids and second in pids
+                and all(readiness(port) == 200 for port in proxy.admin_ports))
+    poll(replaced, "a new worker in place of the killed one")
+    # Fresh connections land on either worker (SO_REUSEPORT): every one is served.
+    for index in range(20):
+        assert request(proxy.port, "GET", f"/echo/after-{index}")[0] == 200
+    assert f"worker 0 (pid {first}) exited with status {128 + signal.SIGKILL}" in proxy.output()
     proxy.process.send_signal(signal.SIGTERM)
-    assert proxy.process.wait(PROCESS_EXIT_BOUND_S) == 128 + signal.SIGKILL
+    assert proxy.process.wait(PROCESS_EXIT_BOUND_S) == 0, proxy.output()
+    assert len(proxy.meter_events()) == 20
+
+
+def test_a_worker_that_cannot_start_stops_the_proxy_with_a_failure(upstream, tmp_path):
+    # Worker 1's admin port is taken: it exits at every start; after a few quick
+    # exits in a row the proxy gives up rather than retrying forever.
+    proxy = ProxyProcess(tmp_path, upstream.port, workers=2, start=False)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", proxy.admin_ports[1]))
+        squatter.listen()
+        proxy.start()
+        try:
+            status = proxy.process.wait(PROCESS_EXIT_BOUND_S)
+            output = proxy.output()
+        finally:
+            proxy.kill()
+    assert status == 1, output
+    assert "worker 1 exited with status 1 5 times in a row" in output
+
+
+def test_a_bad_edge_state_file_is_reported_once_before_any_worker_starts(upstream, tmp_path):
+    proxy = ProxyProcess(tmp_path, upstream.port, workers=2, start=False)
+    (tmp_path / "edge_state.yaml").write_text("customers: [oops\n")
+    proxy.start()
+    try:
+        status = proxy.process.wait(PROCESS_EXIT_BOUND_S)
+        output = proxy.output()
+    finally:
+        proxy.kill()
+    assert status == 1, output
+    assert "edge_state.yaml" in output
+    assert "worker" not in output          # no worker was started, none restarted
