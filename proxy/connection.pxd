@@ -38,6 +38,7 @@ cdef class ClientConnection:
     cdef public double deadline
     cdef public bint idle
     cdef public object tunnel
+    cdef public bint tunnel_moved
     cdef public object upgrading
     cdef public bint corked
     cdef public bint lingering
@@ -71,6 +72,9 @@ cdef class ClientConnection:
     cpdef check_deadline(self, now)
     cpdef close_when_idle(self)
     cpdef start_tunnel(self, upstream_conn)
+    cpdef upstream_full(self)
+    cpdef upstream_drained(self)
+    cpdef _check_tunnel(self, double now)
 
 
 @cython.final

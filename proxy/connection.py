@@ -55,7 +55,8 @@ class ClientConnection:
         self.reading_paused_by = 0              # reasons reading is paused (bit set)
         self.deadline = 0.0                     # header / idle timeout, checked by the sweeper
         self.idle = True
-        self.tunnel = None
+        self.tunnel = None                      # the upstream connection once a 101 switched protocols
+        self.tunnel_moved = False               # bytes crossed the tunnel since the last sweep
         self.upgrading = None                   # the exchange waiting for 101, if any
         self.corked = False                     # hold writes until the current read is done
         self.lingering = False                  # refused and half-closed: draining input
@@ -86,6 +87,7 @@ class ClientConnection:
         if self.lingering:
             return
         if self.tunnel is not None:
+            self.tunnel_moved = True
             self.tunnel.transport.write(data)
             return
         if self.upgrading is not None:
@@ -145,12 +147,16 @@ class ClientConnection:
 
     def pause_writing(self):
         self.writing_paused = True
-        if self.exchanges:
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+        elif self.exchanges:
             self.exchanges[0].pause_upstream_reading()
 
     def resume_writing(self):
         self.writing_paused = False
-        if self.exchanges:
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+        elif self.exchanges:
             self.exchanges[0].resume_upstream_reading()
 
     # -- httptools callbacks ------------------------------------------------------
@@ -316,9 +322,12 @@ class ClientConnection:
             if now >= self.deadline:
                 self.transport.close()
             return
+        if self.tunnel is not None:
+            self._check_tunnel(now)
+            return
         if self.exchanges:
             self.exchanges[0].check_deadline(now)
-        if self.closing or now < self.deadline or self.tunnel is not None:
+        if self.closing or now < self.deadline:
             return
         if self.idle:
             self.closing = True
@@ -333,10 +342,36 @@ class ClientConnection:
             self._close()
 
     def start_tunnel(self, upstream_conn):
-        """After `101 Switching Protocols`: relay raw bytes both ways until either side closes."""
+        """After `101 Switching Protocols`: relay raw bytes both ways until either side
+        closes, or until no byte has crossed either way for the upstream's read timeout.
+        Each side is read only while the other takes what it is sent."""
         self.upgrading = None
         self.tunnel = upstream_conn
         upstream_conn.tunnel = self
+        self.deadline = self.app.now() + upstream_conn.pool.read_timeout_s
+        if upstream_conn.writing_paused:
+            self.upstream_full()
+        if self.writing_paused:
+            upstream_conn.pause_reading()
+
+    def upstream_full(self):
+        """The tunnel's upstream takes no more for now: stop reading the client."""
+        self.pause_reading(_UPSTREAM_FULL)
+
+    def upstream_drained(self):
+        self.resume_reading(_UPSTREAM_FULL)
+
+    def _check_tunnel(self, now):
+        # The sweep's view of a tunnel: idle since the last sweep and past its deadline -> closed.
+        if self.tunnel_moved:
+            self.tunnel_moved = False
+            self.deadline = now + self.tunnel.pool.read_timeout_s
+        elif now >= self.deadline and not self.closing:
+            self.closing = True
+            if self.writing_paused:
+                self.transport.abort()   # what is held cannot be delivered: nothing moves
+            else:
+                self.transport.close()   # connection_lost then aborts the upstream side
 
 
 def _line_version(data):

@@ -78,6 +78,7 @@ class UpstreamConnection:
 
     def data_received(self, data):
         if self.tunnel is not None:
+            self.tunnel.tunnel_moved = True
             self.tunnel.transport.write(data)
             return
         exchange = self.exchange
@@ -117,12 +118,16 @@ class UpstreamConnection:
 
     def pause_writing(self):
         self.writing_paused = True
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.upstream_full()
+        elif self.exchange is not None:
             self.exchange.upstream_full()
 
     def resume_writing(self):
         self.writing_paused = False
-        if self.exchange is not None:
+        if self.tunnel is not None:
+            self.tunnel.upstream_drained()
+        elif self.exchange is not None:
             self.exchange.upstream_drained()
 
     # -- httptools callbacks: forwarded to the owning exchange ---------------------

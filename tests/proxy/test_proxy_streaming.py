@@ -272,6 +272,106 @@ def test_a_refused_upgrade_never_switches_the_connection(proxy, upstream):
     assert [path for _, path, _, _, _ in upstream.requests] == ["/echo/plain"]
 
 
+WEBSOCKET_HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-pro\r\n"
+                       b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+def text_frame(text):
+    """A masked client text frame (short payloads only)."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def echoed(sock, reader, text):
+    sock.sendall(text_frame(text))
+    head = reader.read_exact(2)
+    return reader.read_exact(head[1] & 0x7F).decode()
+
+
+def test_an_idle_websocket_is_closed_after_the_upstream_read_timeout(proxy, upstream, loop_thread):
+    # read_timeout_s is 30 for this proxy's upstream.
+    with connect(proxy.port) as sock:
+        sock.sendall(WEBSOCKET_HANDSHAKE)
+        reader = HttpReader(sock)
+        assert reader.read_response()[0] == 101
+        assert echoed(sock, reader, "first") == "echo:first"
+        proxy.sweep(0)                  # bytes crossed since the last sweep: the idle clock starts over
+        proxy.sweep(25)                 # idle, but not for long enough
+        assert echoed(sock, reader, "still open") == "echo:still open"
+        proxy.sweep(0)
+        proxy.sweep(31)
+        assert reader.buffer + read_until_closed(sock) == b""
+    wait_until(loop_thread, lambda: proxy.pool().open_count == 0 and not proxy.app.connections)
+
+
+def switch_then(then):
+    """A raw upstream script: answer the upgrade with 101, then run `then(reader, writer)`."""
+    async def script(upstream, index, reader, writer):
+        await upstream.read_request(reader, index)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        await writer.drain()
+        await then(reader, writer)
+    return script
+
+
+def the_tunnel(app):
+    [client] = app.connections
+    return client, client.tunnel
+
+
+def test_a_websocket_client_faster_than_its_upstream_is_held_back_not_buffered(raw_upstream, make_proxy,
+                                                                                loop_thread):
+    stalled = asyncio.Event()
+
+    async def never_read(reader, writer):
+        await stalled.wait()
+    raw_upstream.script = switch_then(never_read)
+    proxy = make_proxy(raw_upstream.port)
+    with connect(proxy.port) as sock:
+        sock.sendall(WEBSOCKET_HANDSHAKE)
+        assert HttpReader(sock).read_response()[0] == 101
+        flood = threading.Thread(target=send_until_closed, args=(sock, 64 * MIB), daemon=True)
+        flood.start()
+        # The upstream reads nothing: the proxy stops reading the client instead of
+        # holding what it sends.
+        wait_until(loop_thread, lambda: the_tunnel(proxy.app)[0].reading_paused_by != 0)
+        held = loop_thread.call(lambda: the_tunnel(proxy.app)[1].transport.get_write_buffer_size())
+        assert held < 2 * MIB
+        assert flood.is_alive()             # the client is blocked, not done
+        loop_thread.call(stalled.set)
+    flood.join(SOCKET_TIMEOUT_S)
+
+
+def test_a_websocket_upstream_faster_than_its_client_is_held_back_not_buffered(raw_upstream, make_proxy,
+                                                                                loop_thread):
+    written = []
+
+    async def flood(reader, writer):
+        chunk = b"\x82\x7f" + (65536).to_bytes(8, "big") + b"x" * 65536
+        while sum(written) < 64 * MIB:
+            writer.write(chunk)
+            await writer.drain()
+            written.append(len(chunk))
+    raw_upstream.script = switch_then(flood)
+    proxy = make_proxy(raw_upstream.port)
+    with connect(proxy.port) as sock:
+        sock.sendall(WEBSOCKET_HANDSHAKE)
+        assert HttpReader(sock).read_response()[0] == 101
+        # The client reads nothing more: the proxy stops reading the upstream.
+        wait_until(loop_thread, lambda: the_tunnel(proxy.app)[1].reading_paused)
+        held = loop_thread.call(lambda: the_tunnel(proxy.app)[0].transport.get_write_buffer_size())
+        assert held < 2 * MIB
+        assert loop_thread.call(lambda: sum(written)) < 64 * MIB
+
+
+def send_until_closed(sock, size):
+    try:
+        sock.sendall(b"x" * size)
+    except OSError:
+        pass
+
+
 # -- a response that ends while the client lags ------------------------------------------------
 
 PART_BYTES = 4 * MIB
