@@ -354,7 +354,7 @@ def main(argv=None):
     print(f"aforo worker RSS with {args.rss_customers:,} customers loaded: {rss_1m:.0f} MiB (target <= 200)")
     high = max(connection_counts)
     summary = {
-        f"{target}_{key}_c{connections}": median([run[key] for run in rounds])
+        f"{target}_{key}_c{connections}": round(median([run[key] for run in rounds]), 3)
         for (target, connections), rounds in runs.items()
         for key in ("rps", "p50_ms", "p99_ms")
     }
