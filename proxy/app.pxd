@@ -2,6 +2,7 @@
 # AFORO_PURE_PYTHON=1).
 cimport cython
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from proxy.headers cimport starts_ignoring_case
 from proxy.metering cimport MeterBuffer
 from proxy.metrics cimport ProxyMetrics
 from proxy.routing cimport Router
@@ -20,7 +21,6 @@ cdef class ProxyApp:
     cdef public object edge_state
     cdef public MeterBuffer meter_buffer
     cdef public ProxyMetrics metrics
-    cdef public dict request_counts
     cdef public object loop
     cdef readonly object clock
     cdef readonly object wall_clock
@@ -36,8 +36,8 @@ cdef class ProxyApp:
 
     cpdef admit_connection(self, connection)
     cpdef forget_connection(self, connection)
-    cpdef api_key(self, raw)
-    cpdef count_request(self, route_name, decision)
+    @cython.locals(start=Py_ssize_t, end=Py_ssize_t)
+    cpdef api_key(self, bytes raw)
     cpdef count_refusal(self, status)
     cpdef log_error(self, message, error)
     cpdef sweep(self, now=*)

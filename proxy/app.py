@@ -9,6 +9,7 @@ import urllib.parse
 
 import cython
 
+from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("aforo.proxy")
@@ -35,7 +36,6 @@ class ProxyApp:
         self.edge_state = edge_state
         self.meter_buffer = meter
         self.metrics = metrics
-        self.request_counts = metrics.request_counts
         self.loop = loop
         self.clock = clock
         self.wall_clock = wall_clock
@@ -81,24 +81,28 @@ class ProxyApp:
 
     def api_key(self, raw):
         """The API key from the configured header's value: `Bearer <key>` for
-        Authorization, the whole value otherwise; None when absent or malformed."""
+        Authorization, the whole value otherwise, without surrounding whitespace;
+        None when absent or malformed."""
         if raw is None:
             return None
+        start = 0
+        end = len(raw)
         if self.bearer:
-            if raw[:7].lower() != _BEARER:
+            if end < len(_BEARER) or not starts_ignoring_case(raw, _BEARER):
                 return None
-            raw = raw[7:]
-        key = raw.strip()
-        return key or None
+            start = len(_BEARER)
+        while start < end and raw[start] in b" \t\n\r\x0b\x0c":
+            start += 1
+        while end > start and raw[end - 1] in b" \t\n\r\x0b\x0c":
+            end -= 1
+        if start == end:
+            return None
+        return raw if start == 0 and end == len(raw) else raw[start:end]
 
     # -- accounting -------------------------------------------------------------------
-    def count_request(self, route_name, decision):
-        counts = self.request_counts
-        key = (route_name, decision)
-        counts[key] = counts.get(key, 0) + 1
-
     def count_refusal(self, status):
-        self.count_request("", "bad_request" if status < 500 else f"error_{status}")
+        """Count a request refused as malformed (4xx) or failed in the proxy (5xx)."""
+        self.metrics.count_request("", "bad_request" if status < 500 else f"error_{status}")
 
     def log_error(self, message, error):
         log.error("%s: %r", message, error, exc_info=error)

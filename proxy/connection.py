@@ -79,7 +79,7 @@ class ClientConnection:
         # A new connection owes its first request's headers within the header timeout.
         self.deadline = app.now() + app.header_timeout_s
         if not app.admit_connection(self):
-            app.count_request("", DECISION_TOO_MANY_CONNECTIONS)
+            app.metrics.count_request("", DECISION_TOO_MANY_CONNECTIONS)
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
             transport.close()
 
@@ -622,7 +622,7 @@ class Exchange(ResponseSink):
         """Answer from the edge (never forwarded). The connection stays open only when
         the request had no body left unread."""
         self.finished = True
-        self.app.count_request(self.route.name if self.route is not None else "", reason)
+        self.app.metrics.count_request(self.route.name if self.route is not None else "", reason)
         body_pending = not self.request_complete and (self.content_length or self.transfer_encoding is not None)
         keep_alive = self.keep_alive and not body_pending and not self.client.closing
         self.client.write(problem_response(status, title, detail, reason=reason, headers=headers, close=not keep_alive))
@@ -868,7 +868,7 @@ class Exchange(ResponseSink):
                         and not conn.closed)
             conn.pool.release(conn, reusable)
         app = self.app
-        app.count_request(self.route.name, self.decision.reason)
+        app.metrics.count_request(self.route.name, self.decision.reason)
         self._meter()
         self.client.exchange_done(self, self.keep_alive)
 
@@ -885,7 +885,7 @@ class Exchange(ResponseSink):
         if tail:
             self.client.write(tail)
         app = self.app
-        app.count_request(self.route.name, self.decision.reason)
+        app.metrics.count_request(self.route.name, self.decision.reason)
         self._meter()
         client = self.client
         if client.exchanges and client.exchanges[0] is self:
@@ -939,7 +939,7 @@ class Exchange(ResponseSink):
 
     def _abort_client(self, why):
         self.finished = True
-        self.app.count_request(self.route.name, "error_502")
+        self.app.metrics.count_request(self.route.name, "error_502")
         self._meter()
         client = self.client
         client.closing = True

@@ -29,7 +29,6 @@ cpdef bytes join_parts(list parts)
 @cython.locals(size=Py_ssize_t, kind=int)
 cpdef int field_kind(bytes name) except -1
 
-# `name` at least as long as `lower`.
-cdef bint _named(bytes name, bytes lower)
+cpdef bint starts_ignoring_case(bytes value, bytes lower)
 
 cpdef frozenset connection_tokens(bytes value)

@@ -58,56 +58,57 @@ def field_kind(name):
     size = len(name)
     kind = FIELD_OTHER
     if size == 4:
-        if _named(name, b"host"):
+        if starts_ignoring_case(name, b"host"):
             kind = FIELD_HOST
     elif size == 14:
-        if _named(name, b"content-length"):
+        if starts_ignoring_case(name, b"content-length"):
             kind = FIELD_CONTENT_LENGTH
     elif size == 10:
-        if _named(name, b"connection"):
+        if starts_ignoring_case(name, b"connection"):
             kind = FIELD_CONNECTION
-        elif _named(name, b"keep-alive"):
+        elif starts_ignoring_case(name, b"keep-alive"):
             kind = FIELD_DROPPED
     elif size == 17:
-        if _named(name, b"transfer-encoding"):
+        if starts_ignoring_case(name, b"transfer-encoding"):
             kind = FIELD_TRANSFER_ENCODING
-        elif _named(name, b"x-forwarded-proto"):
+        elif starts_ignoring_case(name, b"x-forwarded-proto"):
             kind = FIELD_FORWARDED_PROTO
     elif size == 7:
-        if _named(name, b"upgrade"):
+        if starts_ignoring_case(name, b"upgrade"):
             kind = FIELD_UPGRADE
-        elif _named(name, b"trailer"):
+        elif starts_ignoring_case(name, b"trailer"):
             kind = FIELD_DROPPED
     elif size == 15:
-        if _named(name, b"x-forwarded-for"):
+        if starts_ignoring_case(name, b"x-forwarded-for"):
             kind = FIELD_FORWARDED_FOR
     elif size == 16:
-        if _named(name, b"x-forwarded-host"):
+        if starts_ignoring_case(name, b"x-forwarded-host"):
             kind = FIELD_FORWARDED_HOST
-        elif _named(name, b"proxy-connection"):
+        elif starts_ignoring_case(name, b"proxy-connection"):
             kind = FIELD_DROPPED
     elif size == 9:
-        if _named(name, b"forwarded"):
+        if starts_ignoring_case(name, b"forwarded"):
             kind = FIELD_FORWARDED
     elif size == 2:
-        if _named(name, b"te"):
+        if starts_ignoring_case(name, b"te"):
             kind = FIELD_DROPPED
     elif size == 18:
-        if _named(name, b"proxy-authenticate"):
+        if starts_ignoring_case(name, b"proxy-authenticate"):
             kind = FIELD_DROPPED
     elif size == 19:
-        if _named(name, b"proxy-authorization"):
+        if starts_ignoring_case(name, b"proxy-authorization"):
             kind = FIELD_DROPPED
-    if kind == FIELD_OTHER and size >= 8 and _named(name, OWN_PREFIX):
+    if kind == FIELD_OTHER and size >= 8 and starts_ignoring_case(name, OWN_PREFIX):
         kind = FIELD_DROPPED
     return kind
 
 
-def _named(name, lower):
-    # Whether `name` starts with `lower` (lower-case ASCII), ignoring case.
+def starts_ignoring_case(value, lower):
+    """Whether `value` (at least as long as `lower`) starts with `lower`, a lower-case
+    ASCII prefix, ignoring case."""
     if cython.compiled:
-        return strncasecmp(PyBytes_AS_STRING(name), PyBytes_AS_STRING(lower), len(lower)) == 0  # noqa: F821
-    return name[:len(lower)].lower() == lower
+        return strncasecmp(PyBytes_AS_STRING(value), PyBytes_AS_STRING(lower), len(lower)) == 0  # noqa: F821
+    return value[:len(lower)].lower() == lower
 
 
 # Fields on their way out are kept as a flat list of wire-form parts, four per field

@@ -22,6 +22,8 @@ cdef class ProxyMetrics:
     cdef dict _upstream
     cdef object _live
 
+    @cython.locals(by_decision=dict)
+    cpdef count_request(self, str route, str decision)
     cpdef observe_decision(self, double seconds)
     @cython.locals(histogram=_Histogram)
     cpdef observe_upstream(self, str upstream, double seconds)

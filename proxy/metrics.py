@@ -43,9 +43,8 @@ PoolConnections = Callable[[], Iterable[tuple[str, str, int]]]
 class ProxyMetrics:
     """The metrics of one proxy and the registry `/metrics` renders.
 
-    Hot path (cheap, called per request): `count_request(route, decision)` — one dict
-    lookup and an increment —, `request_counter(route, decision)` for callers that
-    keep the child themselves, `observe_decision(seconds)`. Per upstream exchange:
+    Hot path (cheap, called per request): `count_request(route, decision)` — two dict
+    lookups and an increment —, `observe_decision(seconds)`. Per upstream exchange:
     `observe_upstream(upstream, seconds)`. Rare: `count_reload_error(file, error)`.
     Read at scrape time, never on the hot path: the meter buffer (`watch_meter_buffer`),
     upstream pools (`watch_upstream_pools`), edge state age (`watch_edge_state_age`).
@@ -60,8 +59,8 @@ class ProxyMetrics:
             "aforo_config_reload_errors_total",
             "Configuration reloads rejected (the old configuration stays in force).",
             ("file",), registry=self.registry)
-        # (route, decision) -> requests answered; the proxy bumps it directly.
-        self.request_counts: dict[tuple[str, str], int] = {}
+        # route -> decision -> requests answered.
+        self.request_counts: dict[str, dict[str, int]] = {}
         self._decision = _Histogram(DECISION_BUCKETS_S)
         self._upstream: dict[str, _Histogram] = {}
         self._live = _LiveCollector()
@@ -74,20 +73,16 @@ class ProxyMetrics:
         """Record how long one decision took, in seconds."""
         self._decision.observe(seconds)
 
-    def request_counter(self, route: str, decision: str):
-        """A handle on the `aforo_requests_total{route, decision}` count: `.inc()`.
-        Route names come from configuration and decisions from DECISION_LABELS,
-        which keeps the number of series bounded."""
-        return _RequestCounter(self.request_counts, (route, decision))
-
     def count_request(self, route: str, decision: str) -> None:
         """Count one answered request under (route, decision)."""
-        key = (route, decision)
-        self.request_counts[key] = self.request_counts.get(key, 0) + 1
+        by_decision = self.request_counts.get(route)
+        if by_decision is None:
+            by_decision = self.request_counts[route] = {}
+        by_decision[decision] = by_decision.get(decision, 0) + 1
 
     def request_count(self, route: str, decision: str) -> int:
         """Requests counted so far under (route, decision)."""
-        return self.request_counts.get((route, decision), 0)
+        return self.request_counts.get(route, {}).get(decision, 0)
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
         """Record one upstream exchange's duration, in seconds."""
@@ -144,17 +139,6 @@ def new_proxy_metrics() -> ProxyMetrics:
     return ProxyMetrics()
 
 
-class _RequestCounter:
-    __slots__ = ("counts", "key")
-
-    def __init__(self, counts, key):
-        self.counts = counts
-        self.key = key
-
-    def inc(self, amount=1):
-        self.counts[self.key] = self.counts.get(self.key, 0) + amount
-
-
 class _Histogram:
     # Non-cumulative bucket counts (the last one is +Inf) and the sum; made cumulative
     # at scrape time.
@@ -191,7 +175,7 @@ class _LiveCollector(Collector):
     # logged and its family left without samples, so one bad source never fails a scrape.
 
     def __init__(self):
-        self.requests: dict[tuple[str, str], int] = {}
+        self.requests: dict[str, dict[str, int]] = {}
         self.decision: _Histogram | None = None
         self.upstream: dict[str, _Histogram] = {}
         self.meter_buffer = None
@@ -203,8 +187,9 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         requests, decision, upstream = _request_families()
-        for (route, outcome), count in list(self.requests.items()):
-            requests.add_metric([route, outcome], count)
+        for route, by_decision in list(self.requests.items()):
+            for outcome, count in list(by_decision.items()):
+                requests.add_metric([route, outcome], count)
         if self.decision is not None:
             buckets, total = self.decision.family_samples()
             decision.add_metric([], buckets, total)

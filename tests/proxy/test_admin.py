@@ -65,7 +65,7 @@ def test_metrics_shows_counted_requests_in_prometheus_text_format():
     async def scenario(port, metrics):
         metrics.count_request("chat", "allowed")
         metrics.count_request("chat", "allowed")
-        metrics.request_counter("chat", "margin_blocked").inc()
+        metrics.count_request("chat", "margin_blocked")
         metrics.observe_decision(3e-6)
         metrics.observe_upstream("llm", 0.2)
         metrics.count_reload_error("guards.yaml")

@@ -55,6 +55,15 @@ def test_the_api_key_may_come_from_a_custom_header(upstream, make_proxy):
     assert request(proxy.port, "GET", "/echo", key="k-pro")[0] == 401
 
 
+@pytest.mark.parametrize("value, status", [
+    ("Bearer k-pro", 200), ("bearer k-pro", 200), ("BEARER \tk-pro \t", 200),
+    ("Bearer", 401), ("Bearer ", 401), ("Bearer    ", 401), ("Basic k-pro", 401), ("k-pro", 401),
+    ("Bearer k-pro2", 401), ("Bearerk-pro", 401),
+])
+def test_the_api_key_is_read_from_a_bearer_authorization(proxy, upstream, value, status):
+    assert request(proxy.port, "GET", "/echo", key=None, headers={"Authorization": value})[0] == status
+
+
 def test_a_hard_quota_holds_between_meter_flushes(proxy, upstream):
     # 998 of 1000 used: two more requests fit, the third is refused at the edge.
     first = request(proxy.port, "GET", "/echo", key="k-nearquota")
