@@ -1,13 +1,13 @@
 """Proxy throughput and latency against nginx, side by side, plus memory at 1M customers.
 
-    python -m bench.proxy [--duration 6] [--rounds 3] [--connections 16,64] [--customers 10000]
+    python -m bench.proxy [--duration 4] [--rounds 5] [--connections 16,64] [--customers 10000]
 
 Starts a local upstream (nginx answering a small fixed body, or a Python server when
 nginx is missing), nginx as a plain reverse proxy with upstream keep-alive, and this
 proxy (one worker, decisions on, `--customers` customers, every request with one of
 their API keys). Upstream and targets share one core, wrk runs on the other
-(taskset). Both targets stay up and take turns for `--rounds` rounds (the order
-flips each round), wrk driving each at every connection count; the table shows
+(taskset). Both targets stay up and take turns run by run for `--rounds` rounds
+(the order flips each round), wrk driving each at every connection count; the table shows
 requests/s and p50/p99 latency per run. Then a worker with 1,000,000 customers
 loaded reports its resident memory. The last line is a JSON object with the figures
 (medians over rounds), including rps_ratio_vs_nginx and p99_ratio_vs_nginx at 64
@@ -296,8 +296,8 @@ def median(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the targets")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds over the targets")
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--rss-customers", type=int, default=1_000_000)
@@ -330,11 +330,12 @@ def main(argv=None):
             targets = list(ports)
             for target in targets:
                 run_wrk(ports[target], connection_counts[0], 2, script)    # warm-up
-            # Both targets stay up and take turns, the order flipping every round, so a
-            # machine that speeds up or slows down during the run touches both alike.
+            # Both targets stay up and take turns run by run, the order flipping every
+            # round, so a machine that speeds up or slows down during the benchmark
+            # touches both alike: each aforo run is paired with the nginx run beside it.
             for round_number in range(args.rounds):
-                for target in (targets if round_number % 2 == 0 else targets[::-1]):
-                    for connections in connection_counts:
+                for connections in connection_counts:
+                    for target in (targets if round_number % 2 == 0 else targets[::-1]):
                         runs.setdefault((target, connections), []).append(
                             run_wrk(ports[target], connections, args.duration, script))
             rss_after_load = rss_mib(processes["aforo"].pid)
