@@ -1,0 +1,98 @@
+# The production store: PostgreSQL through an asyncpg pool. Statements outside a
+# transaction take any pooled connection; a transaction keeps one for its whole body.
+# New events go in with one INSERT … ON CONFLICT DO NOTHING RETURNING, so of two
+# writers racing with the same event exactly one is told it was accepted.
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import asyncpg
+
+from control_plane.sql_store import SqlStore
+from control_plane.store import StoreError
+
+POOL_MAX_SIZE = 10
+CONNECT_TIMEOUT_S = 10.0
+# Any fixed number: the key of the advisory lock that serialises migrations.
+_MIGRATION_LOCK_KEY = 0x61666F72
+_connection = contextvars.ContextVar("postgres_store_connection", default=None)
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+class PostgresStore(SqlStore):
+    DIALECT = {"serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
+    MIGRATION_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})"
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+        self._statements: dict[str, str] = {}
+
+    @classmethod
+    async def connect(cls, url: str, *, server_settings: dict | None = None) -> PostgresStore:
+        """The store in the PostgreSQL database at `url`. Not yet migrated.
+        `server_settings` (e.g. {"search_path": "…"}) apply to every connection."""
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_S,
+                                             server_settings=server_settings)
+        except _DRIVER_ERRORS as error:
+            raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def _sql(self, sql):
+        # `?` placeholders -> `$1`, `$2`, … (no query here has a `?` inside a literal).
+        converted = self._statements.get(sql)
+        if converted is None:
+            parts = sql.split("?")
+            converted = parts[0] + "".join(f"${number}{part}" for number, part in enumerate(parts[1:], 1))
+            self._statements[sql] = converted
+        return converted
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self):
+        if _connection.get() is not None:
+            yield
+            return
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                token = _connection.set(connection)
+                try:
+                    yield
+                finally:
+                    _connection.reset(token)
+        except _DRIVER_ERRORS as error:
+            raise StoreError(f"PostgreSQL: {error}") from error
+
+    @contextlib.asynccontextmanager
+    async def _connected(self):
+        connection = _connection.get()
+        try:
+            if connection is not None:
+                yield connection
+            else:
+                async with self._pool.acquire() as connection:
+                    yield connection
+        except _DRIVER_ERRORS as error:
+            raise StoreError(f"PostgreSQL: {error}") from error
+
+    async def _fetch(self, sql, args):
+        async with self._connected() as connection:
+            return [tuple(row) for row in await connection.fetch(self._sql(sql), *args)]
+
+    async def _execute(self, sql, args):
+        async with self._connected() as connection:
+            await connection.execute(self._sql(sql), *args)
+
+    async def _insert_events(self, rows):
+        columns = list(zip(*rows))
+        async with self._connected() as connection:
+            inserted = await connection.fetch(
+                "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, ingested_at, provenance) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
+                "$6::float8[], $7::bytea[]) "
+                "ON CONFLICT (kind, customer_id, event_id) DO NOTHING RETURNING kind, customer_id, event_id",
+                *columns)
+        return {tuple(row) for row in inserted}

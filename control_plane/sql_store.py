@@ -1,0 +1,229 @@
+# The Store over SQL, written once for both backends: the schema's versioned
+# migrations and every query live here; SqliteStore and PostgresStore only say how to
+# run a statement, open a transaction and insert a batch of new events (the one step
+# whose concurrency rules differ). Queries use `?` placeholders.
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from control_plane.store import (
+    ACCEPTED,
+    CATALOG_KINDS,
+    CONFLICT,
+    CREATED,
+    DUPLICATE,
+    UNCHANGED,
+    UPDATED,
+    ApiKey,
+    StoredEvent,
+    StoreError,
+)
+
+# Versioned schema changes, applied in order, each once, each in its own transaction.
+# `{serial}` and `{blob}` are filled in per backend. Never edit a released migration:
+# add the next one.
+MIGRATIONS = (
+    (1, "catalog, api keys and events", (
+        """CREATE TABLE catalog (
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            document TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (kind, key))""",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION)""",
+        "CREATE INDEX api_keys_by_customer ON api_keys (customer_id, prefix)",
+        """CREATE TABLE events (
+            seq {serial},
+            kind TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            payload_hash TEXT NOT NULL,
+            payload {blob} NOT NULL,
+            ingested_at DOUBLE PRECISION NOT NULL,
+            provenance {blob} NOT NULL,
+            UNIQUE (kind, customer_id, event_id))""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+# Events looked up or written per statement (well under both backends' parameter limits).
+EVENT_CHUNK = 1000
+
+_encode = msgspec.json.Encoder(order="sorted").encode
+_decode = msgspec.json.decode
+
+
+def payload_hash(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class SqlStore:
+    """Everything but the driver. Subclasses set DIALECT ({"serial": …, "blob": …})
+    and implement _fetch(sql, args) -> rows, _execute(sql, args), _executemany(sql,
+    rows), _transaction() (an async context manager; the whole body is one
+    transaction, holding the write lock on SQLite) and _insert_events(rows) -> the
+    (kind, customer_id, event_id) keys it inserted."""
+
+    DIALECT: dict[str, str] = {}
+    MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
+
+    # -- schema --------------------------------------------------------------------
+    async def migrate(self) -> int:
+        """Apply the migrations not applied yet; returns the schema version. A store
+        newer than this code (a later migration applied) raises StoreError."""
+        async with self._transaction():
+            if self.MIGRATION_LOCK_SQL:
+                await self._fetch(self.MIGRATION_LOCK_SQL, ())
+            await self._execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)", ())
+        version = await self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store's schema is at version {version}, newer than this "
+                             f"Aforo Edge knows ({SCHEMA_VERSION}); upgrade Aforo Edge")
+        for number, name, statements in MIGRATIONS:
+            if number <= version:
+                continue
+            async with self._transaction():
+                # Checked again inside the transaction, under the migration lock: two
+                # processes migrating at once apply each migration once.
+                if self.MIGRATION_LOCK_SQL:
+                    await self._fetch(self.MIGRATION_LOCK_SQL, ())
+                if await self._fetch("SELECT 1 FROM schema_migrations WHERE version = ?", (number,)):
+                    continue
+                for statement in statements:
+                    await self._execute(statement.format(**self.DIALECT), ())
+                await self._execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                                    (number, name, time.time()))
+        return await self.schema_version()
+
+    async def schema_version(self) -> int:
+        rows = await self._fetch("SELECT MAX(version) FROM schema_migrations", ())
+        return rows[0][0] or 0
+
+    # -- catalog -------------------------------------------------------------------
+    async def put_catalog(self, kind, key, document):
+        _check_kind(kind)
+        text = _encode(document).decode()
+        async with self._transaction():
+            rows = await self._fetch("SELECT document FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+            if rows and rows[0][0] == text:
+                return UNCHANGED
+            if rows:
+                await self._execute("UPDATE catalog SET document = ?, updated_at = ? WHERE kind = ? AND key = ?",
+                                    (text, time.time(), kind, key))
+                return UPDATED
+            await self._execute("INSERT INTO catalog (kind, key, document, updated_at) VALUES (?, ?, ?, ?)",
+                                (kind, key, text, time.time()))
+            return CREATED
+
+    async def get_catalog(self, kind, key):
+        _check_kind(kind)
+        rows = await self._fetch("SELECT document FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+        return _decode(rows[0][0]) if rows else None
+
+    async def list_catalog(self, kind):
+        _check_kind(kind)
+        rows = await self._fetch("SELECT key, document FROM catalog WHERE kind = ? ORDER BY key", (kind,))
+        return [(key, _decode(document)) for key, document in rows]
+
+    async def delete_catalog(self, kind, key):
+        _check_kind(kind)
+        async with self._transaction():
+            rows = await self._fetch("SELECT 1 FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+            if rows:
+                await self._execute("DELETE FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+            return bool(rows)
+
+    # -- API keys ------------------------------------------------------------------
+    async def add_api_key(self, key: ApiKey) -> None:
+        await self._execute(
+            "INSERT INTO api_keys (id, customer_id, prefix, key_hash, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (key.id, key.customer_id, key.prefix, key.key_hash, key.created_at, key.revoked_at))
+
+    async def api_keys(self, customer_id, prefix=""):
+        rows = await self._fetch(
+            "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys "
+            "WHERE customer_id = ? AND substr(prefix, 1, ?) = ? ORDER BY created_at, id",
+            (customer_id, len(prefix), prefix))
+        return [ApiKey(*row) for row in rows]
+
+    async def revoke_api_key(self, key_id, at):
+        async with self._transaction():
+            rows = await self._fetch("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,))
+            if rows:
+                await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (at, key_id))
+            return bool(rows)
+
+    async def api_key_by_hash(self, key_hash):
+        rows = await self._fetch(
+            "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys WHERE key_hash = ?",
+            (key_hash,))
+        return ApiKey(*rows[0]) if rows else None
+
+    # -- events --------------------------------------------------------------------
+    async def record_events(self, events: Sequence[StoredEvent]) -> list[str]:
+        outcomes = [None] * len(events)
+        first = {}                       # key -> (index of its first event, payload hash)
+        for index, event in enumerate(events):
+            key = (event.kind, event.customer_id, event.event_id)
+            digest = payload_hash(event.payload)
+            if key in first:
+                outcomes[index] = DUPLICATE if first[key][1] == digest else CONFLICT
+            else:
+                first[key] = (index, digest)
+        keys = list(first)
+        for start in range(0, len(keys), EVENT_CHUNK):
+            chunk = keys[start:start + EVENT_CHUNK]
+            async with self._transaction():
+                known = await self._known_hashes(chunk)
+                new = []
+                for key in chunk:
+                    index, digest = first[key]
+                    if key in known:
+                        outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
+                    else:
+                        event = events[index]
+                        new.append((event.kind, event.customer_id, event.event_id, digest, event.payload,
+                                    event.ingested_at, event.provenance))
+                inserted = await self._insert_events(new) if new else set()
+                raced = [row[:3] for row in new if row[:3] not in inserted]
+                # Kept by a concurrent writer between our look-up and our insert.
+                known = await self._known_hashes(raced) if raced else {}
+                for row in new:
+                    index, digest = first[row[:3]]
+                    if row[:3] in inserted:
+                        outcomes[index] = ACCEPTED
+                    else:
+                        outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
+        return outcomes
+
+    async def _known_hashes(self, keys):
+        # (kind, customer_id, event_id) -> payload hash, for those of `keys` already kept.
+        values = ", ".join(["(?, ?, ?)"] * len(keys))
+        rows = await self._fetch(
+            "SELECT kind, customer_id, event_id, payload_hash FROM events "
+            f"WHERE (kind, customer_id, event_id) IN (VALUES {values})",
+            tuple(value for key in keys for value in key))
+        return {(kind, customer, event_id): digest for kind, customer, event_id, digest in rows}
+
+    async def events(self, kind, customer_id):
+        rows = await self._fetch(
+            "SELECT kind, customer_id, event_id, payload, ingested_at, provenance FROM events "
+            "WHERE kind = ? AND customer_id = ? ORDER BY seq", (kind, customer_id))
+        return [StoredEvent(kind, customer, event_id, bytes(payload), ingested_at, bytes(provenance))
+                for kind, customer, event_id, payload, ingested_at, provenance in rows]
+
+
+def _check_kind(kind):
+    if kind not in CATALOG_KINDS:
+        raise StoreError(f"unknown catalog kind {kind!r}; expected one of {', '.join(CATALOG_KINDS)}")

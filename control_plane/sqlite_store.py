@@ -1,0 +1,97 @@
+# The embedded store: one SQLite file through aiosqlite (its own thread, so the event
+# loop never waits on the disk). One connection; a lock makes each transaction, and
+# each statement outside one, run alone, and BEGIN IMMEDIATE takes SQLite's write lock
+# up front, so a read-then-write step (idempotent events, upserts) cannot interleave,
+# even with another process on the same file.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from control_plane.sql_store import SqlStore
+from control_plane.store import StoreError
+
+BUSY_TIMEOUT_S = 30.0
+_in_transaction = contextvars.ContextVar("sqlite_store_in_transaction", default=None)
+
+
+class SqliteStore(SqlStore):
+    DIALECT = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+
+    def __init__(self, connection: aiosqlite.Connection, path: str):
+        self._connection = connection
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteStore:
+        """The store in the SQLite file at `path` (created, with its folder, when missing;
+        ":memory:" for a private in-memory one). Not yet migrated."""
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            connection = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=NORMAL")
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open the SQLite store {path}: {error}") from error
+        return cls(connection, path)
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self):
+        if _in_transaction.get() is self:
+            yield                       # already inside this store's transaction
+            return
+        async with self._lock:
+            token = _in_transaction.set(self)
+            try:
+                await self._run(self._connection.execute, "BEGIN IMMEDIATE", ())
+                try:
+                    yield
+                except BaseException:
+                    await self._run(self._connection.execute, "ROLLBACK", ())
+                    raise
+                await self._run(self._connection.execute, "COMMIT", ())
+            finally:
+                _in_transaction.reset(token)
+
+    async def _fetch(self, sql, args):
+        async with self._statement():
+            cursor = await self._run(self._connection.execute, sql, args)
+            return await cursor.fetchall()
+
+    async def _execute(self, sql, args):
+        async with self._statement():
+            await self._run(self._connection.execute, sql, args)
+
+    async def _insert_events(self, rows):
+        # Inside a transaction that holds the write lock: nobody else can have kept
+        # one of these since the look-up, so every row goes in.
+        async with self._statement():
+            await self._run(self._connection.executemany,
+                            "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, ingested_at, "
+                            "provenance) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return {row[:3] for row in rows}
+
+    @contextlib.asynccontextmanager
+    async def _statement(self):
+        if _in_transaction.get() is self:
+            yield
+        else:
+            async with self._lock:
+                yield
+
+    @staticmethod
+    async def _run(method, sql, args):
+        try:
+            return await method(sql, args)
+        except sqlite3.Error as error:
+            raise StoreError(f"SQLite: {error}") from error

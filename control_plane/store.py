@@ -1,0 +1,105 @@
+# Where the control plane keeps the catalog and every accepted event: the Store role,
+# and open_store(url), which picks the backend (an embedded SQLite file by default,
+# PostgreSQL for `postgresql://` URLs). Catalog entries are documents (JSON) under a
+# key; an upsert says whether it created, changed or left an entry as it was, so a
+# declarative apply can be repeated. Events are kept once per (customer, event id).
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+# Catalog kinds, in the order an apply must write them (a plan names metrics and
+# features, a subscription names a customer and a plan).
+CATALOG_KINDS = ("metric", "feature", "plan", "customer", "subscription")
+CREATED, UPDATED, UNCHANGED = "created", "updated", "unchanged"
+
+# Event kinds and what recording one can come to.
+USAGE, COST = "usage", "cost"
+ACCEPTED, DUPLICATE, CONFLICT = "accepted", "duplicate", "conflict"
+
+
+class StoreError(Exception):
+    """A store operation failed; the backend's own exception is its __cause__."""
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    """One event as the store keeps it: `kind` (USAGE or COST), `customer_id`,
+    `event_id` (the sender's idempotency key), `payload` (the event as accepted, JSON
+    bytes; a repeat must match it exactly to count as a duplicate), `ingested_at`
+    (epoch seconds) and `provenance` (JSON bytes: source, gate results, pricing)."""
+
+    kind: str
+    customer_id: str
+    event_id: str
+    payload: bytes
+    ingested_at: float
+    provenance: bytes = b"{}"
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    """A customer's API key as stored: never the key itself, only its sha256 digest
+    (`key_hash`, hex) and its first characters (`prefix`) to tell keys apart."""
+
+    id: str
+    customer_id: str
+    prefix: str
+    key_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+class Store(Protocol):
+    """The control plane's store. Every method may raise StoreError.
+
+    Catalog: `put_catalog(kind, key, document)` upserts a JSON-able document and
+    returns CREATED, UPDATED or UNCHANGED; `get_catalog(kind, key)` returns it or
+    None; `list_catalog(kind)` returns (key, document) pairs in key order;
+    `delete_catalog(kind, key)` returns whether it existed.
+
+    Keys: `add_api_key(key)`, `api_keys(customer_id, prefix="")`, `revoke_api_key(id, at)`
+    (False when unknown or already revoked), `api_key_by_hash(key_hash)` (revoked
+    keys included, so a caller can tell revoked from unknown).
+
+    Events: `record_events(events)` keeps each event unless one with the same
+    (kind, customer, event id) is already kept, and returns, per event in order,
+    ACCEPTED, DUPLICATE (same payload) or CONFLICT (same id, other payload); repeats
+    inside one batch are judged against the first. Safe to call concurrently: an
+    event is accepted exactly once. `events(kind, customer_id)` returns what was kept,
+    in ingest order.
+    """
+
+    async def migrate(self) -> int: ...
+    async def schema_version(self) -> int: ...
+    async def close(self) -> None: ...
+
+    async def put_catalog(self, kind: str, key: str, document: object) -> str: ...
+    async def get_catalog(self, kind: str, key: str) -> object | None: ...
+    async def list_catalog(self, kind: str) -> list[tuple[str, object]]: ...
+    async def delete_catalog(self, kind: str, key: str) -> bool: ...
+
+    async def add_api_key(self, key: ApiKey) -> None: ...
+    async def api_keys(self, customer_id: str, prefix: str = "") -> list[ApiKey]: ...
+    async def revoke_api_key(self, key_id: str, at: float) -> bool: ...
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+
+    async def record_events(self, events: Sequence[StoredEvent]) -> list[str]: ...
+    async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...
+
+
+DEFAULT_SQLITE_PATH = "aforo.db"
+
+
+async def open_store(url: str = DEFAULT_SQLITE_PATH) -> Store:
+    """The store at `url`, migrated to the current schema: `postgresql://…` (or
+    `postgres://…`) for PostgreSQL, `sqlite:PATH` or a plain path for an SQLite
+    file (created when missing). Raises StoreError when it cannot be opened."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from control_plane.postgres_store import PostgresStore
+        store = await PostgresStore.connect(url)
+    else:
+        from control_plane.sqlite_store import SqliteStore
+        store = await SqliteStore.open(url.removeprefix("sqlite:"))
+    await store.migrate()
+    return store

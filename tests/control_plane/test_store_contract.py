@@ -1,0 +1,197 @@
+# The Store contract, run against both backends: the embedded SQLite file and a real
+# PostgreSQL (a schema of its own per test). What a user relies on: the schema is
+# migrated once and versioned, a repeated apply changes nothing, API keys are kept
+# hashed and can be revoked, and an event is accepted exactly once however often
+# and however concurrently it is sent.
+import asyncio
+
+import pytest
+
+from control_plane.postgres_store import PostgresStore
+from control_plane.sql_store import SCHEMA_VERSION
+from control_plane.sqlite_store import SqliteStore
+from control_plane.store import (
+    ACCEPTED,
+    CONFLICT,
+    COST,
+    CREATED,
+    DUPLICATE,
+    UNCHANGED,
+    UPDATED,
+    USAGE,
+    ApiKey,
+    StoredEvent,
+    StoreError,
+    open_store,
+)
+
+
+class Backend:
+    """Runs a scenario against one backend: `run(scenario)` calls `scenario(open_store)`
+    on a fresh event loop, where `await open_store()` opens (and migrates, unless
+    migrate=False) a store on
+    the test's database (again: another connection to the same one); every store
+    opened is closed before the loop ends."""
+
+    def __init__(self, connect):
+        self.connect = connect
+
+    def run(self, scenario):
+        async def main():
+            opened = []
+
+            async def open_store(migrate=True):
+                store = await self.connect()
+                opened.append(store)
+                if migrate:
+                    await store.migrate()
+                return store
+            try:
+                return await scenario(open_store)
+            finally:
+                for store in opened:
+                    await store.close()
+        return asyncio.run(main())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    if request.param == "sqlite":
+        path = str(tmp_path / "store" / "aforo.db")
+        return Backend(lambda: SqliteStore.open(path))
+    url, schema = request.getfixturevalue("postgres_schema")
+    return Backend(lambda: PostgresStore.connect(url, server_settings={"search_path": schema}))
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def event(event_id, payload=b'{"quantity":1}', customer="cus_1", kind=USAGE):
+    return StoredEvent(kind, customer, event_id, payload, 1_700_000_000.0, b'{"source":"test"}')
+
+
+def test_the_schema_is_migrated_once_and_versioned(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        assert await store.schema_version() == SCHEMA_VERSION
+        assert await store.migrate() == SCHEMA_VERSION          # again: nothing to do
+        again = await open_test_store()                         # another process, same database
+        assert await again.schema_version() == SCHEMA_VERSION
+    backend.run(scenario)
+
+
+def test_migrating_concurrently_applies_each_migration_once(backend):
+    async def scenario(open_test_store):
+        stores = [await open_test_store(migrate=False) for _ in range(3)]
+        versions = await asyncio.gather(*(store.migrate() for store in stores))
+        assert versions == [SCHEMA_VERSION] * 3
+    backend.run(scenario)
+
+
+def test_a_catalog_upsert_says_what_it_did_and_repeating_it_changes_nothing(backend):
+    plan = {"tier": "pro", "fixed_fee_nanos": 49_000_000_000, "features": ["large_models"],
+            "quotas": {"api_calls": {"limit": 100000, "hard": True}}}
+
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        assert await store.put_catalog("plan", "pro", plan) == CREATED
+        assert await store.put_catalog("plan", "pro", dict(reversed(plan.items()))) == UNCHANGED   # key order
+        changed = {**plan, "fixed_fee_nanos": 59_000_000_000}
+        assert await store.put_catalog("plan", "pro", changed) == UPDATED
+        assert await store.get_catalog("plan", "pro") == changed
+        assert await store.put_catalog("plan", "free", {"tier": "free"}) == CREATED
+        assert [key for key, _ in await store.list_catalog("plan")] == ["free", "pro"]
+        assert await store.get_catalog("plan", "missing") is None
+        assert await store.delete_catalog("plan", "free") is True
+        assert await store.delete_catalog("plan", "free") is False
+        assert await store.list_catalog("customer") == []
+        with pytest.raises(StoreError, match="unknown catalog kind 'plans'"):
+            await store.put_catalog("plans", "pro", plan)
+    backend.run(scenario)
+
+
+def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        first = ApiKey("key_1", "cus_1", "ak_live_ab", "a" * 64, 10.0)
+        second = ApiKey("key_2", "cus_1", "ak_live_cd", "b" * 64, 11.0)
+        other = ApiKey("key_3", "cus_2", "ak_live_ab", "c" * 64, 12.0)
+        for key in (first, second, other):
+            await store.add_api_key(key)
+        assert await store.api_keys("cus_1") == [first, second]
+        assert await store.api_keys("cus_1", "ak_live_c") == [second]
+        assert await store.api_keys("cus_1", "ak_test") == []
+        assert await store.api_key_by_hash("b" * 64) == second
+        assert await store.api_key_by_hash("d" * 64) is None
+        assert await store.revoke_api_key("key_2", 20.0) is True
+        assert await store.revoke_api_key("key_2", 21.0) is False     # already revoked: the first time stands
+        assert await store.revoke_api_key("key_9", 21.0) is False
+        assert (await store.api_key_by_hash("b" * 64)).revoked_at == 20.0
+        with pytest.raises(StoreError):
+            await store.add_api_key(ApiKey("key_4", "cus_3", "ak_live_ee", "a" * 64, 13.0))   # same digest
+    backend.run(scenario)
+
+
+def test_an_event_is_accepted_once_and_a_changed_repeat_is_a_conflict(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        batch = [event("e1"), event("e2"), event("e1"), event("e2", b'{"quantity":2}'),
+                 event("e1", customer="cus_2"), event("e1", kind=COST)]
+        assert await store.record_events(batch) == [ACCEPTED, ACCEPTED, DUPLICATE, CONFLICT, ACCEPTED, ACCEPTED]
+        # Retrying the whole batch counts nothing twice.
+        assert await store.record_events(batch) == [DUPLICATE, DUPLICATE, DUPLICATE, CONFLICT, DUPLICATE, DUPLICATE]
+        kept = await store.events(USAGE, "cus_1")
+        assert [(kept_event.event_id, kept_event.payload) for kept_event in kept] == [
+            ("e1", b'{"quantity":1}'), ("e2", b'{"quantity":1}')]
+        assert kept[0].provenance == b'{"source":"test"}'
+        assert await store.record_events([]) == []
+    backend.run(scenario)
+
+
+def test_the_same_events_sent_concurrently_are_accepted_exactly_once(backend):
+    async def scenario(open_test_store):
+        stores = [await open_test_store() for _ in range(2)]     # two connections, as two workers
+        batch = [event(f"e{n}") for n in range(300)]
+        results = await asyncio.gather(*(stores[n % 2].record_events(batch) for n in range(6)))
+        for index in range(len(batch)):
+            assert sorted(result[index] for result in results) == [ACCEPTED] + [DUPLICATE] * 5
+        assert len(await stores[0].events(USAGE, "cus_1")) == 300
+    backend.run(scenario)
+
+
+def test_a_batch_larger_than_a_chunk_is_kept_whole_and_in_order(backend):
+    from control_plane.sql_store import EVENT_CHUNK
+
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        batch = [event(f"e{n:05d}") for n in range(EVENT_CHUNK * 2 + 7)]
+        assert await store.record_events(batch) == [ACCEPTED] * len(batch)
+        assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == [item.event_id for item in batch]
+    backend.run(scenario)
+
+
+def test_open_store_picks_the_backend_from_the_url(tmp_path, postgres_schema):
+    async def scenario():
+        embedded = await open_store(str(tmp_path / "default.db"))
+        assert isinstance(embedded, SqliteStore)
+        assert await embedded.schema_version() == SCHEMA_VERSION
+        await embedded.close()
+        prefixed = await open_store("sqlite:" + str(tmp_path / "prefixed.db"))
+        assert isinstance(prefixed, SqliteStore)
+        await prefixed.close()
+        url, _ = postgres_schema
+        with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
+            await open_store("postgresql://postgres@127.0.0.1:1/test")
+        assert url.startswith("postgresql://")
+    run(scenario())
+
+
+def test_an_unusable_sqlite_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    async def scenario():
+        with pytest.raises(StoreError, match="cannot open the SQLite store"):
+            await SqliteStore.open(str(blocker / "aforo.db"))
+    run(scenario())
