@@ -90,9 +90,10 @@ class PostgresStore(SqlStore):
         columns = list(zip(*rows))
         async with self._connected() as connection:
             inserted = await connection.fetch(
-                "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, ingested_at, provenance) "
+                "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, ingested_at, "
+                "late, provenance) "
                 "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
-                "$6::float8[], $7::bytea[]) "
+                "$6::float8[], $7::float8[], $8::boolean[], $9::bytea[]) "
                 "ON CONFLICT (kind, customer_id, event_id) DO NOTHING RETURNING kind, customer_id, event_id",
                 *columns)
         return {tuple(row) for row in inserted}

@@ -49,9 +49,13 @@ MIGRATIONS = (
             event_id TEXT NOT NULL,
             payload_hash TEXT NOT NULL,
             payload {blob} NOT NULL,
+            occurred_at DOUBLE PRECISION NOT NULL,
             ingested_at DOUBLE PRECISION NOT NULL,
+            late BOOLEAN NOT NULL,
             provenance {blob} NOT NULL,
             UNIQUE (kind, customer_id, event_id))""",
+        "CREATE INDEX events_by_time ON events (kind, customer_id, occurred_at)",
+        "CREATE INDEX events_late ON events (late, ingested_at)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -194,7 +198,7 @@ class SqlStore:
                     else:
                         event = events[index]
                         new.append((event.kind, event.customer_id, event.event_id, digest, event.payload,
-                                    event.ingested_at, event.provenance))
+                                    event.occurred_at, event.ingested_at, event.late, event.provenance))
                 inserted = await self._insert_events(new) if new else set()
                 raced = [row[:3] for row in new if row[:3] not in inserted]
                 # Kept by a concurrent writer between our look-up and our insert.
@@ -217,11 +221,19 @@ class SqlStore:
         return {(kind, customer, event_id): digest for kind, customer, event_id, digest in rows}
 
     async def events(self, kind, customer_id):
+        return await self._stored_events("WHERE kind = ? AND customer_id = ? ORDER BY seq", (kind, customer_id))
+
+    async def late_events(self, since=0.0, limit=1000):
+        return await self._stored_events("WHERE late AND ingested_at >= ? ORDER BY ingested_at, seq LIMIT ?",
+                                         (since, limit))
+
+    async def _stored_events(self, where, args):
         rows = await self._fetch(
-            "SELECT kind, customer_id, event_id, payload, ingested_at, provenance FROM events "
-            "WHERE kind = ? AND customer_id = ? ORDER BY seq", (kind, customer_id))
-        return [StoredEvent(kind, customer, event_id, bytes(payload), ingested_at, bytes(provenance))
-                for kind, customer, event_id, payload, ingested_at, provenance in rows]
+            "SELECT kind, customer_id, event_id, payload, occurred_at, ingested_at, late, provenance FROM events "
+            + where, args)
+        return [StoredEvent(kind, customer, event_id, bytes(payload), occurred_at, ingested_at, bool(late),
+                            bytes(provenance))
+                for kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
 
 
 def _check_kind(kind):

@@ -77,8 +77,8 @@ class SqliteStore(SqlStore):
         # one of these since the look-up, so every row goes in.
         async with self._statement():
             await self._run(self._connection.executemany,
-                            "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, ingested_at, "
-                            "provenance) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                            "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, "
+                            "ingested_at, late, provenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return {row[:3] for row in rows}
 
     @contextlib.asynccontextmanager

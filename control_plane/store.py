@@ -27,14 +27,17 @@ class StoreError(Exception):
 class StoredEvent(msgspec.Struct, frozen=True):
     """One event as the store keeps it: `kind` (USAGE or COST), `customer_id`,
     `event_id` (the sender's idempotency key), `payload` (the event as accepted, JSON
-    bytes; a repeat must match it exactly to count as a duplicate), `ingested_at`
-    (epoch seconds) and `provenance` (JSON bytes: source, gate results, pricing)."""
+    bytes; a repeat must match it exactly to count as a duplicate), `occurred_at` and
+    `ingested_at` (epoch seconds), `late` (arrived late: listed for reconciliation)
+    and `provenance` (JSON bytes: source, gate results, pricing)."""
 
     kind: str
     customer_id: str
     event_id: str
     payload: bytes
+    occurred_at: float
     ingested_at: float
+    late: bool = False
     provenance: bytes = b"{}"
 
 
@@ -67,7 +70,8 @@ class Store(Protocol):
     ACCEPTED, DUPLICATE (same payload) or CONFLICT (same id, other payload); repeats
     inside one batch are judged against the first. Safe to call concurrently: an
     event is accepted exactly once. `events(kind, customer_id)` returns what was kept,
-    in ingest order.
+    in ingest order; `late_events(since=0.0, limit=1000)` the late ones ingested at or
+    after `since`, oldest first (for reconciliation).
     """
 
     async def migrate(self) -> int: ...
@@ -86,6 +90,7 @@ class Store(Protocol):
 
     async def record_events(self, events: Sequence[StoredEvent]) -> list[str]: ...
     async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...
+    async def late_events(self, since: float = 0.0, limit: int = 1000) -> list[StoredEvent]: ...
 
 
 DEFAULT_SQLITE_PATH = "aforo.db"

@@ -67,8 +67,8 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def event(event_id, payload=b'{"quantity":1}', customer="cus_1", kind=USAGE):
-    return StoredEvent(kind, customer, event_id, payload, 1_700_000_000.0, b'{"source":"test"}')
+def event(event_id, payload=b'{"quantity":1}', customer="cus_1", kind=USAGE, late=False):
+    return StoredEvent(kind, customer, event_id, payload, 1_700_000_000.0, 1_700_000_060.0, late, b'{"source":"test"}')
 
 
 def test_the_schema_is_migrated_once_and_versioned(backend):
@@ -144,8 +144,12 @@ def test_an_event_is_accepted_once_and_a_changed_repeat_is_a_conflict(backend):
         kept = await store.events(USAGE, "cus_1")
         assert [(kept_event.event_id, kept_event.payload) for kept_event in kept] == [
             ("e1", b'{"quantity":1}'), ("e2", b'{"quantity":1}')]
-        assert kept[0].provenance == b'{"source":"test"}'
+        assert kept[0] == event("e1")
         assert await store.record_events([]) == []
+        # Late events are listed for reconciliation, oldest first.
+        assert await store.record_events([event("late-1", late=True), event("late-2", late=True)]) == [ACCEPTED] * 2
+        assert [late.event_id for late in await store.late_events()] == ["late-1", "late-2"]
+        assert await store.late_events(since=1_700_000_061.0) == []
     backend.run(scenario)
 
 
