@@ -1,0 +1,210 @@
+# Ingest: usage and cost events in, through four gates, each event judged on its own.
+#   1. schema     - the event decodes as its kind says (field, type, range, unknown fields);
+#   2. timestamp  - a timezone is given; not more than FUTURE_LIMIT_S ahead of now,
+#                   not more than PAST_LIMIT_S behind;
+#   3. idempotency - the store keeps an event once per (kind, customer, id): a repeat is a
+#                   duplicate, a repeat with another payload a conflict (rejected);
+#   4. lateness   - more than LATE_AFTER_S behind now: accepted, flagged late and listed
+#                   for reconciliation.
+# One bad event never sinks the rest of its batch, and a retried batch counts nothing twice.
+from __future__ import annotations
+
+import datetime
+import decimal
+from collections.abc import Sequence
+
+import msgspec
+
+from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE, Store, StoredEvent
+
+FUTURE_LIMIT_S = 5 * 60
+PAST_LIMIT_S = 90 * 86400
+LATE_AFTER_S = 24 * 3600
+MAX_BATCH_EVENTS = 10_000
+NANOS_PER_UNIT = 1_000_000_000
+
+# What an event can come to (the first three as the store says).
+REJECTED = "rejected"
+ACCEPTED_LATE = "accepted_late"
+
+class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Usage of one metric by one customer: `quantity` whole units at `timestamp`
+    (RFC 3339 with a timezone). `id` is the sender's idempotency key."""
+
+    id: str
+    customer_id: str
+    metric: str
+    quantity: int
+    timestamp: datetime.datetime
+    dimensions: dict[str, str] = {}
+    source: str = ""
+
+    def __post_init__(self):
+        _check_common(self)
+        if not self.metric:
+            raise ValueError("`metric` must not be empty")
+        if self.quantity < 0:
+            raise ValueError("`quantity` must be >= 0")
+
+
+class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A cost of serving one customer (COGS): `amount` in the plans' currency, as a
+    decimal (string or number; at most 9 decimal places), for one `metric` or for the
+    customer overall (no metric), at `timestamp`. `provider` says who charged it."""
+
+    id: str
+    customer_id: str
+    amount: decimal.Decimal
+    timestamp: datetime.datetime
+    metric: str | None = None
+    provider: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        _check_common(self)
+        if not self.amount.is_finite() or self.amount < 0:
+            raise ValueError("`amount` must be a finite number >= 0")
+        if (self.amount * NANOS_PER_UNIT) != (self.amount * NANOS_PER_UNIT).to_integral_value():
+            raise ValueError("`amount` has more than 9 decimal places")
+        if self.metric == "":
+            raise ValueError("`metric` must not be empty (leave it out for the customer overall)")
+
+    @property
+    def amount_nanos(self) -> int:
+        return int(self.amount * NANOS_PER_UNIT)
+
+
+def _check_common(event):
+    if not event.id or len(event.id) > 200:
+        raise ValueError("`id` must be 1 to 200 characters")
+    if not event.customer_id or len(event.customer_id) > 200:
+        raise ValueError("`customer_id` must be 1 to 200 characters")
+
+
+_DECODERS = {USAGE: msgspec.json.Decoder(UsageEvent), COST: msgspec.json.Decoder(CostEvent)}
+_BATCH = msgspec.json.Decoder(list[msgspec.Raw] | dict[str, list[msgspec.Raw]])
+_encode = msgspec.json.Encoder(order="sorted").encode
+
+
+class EventResult(msgspec.Struct, omit_defaults=True):
+    """What became of one event of a batch: its position, its id when it had one, its
+    status (ACCEPTED, ACCEPTED_LATE, DUPLICATE or REJECTED) and, when rejected, why."""
+
+    index: int
+    status: str
+    id: str | None = None
+    reason: str | None = None
+
+
+class IngestReport(msgspec.Struct):
+    """A batch's outcome: counts per status and one result per event, in order."""
+
+    accepted: int
+    accepted_late: int
+    duplicate: int
+    rejected: int
+    results: list[EventResult]
+
+
+class BatchError(ValueError):
+    """The request body is not a batch at all (nothing in it could be judged)."""
+
+
+def split_batch(body: bytes, ndjson: bool) -> list[bytes | None]:
+    """The events of a request body, each as raw JSON bytes (None for an NDJSON line
+    that is not JSON). JSON: an array of events or {"events": [...]}. NDJSON: one
+    event per line, blank lines skipped. Raises BatchError for a JSON body that does
+    not parse, has another shape, or holds more than MAX_BATCH_EVENTS events."""
+    if ndjson:
+        events = []
+        for line in body.splitlines():
+            if line.strip():
+                try:
+                    events.append(bytes(msgspec.json.decode(line, type=msgspec.Raw)))
+                except msgspec.DecodeError:
+                    events.append(None)
+    else:
+        try:
+            batch = _BATCH.decode(body)
+        except msgspec.DecodeError as error:
+            raise BatchError(f"the body is not a JSON array of events or {{\"events\": [...]}}: {error}") from None
+        if isinstance(batch, dict):
+            if set(batch) != {"events"}:
+                raise BatchError('a JSON object body must be {"events": [...]} and nothing else')
+            batch = batch["events"]
+        events = [bytes(raw) for raw in batch]
+    if len(events) > MAX_BATCH_EVENTS:
+        raise BatchError(f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(events)}")
+    return events
+
+
+def judge(kind: str, raw: bytes | None, now: float) -> tuple[UsageEvent | CostEvent | None, str | None]:
+    """Gates 1 and 2 for one event: (the event, None) when it passes, (None, reason)
+    when it is rejected. `now` is epoch seconds."""
+    if raw is None:
+        return None, "not valid JSON"
+    try:
+        event = _DECODERS[kind].decode(raw)
+    except msgspec.ValidationError as error:
+        return None, f"invalid {kind} event: {error}"
+    except msgspec.DecodeError as error:
+        return None, f"not valid JSON: {error}"
+    if event.timestamp.tzinfo is None:
+        return None, "`timestamp` needs a timezone (e.g. 2026-11-23T12:00:00Z)"
+    at = event.timestamp.timestamp()
+    if at - now > FUTURE_LIMIT_S:
+        return None, f"`timestamp` is more than {FUTURE_LIMIT_S} s in the future"
+    if now - at > PAST_LIMIT_S:
+        return None, f"`timestamp` is more than {PAST_LIMIT_S // 86400} days old"
+    return event, None
+
+
+async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
+                 source: str = "api") -> IngestReport:
+    """Judge every event of a batch (see split_batch) and keep those that pass, once.
+
+    `kind` is USAGE or COST; `now` epoch seconds (the gates' clock); `source` names
+    where the batch came from (kept in each event's provenance unless the event names
+    its own). Raises StoreError when the store fails: then nothing of the batch can be
+    reported as kept, and the whole batch can be sent again safely."""
+    results: list[EventResult | None] = [None] * len(raw_events)
+    to_keep = []
+    for index, raw in enumerate(raw_events):
+        event, reason = judge(kind, raw, now)
+        if event is None:
+            results[index] = EventResult(index, REJECTED, _id_of(raw), reason)
+            continue
+        occurred_at = event.timestamp.timestamp()
+        late = now - occurred_at > LATE_AFTER_S
+        provenance = {
+            "source": event.source or source,
+            "ingested_at": now,
+            "gates": {"schema": "passed", "timestamp": "passed", "late": late},
+        }
+        to_keep.append((index, event, StoredEvent(
+            kind, event.customer_id, event.id, _encode(event), occurred_at, now, late, _encode(provenance))))
+    outcomes = await store.record_events([stored for _, _, stored in to_keep])
+    for (index, event, stored), outcome in zip(to_keep, outcomes):
+        if outcome == ACCEPTED:
+            results[index] = EventResult(index, ACCEPTED_LATE if stored.late else ACCEPTED, event.id)
+        elif outcome == DUPLICATE:
+            results[index] = EventResult(index, DUPLICATE, event.id)
+        else:                   # CONFLICT
+            results[index] = EventResult(index, REJECTED, event.id,
+                                         "an event with this id was already accepted with a different payload")
+    counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0, REJECTED: 0}
+    for result in results:
+        counts[result.status] += 1
+    return IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], counts[REJECTED], results)
+
+
+def _id_of(raw):
+    # The id of a rejected event when it has a readable one, so the sender can match it.
+    if raw is None:
+        return None
+    try:
+        document = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    value = document.get("id") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None

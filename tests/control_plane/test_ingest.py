@@ -1,0 +1,179 @@
+# The ingest gates, on both stores: each gate's boundary, a batch with one bad event,
+# retries and concurrent duplicates, late events listed for reconciliation.
+import asyncio
+import datetime
+import json
+import re
+
+import pytest
+
+from control_plane.ingest import (
+    ACCEPTED_LATE,
+    FUTURE_LIMIT_S,
+    LATE_AFTER_S,
+    MAX_BATCH_EVENTS,
+    PAST_LIMIT_S,
+    REJECTED,
+    BatchError,
+    ingest,
+    split_batch,
+)
+from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE
+
+NOW = 1_800_000_000.0
+
+
+def stamp(seconds_from_now, offset_hours=0):
+    zone = datetime.timezone(datetime.timedelta(hours=offset_hours))
+    return datetime.datetime.fromtimestamp(NOW + seconds_from_now, zone).isoformat()
+
+
+def usage(event_id="e1", at=0, **fields):
+    event = {"id": event_id, "customer_id": "cus_1", "metric": "api_calls", "quantity": 3, "timestamp": stamp(at)}
+    event.update(fields)
+    return json.dumps(event).encode()
+
+
+def cost(event_id="c1", at=0, **fields):
+    event = {"id": event_id, "customer_id": "cus_1", "amount": "0.012345678", "timestamp": stamp(at)}
+    event.update(fields)
+    return json.dumps(event).encode()
+
+
+def statuses(report):
+    return [(result.status, result.reason) for result in report.results]
+
+
+@pytest.mark.parametrize("at, status", [
+    (FUTURE_LIMIT_S - 1, ACCEPTED), (FUTURE_LIMIT_S + 1, REJECTED),                   # now+299 s / now+301 s
+    (-PAST_LIMIT_S + 1, ACCEPTED_LATE), (-PAST_LIMIT_S - 1, REJECTED),                # 90 days -/+ 1 s
+    (-LATE_AFTER_S + 1, ACCEPTED), (-LATE_AFTER_S - 1, ACCEPTED_LATE),                # 24 h late
+    (0, ACCEPTED),
+])
+def test_the_timestamp_gates_at_their_boundaries(backend, at, status):
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, USAGE, [usage(at=at)], NOW)
+        assert report.results[0].status == status
+        if status == REJECTED:
+            assert "timestamp" in report.results[0].reason
+        late = await store.late_events()
+        assert [event.event_id for event in late] == (["e1"] if status == ACCEPTED_LATE else [])
+    backend.run(scenario)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": "3", "timestamp": "2027-01-15T08:00:00Z"}',
+     "invalid usage event: Expected `int`, got `str` - at `$.quantity`"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": -1, "timestamp": "2027-01-15T08:00:00Z"}',
+     "invalid usage event: `quantity` must be >= 0"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1}',
+     "invalid usage event: Object missing required field `timestamp`"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z",'
+     b' "qty": 1}', "invalid usage event: Object contains unknown field `qty`"),
+    (b'{"id": "", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z"}',
+     "invalid usage event: `id` must be 1 to 200 characters"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00"}',
+     "`timestamp` needs a timezone (e.g. 2026-11-23T12:00:00Z)"),
+    (b'[1, 2]', "invalid usage event: Expected `object`, got `array`"),
+])
+def test_the_schema_gate_says_what_is_wrong(backend, raw, reason):
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, USAGE, [raw], datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.timezone.utc)
+                              .timestamp())
+        assert statuses(report) == [(REJECTED, reason)]
+        assert await store.events(USAGE, "cus_1") == []
+    backend.run(scenario)
+
+
+def test_one_bad_event_never_sinks_its_batch_and_a_retry_counts_nothing_twice(backend):
+    batch = [usage("e1"), usage("e2", quantity="many"), None, usage("e3", at=-LATE_AFTER_S - 60), usage("e1")]
+
+    async def scenario(open_store):
+        store = await open_store()
+        first = await ingest(store, USAGE, batch, NOW)
+        assert [result.status for result in first.results] == [ACCEPTED, REJECTED, REJECTED, ACCEPTED_LATE, DUPLICATE]
+        assert (first.accepted, first.accepted_late, first.duplicate, first.rejected) == (1, 1, 1, 2)
+        assert first.results[1].id == "e2"           # a rejected event still names itself when it can
+        assert first.results[2].reason == "not valid JSON"
+        again = await ingest(store, USAGE, batch, NOW + 5)
+        assert [result.status for result in again.results] == [DUPLICATE, REJECTED, REJECTED, DUPLICATE, DUPLICATE]
+        kept = await store.events(USAGE, "cus_1")
+        assert [event.event_id for event in kept] == ["e1", "e3"]
+        provenance = json.loads(kept[1].provenance)
+        assert provenance == {"source": "api", "ingested_at": NOW,
+                              "gates": {"schema": "passed", "timestamp": "passed", "late": True}}
+    backend.run(scenario)
+
+
+def test_a_changed_event_under_an_accepted_id_is_rejected_as_a_conflict(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        await ingest(store, USAGE, [usage("e1")], NOW)
+        report = await ingest(store, USAGE, [usage("e1", quantity=4)], NOW)
+        assert statuses(report) == [(REJECTED, "an event with this id was already accepted with a different payload")]
+        assert json.loads((await store.events(USAGE, "cus_1"))[0].payload)["quantity"] == 3
+    backend.run(scenario)
+
+
+def test_duplicates_sent_concurrently_are_counted_once(backend):
+    batch = [usage(f"e{n}") for n in range(200)]
+
+    async def scenario(open_store):
+        stores = [await open_store() for _ in range(2)]
+        reports = await asyncio.gather(*(ingest(stores[n % 2], USAGE, batch, NOW) for n in range(4)))
+        assert sum(report.accepted for report in reports) == 200
+        assert sum(report.duplicate for report in reports) == 600
+        assert len(await stores[0].events(USAGE, "cus_1")) == 200
+    backend.run(scenario)
+
+
+@pytest.mark.parametrize("amount, status", [
+    ("0.012345678", ACCEPTED), (0.5, ACCEPTED), ("12", ACCEPTED),
+    ("0.0123456789", REJECTED), ("-1", REJECTED), ("NaN", REJECTED), ("lots", REJECTED),
+])
+def test_cost_amounts_are_exact_to_the_nano(backend, amount, status):
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, COST, [cost(amount=amount, metric="ai_tokens", provider="openai")], NOW)
+        assert report.results[0].status == status
+    backend.run(scenario)
+
+
+def test_a_cost_for_the_customer_overall_has_no_metric(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, COST, [cost("c1"), cost("c2", metric="")], NOW)
+        assert statuses(report)[0] == (ACCEPTED, None)
+        assert statuses(report)[1][0] == REJECTED and "leave it out" in statuses(report)[1][1]
+        [kept] = await store.events(COST, "cus_1")
+        assert json.loads(kept.payload)["amount"] == "0.012345678"
+    backend.run(scenario)
+
+
+def test_batches_come_as_json_arrays_wrapped_arrays_or_ndjson():
+    one, two = usage("e1"), usage("e2")
+    assert split_batch(b"[" + one + b"," + two + b"]", ndjson=False) == [one, two]
+    assert split_batch(b'{"events": [' + one + b"]}", ndjson=False) == [one]
+    assert split_batch(one + b"\n\n" + b"{broken\n" + two + b"\n", ndjson=True) == [one, None, two]
+    assert split_batch(b"", ndjson=True) == []
+    for body, message in [
+        (b"{broken", "not a JSON array of events"),
+        (b'{"items": []}', 'must be {"events": [...]}'),
+        (b'"text"', "not a JSON array of events"),
+    ]:
+        with pytest.raises(BatchError, match=re.escape(message)):
+            split_batch(body, ndjson=False)
+    with pytest.raises(BatchError, match=f"at most {MAX_BATCH_EVENTS}"):
+        split_batch(b"[" + b",".join([b"{}"] * (MAX_BATCH_EVENTS + 1)) + b"]", ndjson=False)
+
+
+def test_timestamps_in_any_offset_are_judged_as_instants(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        late_in_tokyo = json.dumps({"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1,
+                                    "timestamp": stamp(-LATE_AFTER_S - 1, offset_hours=9)}).encode()
+        report = await ingest(store, USAGE, [late_in_tokyo], NOW)
+        assert report.results[0].status == ACCEPTED_LATE
+    backend.run(scenario)
