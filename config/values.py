@@ -3,6 +3,7 @@
 # takes the raw YAML value and raises ValueError with a message that shows the form.
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from datetime import datetime
@@ -225,3 +226,43 @@ class Timestamp(ConfigValue):
 
     def __str__(self) -> str:
         return self.at.isoformat().replace("+00:00", "Z")
+
+
+NANOS_PER_UNIT = 1_000_000_000
+
+
+def to_nanos(amount: decimal.Decimal) -> int:
+    """An amount of money in whole nanos of its currency (exact). ValueError for an
+    amount that is negative, not finite, or finer than a nano (10 decimal places)."""
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"Expected an amount >= 0, got `{amount}`")
+    nanos = amount * NANOS_PER_UNIT
+    if nanos != nanos.to_integral_value():
+        raise ValueError(f"Amount `{amount}` has more than 9 decimal places")
+    return int(nanos)
+
+
+class Money(ConfigValue):
+    """An amount of money >= 0 in the plan's currency, written as a decimal string
+    (`"49.00"`, `"0.000002"`) or a number, exact to 9 decimal places. `nanos` is the
+    amount in billionths (the decision core's unit); str() gives the decimal back."""
+
+    __slots__ = ("nanos",)
+    nanos: int
+
+    def __init__(self, nanos: int) -> None:
+        object.__setattr__(self, "nanos", int(nanos))
+
+    @classmethod
+    def parse(cls, raw: object) -> Money:
+        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+            raise ValueError(f"Expected an amount like `\"49.00\"`, got `{show(raw)}`")
+        try:
+            amount = decimal.Decimal(raw.strip() if isinstance(raw, str) else str(raw))
+        except decimal.InvalidOperation:
+            raise ValueError(f"Expected an amount like `\"49.00\"`, got `{show(raw)}`") from None
+        return cls(to_nanos(amount))
+
+    def __str__(self) -> str:
+        whole, fraction = divmod(self.nanos, NANOS_PER_UNIT)
+        return f"{whole}.{fraction:09d}".rstrip("0").rstrip(".") if fraction else str(whole)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -11,6 +12,7 @@ import yaml
 from config import ConfigError, load_guards
 from config.edge_state_file import load_edge_state_file
 from config.proxy_settings import load_proxy_settings
+from control_plane.store import DEFAULT_SQLITE_PATH
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -108,6 +110,42 @@ def run_proxy(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def run_apply(args: argparse.Namespace) -> int:
+    """Apply a catalog file to the store: upsert every entry, print what changed."""
+    import asyncio
+
+    from config.catalog_file import load_catalog_file
+    from control_plane.catalog import apply_catalog
+    from control_plane.store import StoreError, open_store
+
+    async def apply(catalog):
+        store = await open_store(args.database)
+        try:
+            return await apply_catalog(store, catalog, args.file)
+        finally:
+            await store.close()
+
+    try:
+        summary = asyncio.run(apply(load_catalog_file(args.file)))
+    except ConfigError as err:
+        for error in err.errors:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as err:
+        print(f"aforo apply: cannot read {args.file}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as err:
+        print(f"aforo apply: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    for kind, outcomes in summary.items():
+        if outcomes:
+            counts = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+            print(f"{kind}s: {counts}")
+    print("applied" if any(outcome != "unchanged" for outcomes in summary.values() for outcome in outcomes)
+          else "nothing to change")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aforo", description="Aforo Edge: margin-aware edge decision proxy."
@@ -130,6 +168,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("--config", required=True, metavar="FILE", help="proxy settings YAML")
     proxy.set_defaults(run=run_proxy)
+    apply = commands.add_parser(
+        "apply",
+        help="apply a catalog file (metrics, features, plans, customers, subscriptions)",
+        description="Upsert the catalog in FILE into the store: declarative and idempotent (applying "
+        "the same file twice changes nothing). References are checked before anything is written.",
+    )
+    apply.add_argument("-f", "--file", required=True, metavar="FILE", help="catalog YAML")
+    apply.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
+                       metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
+                       f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
+    apply.set_defaults(run=run_apply)
     return parser
 
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 
 import msgspec
 
+from config.values import to_nanos
 from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE, Store, StoredEvent
 
 FUTURE_LIMIT_S = 5 * 60
 PAST_LIMIT_S = 90 * 86400
 LATE_AFTER_S = 24 * 3600
 MAX_BATCH_EVENTS = 10_000
-NANOS_PER_UNIT = 1_000_000_000
 
 # What an event can come to (the first three as the store says).
 REJECTED = "rejected"
@@ -62,16 +62,13 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def __post_init__(self):
         _check_common(self)
-        if not self.amount.is_finite() or self.amount < 0:
-            raise ValueError("`amount` must be a finite number >= 0")
-        if (self.amount * NANOS_PER_UNIT) != (self.amount * NANOS_PER_UNIT).to_integral_value():
-            raise ValueError("`amount` has more than 9 decimal places")
+        to_nanos(self.amount)
         if self.metric == "":
             raise ValueError("`metric` must not be empty (leave it out for the customer overall)")
 
     @property
     def amount_nanos(self) -> int:
-        return int(self.amount * NANOS_PER_UNIT)
+        return to_nanos(self.amount)
 
 
 def _check_common(event):

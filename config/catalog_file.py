@@ -1,0 +1,188 @@
+# The catalog file `aforo apply -f` reads: metrics, features, plans, customers and
+# subscriptions, each a list of entries with a unique `key`. Within the file: keys are
+# unique per section, a plan's prices are valid for the decision core's pricing models,
+# and a plan's fixed-fee allocation adds up to 100%. References to other entries
+# (a plan's metrics and features, a subscription's customer and plan) are checked at
+# apply time, against this file and what the store already holds.
+#
+#   metrics        {key, aggregation: sum|count|max, unit, unit_cost (COGS per unit)}
+#   features       {key, description}
+#   plans          {key, tier, period, currency, fixed_fee, fee_allocation, features,
+#                   quotas: metric -> {limit, hard}, charges: [{metric, model, ...}]}
+#   customers      {key, name, email}
+#   subscriptions  {key, customer, plan, status, period_anchor}
+from __future__ import annotations
+
+from os import PathLike
+from typing import Annotated, Literal
+
+import msgspec
+
+from config.documents import Problem, duplicate_names, parse_document, read_document
+from config.edge_state_file import CUSTOMER_ID_PATTERN, SubscriptionStatus
+from config.schema import METERED_METRIC_PATTERN, PATTERN_MEANINGS, MeteredMetric, Name, Schema
+from config.values import Money, Percent, Timestamp
+from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volume
+
+CATALOG_EXPECTED = "a mapping with any of `metrics`, `features`, `plans`, `customers`, `subscriptions`"
+KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+CATALOG_PATTERN_MEANINGS = {
+    **PATTERN_MEANINGS,
+    KEY_PATTERN: "a key (letters, digits, `_`, `.`, `:`, `-`)",
+    CURRENCY_PATTERN: "a three-letter currency code like `USD`",
+    CUSTOMER_ID_PATTERN: "a customer id (letters, digits, `_`, `.`, `:`, `-`)",
+    METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
+}
+Key = Annotated[str, msgspec.Meta(pattern=KEY_PATTERN)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+PositiveCount = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Metric(Schema):
+    """A billable unit. `aggregation` says how a period's events add up; `unit_cost`
+    is what one unit costs to serve (COGS), per `cost_per_units` units."""
+
+    key: MeteredMetric
+    aggregation: Literal["sum", "count", "max"] = "sum"
+    unit: str = ""
+    unit_cost: Money | None = None
+    cost_per_units: PositiveCount = 1
+
+
+class Feature(Schema):
+    key: Key
+    description: str = ""
+
+
+class PriceTier(Schema):
+    """One tier of a graduated or volume charge: units up to and including `up_to`
+    (null for the last, unbounded tier) at `price` per `per_units`, plus `flat` once."""
+
+    up_to: PositiveCount | None
+    price: Money
+    per_units: PositiveCount = 1
+    flat: Money = Money(0)
+
+
+class Charge(Schema):
+    """A usage charge on one metric. `per_unit`: `price` per `per_units`; `graduated`
+    and `volume`: `tiers`; `package`: `price` per started `package_size` units."""
+
+    metric: MeteredMetric
+    model: Literal["per_unit", "graduated", "volume", "package"]
+    price: Money | None = None
+    per_units: PositiveCount = 1
+    tiers: tuple[PriceTier, ...] = ()
+    package_size: PositiveCount | None = None
+
+    def __post_init__(self) -> None:
+        needs_price = self.model in ("per_unit", "package")
+        if needs_price and self.price is None:
+            raise ValueError(f"`model: {self.model}` needs a `price`")
+        if not needs_price and self.price is not None:
+            raise ValueError(f"`model: {self.model}` is priced by its `tiers`, not `price`")
+        if (self.model in ("graduated", "volume")) != bool(self.tiers):
+            raise ValueError("`tiers` are for `model: graduated` or `volume`, and those need them")
+        if (self.model == "package") != (self.package_size is not None):
+            raise ValueError("`package_size` is for `model: package`, and that needs it")
+
+    def pricing(self):
+        """The decision core's pricing model for this charge (PricingError if invalid)."""
+        if self.model == "per_unit":
+            return PerUnit(self.price.nanos, self.per_units)
+        if self.model == "package":
+            return Package(self.package_size, self.price.nanos)
+        tiers = [Tier(tier.up_to, tier.price.nanos, tier.per_units, tier.flat.nanos) for tier in self.tiers]
+        return Graduated(tiers) if self.model == "graduated" else Volume(tiers)
+
+
+class Quota(Schema):
+    limit: Count
+    hard: bool = True
+
+
+class Plan(Schema):
+    """A rate plan: `tier`, billing `period`, `fixed_fee` per period (allocated across
+    metrics by `fee_allocation` for per-metric margin; shares add up to 100%),
+    `features`, `quotas` per metric and usage `charges`."""
+
+    key: Key
+    tier: Name
+    period: Literal["day", "week", "month", "year"] = "month"
+    currency: Annotated[str, msgspec.Meta(pattern=CURRENCY_PATTERN)] = "USD"
+    fixed_fee: Money = Money(0)
+    fee_allocation: dict[MeteredMetric, Percent] = {}
+    features: tuple[Key, ...] = ()
+    quotas: dict[MeteredMetric, Quota] = {}
+    charges: tuple[Charge, ...] = ()
+
+
+class Customer(Schema):
+    key: Annotated[str, msgspec.Meta(pattern=CUSTOMER_ID_PATTERN)]
+    name: str = ""
+    email: str = ""
+
+
+class Subscription(Schema):
+    """`customer` on `plan` from `period_anchor` (periods start there and repeat)."""
+
+    key: Key
+    customer: Annotated[str, msgspec.Meta(pattern=CUSTOMER_ID_PATTERN)]
+    plan: Key
+    period_anchor: Timestamp
+    status: SubscriptionStatus = "active"
+
+
+class CatalogFile(Schema):
+    metrics: tuple[Metric, ...] = ()
+    features: tuple[Feature, ...] = ()
+    plans: tuple[Plan, ...] = ()
+    customers: tuple[Customer, ...] = ()
+    subscriptions: tuple[Subscription, ...] = ()
+
+
+# Sections in the order they are written (a plan names metrics and features, a
+# subscription names a customer and a plan), with the store's kind for each.
+SECTIONS = (("metrics", "metric"), ("features", "feature"), ("plans", "plan"),
+            ("customers", "customer"), ("subscriptions", "subscription"))
+
+
+def _cross_check(catalog: CatalogFile) -> list[Problem]:
+    problems = []
+    for section, kind in SECTIONS:
+        problems += duplicate_names((entry.key for entry in getattr(catalog, section)), f"$.{section}", "key", kind)
+    for index, plan in enumerate(catalog.plans):
+        path = f"$.plans[{index}]"
+        if plan.fee_allocation and abs(sum(plan.fee_allocation.values()) - 100.0) > 1e-9:
+            problems.append(Problem(f"{path}.fee_allocation",
+                                    f"Fee allocation shares add up to {sum(plan.fee_allocation.values()):g}%, "
+                                    "not 100%"))
+        problems += duplicate_names((charge.metric for charge in plan.charges), f"{path}.charges", "metric",
+                                    "charge for metric")
+        for number, charge in enumerate(plan.charges):
+            try:
+                charge.pricing()
+            except PricingError as error:
+                problems.append(Problem(f"{path}.charges[{number}]", f"Invalid price: {error}"))
+    return problems
+
+
+def parse_catalog_file(text: str, file: str) -> CatalogFile:
+    """Validate a catalog file's text; ConfigError(s) with file, line and path."""
+    return parse_document(text, file, CatalogFile, expected=CATALOG_EXPECTED,
+                          pattern_meanings=CATALOG_PATTERN_MEANINGS, cross_check=_cross_check)
+
+
+def load_catalog_file(path: str | PathLike[str]) -> CatalogFile:
+    """Read and validate the catalog file at `path` (OSError when it cannot be read)."""
+    text, _ = read_document(path)
+    return parse_catalog_file(text, str(path))
+
+
+def document_of(entry: Schema) -> dict:
+    """A catalog entry as the JSON document the store keeps (money and percentages as
+    decimal strings, timestamps in RFC 3339), without its key."""
+    document = msgspec.to_builtins(entry, enc_hook=str)
+    document.pop("key")
+    return document
