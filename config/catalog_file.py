@@ -146,6 +146,8 @@ class CatalogFile(Schema):
 # subscription names a customer and a plan), with the store's kind for each.
 SECTIONS = (("metrics", "metric"), ("features", "feature"), ("plans", "plan"),
             ("customers", "customer"), ("subscriptions", "subscription"))
+ENTRY_TYPES = {"metric": Metric, "feature": Feature, "plan": Plan, "customer": Customer,
+               "subscription": Subscription}
 
 
 def _cross_check(catalog: CatalogFile) -> list[Problem]:

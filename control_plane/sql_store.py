@@ -57,6 +57,14 @@ MIGRATIONS = (
         "CREATE INDEX events_by_time ON events (kind, customer_id, occurred_at)",
         "CREATE INDEX events_late ON events (late, ingested_at)",
     )),
+    (2, "admin tokens", (
+        """CREATE TABLE admin_tokens (
+            id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            name TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION)""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -173,6 +181,20 @@ class SqlStore:
             "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys WHERE key_hash = ?",
             (key_hash,))
         return ApiKey(*rows[0]) if rows else None
+
+    # -- admin tokens --------------------------------------------------------------
+    async def add_admin_token(self, token_id, token_hash, name, created_at):
+        await self._execute("INSERT INTO admin_tokens (id, token_hash, name, created_at) VALUES (?, ?, ?, ?)",
+                            (token_id, token_hash, name, created_at))
+
+    async def admin_token_valid(self, token_hash):
+        rows = await self._fetch("SELECT 1 FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
+                                 (token_hash,))
+        return bool(rows)
+
+    async def admin_tokens_count(self):
+        rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL", ())
+        return rows[0][0]
 
     # -- events --------------------------------------------------------------------
     async def record_events(self, events: Sequence[StoredEvent]) -> list[str]:

@@ -93,5 +93,5 @@ class SqliteStore(SqlStore):
     async def _run(method, sql, args):
         try:
             return await method(sql, args)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, ValueError) as error:      # ValueError: aiosqlite's "no active connection"
             raise StoreError(f"SQLite: {error}") from error

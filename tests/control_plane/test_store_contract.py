@@ -95,6 +95,17 @@ def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
     backend.run(scenario)
 
 
+def test_admin_tokens_are_kept_as_digests(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        assert await store.admin_tokens_count() == 0
+        await store.add_admin_token("tok_1", "e" * 64, "first", 5.0)
+        assert await store.admin_token_valid("e" * 64) is True
+        assert await store.admin_token_valid("f" * 64) is False
+        assert await store.admin_tokens_count() == 1
+    backend.run(scenario)
+
+
 def test_an_event_is_accepted_once_and_a_changed_repeat_is_a_conflict(backend):
     async def scenario(open_test_store):
         store = await open_test_store()

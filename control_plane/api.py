@@ -1,0 +1,264 @@
+# The control plane's REST API (aiohttp, JSON, under /v1): the catalog, customers' API
+# keys and event ingest. Every /v1 call needs an admin bearer token (kept as its
+# sha256 only); errors are application/problem+json. /healthz and /openapi.json are
+# open. The handlers only translate HTTP to the catalog, key and ingest functions.
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+
+import msgspec
+from aiohttp import web
+
+from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
+from config.documents import decode_value
+from control_plane.catalog import check_references
+from control_plane.ingest import BatchError, CostEvent, UsageEvent, ingest, split_batch
+from control_plane.store import COST, CREATED, USAGE, ApiKey, Store, StoreError
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+API_KEY_PREFIX = "ak_live_"
+API_KEY_SHOWN_PREFIX_CHARS = 12          # what a listing shows of a key: enough to tell keys apart
+ADMIN_TOKEN_PREFIX = "aforo_admin_"
+_encode = msgspec.json.Encoder().encode
+STORE = web.AppKey("store", object)
+CLOCK = web.AppKey("clock", object)
+OPENAPI = web.AppKey("openapi", dict)
+
+
+def sha256_hex(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def create_admin_token(store: Store, name: str, now: float) -> str:
+    """A new admin token: its digest is stored, the token itself returned (shown once)."""
+    token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    await store.add_admin_token("tok_" + secrets.token_hex(8), sha256_hex(token), name, now)
+    return token
+
+
+def problem(status: int, detail: str, **extra) -> web.Response:
+    body = {"type": "about:blank", "title": _TITLES.get(status, "Error"), "status": status, "detail": detail}
+    body.update(extra)
+    return web.Response(status=status, body=_encode(body), content_type="application/problem+json")
+
+
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
+           422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def json_response(value, status=200) -> web.Response:
+    return web.Response(status=status, body=_encode(value), content_type="application/json")
+
+
+@web.middleware
+async def _problems(request, handler):
+    # Every error leaves as problem+json; an unexpected one is logged, never leaked.
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        default = f"{error.status}: {error.reason}"
+        return problem(error.status, error.reason if not error.text or error.text == default else error.text)
+    except StoreError as error:
+        request.app.logger.error("store failed: %s", error)
+        return problem(503, "the store is unavailable; retry the request")
+    except Exception:
+        request.app.logger.exception("request failed")
+        return problem(500, "the control plane failed to handle this request")
+    return response
+
+
+@web.middleware
+async def _admin_only(request, handler):
+    if request.path.startswith("/v1/"):
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not token or not await request.app[STORE].admin_token_valid(sha256_hex(token)):
+            response = problem(401, "an admin bearer token is required")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    return await handler(request)
+
+
+# -- catalog ---------------------------------------------------------------------------
+
+def _kind(request):
+    section = request.match_info["section"]
+    for known, kind in SECTIONS:
+        if known == section:
+            return kind
+    raise web.HTTPNotFound(text=f"no such collection `/v1/{section}`")
+
+
+async def _put_entry(request):
+    kind = _kind(request)
+    key = request.match_info["key"]
+    document = await _json_body(request)
+    if not isinstance(document, dict):
+        return problem(422, "the body must be a JSON object")
+    if document.setdefault("key", key) != key:
+        return problem(422, f"the body's key `{document['key']}` is not the key in the path `{key}`")
+    try:
+        entry = msgspec.convert(document, ENTRY_TYPES[kind], dec_hook=decode_value)
+    except msgspec.ValidationError as error:
+        return problem(422, f"invalid {kind}: {error}")
+    section = next(section for section, known in SECTIONS if known == kind)
+    errors = await check_references(request.app[STORE], CatalogFile(**{section: (entry,)}), "body")
+    if errors:
+        return problem(422, errors[0].message, errors=[{"message": error.message, "path": error.path}
+                                                        for error in errors])
+    outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry))
+    return json_response({"key": key, "result": outcome, **document_of(entry)}, 201 if outcome == CREATED else 200)
+
+
+async def _get_entry(request):
+    kind = _kind(request)
+    key = request.match_info["key"]
+    document = await request.app[STORE].get_catalog(kind, key)
+    if document is None:
+        return problem(404, f"no {kind} `{key}`")
+    return json_response({"key": key, **document})
+
+
+async def _list_entries(request):
+    kind = _kind(request)
+    entries = await request.app[STORE].list_catalog(kind)
+    return json_response({"items": [{"key": key, **document} for key, document in entries]})
+
+
+async def _delete_entry(request):
+    kind = _kind(request)
+    key = request.match_info["key"]
+    if not await request.app[STORE].delete_catalog(kind, key):
+        return problem(404, f"no {kind} `{key}`")
+    return web.Response(status=204)
+
+
+# -- API keys ----------------------------------------------------------------------------
+
+def _shown(key: ApiKey) -> dict:
+    return {"id": key.id, "customer_id": key.customer_id, "prefix": key.prefix, "created_at": key.created_at,
+            "revoked_at": key.revoked_at}
+
+
+async def _create_api_key(request):
+    customer_id = request.match_info["customer"]
+    store = request.app[STORE]
+    if await store.get_catalog("customer", customer_id) is None:
+        return problem(404, f"no customer `{customer_id}`")
+    secret = API_KEY_PREFIX + secrets.token_urlsafe(24)
+    key = ApiKey("key_" + secrets.token_hex(8), customer_id, secret[:API_KEY_SHOWN_PREFIX_CHARS],
+                 sha256_hex(secret), request.app[CLOCK]())
+    await store.add_api_key(key)
+    # The only time the key itself is ever shown.
+    return json_response({**_shown(key), "key": secret}, 201)
+
+
+async def _list_api_keys(request):
+    keys = await request.app[STORE].api_keys(request.match_info["customer"], request.query.get("prefix", ""))
+    return json_response({"items": [_shown(key) for key in keys]})
+
+
+async def _revoke_api_key(request):
+    if not await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK]()):
+        return problem(404, f"no active API key `{request.match_info['key_id']}`")
+    return web.Response(status=204)
+
+
+# -- ingest ----------------------------------------------------------------------------
+
+def _ingest_handler(kind):
+    async def handle(request):
+        content_type = request.content_type
+        if content_type not in ("application/json", "application/x-ndjson", "application/ndjson"):
+            return problem(415, "send events as application/json (an array, or {\"events\": [...]}) "
+                                "or application/x-ndjson (one event per line)")
+        body = await request.read()
+        try:
+            events = split_batch(body, ndjson=content_type != "application/json")
+        except BatchError as error:
+            return problem(400, str(error))
+        report = await ingest(request.app[STORE], kind, events, request.app[CLOCK](),
+                              source=request.headers.get("X-Aforo-Source", "api"))
+        return json_response(report)
+    return handle
+
+
+async def _json_body(request):
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="send a JSON body (application/json)")
+    try:
+        return msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as error:
+        raise web.HTTPBadRequest(text=f"the body is not JSON: {error}") from None
+
+
+# -- service ---------------------------------------------------------------------------
+
+async def _health(request):
+    await request.app[STORE].schema_version()
+    return json_response({"status": "ok"})
+
+
+async def _openapi(request):
+    return json_response(request.app[OPENAPI])
+
+
+ROUTES = (
+    # method, path, handler, summary; specific paths before the catalog's generic ones
+    ("GET", "/healthz", _health, "Liveness: the store answers"),
+    ("GET", "/openapi.json", _openapi, "This document"),
+    ("POST", "/v1/events", _ingest_handler(USAGE), "Ingest usage events (JSON batch or NDJSON)"),
+    ("POST", "/v1/costs", _ingest_handler(COST), "Ingest cost (COGS) events (JSON batch or NDJSON)"),
+    ("POST", "/v1/customers/{customer}/api-keys", _create_api_key, "Create an API key (the key is shown once)"),
+    ("GET", "/v1/customers/{customer}/api-keys", _list_api_keys, "List a customer's API keys (optionally by "
+                                                                 "`prefix`)"),
+    ("DELETE", "/v1/api-keys/{key_id}", _revoke_api_key, "Revoke an API key"),
+    ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
+                                            "subscriptions)"),
+    ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),
+    ("PUT", "/v1/{section}/{key}", _put_entry, "Create or update a catalog entry (idempotent)"),
+    ("DELETE", "/v1/{section}/{key}", _delete_entry, "Delete a catalog entry"),
+)
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of ROUTES, with the event schemas."""
+    def schema_hook(kind):
+        raise NotImplementedError
+    _, components = msgspec.json.schema_components((UsageEvent, CostEvent), schema_hook=schema_hook,
+                                                   ref_template="#/components/schemas/{name}")
+    paths: dict = {}
+    for method, path, _, summary in ROUTES:
+        operation = {"summary": summary, "responses": {"default": {
+            "description": "an error", "content": {"application/problem+json": {}}}}}
+        if path.startswith("/v1/"):
+            operation["security"] = [{"admin": []}]
+        if path == "/v1/events":
+            operation["requestBody"] = {"content": {"application/json": {"schema": {
+                "type": "array", "items": {"$ref": "#/components/schemas/UsageEvent"}}},
+                "application/x-ndjson": {}}}
+        if path == "/v1/costs":
+            operation["requestBody"] = {"content": {"application/json": {"schema": {
+                "type": "array", "items": {"$ref": "#/components/schemas/CostEvent"}}},
+                "application/x-ndjson": {}}}
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {"openapi": "3.1.0", "info": {"title": "Aforo Edge control plane", "version": "1"},
+            "paths": paths, "components": {"schemas": components,
+                                           "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}
+
+
+def create_app(store: Store, clock: Callable[[], float] = time.time) -> web.Application:
+    """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now)."""
+    app = web.Application(middlewares=[_problems, _admin_only], client_max_size=MAX_BODY_BYTES)
+    app[STORE] = store
+    app[CLOCK] = clock
+    app[OPENAPI] = openapi_document()
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

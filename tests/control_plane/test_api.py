@@ -1,0 +1,179 @@
+# The REST API over real sockets, on both stores: admin tokens guard /v1, the catalog
+# can be written and read back, API keys are shown once and kept hashed, ingest
+# answers per event, and every error is problem+json.
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from control_plane.api import create_admin_token, create_app, sha256_hex
+from control_plane.ingest import REJECTED
+from control_plane.store import ACCEPTED, DUPLICATE
+
+NOW = 1_800_000_000.0
+
+
+class Api:
+    """A running API on 127.0.0.1 and a client session with the admin token."""
+
+    def __init__(self, store):
+        self.store = store
+
+    async def __aenter__(self):
+        self.token = await create_admin_token(self.store, "tests", NOW)
+        self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+        await self.runner.cleanup()
+
+    async def call(self, method, path, body=None, *, raw=None, content_type="application/json", headers=None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        send = {"Content-Type": content_type} if data is not None else {}
+        async with self.session.request(method, self.base + path, data=data, headers={**send, **(headers or {})}) \
+                as response:
+            text = await response.read()
+            return response.status, response.headers.get("Content-Type", ""), json.loads(text) if text else None
+
+
+def api_test(backend, scenario):
+    async def run(open_store):
+        store = await open_store()
+        async with Api(store) as api:
+            await scenario(api)
+    backend.run(run)
+
+
+def test_v1_needs_an_admin_token_and_says_so_as_a_problem(backend):
+    async def scenario(api):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+            async with aiohttp.ClientSession() as anonymous:
+                async with anonymous.get(api.base + "/v1/plans", headers=headers) as response:
+                    assert response.status == 401
+                    assert response.headers["Content-Type"] == "application/problem+json"
+                    assert response.headers["WWW-Authenticate"] == "Bearer"
+                    assert (await response.json(content_type=None))["detail"] == "an admin bearer token is required"
+            async with aiohttp.ClientSession() as anonymous:
+                async with anonymous.get(api.base + "/healthz") as response:
+                    assert response.status == 200
+        assert await api.store.admin_token_valid(sha256_hex(api.token))
+    api_test(backend, scenario)
+
+
+def test_the_catalog_is_written_and_read_back_through_the_api(backend):
+    async def scenario(api):
+        status, _, body = await api.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+        assert (status, body["result"]) == (201, "created")
+        status, _, body = await api.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+        assert (status, body["result"]) == (200, "unchanged")
+        plan = {"tier": "pro", "fixed_fee": "49.00", "quotas": {"api_calls": {"limit": 1000}},
+                "charges": [{"metric": "api_calls", "model": "per_unit", "price": "0.001"}]}
+        status, _, body = await api.call("PUT", "/v1/plans/pro", plan)
+        assert status == 201 and body["fixed_fee"] == "49"
+        status, _, body = await api.call("GET", "/v1/plans/pro")
+        assert status == 200 and body["key"] == "pro" and body["quotas"]["api_calls"] == {"limit": 1000, "hard": True}
+        status, _, body = await api.call("GET", "/v1/plans")
+        assert [item["key"] for item in body["items"]] == ["pro"]
+        status, content_type, body = await api.call("PUT", "/v1/plans/gold", {**plan, "features": ["nope"]})
+        assert (status, content_type) == (422, "application/problem+json")
+        assert body["errors"] == [{"message": "Unknown feature `nope`; define it under `features`",
+                                   "path": "$.plans[0].features"}]
+        status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "fixed_fee": "-1"})
+        assert status == 422 and "Expected an amount >= 0" in body["detail"]
+        status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "key": "silver"})
+        assert status == 422 and "not the key in the path" in body["detail"]
+        status, _, body = await api.call("GET", "/v1/plans/gold")
+        assert (status, body["title"]) == (404, "Not Found")
+        status, _, body = await api.call("GET", "/v1/widgets")
+        assert status == 404 and body["detail"] == "no such collection `/v1/widgets`"
+        status, _, body = await api.call("PUT", "/v1/plans/pro", raw=b"{not json")
+        assert status == 400 and body["detail"].startswith("the body is not JSON")
+        status, _, _ = await api.call("DELETE", "/v1/plans/pro")
+        assert status == 204
+        assert (await api.call("DELETE", "/v1/plans/pro"))[0] == 404
+    api_test(backend, scenario)
+
+
+def test_an_api_key_is_shown_once_kept_hashed_listed_by_prefix_and_revoked(backend):
+    async def scenario(api):
+        assert (await api.call("POST", "/v1/customers/cus_1/api-keys"))[0] == 404     # no such customer yet
+        await api.call("PUT", "/v1/customers/cus_1", {"name": "Acme"})
+        status, _, created = await api.call("POST", "/v1/customers/cus_1/api-keys")
+        assert status == 201 and created["key"].startswith("ak_live_")
+        stored = await api.store.api_key_by_hash(sha256_hex(created["key"]))
+        assert stored.id == created["id"] and stored.key_hash != created["key"]
+        status, _, listed = await api.call("GET", "/v1/customers/cus_1/api-keys")
+        assert [item["id"] for item in listed["items"]] == [created["id"]]
+        assert "key" not in listed["items"][0] and created["key"].startswith(listed["items"][0]["prefix"])
+        status, _, listed = await api.call("GET", "/v1/customers/cus_1/api-keys?prefix=ak_test_")
+        assert listed["items"] == []
+        assert (await api.call("DELETE", f"/v1/api-keys/{created['id']}"))[0] == 204
+        assert (await api.call("DELETE", f"/v1/api-keys/{created['id']}"))[0] == 404
+        _, _, listed = await api.call("GET", "/v1/customers/cus_1/api-keys")
+        assert listed["items"][0]["revoked_at"] == NOW
+    api_test(backend, scenario)
+
+
+def usage(event_id, **fields):
+    return {"id": event_id, "customer_id": "cus_1", "metric": "api_calls", "quantity": 1,
+            "timestamp": "2027-01-15T08:00:00Z", **fields}
+
+
+def test_events_are_ingested_with_a_result_each_as_json_or_ndjson(backend):
+    async def scenario(api):
+        batch = [usage("e1"), usage("e2", quantity=-5), usage("e1")]
+        status, _, report = await api.call("POST", "/v1/events", batch)
+        assert status == 200
+        assert [result["status"] for result in report["results"]] == [ACCEPTED, REJECTED, DUPLICATE]
+        assert (report["accepted"], report["rejected"], report["duplicate"]) == (1, 1, 1)
+        ndjson = b"\n".join(json.dumps(event).encode() for event in (usage("e3"), usage("e1"))) + b"\n{oops\n"
+        status, _, report = await api.call("POST", "/v1/events", raw=ndjson, content_type="application/x-ndjson")
+        assert [result["status"] for result in report["results"]] == [ACCEPTED, DUPLICATE, REJECTED]
+        status, _, report = await api.call("POST", "/v1/costs", {"events": [
+            {"id": "c1", "customer_id": "cus_1", "amount": "0.25", "timestamp": "2027-01-15T08:00:00Z"}]})
+        assert [result["status"] for result in report["results"]] == [ACCEPTED]
+        status, _, body = await api.call("POST", "/v1/events", raw=b"{broken")
+        assert status == 400 and "not a JSON array of events" in body["detail"]
+        status, _, body = await api.call("POST", "/v1/events", raw=b"[]", content_type="text/csv")
+        assert status == 415
+        assert len(await api.store.events("usage", "cus_1")) == 2
+    api_test(backend, scenario)
+
+
+def test_the_openapi_document_describes_every_route(backend):
+    async def scenario(api):
+        async with aiohttp.ClientSession() as anonymous:
+            async with anonymous.get(api.base + "/openapi.json") as response:
+                document = await response.json()
+        assert document["openapi"].startswith("3.")
+        assert {"/v1/events", "/v1/costs", "/v1/{section}/{key}", "/v1/api-keys/{key_id}"} <= set(document["paths"])
+        assert document["paths"]["/v1/events"]["post"]["security"] == [{"admin": []}]
+        assert "quantity" in document["components"]["schemas"]["UsageEvent"]["properties"]
+    api_test(backend, scenario)
+
+
+def test_a_store_outage_is_a_503_problem_not_a_crash(tmp_path):
+    from control_plane.sqlite_store import SqliteStore
+
+    async def scenario():
+        store = await SqliteStore.open(str(tmp_path / "aforo.db"))
+        await store.migrate()
+        async with Api(store) as api:
+            await store.close()                          # the store goes away under the API
+            status, content_type, body = await api.call("GET", "/v1/plans")
+        assert (status, content_type) == (503, "application/problem+json")
+    asyncio.run(scenario())
+
+
+@pytest.fixture(autouse=True)
+def _quiet_aiohttp_access_log(caplog):
+    caplog.set_level("WARNING", logger="aiohttp.access")
