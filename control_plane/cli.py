@@ -146,6 +146,29 @@ def run_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_control_plane(args: argparse.Namespace) -> int:
+    """Run the control plane's REST API over the store until SIGTERM / SIGINT."""
+    import asyncio
+
+    from config.network import HostPort
+    from control_plane.server import serve_control_plane
+    from control_plane.store import StoreError
+    from proxy.server import configure_logging
+
+    configure_logging()
+    try:
+        listen = HostPort.parse(args.listen)
+    except ValueError as err:
+        print(f"aforo control-plane: --listen: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        asyncio.run(serve_control_plane(args.database, listen.host, listen.port))
+    except (StoreError, OSError) as err:
+        print(f"aforo control-plane: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aforo", description="Aforo Edge: margin-aware edge decision proxy."
@@ -179,6 +202,16 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
     apply.set_defaults(run=run_apply)
+    control = commands.add_parser(
+        "control-plane",
+        help="run the control plane's REST API",
+        description="Run the control plane's REST API (catalog, API keys, event and cost ingest) over the "
+        "store. The first start on an empty store prints an admin token once.",
+    )
+    control.add_argument("--listen", default="127.0.0.1:8070", metavar="HOST:PORT")
+    control.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
+                         metavar="URL", help="an SQLite file or a postgresql:// URL")
+    control.set_defaults(run=run_control_plane)
     return parser
 
 

@@ -177,3 +177,38 @@ def test_a_store_outage_is_a_503_problem_not_a_crash(tmp_path):
 @pytest.fixture(autouse=True)
 def _quiet_aiohttp_access_log(caplog):
     caplog.set_level("WARNING", logger="aiohttp.access")
+
+
+def test_aforo_control_plane_prints_a_first_admin_token_serves_and_stops_on_sigterm(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    database = tmp_path / "aforo.db"
+    command = [sys.executable, "-m", "control_plane.cli", "control-plane", "--listen", "127.0.0.1:0",
+               "--database", str(database)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        token = re.search(r"admin token \(shown once, keep it\): (\S+)", process.stdout.readline()).group(1)
+        url = re.search(r"API on (http://\S+) ", process.stdout.readline()).group(1)
+        request = urllib.request.Request(url + "/v1/plans", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read()) == {"items": []}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+    # A second start on the same store prints no new token: the first one stays valid.
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert again.stdout.readline().startswith("control plane API on http://127.0.0.1:")
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(30) == 0
+    finally:
+        if again.poll() is None:
+            again.kill()
+        again.stdout.close()

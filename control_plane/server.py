@@ -1,0 +1,41 @@
+# Running the control plane: its store (migrated at start) and its REST API until
+# SIGTERM / SIGINT. A store without any admin token gets one at first start, printed
+# once (only its sha256 is kept).
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from control_plane.api import create_admin_token, create_app
+from control_plane.store import open_store
+
+log = logging.getLogger("aforo.control_plane")
+
+
+async def serve_control_plane(database: str, host: str, port: int) -> None:
+    """Serve the API for the store at `database` on host:port (0: a free port, printed)
+    until SIGTERM / SIGINT."""
+    store = await open_store(database)
+    try:
+        if await store.admin_tokens_count() == 0:
+            token = await create_admin_token(store, "first", time.time())
+            print(f"admin token (shown once, keep it): {token}", flush=True)
+        runner = web.AppRunner(create_app(store), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"control plane API on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
+        await stop.wait()
+        log.info("control plane shutting down")
+        await runner.cleanup()
+    finally:
+        await store.close()
