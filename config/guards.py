@@ -8,8 +8,9 @@ from os import PathLike
 
 from config.documents import (
     Problem,
-    duplicate_names,
     content_version,
+    decode_document,
+    duplicate_names,
     parse_document,
     read_document,
 )
@@ -20,6 +21,7 @@ from config.schema import (
     Guard,
     GuardFile,
 )
+from config.watched_file import WatchedFile
 
 GUARD_FILE_EXPECTED = "a mapping with a `guards` list"
 
@@ -117,6 +119,15 @@ def load_guards(path: str | PathLike[str]) -> GuardSet:
     """
     text, raw = read_document(path)
     return _build(text, str(path), content_version(raw))
+
+
+def watch_guards(path: str | PathLike[str], on_reload_error=None) -> WatchedFile[GuardSet]:
+    """The guard file at `path` as a WatchedFile: `value` is the GuardSet in force,
+    rebuilt when the file changes; a broken edit keeps the last good set (logged with
+    file, line and path, counted, passed to `on_reload_error(path, error)`). The first
+    load raises ConfigError."""
+    return WatchedFile(path, lambda raw: _build(decode_document(raw, str(path)), str(path), content_version(raw)),
+                       what="guards", on_reload_error=on_reload_error)
 
 
 def _build(text: str, file: str, version: str) -> GuardSet:

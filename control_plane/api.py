@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
 from config.documents import decode_value
+from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
 from control_plane.ingest import BatchError, CostEvent, UsageEvent, ingest, split_batch
 from control_plane.store import COST, CREATED, USAGE, ApiKey, Store, StoreError
@@ -26,6 +28,18 @@ _encode = msgspec.json.Encoder().encode
 STORE = web.AppKey("store", object)
 CLOCK = web.AppKey("clock", object)
 OPENAPI = web.AppKey("openapi", dict)
+GUARDS = web.AppKey("guards", object)
+METRICS = web.AppKey("metrics", object)
+
+
+class ControlPlaneMetrics:
+    """The control plane's Prometheus metrics, on a registry of its own:
+    `config_reload_errors_total{file}` (rejected reloads; the old file stays in force)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        # A WatchedFile's on_reload_error: counts one rejected reload of a file.
+        self.count_reload_error = ReloadErrorCounter(self.registry)
 
 
 def sha256_hex(secret: str) -> str:
@@ -200,6 +214,22 @@ async def _json_body(request):
 
 # -- service ---------------------------------------------------------------------------
 
+async def _guards(request):
+    guards = request.app[GUARDS]
+    if guards is None:
+        return problem(404, "no guard file is configured (`aforo control-plane --guards FILE`)")
+    guard_set = guards.value
+    return json_response({
+        "version": guard_set.version, "source": guard_set.source, "reloads": guards.reloads,
+        "reload_errors": guards.reload_errors, "age_s": guards.age_s(),
+        "guards": [msgspec.to_builtins(guard, enc_hook=str) for guard in guard_set.guards]})
+
+
+async def _metrics(request):
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def _health(request):
     await request.app[STORE].schema_version()
     return json_response({"status": "ok"})
@@ -213,6 +243,8 @@ ROUTES = (
     # method, path, handler, summary; specific paths before the catalog's generic ones
     ("GET", "/healthz", _health, "Liveness: the store answers"),
     ("GET", "/openapi.json", _openapi, "This document"),
+    ("GET", "/metrics", _metrics, "Prometheus metrics"),
+    ("GET", "/v1/guards", _guards, "The guard file in force: version, guards, reloads and rejected reloads"),
     ("POST", "/v1/events", _ingest_handler(USAGE), "Ingest usage events (JSON batch or NDJSON)"),
     ("POST", "/v1/costs", _ingest_handler(COST), "Ingest cost (COGS) events (JSON batch or NDJSON)"),
     ("POST", "/v1/customers/{customer}/api-keys", _create_api_key, "Create an API key (the key is shown once)"),
@@ -253,11 +285,15 @@ def openapi_document() -> dict:
                                            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}
 
 
-def create_app(store: Store, clock: Callable[[], float] = time.time) -> web.Application:
-    """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now)."""
+def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=None,
+               metrics: ControlPlaneMetrics | None = None) -> web.Application:
+    """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now);
+    `guards` is the watched guard file (config.guards.watch_guards) or None."""
     app = web.Application(middlewares=[_problems, _admin_only], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[CLOCK] = clock
+    app[GUARDS] = guards
+    app[METRICS] = metrics or ControlPlaneMetrics()
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

@@ -162,7 +162,11 @@ def run_control_plane(args: argparse.Namespace) -> int:
         print(f"aforo control-plane: --listen: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        asyncio.run(serve_control_plane(args.database, listen.host, listen.port))
+        asyncio.run(serve_control_plane(args.database, listen.host, listen.port, args.guards))
+    except ConfigError as err:
+        for error in err.errors:
+            print(error, file=sys.stderr)
+        return EXIT_INVALID
     except (StoreError, OSError) as err:
         print(f"aforo control-plane: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -209,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         "store. The first start on an empty store prints an admin token once.",
     )
     control.add_argument("--listen", default="127.0.0.1:8070", metavar="HOST:PORT")
+    control.add_argument("--guards", metavar="FILE", help="guard YAML, watched and hot-reloaded")
     control.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
                          metavar="URL", help="an SQLite file or a postgresql:// URL")
     control.set_defaults(run=run_control_plane)

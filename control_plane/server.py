@@ -10,21 +10,31 @@ import time
 
 from aiohttp import web
 
-from control_plane.api import create_admin_token, create_app
+from config.guards import watch_guards
+from control_plane.api import ControlPlaneMetrics, create_admin_token, create_app
 from control_plane.store import open_store
 
 log = logging.getLogger("aforo.control_plane")
 
 
-async def serve_control_plane(database: str, host: str, port: int) -> None:
+GUARD_RELOAD_INTERVAL_S = 2.0
+
+
+async def serve_control_plane(database: str, host: str, port: int, guards_path: str | None = None) -> None:
     """Serve the API for the store at `database` on host:port (0: a free port, printed)
-    until SIGTERM / SIGINT."""
+    until SIGTERM / SIGINT. With `guards_path`, the guard file is loaded (a bad first
+    file raises ConfigError) and checked for changes every GUARD_RELOAD_INTERVAL_S."""
+    metrics = ControlPlaneMetrics()
+    guards = None if guards_path is None else watch_guards(guards_path, on_reload_error=metrics.count_reload_error)
     store = await open_store(database)
+    watching = None
     try:
+        if guards is not None:
+            watching = asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S))
         if await store.admin_tokens_count() == 0:
             token = await create_admin_token(store, "first", time.time())
             print(f"admin token (shown once, keep it): {token}", flush=True)
-        runner = web.AppRunner(create_app(store), access_log=None)
+        runner = web.AppRunner(create_app(store, guards=guards, metrics=metrics), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -38,4 +48,7 @@ async def serve_control_plane(database: str, host: str, port: int) -> None:
         log.info("control plane shutting down")
         await runner.cleanup()
     finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         await store.close()

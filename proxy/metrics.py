@@ -10,10 +10,11 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 
 import cython
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from config.watched_file import ReloadErrorCounter
 from decision_core.decide import TITLES
 
 log = logging.getLogger("aforo.metrics")
@@ -55,10 +56,7 @@ class ProxyMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.config_reload_errors_total = Counter(
-            "aforo_config_reload_errors_total",
-            "Configuration reloads rejected (the old configuration stays in force).",
-            ("file",), registry=self.registry)
+        self.config_reload_errors_total = ReloadErrorCounter(self.registry)
         # route -> decision -> requests answered.
         self.request_counts: dict[str, dict[str, int]] = {}
         self._decision = _Histogram(DECISION_BUCKETS_S)
@@ -95,7 +93,7 @@ class ProxyMetrics:
         """Count one rejected reload of configuration `file` (its path as configured).
         `error` is accepted so this can be a reload-error callback as it is; the
         loader logs it, the metric only counts. Safe from any thread."""
-        self.config_reload_errors_total.labels(file=file).inc()
+        self.config_reload_errors_total(file, error)
 
     def watch_meter_buffer(self, buffer) -> None:
         """Read `buffer`'s counters at each scrape (a MeterBuffer, or anything with

@@ -20,10 +20,11 @@ class Api:
 
     def __init__(self, store):
         self.store = store
+        self.app_options = {}
 
     async def __aenter__(self):
         self.token = await create_admin_token(self.store, "tests", NOW)
-        self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW))
+        self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW, **self.app_options))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -212,3 +213,71 @@ def test_aforo_control_plane_prints_a_first_admin_token_serves_and_stops_on_sigt
         if again.poll() is None:
             again.kill()
         again.stdout.close()
+
+
+GUARDS = """\
+guards:
+  - id: tokens-floor
+    metric: ai_tokens
+    min_margin: 25%
+    actions:
+      level_1: {threshold: 30%, notify: [finance]}
+      level_3: {threshold: 10%}
+"""
+
+
+def test_the_guard_file_in_force_is_shown_and_a_bad_edit_keeps_it(tmp_path, caplog):
+    from config.guards import watch_guards
+    from control_plane.api import ControlPlaneMetrics
+    from control_plane.sqlite_store import SqliteStore
+
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(GUARDS)
+    metrics = ControlPlaneMetrics()
+    guards = watch_guards(guard_file, on_reload_error=metrics.count_reload_error)
+
+    async def scenario():
+        store = await SqliteStore.open(str(tmp_path / "aforo.db"))
+        await store.migrate()
+        api = Api(store)
+        api.app_options = {"guards": guards, "metrics": metrics}
+        async with api:
+            status, _, shown = await api.call("GET", "/v1/guards")
+            assert status == 200 and [guard["id"] for guard in shown["guards"]] == ["tokens-floor"]
+            first_version = shown["version"]
+            guard_file.write_text(GUARDS.replace("min_margin: 25%", "min_margin: 25"))      # a bad edit
+            assert guards.reload_if_changed() is False
+            status, _, shown = await api.call("GET", "/v1/guards")
+            assert (shown["version"], shown["reload_errors"]) == (first_version, 1)
+            async with aiohttp.ClientSession() as anonymous:
+                async with anonymous.get(api.base + "/metrics") as response:
+                    exposition = await response.text()
+            assert f'aforo_config_reload_errors_total{{file="{guard_file}"}} 1.0' in exposition
+            guard_file.write_text(GUARDS.replace("tokens-floor", "tokens-guard"))         # a good one
+            assert guards.reload_if_changed() is True
+            status, _, shown = await api.call("GET", "/v1/guards")
+            assert [guard["id"] for guard in shown["guards"]] == ["tokens-guard"]
+            assert shown["version"] != first_version and shown["reloads"] == 1
+        await store.close()
+    asyncio.run(scenario())
+    assert "guards reload failed, keeping version" in caplog.text
+    assert "Expected a percentage like `25%`, got `25`" in caplog.text
+
+
+def test_without_a_guard_file_the_guards_call_says_how_to_give_one(backend):
+    async def scenario(api):
+        status, _, body = await api.call("GET", "/v1/guards")
+        assert status == 404 and "--guards FILE" in body["detail"]
+    api_test(backend, scenario)
+
+
+def test_aforo_control_plane_refuses_a_bad_first_guard_file(tmp_path):
+    import subprocess
+    import sys
+    bad = tmp_path / "guards.yaml"
+    bad.write_text("guards: [oops\n")
+    result = subprocess.run([sys.executable, "-m", "control_plane.cli", "control-plane", "--listen", "127.0.0.1:0",
+                             "--database", str(tmp_path / "aforo.db"), "--guards", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "guards.yaml:2: Invalid YAML" in result.stderr
