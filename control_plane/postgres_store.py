@@ -23,6 +23,7 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 class PostgresStore(SqlStore):
     DIALECT = {"serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
     MIGRATION_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})"
+    ROW_LOCK_SQL = " FOR UPDATE"
 
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool
@@ -85,6 +86,10 @@ class PostgresStore(SqlStore):
     async def _execute(self, sql, args):
         async with self._connected() as connection:
             await connection.execute(self._sql(sql), *args)
+
+    async def _executemany(self, sql, rows):
+        async with self._connected() as connection:
+            await connection.executemany(self._sql(sql), rows)
 
     async def _insert_events(self, rows):
         columns = list(zip(*rows))

@@ -19,6 +19,7 @@ from control_plane.store import (
     UNCHANGED,
     UPDATED,
     ApiKey,
+    PeriodTotals,
     StoredEvent,
     StoreError,
 )
@@ -65,6 +66,19 @@ MIGRATIONS = (
             created_at DOUBLE PRECISION NOT NULL,
             revoked_at DOUBLE PRECISION)""",
     )),
+    (3, "running totals per customer, metric and billing period", (
+        """CREATE TABLE period_totals (
+            customer_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            period_start DOUBLE PRECISION NOT NULL,
+            period_end DOUBLE PRECISION NOT NULL,
+            subscription TEXT NOT NULL,
+            units BIGINT NOT NULL,
+            revenue_nanos BIGINT NOT NULL,
+            cogs_nanos BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, metric, period_start))""",
+        "CREATE INDEX period_totals_by_end ON period_totals (period_end)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -87,6 +101,7 @@ class SqlStore:
 
     DIALECT: dict[str, str] = {}
     MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
+    ROW_LOCK_SQL = ""                # appended to a SELECT to lock the rows it reads
 
     # -- schema --------------------------------------------------------------------
     async def migrate(self) -> int:
@@ -197,7 +212,8 @@ class SqlStore:
         return rows[0][0]
 
     # -- events --------------------------------------------------------------------
-    async def record_events(self, events: Sequence[StoredEvent]) -> list[str]:
+    async def record_events(self, events: Sequence[StoredEvent], ratings=None) -> list[str]:
+        ratings = ratings or [None] * len(events)
         outcomes = [None] * len(events)
         first = {}                       # key -> (index of its first event, payload hash)
         for index, event in enumerate(events):
@@ -212,18 +228,31 @@ class SqlStore:
             chunk = keys[start:start + EVENT_CHUNK]
             async with self._transaction():
                 known = await self._known_hashes(chunk)
+                candidates = [key for key in chunk if key not in known]
+                totals = {}
+                rated = [key for key in candidates if ratings[first[key][0]] is not None]
+                if rated:
+                    # An event's totals row is a function of the event, so with the rows
+                    # locked no other writer can be keeping these events: look again.
+                    totals = await self._lock_totals([ratings[first[key][0]] for key in rated])
+                    known.update(await self._known_hashes(rated))
                 new = []
                 for key in chunk:
                     index, digest = first[key]
                     if key in known:
                         outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
-                    else:
-                        event = events[index]
-                        new.append((event.kind, event.customer_id, event.event_id, digest, event.payload,
-                                    event.occurred_at, event.ingested_at, event.late, event.provenance))
+                        continue
+                    event = events[index]
+                    provenance = event.provenance
+                    rating = ratings[index]
+                    if rating is not None:
+                        provenance = _with_pricing(provenance, rating, totals)
+                    new.append((event.kind, event.customer_id, event.event_id, digest, event.payload,
+                                event.occurred_at, event.ingested_at, event.late, provenance))
                 inserted = await self._insert_events(new) if new else set()
                 raced = [row[:3] for row in new if row[:3] not in inserted]
-                # Kept by a concurrent writer between our look-up and our insert.
+                # Kept by a concurrent writer between our look-up and our insert (only an
+                # event with no totals can race: the others were checked under lock).
                 known = await self._known_hashes(raced) if raced else {}
                 for row in new:
                     index, digest = first[row[:3]]
@@ -231,7 +260,44 @@ class SqlStore:
                         outcomes[index] = ACCEPTED
                     else:
                         outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
+                if totals:
+                    await self._executemany(
+                        "UPDATE period_totals SET units = ?, revenue_nanos = ?, cogs_nanos = ? "
+                        "WHERE customer_id = ? AND metric = ? AND period_start = ?",
+                        [(*sums, *key) for key, sums in totals.items()])
         return outcomes
+
+    async def _lock_totals(self, ratings):
+        # The totals rows of `ratings` (created at zero when missing), locked for this
+        # transaction, in a fixed order so concurrent batches cannot deadlock:
+        # {(customer, metric, period_start): [units, revenue_nanos, cogs_nanos]}.
+        rows = {}
+        for rating in ratings:
+            rows[(rating.customer_id, rating.metric, rating.period_start)] = (rating.period_end, rating.subscription)
+        ordered = sorted(rows)
+        await self._executemany(
+            "INSERT INTO period_totals (customer_id, metric, period_start, period_end, subscription, units, "
+            "revenue_nanos, cogs_nanos) VALUES (?, ?, ?, ?, ?, 0, 0, 0) "
+            "ON CONFLICT (customer_id, metric, period_start) DO NOTHING",
+            [(*key, *rows[key]) for key in ordered])
+        values = ", ".join(["(?, ?, CAST(? AS DOUBLE PRECISION))"] * len(ordered))
+        found = await self._fetch(
+            "SELECT customer_id, metric, period_start, units, revenue_nanos, cogs_nanos FROM period_totals "
+            f"WHERE (customer_id, metric, period_start) IN (VALUES {values}) "
+            "ORDER BY customer_id, metric, period_start" + self.ROW_LOCK_SQL,
+            tuple(value for key in ordered for value in key))
+        return {(customer, metric, period_start): [units, revenue, cogs]
+                for customer, metric, period_start, units, revenue, cogs in found}
+
+    async def period_totals(self, at, customer_id=None):
+        where, args = "period_start <= ? AND ? < period_end", [at, at]
+        if customer_id is not None:
+            where += " AND customer_id = ?"
+            args.append(customer_id)
+        rows = await self._fetch(
+            "SELECT customer_id, metric, period_start, period_end, subscription, units, revenue_nanos, cogs_nanos "
+            f"FROM period_totals WHERE {where} ORDER BY customer_id, metric", tuple(args))
+        return [PeriodTotals(*row) for row in rows]
 
     async def _known_hashes(self, keys):
         # (kind, customer_id, event_id) -> payload hash, for those of `keys` already kept.
@@ -256,6 +322,19 @@ class SqlStore:
         return [StoredEvent(kind, customer, event_id, bytes(payload), occurred_at, ingested_at, bool(late),
                             bytes(provenance))
                 for kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
+
+
+def _with_pricing(provenance, rating, totals):
+    # Rate the event from its period's running total (moved on by the rating), and
+    # add what it earned and cost, and from which plan and period, to its provenance.
+    sums = totals[(rating.customer_id, rating.metric, rating.period_start)]
+    revenue, cogs = rating.price(sums[0])
+    sums[0] += rating.units
+    sums[1] += revenue
+    sums[2] += cogs
+    document = _decode(provenance)
+    document["pricing"] = {**rating.context, "revenue_nanos": revenue, "cogs_nanos": cogs}
+    return _encode(document)
 
 
 def _check_kind(kind):

@@ -72,6 +72,10 @@ class SqliteStore(SqlStore):
         async with self._statement():
             await self._run(self._connection.execute, sql, args)
 
+    async def _executemany(self, sql, rows):
+        async with self._statement():
+            await self._run(self._connection.executemany, sql, rows)
+
     async def _insert_events(self, rows):
         # Inside a transaction that holds the write lock: nobody else can have kept
         # one of these since the look-up, so every row goes in.

@@ -5,8 +5,8 @@
 # declarative apply can be repeated. Events are kept once per (customer, event id).
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -41,6 +41,39 @@ class StoredEvent(msgspec.Struct, frozen=True):
     provenance: bytes = b"{}"
 
 
+class Rating(NamedTuple):
+    """How an event moves its billing period's running totals: the totals row
+    (`customer_id`, `metric` — or OVERALL for a cost not tied to a metric —,
+    `period_start`, `period_end`, epoch seconds) under `subscription`; `units` it
+    adds; `price(units_before)` -> (revenue_nanos, cogs_nanos) it adds, given the
+    period's units so far; `context` (plan, period, ...) kept in its provenance."""
+
+    customer_id: str
+    metric: str
+    period_start: float
+    period_end: float
+    subscription: str
+    units: int
+    price: Callable[[int], tuple[int, int]]
+    context: dict
+
+
+class PeriodTotals(NamedTuple):
+    """A billing period's running totals for one customer and metric (or OVERALL)."""
+
+    customer_id: str
+    metric: str
+    period_start: float
+    period_end: float
+    subscription: str
+    units: int
+    revenue_nanos: int
+    cogs_nanos: int
+
+
+OVERALL = "overall"
+
+
 class ApiKey(msgspec.Struct, frozen=True):
     """A customer's API key as stored: never the key itself, only its sha256 digest
     (`key_hash`, hex) and its first characters (`prefix`) to tell keys apart."""
@@ -69,11 +102,14 @@ class Store(Protocol):
     `add_admin_token(id, token_hash, name, created_at)`, `admin_token_valid(token_hash)`,
     `admin_tokens_count()` (tokens not revoked).
 
-    Events: `record_events(events)` keeps each event unless one with the same
-    (kind, customer, event id) is already kept, and returns, per event in order,
+    Events: `record_events(events, ratings=None)` keeps each event unless one with the
+    same (kind, customer, event id) is already kept, and returns, per event in order,
     ACCEPTED, DUPLICATE (same payload) or CONFLICT (same id, other payload); repeats
     inside one batch are judged against the first. Safe to call concurrently: an
-    event is accepted exactly once. `events(kind, customer_id)` returns what was kept,
+    event is accepted exactly once. `ratings` (one Rating or None per event) move the
+    running totals of each accepted event's billing period in the same transaction,
+    so totals count every accepted event exactly once; `period_totals(at,
+    customer_id=None)` returns the totals of the periods holding instant `at`. `events(kind, customer_id)` returns what was kept,
     in ingest order; `late_events(since=0.0, limit=1000)` the late ones ingested at or
     after `since`, oldest first (for reconciliation).
     """
@@ -96,7 +132,9 @@ class Store(Protocol):
     async def admin_token_valid(self, token_hash: str) -> bool: ...
     async def admin_tokens_count(self) -> int: ...
 
-    async def record_events(self, events: Sequence[StoredEvent]) -> list[str]: ...
+    async def record_events(self, events: Sequence[StoredEvent],
+                            ratings: Sequence[Rating | None] | None = None) -> list[str]: ...
+    async def period_totals(self, at: float, customer_id: str | None = None) -> list[PeriodTotals]: ...
     async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...
     async def late_events(self, since: float = 0.0, limit: int = 1000) -> list[StoredEvent]: ...
 

@@ -4,6 +4,7 @@
 # hashed and can be revoked, and an event is accepted exactly once however often
 # and however concurrently it is sent.
 import asyncio
+import json
 
 import pytest
 
@@ -19,6 +20,7 @@ from control_plane.store import (
     UPDATED,
     USAGE,
     ApiKey,
+    Rating,
     StoredEvent,
     StoreError,
     open_store,
@@ -172,3 +174,28 @@ def test_an_unusable_sqlite_path_is_a_clear_error(tmp_path):
         with pytest.raises(StoreError, match="cannot open the SQLite store"):
             await SqliteStore.open(str(blocker / "aforo.db"))
     run(scenario())
+
+
+def per_unit_rating(event, price_nanos=7, cost_nanos=2):
+    units = int(event.payload.decode().split(":")[1].rstrip("}"))
+    return Rating(event.customer_id, "api_calls", 1_700_000_000.0, 1_702_592_000.0, "sub_1", units,
+                  lambda units_before: (units * price_nanos, units * cost_nanos), {"plan": "pro"})
+
+
+def test_running_totals_count_each_accepted_event_once_even_concurrently(backend):
+    async def scenario(open_test_store):
+        stores = [await open_test_store() for _ in range(2)]
+        batch = [event(f"e{n}", payload=b'{"quantity":%d}' % (n % 5 + 1)) for n in range(120)]
+        ratings = [per_unit_rating(item) for item in batch]
+        results = await asyncio.gather(*(stores[n % 2].record_events(batch, ratings) for n in range(4)))
+        assert sum(result.count(ACCEPTED) for result in results) == 120
+        units = sum(n % 5 + 1 for n in range(120))
+        [totals] = await stores[0].period_totals(1_701_000_000.0)
+        assert (totals.units, totals.revenue_nanos, totals.cogs_nanos) == (units, units * 7, units * 2)
+        assert (totals.customer_id, totals.metric, totals.subscription) == ("cus_1", "api_calls", "sub_1")
+        kept = await stores[0].events(USAGE, "cus_1")
+        pricing = json.loads(kept[0].provenance)["pricing"]
+        assert pricing == {"plan": "pro", "revenue_nanos": 7, "cogs_nanos": 2}
+        assert await stores[0].period_totals(1_702_592_000.0) == []      # the period has ended by then
+        assert await stores[0].period_totals(1_701_000_000.0, "cus_2") == []
+    backend.run(scenario)
