@@ -18,6 +18,7 @@ from config.documents import decode_value
 from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
 from control_plane.ingest import BatchError, CostEvent, UsageEvent, ingest, split_batch
+from control_plane.margins import customer_margins
 from control_plane.store import COST, CREATED, USAGE, ApiKey, Store, StoreError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -225,6 +226,24 @@ async def _guards(request):
         "guards": [msgspec.to_builtins(guard, enc_hook=str) for guard in guard_set.guards]})
 
 
+async def _customer_margin(request):
+    customer_id = request.match_info["customer"]
+    store = request.app[STORE]
+    if await store.get_catalog("customer", customer_id) is None:
+        return problem(404, f"no customer `{customer_id}`")
+    margins = await customer_margins(store, request.app[CLOCK](), customer_id)
+    if not margins:
+        return problem(404, f"customer `{customer_id}` has no billable subscription now")
+    return json_response(margins[0])
+
+
+async def _pnl(request):
+    margins = await customer_margins(request.app[STORE], request.app[CLOCK]())
+    return json_response({"customers": margins,
+                          "revenue_nanos": sum(margin.revenue_nanos for margin in margins),
+                          "cogs_nanos": sum(margin.cogs_nanos for margin in margins)})
+
+
 async def _metrics(request):
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -251,6 +270,9 @@ ROUTES = (
     ("GET", "/v1/customers/{customer}/api-keys", _list_api_keys, "List a customer's API keys (optionally by "
                                                                  "`prefix`)"),
     ("DELETE", "/v1/api-keys/{key_id}", _revoke_api_key, "Revoke an API key"),
+    ("GET", "/v1/customers/{customer}/margin", _customer_margin,
+     "A customer's margin this billing period, per metric and overall"),
+    ("GET", "/v1/reports/pnl", _pnl, "Profit and loss this billing period: every customer, worst margin first"),
     ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
                                             "subscriptions)"),
     ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from config.values import to_nanos
+from control_plane.rating import Rater
 from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE, Store, StoredEvent
 
 FUTURE_LIMIT_S = 5 * 60
@@ -157,12 +158,14 @@ def judge(kind: str, raw: bytes | None, now: float) -> tuple[UsageEvent | CostEv
 
 
 async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
-                 source: str = "api") -> IngestReport:
+                 source: str = "api", rater: Rater | None = None) -> IngestReport:
     """Judge every event of a batch (see split_batch) and keep those that pass, once.
 
     `kind` is USAGE or COST; `now` epoch seconds (the gates' clock); `source` names
     where the batch came from (kept in each event's provenance unless the event names
-    its own). Raises StoreError when the store fails: then nothing of the batch can be
+    its own). Each accepted event is rated (`rater`, default: the store's catalog as
+    it is now) and moves its billing period's running totals in the same transaction.
+    Raises StoreError when the store fails: then nothing of the batch can be
     reported as kept, and the whole batch can be sent again safely."""
     results: list[EventResult | None] = [None] * len(raw_events)
     to_keep = []
@@ -180,7 +183,10 @@ async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], no
         }
         to_keep.append((index, event, StoredEvent(
             kind, event.customer_id, event.id, _encode(event), occurred_at, now, late, _encode(provenance))))
-    outcomes = await store.record_events([stored for _, _, stored in to_keep])
+    if to_keep and rater is None:
+        rater = await Rater.load(store)
+    ratings = [rater.rating(kind, event) for _, event, _ in to_keep]
+    outcomes = await store.record_events([stored for _, _, stored in to_keep], ratings)
     for (index, event, stored), outcome in zip(to_keep, outcomes):
         if outcome == ACCEPTED:
             results[index] = EventResult(index, ACCEPTED_LATE if stored.late else ACCEPTED, event.id)

@@ -4,6 +4,7 @@
 # of a period's events sums exactly to the period's rated total.
 from __future__ import annotations
 
+import datetime
 import decimal
 from typing import NamedTuple
 
@@ -11,6 +12,8 @@ import msgspec
 
 from config.catalog_file import Metric, Plan
 from config.documents import decode_value
+from control_plane.periods import period_bounds
+from control_plane.store import OVERALL, USAGE, Rating
 from decision_core import event_revenue
 
 
@@ -64,3 +67,71 @@ def unit_cogs_nanos(metric: Metric | None, quantity: int) -> int:
 
 def metric_from_document(key: str, document: dict) -> Metric:
     return msgspec.convert({**document, "key": key}, Metric, dec_hook=decode_value)
+
+
+BILLABLE_STATUSES = frozenset(("active", "trialing", "past_due"))
+
+
+class Subscription(NamedTuple):
+    key: str
+    customer: str
+    plan: str
+    anchor: datetime.datetime
+    status: str
+
+
+class Rater:
+    """Prices events from the catalog as the store holds it (read once, at load):
+    each event's subscription, plan and billing period, and what it adds to the
+    period's running totals (see store.Rating)."""
+
+    def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric]) -> None:
+        self.by_customer: dict[str, list[Subscription]] = {}
+        for subscription in subscriptions:
+            self.by_customer.setdefault(subscription.customer, []).append(subscription)
+        for candidates in self.by_customer.values():
+            candidates.sort(key=lambda subscription: subscription.anchor)
+        self.plans = plans
+        self.metrics = metrics
+
+    @classmethod
+    async def load(cls, store) -> Rater:
+        plans = {key: PlanPricing.from_document(key, document) for key, document in await store.list_catalog("plan")}
+        metrics = {key: metric_from_document(key, document)
+                   for key, document in await store.list_catalog("metric")}
+        subscriptions = [
+            Subscription(key, document["customer"], document["plan"],
+                         datetime.datetime.fromisoformat(document["period_anchor"]), document["status"])
+            for key, document in await store.list_catalog("subscription")]
+        return cls(subscriptions, plans, metrics)
+
+    def subscription_of(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
+        """The customer's billable subscription at `at`: the latest anchored at or
+        before `at`, else the earliest (an event just before the first anchor still
+        belongs to the customer's plan); None when the customer has no billable one."""
+        billable = [subscription for subscription in self.by_customer.get(customer_id, ())
+                    if subscription.status in BILLABLE_STATUSES and subscription.plan in self.plans]
+        started = [subscription for subscription in billable if subscription.anchor <= at]
+        return started[-1] if started else (billable[0] if billable else None)
+
+    def period_of(self, subscription: Subscription, at: datetime.datetime):
+        return period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
+
+    def rating(self, kind: str, event) -> Rating | None:
+        """What a usage or cost event (ingest's decoded event) adds to its period's
+        totals, or None when its customer has no billable subscription."""
+        subscription = self.subscription_of(event.customer_id, event.timestamp)
+        if subscription is None:
+            return None
+        pricing = self.plans[subscription.plan]
+        start, end = self.period_of(subscription, event.timestamp)
+        context = {"subscription": subscription.key, "plan": subscription.plan,
+                   "period_start": start.isoformat(), "period_end": end.isoformat()}
+        if kind == USAGE:
+            metric = self.metrics.get(event.metric)
+            quantity = event.quantity
+            return Rating(event.customer_id, event.metric, start.timestamp(), end.timestamp(), subscription.key,
+                          quantity, lambda units_before: pricing.rate(metric, units_before, quantity), context)
+        amount = event.amount_nanos
+        return Rating(event.customer_id, event.metric or OVERALL, start.timestamp(), end.timestamp(),
+                      subscription.key, 0, lambda units_before: (0, amount), context)

@@ -281,3 +281,51 @@ def test_aforo_control_plane_refuses_a_bad_first_guard_file(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "guards.yaml:2: Invalid YAML" in result.stderr
+
+
+def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_them(backend):
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+
+    async def scenario(api):
+        await apply_catalog(api.store, load_catalog_file(catalog_path), "catalog.yaml")
+        # NOW is 2027-01-15T08:00Z: globex (pro, anchored on the 15th) is in its Jan 15 - Feb 15 period.
+        tokens = {"id": "u1", "customer_id": "cus_globex", "metric": "ai_tokens", "quantity": 1_000_000,
+                  "timestamp": "2027-01-15T07:00:00Z"}
+        for _ in range(2):                                   # the retry counts nothing twice
+            await api.call("POST", "/v1/events", [tokens])
+        status, _, margin = await api.call("GET", "/v1/customers/cus_globex/margin")
+        assert status == 200
+        assert (margin["plan"], margin["period_start"], margin["period_end"]) == (
+            "pro", "2027-01-15T00:00:00+00:00", "2027-02-15T00:00:00+00:00")
+        by_metric = {row["metric"]: row for row in margin["metrics"]}
+        # ai_tokens: 8.00 of usage + 80% of the 49.00 fee, against 2.50 of unit cost.
+        assert (by_metric["ai_tokens"]["revenue_nanos"], by_metric["ai_tokens"]["cogs_nanos"]) == (
+            47_200_000_000, 2_500_000_000)
+        assert by_metric["ai_tokens"]["margin_pct"] == pytest.approx(94.7034, abs=1e-4)
+        assert by_metric["api_calls"] == {"metric": "api_calls", "units": 0, "revenue_nanos": 9_800_000_000,
+                                          "cogs_nanos": 0, "margin_pct": 100.0}
+        assert (margin["revenue_nanos"], margin["cogs_nanos"]) == (57_000_000_000, 2_500_000_000)
+        # A provider bill for the customer overall turns the margin negative.
+        status, _, report = await api.call("POST", "/v1/costs", [
+            {"id": "c1", "customer_id": "cus_globex", "amount": "60.00", "timestamp": "2027-01-15T07:30:00Z",
+             "provider": "openai"}])
+        assert report["accepted"] == 1
+        _, _, margin = await api.call("GET", "/v1/customers/cus_globex/margin")
+        assert margin["cogs_nanos"] == 62_500_000_000
+        assert margin["margin_pct"] == pytest.approx((57 - 62.5) / 57 * 100, abs=1e-4)
+        status, _, pnl = await api.call("GET", "/v1/reports/pnl")
+        assert [row["customer_id"] for row in pnl["customers"]] == ["cus_globex", "cus_acme", "cus_wonka"]
+        assert pnl["revenue_nanos"] == 57_000_000_000 + 2_000_000_000_000
+        # Each kept event says what it earned and under which plan and period.
+        [kept] = await api.store.events("usage", "cus_globex")
+        pricing = json.loads(kept.provenance)["pricing"]
+        assert pricing == {"subscription": "sub_globex", "plan": "pro", "period_start": "2027-01-15T00:00:00+00:00",
+                           "period_end": "2027-02-15T00:00:00+00:00", "revenue_nanos": 8_000_000_000,
+                           "cogs_nanos": 2_500_000_000}
+        assert (await api.call("GET", "/v1/customers/cus_nobody/margin"))[0] == 404
+    api_test(backend, scenario)

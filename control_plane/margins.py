@@ -1,0 +1,75 @@
+# Margin for the current billing period, per customer and metric and per customer
+# overall: revenue (usage charges rated so far plus the fixed fee, allocated across
+# metrics as the plan says; the unallocated rest counts overall only) against COGS
+# (unit costs of usage plus cost events). margin % = (revenue - COGS) / revenue * 100,
+# with the zero-revenue cases of decision_core.margin_pct.
+from __future__ import annotations
+
+import datetime
+import math
+
+import msgspec
+
+from control_plane.rating import Rater
+from control_plane.store import OVERALL, Store
+from decision_core import margin_pct
+
+
+class MetricMargin(msgspec.Struct):
+    metric: str
+    units: int
+    revenue_nanos: int
+    cogs_nanos: int
+    margin_pct: float | None       # None: cost with no revenue (an unbounded loss)
+
+
+class CustomerMargin(msgspec.Struct):
+    customer_id: str
+    subscription: str
+    plan: str
+    period_start: str
+    period_end: str
+    revenue_nanos: int
+    cogs_nanos: int
+    margin_pct: float | None
+    metrics: list[MetricMargin]
+
+
+def _pct(revenue, cogs):
+    value = margin_pct(revenue, cogs)
+    return None if math.isinf(value) else round(value, 4)
+
+
+async def customer_margins(store: Store, now: float, customer_id: str | None = None,
+                           rater: Rater | None = None) -> list[CustomerMargin]:
+    """Each customer's margin for the billing period holding `now` (epoch seconds),
+    worst first; only `customer_id` when given. A customer counts when it has a
+    billable subscription at `now`."""
+    rater = rater or await Rater.load(store)
+    at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    totals = {}
+    for row in await store.period_totals(now, customer_id):
+        totals.setdefault(row.customer_id, []).append(row)
+    customers = [customer_id] if customer_id is not None else sorted(set(rater.by_customer) | set(totals))
+    margins = []
+    for customer in customers:
+        subscription = rater.subscription_of(customer, at)
+        if subscription is None:
+            continue
+        pricing = rater.plans[subscription.plan]
+        start, end = rater.period_of(subscription, at)
+        rows = [row for row in totals.get(customer, ()) if row.subscription == subscription.key]
+        by_metric = {row.metric: row for row in rows}
+        metrics = []
+        for metric in sorted((set(by_metric) | set(pricing.plan.fee_allocation)) - {OVERALL}):
+            row = by_metric.get(metric)
+            revenue = (row.revenue_nanos if row else 0) + pricing.fixed_fee_share_nanos(metric)
+            cogs = row.cogs_nanos if row else 0
+            metrics.append(MetricMargin(metric, row.units if row else 0, revenue, cogs, _pct(revenue, cogs)))
+        revenue = sum(row.revenue_nanos for row in rows) + pricing.fixed_fee_nanos
+        cogs = sum(row.cogs_nanos for row in rows)
+        margins.append(CustomerMargin(customer, subscription.key, subscription.plan, start.isoformat(),
+                                      end.isoformat(), revenue, cogs, _pct(revenue, cogs), metrics))
+    margins.sort(key=lambda margin: (-math.inf if margin.margin_pct is None else margin.margin_pct,
+                                     margin.customer_id))
+    return margins
