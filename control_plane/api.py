@@ -17,9 +17,11 @@ from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
 from config.documents import decode_value
 from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
-from control_plane.ingest import BatchError, CostEvent, UsageEvent, ingest, split_batch
+from control_plane.guard_actions import evaluate_guards
+from control_plane.ingest import ACCEPTED_LATE, BatchError, CostEvent, UsageEvent, ingest, split_batch
 from control_plane.margins import customer_margins
-from control_plane.store import COST, CREATED, USAGE, ApiKey, Store, StoreError
+from control_plane.rating import Rater
+from control_plane.store import ACCEPTED, COST, CREATED, USAGE, ApiKey, Store, StoreError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_PREFIX = "ak_live_"
@@ -198,10 +200,34 @@ def _ingest_handler(kind):
             events = split_batch(body, ndjson=content_type != "application/json")
         except BatchError as error:
             return problem(400, str(error))
-        report = await ingest(request.app[STORE], kind, events, request.app[CLOCK](),
-                              source=request.headers.get("X-Aforo-Source", "api"))
+        now = request.app[CLOCK]()
+        store = request.app[STORE]
+        rater = await Rater.load(store)
+        report = await ingest(store, kind, events, now, source=request.headers.get("X-Aforo-Source", "api"),
+                              rater=rater)
+        guards = request.app[GUARDS]
+        customers = set(_accepted_customers(events, report))
+        if guards is not None and customers:
+            # Margins moved: judge the customers whose events were kept.
+            await evaluate_guards(store, guards.value, now, customers, rater)
         return json_response(report)
     return handle
+
+
+def _accepted_customers(events, report):
+    for result in report.results:
+        if result.status in (ACCEPTED, ACCEPTED_LATE):
+            yield msgspec.json.decode(events[result.index])["customer_id"]
+
+
+async def _actions(request):
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        return problem(400, "`after` and `limit` are whole numbers")
+    trail = await request.app[STORE].actions(request.query.get("customer"), after, limit)
+    return json_response({"items": [{"seq": seq, **action._asdict()} for seq, action in trail]})
 
 
 async def _json_body(request):
@@ -273,6 +299,7 @@ ROUTES = (
     ("GET", "/v1/customers/{customer}/margin", _customer_margin,
      "A customer's margin this billing period, per metric and overall"),
     ("GET", "/v1/reports/pnl", _pnl, "Profit and loss this billing period: every customer, worst margin first"),
+    ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
                                             "subscriptions)"),
     ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),

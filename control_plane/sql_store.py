@@ -18,7 +18,9 @@ from control_plane.store import (
     DUPLICATE,
     UNCHANGED,
     UPDATED,
+    Action,
     ApiKey,
+    GuardLevel,
     PeriodTotals,
     StoredEvent,
     StoreError,
@@ -78,6 +80,28 @@ MIGRATIONS = (
             cogs_nanos BIGINT NOT NULL,
             PRIMARY KEY (customer_id, metric, period_start))""",
         "CREATE INDEX period_totals_by_end ON period_totals (period_end)",
+    )),
+    (4, "guard levels and the actions trail", (
+        """CREATE TABLE guard_levels (
+            customer_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            guard_id TEXT NOT NULL,
+            level INTEGER NOT NULL,
+            margin_pct DOUBLE PRECISION,
+            changed_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (customer_id, metric))""",
+        """CREATE TABLE actions (
+            seq {serial},
+            customer_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            guard_id TEXT NOT NULL,
+            level_from INTEGER NOT NULL,
+            level_to INTEGER NOT NULL,
+            margin_pct DOUBLE PRECISION,
+            min_margin_pct DOUBLE PRECISION NOT NULL,
+            mode TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX actions_by_customer ON actions (customer_id, seq)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -266,6 +290,44 @@ class SqlStore:
                         "WHERE customer_id = ? AND metric = ? AND period_start = ?",
                         [(*sums, *key) for key, sums in totals.items()])
         return outcomes
+
+    # -- guard levels ----------------------------------------------------------------
+    async def guard_levels(self, customer_id=None):
+        where, args = ("WHERE customer_id = ?", (customer_id,)) if customer_id is not None else ("", ())
+        rows = await self._fetch("SELECT customer_id, metric, guard_id, level, margin_pct, changed_at FROM guard_levels "
+                                 f"{where} ORDER BY customer_id, metric", args)
+        return [GuardLevel(*row) for row in rows]
+
+    async def transition_level(self, action: Action) -> bool:
+        async with self._transaction():
+            await self._execute(
+                "INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, changed_at) "
+                "VALUES (?, ?, ?, 0, NULL, ?) ON CONFLICT (customer_id, metric) DO NOTHING",
+                (action.customer_id, action.metric, action.guard_id, action.at))
+            rows = await self._fetch("SELECT level FROM guard_levels WHERE customer_id = ? AND metric = ?"
+                                     + self.ROW_LOCK_SQL, (action.customer_id, action.metric))
+            if rows[0][0] != action.level_from:
+                return False                    # someone else moved it first
+            await self._execute(
+                "UPDATE guard_levels SET guard_id = ?, level = ?, margin_pct = ?, changed_at = ? "
+                "WHERE customer_id = ? AND metric = ?",
+                (action.guard_id, action.level_to, action.margin_pct, action.at, action.customer_id, action.metric))
+            await self._execute(
+                "INSERT INTO actions (customer_id, metric, guard_id, level_from, level_to, margin_pct, "
+                "min_margin_pct, mode, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (action.customer_id, action.metric, action.guard_id, action.level_from, action.level_to,
+                 action.margin_pct, action.min_margin_pct, action.mode, action.at))
+            return True
+
+    async def actions(self, customer_id=None, after_seq=0, limit=100):
+        where, args = "WHERE seq > ?", [after_seq]
+        if customer_id is not None:
+            where += " AND customer_id = ?"
+            args.append(customer_id)
+        rows = await self._fetch(
+            "SELECT seq, customer_id, metric, guard_id, level_from, level_to, margin_pct, min_margin_pct, mode, at "
+            f"FROM actions {where} ORDER BY seq LIMIT ?", (*args, limit))
+        return [(seq, Action(*rest)) for seq, *rest in rows]
 
     async def _lock_totals(self, ratings):
         # The totals rows of `ratings` (created at zero when missing), locked for this

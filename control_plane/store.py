@@ -74,6 +74,33 @@ class PeriodTotals(NamedTuple):
 OVERALL = "overall"
 
 
+class GuardLevel(NamedTuple):
+    """A customer's margin level (0..3) for one metric (or OVERALL) under a guard."""
+
+    customer_id: str
+    metric: str
+    guard_id: str
+    level: int
+    margin_pct: float | None
+    changed_at: float
+
+
+class Action(NamedTuple):
+    """A level transition as the audit trail keeps it: who, which metric, under which
+    guard, from and to which level, at what margin (None: cost with no revenue),
+    the guard's protected margin, its mode (enforce or shadow) and when."""
+
+    customer_id: str
+    metric: str
+    guard_id: str
+    level_from: int
+    level_to: int
+    margin_pct: float | None
+    min_margin_pct: float
+    mode: str
+    at: float
+
+
 class ApiKey(msgspec.Struct, frozen=True):
     """A customer's API key as stored: never the key itself, only its sha256 digest
     (`key_hash`, hex) and its first characters (`prefix`) to tell keys apart."""
@@ -109,7 +136,13 @@ class Store(Protocol):
     event is accepted exactly once. `ratings` (one Rating or None per event) move the
     running totals of each accepted event's billing period in the same transaction,
     so totals count every accepted event exactly once; `period_totals(at,
-    customer_id=None)` returns the totals of the periods holding instant `at`. `events(kind, customer_id)` returns what was kept,
+    customer_id=None)` returns the totals of the periods holding instant `at`.
+
+    Guards: `guard_levels(customer_id=None)`; `transition_level(action)` moves a
+    level from `action.level_from` to `action.level_to` and appends the action to the
+    trail, atomically, only if the level is still `level_from` (False otherwise: a
+    transition happens once however many evaluators race); `actions(customer_id=None,
+    after_seq=0, limit=100)` lists the trail as (seq, Action), oldest first. `events(kind, customer_id)` returns what was kept,
     in ingest order; `late_events(since=0.0, limit=1000)` the late ones ingested at or
     after `since`, oldest first (for reconciliation).
     """
@@ -135,6 +168,11 @@ class Store(Protocol):
     async def record_events(self, events: Sequence[StoredEvent],
                             ratings: Sequence[Rating | None] | None = None) -> list[str]: ...
     async def period_totals(self, at: float, customer_id: str | None = None) -> list[PeriodTotals]: ...
+
+    async def guard_levels(self, customer_id: str | None = None) -> list[GuardLevel]: ...
+    async def transition_level(self, action: Action) -> bool: ...
+    async def actions(self, customer_id: str | None = None, after_seq: int = 0,
+                      limit: int = 100) -> list[tuple[int, Action]]: ...
     async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...
     async def late_events(self, since: float = 0.0, limit: int = 1000) -> list[StoredEvent]: ...
 

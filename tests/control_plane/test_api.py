@@ -329,3 +329,58 @@ def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_t
                            "cogs_nanos": 2_500_000_000}
         assert (await api.call("GET", "/v1/customers/cus_nobody/margin"))[0] == 404
     api_test(backend, scenario)
+
+
+TOKEN_GUARD = """\
+guards:
+  - id: tokens-floor
+    metric: ai_tokens
+    scope: {tier: pro}
+    min_margin: 25%
+    actions:
+      level_1: {threshold: 30%, notify: [finance]}
+      level_2: {threshold: 20%, throttle_rate: 5req/sec}
+      level_3: {threshold: 10%}
+"""
+
+
+def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_recorded_once(backend, tmp_path):
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from config.guards import watch_guards
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(TOKEN_GUARD)
+    guards = watch_guards(guard_file)
+
+    def cost(event_id, amount):
+        return [{"id": event_id, "customer_id": "cus_globex", "amount": amount, "metric": "ai_tokens",
+                 "timestamp": "2027-01-15T07:00:00Z"}]
+
+    async def scenario(open_store):
+        store = await open_store()
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        api = Api(store)
+        api.app_options = {"guards": guards}
+        async with api:
+            # ai_tokens revenue this period: 39.20 (80% of the 49.00 fee) until tokens are used.
+            await api.call("POST", "/v1/costs", cost("c1", "35.00"))            # margin 10.7%: level 2
+            await api.call("POST", "/v1/costs", cost("c1", "35.00"))            # a retry: nothing moves
+            await api.call("POST", "/v1/costs", cost("c2", "1.00"))             # margin 8.2%: level 3
+            await api.call("POST", "/v1/events", [{"id": "u1", "customer_id": "cus_globex", "metric": "ai_tokens",
+                                                   "quantity": 10_000_000, "timestamp": "2027-01-15T07:10:00Z"}])
+            # +80.00 revenue, +25.00 cost: margin 48.8%, back to level 0.
+            status, _, trail = await api.call("GET", "/v1/actions?customer=cus_globex")
+        assert status == 200
+        steps = [(item["metric"], item["level_from"], item["level_to"], item["guard_id"], item["mode"])
+                 for item in trail["items"]]
+        assert steps == [("ai_tokens", 0, 2, "tokens-floor", "enforce"), ("ai_tokens", 2, 3, "tokens-floor", "enforce"),
+                         ("ai_tokens", 3, 0, "tokens-floor", "enforce")]
+        assert [round(item["margin_pct"], 2) for item in trail["items"]] == [10.71, 8.16, 48.83]
+        assert trail["items"][0]["min_margin_pct"] == 25.0
+        [level] = await store.guard_levels("cus_globex")
+        assert (level.metric, level.level) == ("ai_tokens", 0)
+    backend.run(scenario)
