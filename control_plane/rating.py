@@ -93,6 +93,7 @@ class Rater:
             candidates.sort(key=lambda subscription: subscription.anchor)
         self.plans = plans
         self.metrics = metrics
+        self._periods: dict[str, tuple[datetime.datetime, datetime.datetime]] = {}   # last one per subscription
 
     @classmethod
     async def load(cls, store) -> Rater:
@@ -115,7 +116,14 @@ class Rater:
         return started[-1] if started else (billable[0] if billable else None)
 
     def period_of(self, subscription: Subscription, at: datetime.datetime):
-        return period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
+        """[start, end) of the subscription's billing period holding `at` (the last
+        one found per subscription is remembered: a batch mostly falls in one)."""
+        known = self._periods.get(subscription.key)
+        if known is not None and known[0] <= at < known[1]:
+            return known
+        bounds = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
+        self._periods[subscription.key] = bounds
+        return bounds
 
     def rating(self, kind: str, event) -> Rating | None:
         """What a usage or cost event (ingest's decoded event) adds to its period's
