@@ -3,9 +3,9 @@
     python -m bench.control_plane [--events 20000] [--batch 500] [--concurrency 4] [--postgres URL]
 
 Applies the example catalog to a fresh SQLite file and a fresh PostgreSQL schema,
-then posts usage events in batches of `--batch`, `--concurrency` batches in flight,
-through the REST API (real HTTP on 127.0.0.1, the admin token, JSON bodies; client
-and server share one process and core), each event rated against its customer's
+starts `aforo control-plane` over each in its own process and posts usage events in
+batches of `--batch`, `--concurrency` batches in flight, through the REST API (real
+HTTP on 127.0.0.1, the admin token, JSON bodies), each event rated against its customer's
 plan, and reports events/s per store. The last line is a JSON object with the
 figures, including ingest_events_per_s_sqlite and ingest_events_per_s_postgres.
 Guard reaction time (cost event to the first proxy response that enforces it) needs
@@ -16,6 +16,9 @@ import argparse
 import asyncio
 import datetime
 import json
+import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,13 +26,10 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from config.catalog_file import load_catalog_file
-from control_plane.api import create_admin_token, create_app
 from control_plane.catalog import apply_catalog
-from control_plane.postgres_store import PostgresStore
-from control_plane.sqlite_store import SqliteStore
+from control_plane.store import open_store
 
 CATALOG = Path(__file__).resolve().parents[1] / "config" / "examples" / "catalog.yaml"
 CUSTOMERS = ("cus_acme", "cus_globex", "cus_wonka")
@@ -42,24 +42,35 @@ def batches(total, size, stamp):
     return [json.dumps(events[start:start + size]).encode() for start in range(0, total, size)]
 
 
-async def measure(store, total, size, concurrency):
-    await apply_catalog(store, load_catalog_file(CATALOG), str(CATALOG))
-    token = await create_admin_token(store, "bench", time.time())
-    runner = web.AppRunner(create_app(store), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/events"
+def start_control_plane(database):
+    """`aforo control-plane` on a free port over `database`, in its own process:
+    (process, base URL, admin token)."""
+    process = subprocess.Popen([sys.executable, "-m", "control_plane.cli", "control-plane", "--listen",
+                                "127.0.0.1:0", "--database", database],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    token = re.search(r"keep it\): (\S+)", process.stdout.readline()).group(1)
+    base = re.search(r"API on (http://\S+) ", process.stdout.readline()).group(1)
+    return process, base, token
+
+
+async def measure(database, total, size, concurrency):
+    async def prepare():
+        store = await open_store(database)
+        try:
+            await apply_catalog(store, load_catalog_file(CATALOG), str(CATALOG))
+        finally:
+            await store.close()
+    await prepare()
+    process, base, token = start_control_plane(database)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    bodies = batches(total, size, stamp)
+    queue = list(reversed(batches(total, size, stamp)))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     accepted = 0
-    queue = list(reversed(bodies))
 
     async def sender(session):
         nonlocal accepted
         while queue:
-            async with session.post(url, data=queue.pop()) as response:
+            async with session.post(base + "/v1/events", data=queue.pop()) as response:
                 accepted += (await response.json())["accepted"]
     try:
         async with aiohttp.ClientSession(headers=headers) as session:
@@ -67,7 +78,9 @@ async def measure(store, total, size, concurrency):
             await asyncio.gather(*(sender(session) for _ in range(concurrency)))
             elapsed = time.perf_counter() - started
     finally:
-        await runner.cleanup()
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        process.stdout.close()
     return {"events": total, "accepted": accepted, "seconds": round(elapsed, 3),
             "events_per_s": round(total / elapsed, 1)}
 
@@ -75,23 +88,14 @@ async def measure(store, total, size, concurrency):
 async def main_async(args):
     results = {}
     with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
-        store = await SqliteStore.open(str(Path(folder) / "aforo.db"))
-        await store.migrate()
-        try:
-            results["sqlite"] = await measure(store, args.events, args.batch, args.concurrency)
-        finally:
-            await store.close()
+        results["sqlite"] = await measure(str(Path(folder) / "aforo.db"), args.events, args.batch, args.concurrency)
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     import asyncpg
     admin = await asyncpg.connect(args.postgres)
     try:
         await admin.execute(f"CREATE SCHEMA {schema}")
-        store = await PostgresStore.connect(args.postgres, server_settings={"search_path": schema})
-        await store.migrate()
-        try:
-            results["postgres"] = await measure(store, args.events, args.batch, args.concurrency)
-        finally:
-            await store.close()
+        scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
+        results["postgres"] = await measure(scoped, args.events, args.batch, args.concurrency)
     finally:
         await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()

@@ -121,7 +121,8 @@ class SqlStore:
     and implement _fetch(sql, args) -> rows, _execute(sql, args), _executemany(sql,
     rows), _transaction() (an async context manager; the whole body is one
     transaction, holding the write lock on SQLite) and _insert_events(rows) -> the
-    (kind, customer_id, event_id) keys it inserted."""
+    (kind, customer_id, event_id) keys it inserted; they may replace _known_hashes
+    with a query their planner runs better."""
 
     DIALECT: dict[str, str] = {}
     MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
@@ -363,12 +364,20 @@ class SqlStore:
 
     async def _known_hashes(self, keys):
         # (kind, customer_id, event_id) -> payload hash, for those of `keys` already kept.
-        values = ", ".join(["(?, ?, ?)"] * len(keys))
-        rows = await self._fetch(
-            "SELECT kind, customer_id, event_id, payload_hash FROM events "
-            f"WHERE (kind, customer_id, event_id) IN (VALUES {values})",
-            tuple(value for key in keys for value in key))
-        return {(kind, customer, event_id): digest for kind, customer, event_id, digest in rows}
+        # One query per (kind, customer) with the ids in a list: a walk of the unique
+        # index, whatever the number of events kept.
+        by_customer = {}
+        for kind, customer, event_id in keys:
+            by_customer.setdefault((kind, customer), []).append(event_id)
+        known = {}
+        for (kind, customer), event_ids in by_customer.items():
+            marks = ", ".join(["?"] * len(event_ids))
+            rows = await self._fetch(
+                "SELECT event_id, payload_hash FROM events "
+                f"WHERE kind = ? AND customer_id = ? AND event_id IN ({marks})", (kind, customer, *event_ids))
+            for event_id, digest in rows:
+                known[(kind, customer, event_id)] = digest
+        return known
 
     async def events(self, kind, customer_id):
         return await self._stored_events("WHERE kind = ? AND customer_id = ? ORDER BY seq", (kind, customer_id))
