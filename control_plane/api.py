@@ -106,10 +106,14 @@ async def _admin_only(request, handler):
 
 def _kind(request):
     section = request.match_info["section"]
-    for known, kind in SECTIONS:
-        if known == section:
-            return kind
-    raise web.HTTPNotFound(text=f"no such collection `/v1/{section}`")
+    kind = _KIND_OF_SECTION.get(section)
+    if kind is None:
+        raise web.HTTPNotFound(text=f"no such collection `/v1/{section}`")
+    return kind
+
+
+_KIND_OF_SECTION = dict(SECTIONS)
+_SECTION_OF_KIND = {kind: section for section, kind in SECTIONS}
 
 
 async def _put_entry(request):
@@ -124,8 +128,7 @@ async def _put_entry(request):
         entry = msgspec.convert(document, ENTRY_TYPES[kind], dec_hook=decode_value)
     except msgspec.ValidationError as error:
         return problem(422, f"invalid {kind}: {error}")
-    section = next(section for section, known in SECTIONS if known == kind)
-    errors = await check_references(request.app[STORE], CatalogFile(**{section: (entry,)}), "body")
+    errors = await check_references(request.app[STORE], CatalogFile(**{_SECTION_OF_KIND[kind]: (entry,)}), "body")
     if errors:
         return problem(422, errors[0].message, errors=[{"message": error.message, "path": error.path}
                                                         for error in errors])

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
 
 
+def _print_errors(err: ConfigError) -> None:
+    # Every problem of a configuration error, one per line (file:line: message - at path).
+    for error in err.errors:
+        print(error, file=sys.stderr)
+
+
 def _describe_guards(file: str) -> str:
     guard_set = load_guards(file)
     count = len(guard_set.guards)
@@ -83,8 +89,7 @@ def run_check_config(args: argparse.Namespace) -> int:
             kind = args.kind or _kind_of(file)
             summary = CONFIG_KINDS[kind][1](file)
         except ConfigError as err:
-            for error in err.errors:
-                print(error, file=sys.stderr)
+            _print_errors(err)
             status = max(status, EXIT_INVALID)
         except OSError as err:
             print(f"aforo check-config: cannot read {file}: {err.strerror or err}", file=sys.stderr)
@@ -96,14 +101,14 @@ def run_check_config(args: argparse.Namespace) -> int:
 
 def run_proxy(args: argparse.Namespace) -> int:
     """Run the edge proxy from a settings file until SIGTERM / SIGINT."""
-    from proxy.server import configure_logging, run_proxy as serve
+    from config.logs import configure_logging
+    from proxy.server import run_proxy as serve
 
     configure_logging()
     try:
         return serve(args.config)
     except ConfigError as err:
-        for error in err.errors:
-            print(error, file=sys.stderr)
+        _print_errors(err)
         return EXIT_INVALID
     except OSError as err:
         print(f"aforo proxy: {err}", file=sys.stderr)
@@ -128,8 +133,7 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         summary = asyncio.run(apply(load_catalog_file(args.file)))
     except ConfigError as err:
-        for error in err.errors:
-            print(error, file=sys.stderr)
+        _print_errors(err)
         return EXIT_INVALID
     except OSError as err:
         print(f"aforo apply: cannot read {args.file}: {err.strerror or err}", file=sys.stderr)
@@ -153,7 +157,7 @@ def run_control_plane(args: argparse.Namespace) -> int:
     from config.network import HostPort
     from control_plane.server import serve_control_plane
     from control_plane.store import StoreError
-    from proxy.server import configure_logging
+    from config.logs import configure_logging
 
     configure_logging()
     try:
@@ -164,8 +168,7 @@ def run_control_plane(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_control_plane(args.database, listen.host, listen.port, args.guards))
     except ConfigError as err:
-        for error in err.errors:
-            print(error, file=sys.stderr)
+        _print_errors(err)
         return EXIT_INVALID
     except (StoreError, OSError) as err:
         print(f"aforo control-plane: {err}", file=sys.stderr)

@@ -10,9 +10,10 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
-# Catalog kinds, in the order an apply must write them (a plan names metrics and
-# features, a subscription names a customer and a plan).
-CATALOG_KINDS = ("metric", "feature", "plan", "customer", "subscription")
+from config.catalog_file import SECTIONS
+
+# Catalog kinds, in the order an apply must write them (see config.catalog_file).
+CATALOG_KINDS = tuple(kind for _, kind in SECTIONS)
 CREATED, UPDATED, UNCHANGED = "created", "updated", "unchanged"
 
 # Event kinds and what recording one can come to.

@@ -355,7 +355,8 @@ class ClientConnection:
             upstream_conn.pause_reading()
 
     def upstream_full(self):
-        """The tunnel's upstream takes no more for now: stop reading the client."""
+        """The upstream (an exchange's or the tunnel's) takes no more for now: stop
+        reading the client."""
         self.pause_reading(_UPSTREAM_FULL)
 
     def upstream_drained(self):
@@ -913,10 +914,10 @@ class Exchange(ResponseSink):
         self.client.uncork()
 
     def upstream_full(self):
-        self.client.pause_reading(_UPSTREAM_FULL)
+        self.client.upstream_full()
 
     def upstream_drained(self):
-        self.client.resume_reading(_UPSTREAM_FULL)
+        self.client.upstream_drained()
 
     # -- teardown ---------------------------------------------------------------------------
     def client_gone(self):

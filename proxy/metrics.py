@@ -51,7 +51,8 @@ class ProxyMetrics:
     upstream pools (`watch_upstream_pools`), edge state age (`watch_edge_state_age`).
 
     Metric objects: `requests_total`, `decision_seconds`, `upstream_seconds`,
-    `config_reload_errors_total` (prometheus_client objects, on `registry`).
+    `config_reload_errors_total` (a config.watched_file.ReloadErrorCounter), all on
+    `registry`.
     """
 
     def __init__(self):

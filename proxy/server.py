@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvloop
 
+from config.logs import configure_logging
 from config.proxy_settings import load_proxy_settings
 from proxy.admin import start_admin_server
 from proxy.app import ProxyApp
@@ -147,13 +148,6 @@ class ProxyWorker:
         self.admin.close()
         await self.admin.wait_closed()
         self.stopped.set()
-
-
-def configure_logging():
-    """Log INFO and up to stderr with times (once per process: spawned workers call it
-    too, as they inherit nothing from the parent's configuration)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
 
 
 def run_worker(settings_path, worker_index=0):

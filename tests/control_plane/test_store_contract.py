@@ -150,7 +150,7 @@ def test_a_batch_larger_than_a_chunk_is_kept_whole_and_in_order(backend):
     backend.run(scenario)
 
 
-def test_open_store_picks_the_backend_from_the_url(tmp_path, postgres_schema):
+def test_open_store_picks_the_backend_from_the_url(tmp_path):
     async def scenario():
         embedded = await open_store(str(tmp_path / "default.db"))
         assert isinstance(embedded, SqliteStore)
@@ -159,10 +159,8 @@ def test_open_store_picks_the_backend_from_the_url(tmp_path, postgres_schema):
         prefixed = await open_store("sqlite:" + str(tmp_path / "prefixed.db"))
         assert isinstance(prefixed, SqliteStore)
         await prefixed.close()
-        url, _ = postgres_schema
         with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
             await open_store("postgresql://postgres@127.0.0.1:1/test")
-        assert url.startswith("postgresql://")
     run(scenario())
 
 

@@ -191,6 +191,13 @@ class ProxyProcess:
         self.log.flush()
         return (self.folder / "proxy.log").read_text(errors="replace")
 
+    def exit_status(self):
+        """(exit status, output) once the process ends by itself; killed if it does not."""
+        try:
+            return self.process.wait(PROCESS_EXIT_BOUND_S), self.output()
+        finally:
+            self.kill()
+
     def kill(self):
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -285,11 +292,7 @@ def test_a_worker_that_cannot_start_stops_the_proxy_with_a_failure(upstream, tmp
         squatter.bind(("127.0.0.1", proxy.admin_ports[1]))
         squatter.listen()
         proxy.start()
-        try:
-            status = proxy.process.wait(PROCESS_EXIT_BOUND_S)
-            output = proxy.output()
-        finally:
-            proxy.kill()
+        status, output = proxy.exit_status()
     assert status == 1, output
     assert "worker 1 exited with status 1 5 times in a row" in output
 
@@ -298,11 +301,7 @@ def test_a_bad_edge_state_file_is_reported_once_before_any_worker_starts(upstrea
     proxy = ProxyProcess(tmp_path, upstream.port, workers=2, start=False)
     (tmp_path / "edge_state.yaml").write_text("customers: [oops\n")
     proxy.start()
-    try:
-        status = proxy.process.wait(PROCESS_EXIT_BOUND_S)
-        output = proxy.output()
-    finally:
-        proxy.kill()
+    status, output = proxy.exit_status()
     assert status == 1, output
     assert "edge_state.yaml" in output
     assert "worker" not in output          # no worker was started, none restarted
