@@ -4,7 +4,8 @@
 #
 #   period     {start, end}: RFC 3339 timestamps with a timezone, end after start
 #   plans      name -> {tier, features, quotas: metric -> {limit, hard}}
-#   customers  list of {id, plan, status, api_keys (sha256 hex), usage, levels}
+#   customers  list of {id, plan, status, api_keys (sha256 hex), usage, levels,
+#              period_end (optional: this customer's period ends elsewhere)}
 #   levels     metric or `overall` -> {guard, level 0..3, mode, throttle_rate and
 #              burst (level 2), locked_features (level 3 lock variant)}
 from __future__ import annotations
@@ -114,7 +115,9 @@ class Standing(Schema):
 class Customer(Schema):
     """One customer: its plan, subscription `status` (only `active` and `trialing`
     send traffic), the sha256 digests of its API keys, units used so far this
-    period per metric, and margin standings per metric (or `overall`)."""
+    period per metric, and margin standings per metric (or `overall`).
+    `period_end`: when this customer's billing period ends, if not at the file's
+    `period.end` (subscriptions anchored on different days)."""
 
     id: CustomerId
     plan: Name
@@ -122,6 +125,7 @@ class Customer(Schema):
     api_keys: tuple[KeyDigest, ...] = ()
     usage: dict[MeteredMetric, Units] = msgspec.field(default_factory=dict)
     levels: dict[MeteredMetric, Standing] = msgspec.field(default_factory=dict)
+    period_end: Timestamp | None = None
 
 
 class EdgeStateFile(Schema):

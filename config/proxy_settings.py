@@ -1,6 +1,7 @@
 # The proxy settings file (`aforo proxy --config FILE`). Every field but `upstreams`,
-# `routes` and `edge_state` has a default; every route names a defined upstream; and
-# relative file paths are read from the settings file's directory, not the cwd.
+# `routes` and one of `edge_state` / `control_plane` has a default; every route names a
+# defined upstream; and relative file paths are read from the settings file's
+# directory, not the cwd.
 #
 # Fields (defaults in parentheses):
 #   listen ("127.0.0.1:8080")  where clients connect, `host:port` (IPv6 as `[::1]:8080`)
@@ -14,6 +15,8 @@
 #   upstreams                  name -> Upstream (url, pool_size, timeouts); at least one
 #   routes                     list of Route, at least one (see RouteSettings)
 #   edge_state                 the customers' edge state file and how often it is checked
+#   control_plane              or: the control plane that feeds edge state and takes
+#                              meter events (see ControlPlaneSource)
 #   metering                   where meter events go (see MeteringSettings)
 from __future__ import annotations
 
@@ -35,7 +38,10 @@ from config.network import (
 )
 from config.schema import PATTERN_MEANINGS, MeteredMetric, Name, Schema
 
-PROXY_SETTINGS_EXPECTED = "a mapping of proxy settings with `upstreams`, `routes` and `edge_state`"
+PROXY_SETTINGS_EXPECTED = (
+    "a mapping of proxy settings with `upstreams`, `routes` and `edge_state` or `control_plane`"
+)
+CONTROL_PLANE_TOKEN_ENV = "AFORO_CONTROL_PLANE_TOKEN"
 BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
@@ -108,9 +114,20 @@ class EdgeStateSource(Schema):
     reload_interval_s: Seconds = 1.0
 
 
+class ControlPlaneSource(Schema):
+    """The control plane this proxy follows for edge state and sends meter events to:
+    its `url` (`http://host:port`) and the environment variable that holds its admin
+    token. The proxy starts serving once it has the whole state, and gives up after
+    `start_timeout_s` seconds without it."""
+
+    url: UpstreamUrl
+    token_env: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = CONTROL_PLANE_TOKEN_ENV
+    start_timeout_s: Seconds = 30.0
+
+
 class MeteringSettings(Schema):
-    """Meter events: appended as NDJSON to `path`, spooled to `spool_dir` while the
-    sink is behind; up to `buffer_events` held in memory, written `batch_events` at
+    """Meter events: appended as NDJSON to `path` (sent to the control plane instead
+    when the proxy follows one), spooled to `spool_dir` while the sink is behind; up to `buffer_events` held in memory, written `batch_events` at
     a time at least every `flush_interval_s` seconds."""
 
     path: FilePath = "meter-events.ndjson"
@@ -132,7 +149,8 @@ class ProxySettings(Schema):
 
     upstreams: dict[Name, Upstream]
     routes: tuple[RouteSettings, ...]
-    edge_state: EdgeStateSource
+    edge_state: EdgeStateSource | None = None
+    control_plane: ControlPlaneSource | None = None
     listen: HostPort = HostPort("127.0.0.1", 8080)
     workers: Count = 1
     admin: HostPort = HostPort("127.0.0.1", 9090)
@@ -182,7 +200,8 @@ def _resolve_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> Pr
     def resolve(file: str) -> str:
         return os.path.join(base_dir, file)
 
-    edge_state = msgspec.structs.replace(settings.edge_state, file=resolve(settings.edge_state.file))
+    edge_state = settings.edge_state and msgspec.structs.replace(
+        settings.edge_state, file=resolve(settings.edge_state.file))
     metering = msgspec.structs.replace(
         settings.metering,
         path=resolve(settings.metering.path),
@@ -196,6 +215,9 @@ def _route_problems(settings: ProxySettings) -> list[Problem]:
     can never be chosen because an earlier route with the same host and prefix takes
     all of their methods."""
     problems: list[Problem] = []
+    if (settings.edge_state is None) == (settings.control_plane is None):
+        problems.append(Problem("$", "Set exactly one of `edge_state` (a file) and `control_plane` (a URL): "
+                                     "where the customers' edge state comes from"))
     if not settings.upstreams:
         problems.append(Problem("$.upstreams", "At least one upstream is required"))
     if not settings.routes:

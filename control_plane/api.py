@@ -17,11 +17,12 @@ from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
 from config.documents import decode_value
 from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
+from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import ACCEPTED_LATE, BatchError, CostEvent, UsageEvent, ingest, split_batch
 from control_plane.margins import customer_margins
 from control_plane.rating import Rater
-from control_plane.store import ACCEPTED, COST, CREATED, USAGE, ApiKey, Store, StoreError
+from control_plane.store import ACCEPTED, COST, CREATED, UNCHANGED, USAGE, ApiKey, Store, StoreError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_PREFIX = "ak_live_"
@@ -33,6 +34,7 @@ CLOCK = web.AppKey("clock", object)
 OPENAPI = web.AppKey("openapi", dict)
 GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
+FEED = web.AppKey("feed", EdgeFeed)
 
 
 class ControlPlaneMetrics:
@@ -133,6 +135,8 @@ async def _put_entry(request):
         return problem(422, errors[0].message, errors=[{"message": error.message, "path": error.path}
                                                         for error in errors])
     outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry))
+    if outcome != UNCHANGED:
+        request.app[FEED].changed()
     return json_response({"key": key, "result": outcome, **document_of(entry)}, 201 if outcome == CREATED else 200)
 
 
@@ -156,6 +160,7 @@ async def _delete_entry(request):
     key = request.match_info["key"]
     if not await request.app[STORE].delete_catalog(kind, key):
         return problem(404, f"no {kind} `{key}`")
+    request.app[FEED].changed()
     return web.Response(status=204)
 
 
@@ -175,6 +180,7 @@ async def _create_api_key(request):
     key = ApiKey("key_" + secrets.token_hex(8), customer_id, secret[:API_KEY_SHOWN_PREFIX_CHARS],
                  sha256_hex(secret), request.app[CLOCK]())
     await store.add_api_key(key)
+    request.app[FEED].changed((customer_id,))
     # The only time the key itself is ever shown.
     return json_response({**_shown(key), "key": secret}, 201)
 
@@ -187,6 +193,7 @@ async def _list_api_keys(request):
 async def _revoke_api_key(request):
     if not await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK]()):
         return problem(404, f"no active API key `{request.match_info['key_id']}`")
+    request.app[FEED].changed()
     return web.Response(status=204)
 
 
@@ -212,7 +219,8 @@ def _ingest_handler(kind):
         customers = set(_accepted_customers(events, report))
         if guards is not None and customers:
             # Margins moved: judge the customers whose events were kept.
-            await evaluate_guards(store, guards.value, now, customers, rater)
+            moved = await evaluate_guards(store, guards.value, now, customers, rater)
+            request.app[FEED].changed(action.customer_id for action in moved)
         return json_response(report)
     return handle
 
@@ -240,6 +248,29 @@ async def _json_body(request):
         return msgspec.json.decode(await request.read())
     except msgspec.DecodeError as error:
         raise web.HTTPBadRequest(text=f"the body is not JSON: {error}") from None
+
+
+# -- edge feed -------------------------------------------------------------------------
+
+_encode_config = msgspec.json.Encoder(enc_hook=str).encode
+
+
+async def _edge_state(request):
+    feed = request.app[FEED]
+    version = feed.version           # taken first: the state read is at least this new
+    state = await feed.state(request.app[CLOCK]())
+    return web.Response(body=b'{"version":"%s","state":%s}' % (version.encode(), _encode_config(state)),
+                        content_type="application/json")
+
+
+async def _edge_changes(request):
+    try:
+        wait_s = float(request.query.get("wait_s", "0"))
+    except ValueError:
+        return problem(400, "`wait_s` is a number of seconds")
+    since = request.query.get("since", "")
+    changes = await request.app[FEED].changes(since, wait_s, request.app[CLOCK]())
+    return web.Response(body=_encode_config(changes), content_type="application/json")
 
 
 # -- service ---------------------------------------------------------------------------
@@ -302,6 +333,9 @@ ROUTES = (
     ("GET", "/v1/customers/{customer}/margin", _customer_margin,
      "A customer's margin this billing period, per metric and overall"),
     ("GET", "/v1/reports/pnl", _pnl, "Profit and loss this billing period: every customer, worst margin first"),
+    ("GET", "/v1/edge/state", _edge_state, "The edge state proxies decide from, and its version"),
+    ("GET", "/v1/edge/changes", _edge_changes,
+     "Customers changed since version `since` (long poll up to `wait_s` seconds); `resync`: pull the state"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
                                             "subscriptions)"),
@@ -338,14 +372,16 @@ def openapi_document() -> dict:
 
 
 def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=None,
-               metrics: ControlPlaneMetrics | None = None) -> web.Application:
+               metrics: ControlPlaneMetrics | None = None, feed: EdgeFeed | None = None) -> web.Application:
     """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now);
-    `guards` is the watched guard file (config.guards.watch_guards) or None."""
+    `guards` is the watched guard file (config.guards.watch_guards) or None; `feed`
+    the edge feed proxies follow (one over `store` and `guards` when None)."""
     app = web.Application(middlewares=[_problems, _admin_only], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[CLOCK] = clock
     app[GUARDS] = guards
     app[METRICS] = metrics or ControlPlaneMetrics()
+    app[FEED] = feed or EdgeFeed(store, guards)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

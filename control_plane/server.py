@@ -12,6 +12,7 @@ from aiohttp import web
 
 from config.guards import watch_guards
 from control_plane.api import ControlPlaneMetrics, create_admin_token, create_app
+from control_plane.edge_feed import EdgeFeed
 from control_plane.store import open_store
 
 log = logging.getLogger("aforo.control_plane")
@@ -27,14 +28,16 @@ async def serve_control_plane(database: str, host: str, port: int, guards_path: 
     metrics = ControlPlaneMetrics()
     guards = None if guards_path is None else watch_guards(guards_path, on_reload_error=metrics.count_reload_error)
     store = await open_store(database)
-    watching = None
+    watching = []
     try:
+        feed = EdgeFeed(store, guards)
+        watching.append(asyncio.create_task(feed.watch(time.time)))
         if guards is not None:
-            watching = asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S))
+            watching.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S)))
         if await store.admin_tokens_count() == 0:
             token = await create_admin_token(store, "first", time.time())
             print(f"admin token (shown once, keep it): {token}", flush=True)
-        runner = web.AppRunner(create_app(store, guards=guards, metrics=metrics), access_log=None)
+        runner = web.AppRunner(create_app(store, guards=guards, metrics=metrics, feed=feed), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
@@ -48,7 +51,7 @@ async def serve_control_plane(database: str, host: str, port: int, guards_path: 
         log.info("control plane shutting down")
         await runner.cleanup()
     finally:
-        if watching is not None:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
+        for task in watching:
+            task.cancel()
+        await asyncio.gather(*watching, return_exceptions=True)
         await store.close()

@@ -196,6 +196,10 @@ class SqlStore:
                 await self._execute("DELETE FROM catalog WHERE kind = ? AND key = ?", (kind, key))
             return bool(rows)
 
+    async def catalog_version(self):
+        rows = await self._fetch("SELECT COUNT(*), COALESCE(SUM(updated_at), 0) FROM catalog", ())
+        return tuple(rows[0])
+
     # -- API keys ------------------------------------------------------------------
     async def add_api_key(self, key: ApiKey) -> None:
         await self._execute(
@@ -207,6 +211,12 @@ class SqlStore:
             "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys "
             "WHERE customer_id = ? AND substr(prefix, 1, ?) = ? ORDER BY created_at, id",
             (customer_id, len(prefix), prefix))
+        return [ApiKey(*row) for row in rows]
+
+    async def live_api_keys(self):
+        rows = await self._fetch(
+            "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys "
+            "WHERE revoked_at IS NULL ORDER BY customer_id, created_at, id", ())
         return [ApiKey(*row) for row in rows]
 
     async def revoke_api_key(self, key_id, at):

@@ -32,6 +32,7 @@ cdef class CustomerState:
     cpdef long long quota_used(self, str metric)
     @cython.locals(slot=cython.int)
     cpdef void add_usage(self, str metric, long long units)
+    cpdef void restate(self, str subscription_status, dict guard_levels) except *
 
 
 @cython.final

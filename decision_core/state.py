@@ -73,14 +73,24 @@ class CustomerState:
             slot = quotas.slot(metric)
             if slot >= 0:
                 self.used[slot] = units
-        self.guard_levels = dict(guard_levels)
         self.period_end = float(period_end)
+        self.guard_levels = dict(guard_levels)
         # The hot path only looks at standings that can act on a request (level 2 or 3;
         # level 1 warns by webhook, not here), and finds None when there are none.
-        self.acting_levels = {
-            metric: standing for metric, standing in self.guard_levels.items() if standing.level >= 2
-        } or None
+        self.acting_levels = _acting(self.guard_levels)
 
+    def restate(self, subscription_status, guard_levels):
+        """Take a new subscription status and guard standings (the control plane
+        changed them) in place; usage counted so far stays. Raises InvalidStateError
+        for an unknown status (and then changes nothing)."""
+        if subscription_status not in SUBSCRIPTION_STATUSES:
+            raise InvalidStateError(
+                f"customer {self.customer_id!r}: unknown subscription status {subscription_status!r}"
+            )
+        self.subscription_status = subscription_status
+        self.subscription_open = subscription_status in OPEN_STATUSES
+        self.guard_levels = dict(guard_levels)
+        self.acting_levels = _acting(self.guard_levels)
 
     def quota_used(self, metric):
         """Units of `metric` counted this period (0 for a metric without a quota)."""
@@ -93,6 +103,10 @@ class CustomerState:
         slot = self.quotas.slot(metric)
         if slot >= 0:
             self.used[slot] += units
+
+
+def _acting(guard_levels):
+    return {metric: standing for metric, standing in guard_levels.items() if standing.level >= 2} or None
 
 
 class RequestFacts:

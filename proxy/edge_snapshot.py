@@ -1,6 +1,7 @@
 # An edge snapshot: every customer's decision-core state, found by the sha256 of an
 # API key. Built whole, then only read (the usage counters and throttle buckets inside
-# each CustomerState still move). Customers are stored compactly and get their
+# each CustomerState still move, and a customer's status and standings can be
+# restated in place). Customers are stored compactly and get their
 # CustomerState when first seen; one features set and one PlanQuotas per plan are
 # shared by all of its customers.
 from __future__ import annotations
@@ -51,8 +52,8 @@ class EdgeSnapshot:
     kept: every key of a customer finds the same state, so local usage counts once.
     A million customers therefore cost about 60 bytes each until they send traffic.
     `version`: the source's version (for a file, a hash of its bytes); `period_end`:
-    end of the billing period, epoch seconds. A snapshot is itself an EdgeState
-    that is always ready.
+    end of the billing period, epoch seconds (a customer may have its own). A
+    snapshot is itself an EdgeState that is always ready.
     """
 
     ready = True
@@ -97,9 +98,49 @@ class EdgeSnapshot:
     def _state_of(self, index) -> CustomerState:
         state = self._by_index.get(index)
         if state is None:
-            state = self._store.materialize(index, self.period_end)
+            state = self._store.materialize(index)
             self._by_index[index] = state
         return state
+
+    def seen_customers(self) -> list[CustomerState]:
+        """The CustomerState of every customer that has been looked up (the others
+        have counted nothing locally)."""
+        return list(self._by_index.values())
+
+    def restate(self, customer: Customer, now: float, unchanged: Mapping[str, Standing] | None = None) -> bool:
+        """Take `customer`'s new subscription status and standings in place (local usage
+        and unchanged throttle buckets stay); `unchanged` are the standings as they were
+        (a standing equal to its old self keeps its GuardStanding, bucket included).
+        Returns False, changing nothing, for a customer this snapshot does not hold.
+        Its plan and keys must be as built (a change there needs a new snapshot).
+        Raises InvalidStateError as build_snapshot does."""
+        if not self._by_id:
+            self._by_id.update((self._store.customer_id(index), index) for index in range(len(self._store)))
+        index = self._by_id.get(customer.id)
+        if index is None:
+            return False
+        status_number = _STATUS_NUMBERS.get(customer.status)
+        if status_number is None:
+            raise InvalidStateError(f"customer {customer.id!r}: unknown subscription status {customer.status!r}")
+        state = self._by_index.get(index)
+        kept = state.guard_levels if state is not None else self._store.standings.get(index, _NO_STANDINGS)
+        unchanged = unchanged or {}
+        try:
+            standings = {
+                metric: kept[metric] if metric in kept and unchanged.get(metric) == standing
+                else _guard_standing(standing, now)
+                for metric, standing in customer.levels.items()
+            }
+        except DecisionCoreError as err:
+            raise InvalidStateError(f"customer {customer.id!r}: {err}") from err
+        self._store.status_of[index] = status_number
+        if standings:
+            self._store.standings[index] = standings
+        else:
+            self._store.standings.pop(index, None)
+        if state is not None:
+            state.restate(customer.status, standings)
+        return True
 
     def __len__(self) -> int:
         return len(self._store)
@@ -143,6 +184,7 @@ class _CustomerStore:
         self.status_of = array("B")
         self.usage = array("q")          # each customer's usage, one per plan quota metric
         self.usage_start = array("I")
+        self.period_ends = array("d")    # each customer's period end, epoch seconds
         self.standings: dict[int, dict[str, GuardStanding]] = {}
         self.digests = bytearray()       # key digests, INDEX_DIGEST_BYTES each
         self.key_owner = array("I")      # customer of each key
@@ -153,12 +195,13 @@ class _CustomerStore:
         return len(self.plan_of)
 
     def add(self, customer_id: str, plan_number: int, status_number: int, usage: Mapping[str, int],
-            standings: dict[str, GuardStanding], digests: list[bytes]) -> int:
+            standings: dict[str, GuardStanding], digests: list[bytes], period_end: float) -> int:
         index = len(self.plan_of)
         self.ids += customer_id.encode()
         self.id_ends.append(len(self.ids))
         self.plan_of.append(plan_number)
         self.status_of.append(status_number)
+        self.period_ends.append(period_end)
         self.usage_start.append(len(self.usage))
         for metric in self.plans[plan_number].quota_metrics:
             self.usage.append(usage.get(metric, 0))
@@ -210,7 +253,7 @@ class _CustomerStore:
         start = self.id_ends[index - 1] if index else 0
         return self.ids[start:self.id_ends[index]].decode()
 
-    def materialize(self, index: int, period_end: float) -> CustomerState:
+    def materialize(self, index: int) -> CustomerState:
         plan = self.plans[self.plan_of[index]]
         start = self.usage_start[index]
         usage = {metric: self.usage[start + offset] for offset, metric in enumerate(plan.quota_metrics)}
@@ -222,7 +265,7 @@ class _CustomerStore:
             plan.quotas,
             usage,
             self.standings.get(index, _NO_STANDINGS),
-            period_end,
+            self.period_ends[index],
         )
 
 
@@ -239,7 +282,8 @@ def build_snapshot(
     flat for millions).
 
     `period_start`/`period_end` are epoch seconds (the quota window is their
-    difference); `now` starts every level-2 throttle bucket full. Usage of a metric
+    difference; a customer's own `period_end` overrides the end for it); `now`
+    starts every level-2 throttle bucket full. Usage of a metric
     without a quota in the plan is not counted. Raises InvalidStateError for an
     unknown plan, a duplicate customer id or key digest, a digest that is not 64
     hex characters, a period that does not end after it starts, and (naming the
@@ -269,7 +313,8 @@ def build_snapshot(
             digests = [_digest(hex_digest)[:INDEX_DIGEST_BYTES] for hex_digest in customer.api_keys]
         except DecisionCoreError as err:
             raise InvalidStateError(f"customer {customer.id!r}: {err}") from err
-        store.add(customer.id, plan_number, status_number, customer.usage, standings, digests)
+        own_end = period_end if customer.period_end is None else customer.period_end.epoch_s
+        store.add(customer.id, plan_number, status_number, customer.usage, standings, digests, own_end)
     seen_ids.clear()
     clashes = store.seal()
     if clashes:

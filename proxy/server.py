@@ -14,11 +14,13 @@ from pathlib import Path
 
 import uvloop
 
+from config import ConfigError
 from config.logs import configure_logging
 from config.proxy_settings import load_proxy_settings
 from proxy.admin import start_admin_server
 from proxy.app import ProxyApp
 from proxy.connection import ClientConnection
+from proxy.control_plane_link import ControlPlaneClient, ControlPlaneEdgeState, ControlPlaneSink
 from proxy.edge_state import FileEdgeState
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
@@ -56,8 +58,10 @@ class ProxyWorker:
     """One worker: everything one process needs to serve traffic.
 
     start() binds (port 0 picks a free port: see `port`), loads the edge state (a bad
-    first file raises ConfigError), and begins serving; stop(grace_s) shuts down
-    gracefully and returns once every meter event is with the sink or the spool.
+    first file raises ConfigError; a control plane that does not send it within
+    `start_timeout_s` raises ControlPlaneUnavailable), and begins serving; stop(grace_s)
+    shuts down gracefully and returns once every meter event is with the sink or the
+    spool.
     """
 
     def __init__(self, settings, *, worker_index=0, loop=None, clock=time.monotonic, wall_clock=time.time,
@@ -73,6 +77,7 @@ class ProxyWorker:
         self.admin = None
         self.app = None
         self.meter = None
+        self.sink = None
         self.edge_state = None
         self.meter_task = None
         self.watch_task = None
@@ -84,10 +89,22 @@ class ProxyWorker:
         settings = self.settings
         workers = settings.workers
         metrics = new_proxy_metrics()
-        self.edge_state = self.given_edge_state or FileEdgeState(
-            settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
         metering = settings.metering
-        sink = NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
+        if settings.control_plane is not None:
+            source = settings.control_plane
+            token = os.environ.get(source.token_env)
+            if not token:
+                raise ConfigError(f"`control_plane`: set the control plane's admin token in ${source.token_env}")
+            self.edge_state = self.given_edge_state or ControlPlaneEdgeState(
+                ControlPlaneClient(source.url, token), clock=self.wall_clock)
+            if not self.edge_state.ready:
+                await self.edge_state.start(source.start_timeout_s)
+            sink = ControlPlaneSink(ControlPlaneClient(source.url, token))
+        else:
+            self.edge_state = self.given_edge_state or FileEdgeState(
+                settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
+            sink = NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
+        self.sink = sink
         self.meter = MeterBuffer(
             sink,
             capacity_events=metering.buffer_events,
@@ -108,7 +125,9 @@ class ProxyWorker:
         self.admin = await start_admin_server(settings.admin.host, admin_port, metrics, self.ready)
         self.admin_port = self.admin.sockets[0].getsockname()[1]
         self.meter_task = self.loop.create_task(self.meter.run())
-        if hasattr(self.edge_state, "watch"):
+        if hasattr(self.edge_state, "follow"):
+            self.watch_task = self.loop.create_task(self.edge_state.follow())
+        elif hasattr(self.edge_state, "watch"):
             self.watch_task = self.loop.create_task(self.edge_state.watch(settings.edge_state.reload_interval_s))
         self.app.schedule_sweeps()
         log.info("worker %d listening on %s:%d (admin %s:%d)", self.worker_index,
@@ -145,6 +164,9 @@ class ProxyWorker:
         # close() delivers what is buffered and ends run(); nothing is cancelled mid-write.
         await self.meter.close(METER_CLOSE_TIMEOUT_S)
         await asyncio.gather(self.meter_task, return_exceptions=True)
+        await self.sink.close()
+        if hasattr(self.edge_state, "close"):
+            await self.edge_state.close()
         self.admin.close()
         await self.admin.wait_closed()
         self.stopped.set()
@@ -274,5 +296,6 @@ def run_proxy(settings_path):
     if settings.workers == 1:
         return run_worker(settings_path, 0)
     # A bad edge state file is reported here, once, rather than by every worker.
-    FileEdgeState(settings.edge_state.file)
+    if settings.edge_state is not None:
+        FileEdgeState(settings.edge_state.file)
     return _Supervisor(settings_path, settings.workers).run()

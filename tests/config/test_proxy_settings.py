@@ -220,7 +220,12 @@ def test_bad_settings(route_extra, extra, message):
         ("upstream: chat-api", "upstream: chat",
          "proxy.yaml:6: Unknown upstream `chat`; the upstreams are `chat-api`, `search` - at `$.routes[0].upstream`"),
         ("edge_state: {file: edge_state.yaml}\n", "",
-         "proxy.yaml:1: Object missing required field `edge_state`"),
+         "proxy.yaml:1: Set exactly one of `edge_state` (a file) and `control_plane` (a URL): where the "
+         "customers' edge state comes from - at `$`"),
+        ("edge_state: {file: edge_state.yaml}\n", "edge_state: {file: edge_state.yaml}\n"
+                                                  "control_plane: {url: 'http://127.0.0.1:8070'}\n",
+         "proxy.yaml:1: Set exactly one of `edge_state` (a file) and `control_plane` (a URL): where the "
+         "customers' edge state comes from - at `$`"),
         ("edge_state: {file: edge_state.yaml}", "edge_state: {file: ''}",
          "proxy.yaml:7: Expected `str` of length >= 1 - at `$.edge_state.file`"),
     ],
@@ -266,9 +271,10 @@ def test_routes_that_split_methods_or_hosts_are_not_dead():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "proxy.yaml: File is empty; expected a mapping of proxy settings with `upstreams`, `routes` and `edge_state`"),
-        ("- listen\n", "proxy.yaml:1: Expected a mapping of proxy settings with `upstreams`, `routes` and `edge_state`"
-                       " at the top level, got a list"),
+        ("", "proxy.yaml: File is empty; expected a mapping of proxy settings with `upstreams`, `routes` and "
+             "`edge_state` or `control_plane`"),
+        ("- listen\n", "proxy.yaml:1: Expected a mapping of proxy settings with `upstreams`, `routes` and "
+                       "`edge_state` or `control_plane` at the top level, got a list"),
         ("upstreams: {}\nroutes: []\nedge_state: {file: x}\n",
          "proxy.yaml:1: At least one upstream is required - at `$.upstreams`\n"
          "proxy.yaml:2: At least one route is required - at `$.routes`"),
