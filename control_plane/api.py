@@ -273,6 +273,10 @@ async def _edge_changes(request):
     return web.Response(body=_encode_config(changes), content_type="application/json")
 
 
+async def _release_long_polls(app):
+    app[FEED].close()
+
+
 # -- service ---------------------------------------------------------------------------
 
 async def _guards(request):
@@ -382,6 +386,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[GUARDS] = guards
     app[METRICS] = metrics or ControlPlaneMetrics()
     app[FEED] = feed or EdgeFeed(store, guards)
+    app.on_shutdown.append(_release_long_polls)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

@@ -20,7 +20,14 @@ from collections.abc import Iterable
 
 import msgspec
 
-from config.edge_state_file import Customer, EdgeStateFile, Period, Plan, Quota, Standing
+from config.edge_state_file import (
+    Customer,
+    EdgeStateFile,
+    Period,
+    Plan,
+    Quota,
+    Standing,
+)
 from config.values import Timestamp
 from control_plane.rating import Rater, Subscription
 from control_plane.store import Store
@@ -68,6 +75,10 @@ class EdgeFeed:
     @property
     def version(self) -> str:
         return f"{self.epoch}.{self.sequence}"
+
+    def close(self) -> None:
+        """Answer every waiting long poll now (the control plane is stopping)."""
+        self.changed()
 
     def changed(self, customers: Iterable[str] | None = None) -> None:
         """Record a change for `customers` (None: every customer)."""

@@ -380,7 +380,9 @@ def _line_version(data):
     # read from the bytes the parser is about to parse, when the line is whole and ends
     # in CRLF; otherwise None, and the parser is asked (a costlier call).
     end = data.find(b"\n")
-    if end >= 10 and data[end - 1] == 13:
+    # The version must follow a space: `GET /pathHTTP/1.1` is a path, and the parser
+    # reads that line as HTTP/0.9.
+    if end >= 11 and data[end - 1] == 13 and data[end - 10] == 32:
         version = data[end - 9:end - 1]
         if version == b"HTTP/1.1":
             return "1.1"

@@ -81,6 +81,7 @@ SMUGGLING = [
     ("version-2.0", b"GET /echo HTTP/2.0\r\n" + HEAD + b"\r\n", 400),
     ("version-0.9-declared", b"GET /echo HTTP/0.9\r\n" + HEAD + b"\r\n", 400),
     ("version-0.9-simple", b"GET /echo\r\n\r\n", 400),
+    ("version-glued-to-the-path", b"POST /echoHTTP/1.0\r\n" + HEAD + b"\r\n", 400),
     ("version-lowercase", b"GET /echo http/1.1\r\n" + HEAD + b"\r\n", 400),
     ("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
     ("absolute-form-ftp", b"GET ftp://api.test/echo HTTP/1.1\r\n" + HEAD + b"\r\n", 400),

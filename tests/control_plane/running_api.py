@@ -1,0 +1,48 @@
+# A control plane API running on 127.0.0.1 over a test's store, and a client for it.
+import json
+
+import aiohttp
+from aiohttp import web
+
+from control_plane.api import create_admin_token, create_app
+
+NOW = 1_800_000_000.0
+
+
+class Api:
+    """A running API on 127.0.0.1 and a client session with the admin token."""
+
+    def __init__(self, store):
+        self.store = store
+        self.app_options = {}
+
+    async def __aenter__(self):
+        self.token = await create_admin_token(self.store, "tests", NOW)
+        self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW, **self.app_options))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+        await self.runner.cleanup()
+
+    async def call(self, method, path, body=None, *, raw=None, content_type="application/json", headers=None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        send = {"Content-Type": content_type} if data is not None else {}
+        async with self.session.request(method, self.base + path, data=data, headers={**send, **(headers or {})}) \
+                as response:
+            text = await response.read()
+            return response.status, response.headers.get("Content-Type", ""), json.loads(text) if text else None
+
+
+def api_test(backend, scenario):
+    async def run(open_store):
+        store = await open_store()
+        async with Api(store) as api:
+            await scenario(api)
+    backend.run(run)

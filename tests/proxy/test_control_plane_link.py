@@ -1,0 +1,181 @@
+# A proxy fed by a running control plane, over real sockets: it serves the control
+# plane's customers, follows their changes (new keys, guard levels, a canceled
+# subscription), sends its meter events there exactly once, and keeps the usage it
+# counted itself when its snapshot is rebuilt.
+import datetime
+import json
+import textwrap
+import time
+import urllib.request
+
+import pytest
+from aiohttp import web
+from conftest import SOCKET_TIMEOUT_S, request, wait_until
+
+from config.guards import watch_guards
+from config.proxy_settings import load_proxy_settings
+from control_plane.api import create_admin_token, create_app
+from control_plane.periods import period_bounds
+from control_plane.sqlite_store import SqliteStore
+from control_plane.store import USAGE
+from proxy.server import ProxyWorker
+
+GUARDS = """\
+guards:
+  - id: floor
+    metric: overall
+    min_margin: 50%
+    actions:
+      level_2: {threshold: 20%, throttle_rate: 1req/min, burst: 1}
+      level_3: {threshold: 0%}
+"""
+
+
+def answered(port, key, status, timeout_s=SOCKET_TIMEOUT_S):
+    """Whether requests with `key` come to be answered `status` (asked again and
+    again from this thread, within a bound: never a timed assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if request(port, "GET", "/echo", key=key)[0] == status:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def iso(epoch_s):
+    return datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc).isoformat()
+
+
+class ControlPlane:
+    """A control plane API over an SQLite store in `folder`, on the tests' loop."""
+
+    def __init__(self, loop_thread, folder):
+        self.loop_thread = loop_thread
+        self.folder = folder
+        (folder / "guards.yaml").write_text(GUARDS)
+
+    async def start(self):
+        self.store = await SqliteStore.open(str(self.folder / "aforo.db"))
+        await self.store.migrate()
+        self.token = await create_admin_token(self.store, "proxies", time.time())
+        self.runner = web.AppRunner(create_app(self.store, guards=watch_guards(self.folder / "guards.yaml")))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self):
+        await self.runner.cleanup()
+        await self.store.close()
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        call = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(call, timeout=10) as response:
+            text = response.read()
+            return json.loads(text) if text else None
+
+    def catalog(self, quota=1000):
+        now = time.time()
+        self.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+        self.call("PUT", "/v1/plans/pro", {"tier": "pro", "quotas": {"api_calls": {"limit": quota}},
+                                           "charges": [{"metric": "api_calls", "model": "per_unit",
+                                                        "price": "0.01"}]})
+        self.call("PUT", "/v1/customers/cus_a", {})
+        self.call("PUT", "/v1/subscriptions/sub_a", {"customer": "cus_a", "plan": "pro",
+                                                     "period_anchor": iso(now - 86400)})
+
+    def new_key(self, customer="cus_a"):
+        return self.call("POST", f"/v1/customers/{customer}/api-keys")["key"]
+
+
+@pytest.fixture
+def control_plane(loop_thread, tmp_path):
+    plane = ControlPlane(loop_thread, tmp_path)
+    loop_thread.run(plane.start())
+    yield plane
+    loop_thread.run(plane.stop())
+
+
+@pytest.fixture
+def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
+    workers = []
+
+    def start():
+        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
+            listen: 127.0.0.1:0
+            admin: 127.0.0.1:0
+            upstreams:
+              main: {{url: "http://127.0.0.1:{upstream.port}"}}
+            routes:
+              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
+            control_plane: {{url: "{control_plane.url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
+            metering: {{spool_dir: meter-spool, batch_events: 10, flush_interval_s: 3600}}
+            """))
+        worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
+        loop_thread.run(worker.start())
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        if not worker.stopped.is_set():
+            loop_thread.run(worker.stop(1.0), timeout=30)
+
+
+def test_the_proxy_serves_the_control_planes_customers_and_follows_their_changes(
+        loop_thread, control_plane, fed_proxy):
+    control_plane.catalog()
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    assert worker.ready() == (True, "ready")
+    assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+
+    later_key = control_plane.new_key()
+    wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(later_key.encode()) is not None)
+    assert request(worker.port, "GET", "/echo", key=later_key)[0] == 200
+
+    # Costs far above revenue: the guard blocks until the period ends.
+    control_plane.call("POST", "/v1/costs", [{"id": "c1", "customer_id": "cus_a", "amount": "50",
+                                              "timestamp": iso(time.time())}])
+    assert answered(worker.port, key, 429)
+    status, headers, body = request(worker.port, "GET", "/echo", key=key)
+    assert json.loads(body)["title"] == "Margin Limit Exceeded"
+    anchor = datetime.datetime.fromisoformat(control_plane.call("GET", "/v1/subscriptions/sub_a")["period_anchor"])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    _, period_end = period_bounds(anchor, "month", now)
+    assert abs(int(headers["retry-after"]) - (period_end - now).total_seconds()) <= 5
+
+    # A canceled subscription is a catalog change: the proxy pulls everything again.
+    control_plane.call("PUT", "/v1/subscriptions/sub_a", {"customer": "cus_a", "plan": "pro", "status": "canceled",
+                                                          "period_anchor": iso(time.time() - 86400)})
+    assert answered(worker.port, key, 403)
+
+
+def test_meter_events_reach_the_control_plane_once(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog()
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    for _ in range(25):
+        assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+    loop_thread.run(worker.stop(1.0), timeout=30)           # a graceful stop delivers every event
+    events = loop_thread.run(control_plane.store.events(USAGE, "cus_a"))
+    assert len(events) == 25
+    assert {json.loads(event.payload)["source"] for event in events} == {"proxy"}
+    margin = control_plane.call("GET", "/v1/customers/cus_a/margin")
+    assert margin["metrics"][0]["units"] == 25
+
+
+def test_usage_counted_at_the_proxy_survives_a_new_snapshot(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=5)
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    assert [request(worker.port, "GET", "/echo", key=key)[0] for _ in range(3)] == [200] * 3
+    # A new key changes the customer's keys: the proxy builds a new snapshot while its
+    # 3 requests are not yet with the control plane (meter events flush hourly here).
+    second = control_plane.new_key()
+    wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(second.encode()) is not None)
+    statuses = [request(worker.port, "GET", "/echo", key=second)[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
