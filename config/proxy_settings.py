@@ -183,9 +183,9 @@ def parse_proxy_settings(
         ProxySettings,
         expected=PROXY_SETTINGS_EXPECTED,
         pattern_meanings=SETTINGS_PATTERN_MEANINGS,
-        cross_check=_route_problems,
+        cross_check=proxy_problems,
     )
-    return settings if base_dir is None else _resolve_paths(settings, base_dir)
+    return settings if base_dir is None else resolve_proxy_paths(settings, base_dir)
 
 
 def load_proxy_settings(path: str | PathLike[str]) -> ProxySettings:
@@ -196,7 +196,8 @@ def load_proxy_settings(path: str | PathLike[str]) -> ProxySettings:
     return parse_proxy_settings(text, str(path), Path(path).parent)
 
 
-def _resolve_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> ProxySettings:
+def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> ProxySettings:
+    """`settings` with relative file paths joined to `base_dir` (absolute ones kept)."""
     def resolve(file: str) -> str:
         return os.path.join(base_dir, file)
 
@@ -210,7 +211,7 @@ def _resolve_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> Pr
     return msgspec.structs.replace(settings, edge_state=edge_state, metering=metering)
 
 
-def _route_problems(settings: ProxySettings) -> list[Problem]:
+def proxy_problems(settings: ProxySettings) -> list[Problem]:
     """No upstream or no route at all; routes that name no upstream, share a name, or
     can never be chosen because an earlier route with the same host and prefix takes
     all of their methods."""

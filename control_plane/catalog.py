@@ -8,7 +8,7 @@ from collections import Counter
 
 from config.catalog_file import SECTIONS, CatalogFile, document_of
 from config.errors import ConfigError, raise_if_any
-from control_plane.store import Store
+from control_plane.store import UNCHANGED, Store
 
 
 async def check_references(store: Store, catalog: CatalogFile, file: str) -> list[ConfigError]:
@@ -52,3 +52,12 @@ async def apply_catalog(store: Store, catalog: CatalogFile, file: str) -> dict[s
             outcomes[await store.put_catalog(kind, entry.key, document_of(entry))] += 1
         summary[kind] = outcomes
     return summary
+
+
+def describe_apply(summary: dict[str, Counter]) -> list[str]:
+    """What apply_catalog's `summary` says, as lines: per kind touched, its counts
+    (`plans: 1 created, 2 unchanged`), then `applied` or `nothing to change`."""
+    lines = [f"{kind}s: " + ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+             for kind, outcomes in summary.items() if outcomes]
+    changed = any(outcome != UNCHANGED for outcomes in summary.values() for outcome in outcomes)
+    return [*lines, "applied" if changed else "nothing to change"]

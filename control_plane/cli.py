@@ -120,7 +120,7 @@ def run_apply(args: argparse.Namespace) -> int:
     import asyncio
 
     from config.catalog_file import load_catalog_file
-    from control_plane.catalog import apply_catalog
+    from control_plane.catalog import apply_catalog, describe_apply
     from control_plane.store import StoreError, open_store
 
     async def apply(catalog):
@@ -141,12 +141,8 @@ def run_apply(args: argparse.Namespace) -> int:
     except StoreError as err:
         print(f"aforo apply: {err}", file=sys.stderr)
         return EXIT_USAGE
-    for kind, outcomes in summary.items():
-        if outcomes:
-            counts = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
-            print(f"{kind}s: {counts}")
-    print("applied" if any(outcome != "unchanged" for outcomes in summary.values() for outcome in outcomes)
-          else "nothing to change")
+    for line in describe_apply(summary):
+        print(line)
     return EXIT_OK
 
 
@@ -174,6 +170,34 @@ def run_control_plane(args: argparse.Namespace) -> int:
         print(f"aforo control-plane: {err}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Run the control plane and the proxy together from one settings file (with
+    --demo: the demo's files, a demo API and a walk down the guard ladder)."""
+    from all_in_one import demo
+    from all_in_one.runner import run_up as serve
+    from config.logs import configure_logging
+    from control_plane.store import StoreError
+
+    configure_logging()
+    if args.demo:
+        settings_path = demo.prepare(args.folder)
+        print(f"demo: files in {args.folder}/ (the store starts empty at every demo run)", flush=True)
+        options = {"on_ready": demo.drive, "extra_children": [("aforo-demo-api", demo.serve_upstream, ())]}
+    elif args.config is None:
+        print("aforo up: give --config FILE (see config/examples/aforo.yaml) or --demo", file=sys.stderr)
+        return EXIT_USAGE
+    else:
+        settings_path, options = args.config, {}
+    try:
+        return serve(str(settings_path), announce=lambda line: print(line, flush=True), **options)
+    except ConfigError as err:
+        _print_errors(err)
+        return EXIT_INVALID
+    except (StoreError, OSError) as err:
+        print(f"aforo up: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,6 +244,18 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
                          metavar="URL", help="an SQLite file or a postgresql:// URL")
     control.set_defaults(run=run_control_plane)
+    up = commands.add_parser(
+        "up",
+        help="run the control plane and the proxy together (all in one, SQLite by default)",
+        description="Start the control plane and the proxy workers from one settings file and print "
+        "where they listen; Ctrl-C stops the proxies (every meter event delivered) and then the "
+        "control plane. --demo adds a demo API and catalog and shows a customer going from allowed "
+        "to throttled to blocked.",
+    )
+    up.add_argument("--config", metavar="FILE", help="all-in-one settings YAML (control_plane, catalog, proxy)")
+    up.add_argument("--demo", action="store_true", help="run the demo (its files go to --folder)")
+    up.add_argument("--folder", default="aforo-demo", metavar="DIR", help="where --demo keeps its files")
+    up.set_defaults(run=run_up)
     return parser
 
 

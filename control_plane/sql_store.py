@@ -242,6 +242,13 @@ class SqlStore:
                                  (token_hash,))
         return bool(rows)
 
+    async def revoke_admin_tokens(self, name, at):
+        async with self._transaction():
+            rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
+            await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                                (at, name))
+            return rows[0][0]
+
     async def admin_tokens_count(self):
         rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL", ())
         return rows[0][0]

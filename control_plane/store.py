@@ -130,7 +130,8 @@ class Store(Protocol):
 
     Admin tokens (for the REST API; only their sha256 is kept):
     `add_admin_token(id, token_hash, name, created_at)`, `admin_token_valid(token_hash)`,
-    `admin_tokens_count()` (tokens not revoked).
+    `admin_tokens_count()` (tokens not revoked), `revoke_admin_tokens(name, at)` (every
+    live token of that name; returns how many).
 
     Events: `record_events(events, ratings=None)` keeps each event unless one with the
     same (kind, customer, event id) is already kept, and returns, per event in order,
@@ -169,6 +170,7 @@ class Store(Protocol):
     async def add_admin_token(self, token_id: str, token_hash: str, name: str, created_at: float) -> None: ...
     async def admin_token_valid(self, token_hash: str) -> bool: ...
     async def admin_tokens_count(self) -> int: ...
+    async def revoke_admin_tokens(self, name: str, at: float) -> int: ...
 
     async def record_events(self, events: Sequence[StoredEvent],
                             ratings: Sequence[Rating | None] | None = None) -> list[str]: ...

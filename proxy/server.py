@@ -172,11 +172,13 @@ class ProxyWorker:
         self.stopped.set()
 
 
-def run_worker(settings_path, worker_index=0):
-    """Run one worker process until SIGTERM or SIGINT; returns the exit status."""
+def run_worker(settings_path, worker_index=0, load=load_proxy_settings):
+    """Run one worker process until SIGTERM or SIGINT; returns the exit status.
+    `load(settings_path)` reads its ProxySettings (a module-level function: workers
+    are spawned)."""
     configure_logging()
     uvloop.install()
-    settings = load_proxy_settings(settings_path)
+    settings = load(settings_path)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -212,13 +214,14 @@ def _status(exitcode):
     return 128 - exitcode if exitcode < 0 else exitcode
 
 
-class _Supervisor:
+class Supervisor:
     """The parent of `workers` worker processes: starts them, replaces any that exits
     while the proxy is running, and on SIGTERM / SIGINT tells every worker to shut down
     gracefully and waits for them."""
 
-    def __init__(self, settings_path, workers):
+    def __init__(self, settings_path, workers, load=load_proxy_settings):
         self.settings_path = settings_path
+        self.load = load
         self.context = multiprocessing.get_context("spawn")
         self.children = [None] * workers
         self.started_at = [0.0] * workers
@@ -244,7 +247,7 @@ class _Supervisor:
         return max(_status(child.exitcode) for child in self.children)
 
     def _start(self, index):
-        child = self.context.Process(target=run_worker, args=(self.settings_path, index),
+        child = self.context.Process(target=run_worker, args=(self.settings_path, index, self.load),
                                      name=f"aforo-worker-{index}")
         child.start()
         self.children[index] = child
@@ -275,6 +278,10 @@ class _Supervisor:
                 del self.restart_at[index]
                 self._start(index)
 
+    def stop(self):
+        """Tell every worker to shut down gracefully (safe from any thread)."""
+        self._stop_all(None, None)
+
     def _stop_all(self, _signum, _frame):
         # Runs as a signal handler too: nothing may raise here, or the workers after it
         # are never told.
@@ -298,4 +305,4 @@ def run_proxy(settings_path):
     # A bad edge state file is reported here, once, rather than by every worker.
     if settings.edge_state is not None:
         FileEdgeState(settings.edge_state.file)
-    return _Supervisor(settings_path, settings.workers).run()
+    return Supervisor(settings_path, settings.workers).run()

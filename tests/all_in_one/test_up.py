@@ -1,0 +1,286 @@
+# `aforo up` end to end, as a user runs it: one settings file, the command in its own
+# process, real sockets everywhere. A customer's margin falls with cost events and it
+# goes to level 1 (a signed webhook arrives), level 2 (throttle header, then 429
+# beyond the rate), level 3 (429 with Retry-After to the period's end), then recovers
+# when revenue grows. Ctrl-C stops it without losing a meter event.
+import asyncio
+import datetime
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from control_plane.periods import period_bounds
+from control_plane.store import USAGE, open_store
+from control_plane.webhooks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+
+SECRET = "demo-secret-for-tests"
+WAIT_S = 20.0
+ANCHOR = "2026-01-01T00:00:00Z"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Backend(http.server.ThreadingHTTPServer):
+    """The API behind the proxy (counts what reaches it) and the webhook receiver
+    (keeps every delivery with whether its signature verifies)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.api_requests = 0
+        self.webhooks = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        with self.server.lock:
+            self.server.api_requests += 1
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        verified = verify_signature(SECRET, self.headers[ID_HEADER], self.headers[TIMESTAMP_HEADER], body,
+                                    self.headers[SIGNATURE_HEADER])
+        with self.server.lock:
+            self.server.webhooks.append((verified, json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+
+class Up:
+    """`aforo up --config FILE` running in its own process."""
+
+    def __init__(self, folder, backend):
+        self.folder = folder
+        self.control_plane_port = free_port()
+        self.proxy_port = free_port()
+        self.admin_port = free_port()
+        (folder / "catalog.yaml").write_text(textwrap.dedent(f"""\
+            metrics:
+              - {{key: api_calls, aggregation: count, unit_cost: "0.001"}}
+            plans:
+              - key: starter
+                tier: starter
+                fixed_fee: "10.00"
+                charges:
+                  - {{metric: api_calls, model: per_unit, price: "0.01"}}
+            customers:
+              - {{key: cus_1}}
+            subscriptions:
+              - {{key: sub_1, customer: cus_1, plan: starter, period_anchor: "{ANCHOR}"}}
+            """))
+        (folder / "guards.yaml").write_text(textwrap.dedent("""\
+            guards:
+              - id: margin
+                metric: overall
+                min_margin: 60%
+                actions:
+                  level_1: {threshold: 50%, notify: [ops]}
+                  level_2: {threshold: 30%, throttle_rate: 1req/min, burst: 2}
+                  level_3: {threshold: 0%}
+            """))
+        (folder / "aforo.yaml").write_text(textwrap.dedent(f"""\
+            control_plane:
+              listen: 127.0.0.1:{self.control_plane_port}
+              database: aforo.db
+              guards: guards.yaml
+              notify:
+                ops: {{url: "http://127.0.0.1:{backend.port}/webhooks", secret_env: AFORO_TEST_WEBHOOK_SECRET}}
+            catalog: catalog.yaml
+            proxy:
+              listen: 127.0.0.1:{self.proxy_port}
+              admin: 127.0.0.1:{self.admin_port}
+              workers: 2
+              upstreams:
+                api: {{url: "http://127.0.0.1:{backend.port}"}}
+              routes:
+                - {{name: api, upstream: api, path_prefix: /v1, metric: api_calls}}
+              metering: {{spool_dir: meter-spool, flush_interval_s: 3600}}
+            """))
+        self.output = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "control_plane.cli", "up", "--config", str(folder / "aforo.yaml")],
+            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "AFORO_TEST_WEBHOOK_SECRET": SECRET})
+        threading.Thread(target=self._read_output, daemon=True).start()
+        self.admin_token = self._line_with("admin token (shown once, keep it): ").rsplit(" ", 1)[1]
+        self._line_with("Ctrl-C stops everything")
+        self._wait_ready()
+
+    def _read_output(self):
+        for line in self.process.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def _line_with(self, text):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            for line in list(self.output):
+                if text in line:
+                    return line
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"`aforo up` never said {text!r}:\n" + "\n".join(self.output))
+
+    def _wait_ready(self):
+        for port in (self.admin_port, self.admin_port + 1):
+            eventually(lambda port=port: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
+
+    def admin(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        call = urllib.request.Request(f"http://127.0.0.1:{self.control_plane_port}{path}", data=data, method=method,
+                                      headers={"Authorization": f"Bearer {self.admin_token}",
+                                               "Content-Type": "application/json"})
+        with urllib.request.urlopen(call, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def through_proxy(self, key):
+        return _get(f"http://127.0.0.1:{self.proxy_port}/v1/hello", key)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)        # what Ctrl-C sends
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _get(url, key=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+    except OSError as error:
+        return None, {}, repr(error).encode()
+
+
+def eventually(condition, timeout_s=WAIT_S):
+    """Wait for something the test caused (a bound, never a timed assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the condition never held")
+
+
+def rfc3339_now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def cost_to_reach(up, margin_pct, step):
+    margin = up.admin("GET", "/v1/customers/cus_1/margin")
+    nanos = margin["revenue_nanos"] * (100 - margin_pct) // 100 - margin["cogs_nanos"]
+    up.admin("POST", "/v1/costs", [{"id": f"cost-{step}", "customer_id": "cus_1", "amount": f"{nanos / 1e9:.9f}",
+                                    "timestamp": rfc3339_now()}])
+
+
+@pytest.fixture
+def backend():
+    server = Backend()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def up(tmp_path, backend):
+    running = Up(tmp_path, backend)
+    yield running
+    running.stop()
+
+
+def test_a_customer_walks_the_guard_ladder_and_recovers(up, backend):
+    key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+    eventually(lambda: up.through_proxy(key)[0] == 200)
+    assert up.through_proxy(key)[1].get("X-Aforo-Throttle") is None
+
+    # Level 1: a webhook, signed, once; requests untouched.
+    cost_to_reach(up, 40, 1)
+    eventually(lambda: backend.webhooks)
+    verified, event = backend.webhooks[0]
+    assert verified
+    assert (event["customer_id"], event["metric"], event["level_from"], event["level_to"]) == ("cus_1", "overall", 0, 1)
+    assert event["margin_pct"] == pytest.approx(40, abs=0.01)
+    assert event["recommended_action"]
+    assert up.through_proxy(key)[0] == 200
+
+    # Level 2: the throttle header, then 429 beyond the guard's rate (burst 2).
+    cost_to_reach(up, 20, 2)
+    eventually(lambda: up.through_proxy(key)[1].get("X-Aforo-Throttle") == "true")
+    answers = [up.through_proxy(key) for _ in range(4)]
+    assert 429 in [status for status, _, _ in answers]
+    throttled = next(answer for answer in answers if answer[0] == 429)
+    assert json.loads(throttled[2])["reason"] == "throttled"
+
+    # Level 3: blocked until the period ends, never forwarded.
+    cost_to_reach(up, -10, 3)
+    eventually(lambda: b"Margin Limit Exceeded" in up.through_proxy(key)[2])
+    forwarded = backend.api_requests
+    status, headers, _ = up.through_proxy(key)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    _, period_end = period_bounds(datetime.datetime.fromisoformat(ANCHOR), "month", now)
+    assert status == 429
+    assert abs(int(headers["Retry-After"]) - (period_end - now).total_seconds()) <= 5
+    assert backend.api_requests == forwarded
+
+    # Revenue grows (usage billed from elsewhere): the margin recovers, so does the customer.
+    up.admin("POST", "/v1/events", [{"id": "big-usage", "customer_id": "cus_1", "metric": "api_calls",
+                                     "quantity": 100_000, "timestamp": rfc3339_now()}])
+    eventually(lambda: up.through_proxy(key)[0] == 200)
+    assert up.through_proxy(key)[1].get("X-Aforo-Throttle") is None
+    levels = [(action["level_from"], action["level_to"]) for action in up.admin("GET", "/v1/actions")["items"]]
+    assert levels == [(0, 1), (1, 2), (2, 3), (3, 0)]
+
+
+def test_ctrl_c_stops_everything_and_keeps_every_meter_event(up, backend):
+    key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+    eventually(lambda: up.through_proxy(key)[0] == 200)
+    for _ in range(30):
+        assert up.through_proxy(key)[0] == 200
+    # Meter events flush hourly here: every one of them is still in the workers' memory.
+    assert up.stop() == 0
+    forwarded = backend.api_requests
+
+    async def stored():
+        store = await open_store(str(up.folder / "aforo.db"))
+        try:
+            return await store.events(USAGE, "cus_1")
+        finally:
+            await store.close()
+    assert len(asyncio.run(stored())) == forwarded
+    assert "control plane" in "\n".join(up.output)
