@@ -73,9 +73,6 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
     tasks: list[asyncio.Task] = []
     runner = None
     try:
-        admin_token = None
-        if await store.admin_tokens_count() == 0:
-            admin_token = await create_admin_token(store, "first", clock())
         webhooks = WebhookSender(store, settings.notify, secrets, settings.webhooks, clock=clock,
                                  metrics=metrics.webhooks)
         runner = web.AppRunner(create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks),
@@ -84,6 +81,10 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
         site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
+        admin_token = None
+        # Only once serving: a start that fails must not use up the one showing of the token.
+        if await store.admin_tokens_count() == 0:
+            admin_token = await create_admin_token(store, "first", clock())
         tasks.append(asyncio.create_task(webhooks.run(), name="aforo webhooks"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))

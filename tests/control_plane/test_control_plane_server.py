@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,7 +18,12 @@ import pytest
 from aiohttp import web
 
 from config.catalog_file import load_catalog_file
-from config.control_plane_settings import load_control_plane_settings
+from config.control_plane_settings import (
+    ControlPlaneSettings,
+    DatabaseUrl,
+    load_control_plane_settings,
+)
+from config.network import HostPort
 from control_plane.catalog import apply_catalog
 from control_plane.server import start_control_plane
 from control_plane.webhooks import (
@@ -134,6 +140,22 @@ def test_costs_posted_below_a_guards_margin_reach_the_notified_channel_signed(tm
     assert 'aforo_webhook_attempts_total{channel="finance",result="delivered"} 1.0' in exposition
     if not database.startswith("postgresql"):
         assert (tmp_path / "store" / "aforo.db").is_file()       # read from the settings file's directory
+
+
+def test_a_start_that_cannot_listen_leaves_the_first_admin_token_for_the_next_start(tmp_path):
+    async def scenario():
+        database = DatabaseUrl(str(tmp_path / "aforo.db"))
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = ControlPlaneSettings(listen=HostPort("127.0.0.1", taken.getsockname()[1]), database=database)
+            with pytest.raises(OSError):
+                await start_control_plane(busy, environ={})
+        control_plane = await start_control_plane(ControlPlaneSettings(listen=HostPort("127.0.0.1", 0),
+                                                                       database=database), environ={})
+        await control_plane.stop()
+        return control_plane.admin_token
+    assert asyncio.run(scenario()) is not None
 
 
 def run_aforo(*args):
