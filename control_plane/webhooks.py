@@ -46,7 +46,7 @@ CLAIM_BATCH = 100                # webhooks claimed (and sent concurrently) per 
 LEASE_SLACK_S = 30.0             # a claim outlives the longest attempt by this much
 MAX_IDLE_S = 5.0                 # the outbox is looked at at least this often (other processes enqueue too)
 STORE_RETRY_S = 5.0              # after the store failed, wait this long before trying again
-ERROR_BODY_CHARS = 200           # how much of a failed answer's body is kept as its error
+ERROR_BODY_BYTES = 200           # how much of a failed answer's body is kept as its error
 
 
 class LevelChanged(msgspec.Struct, frozen=True):
@@ -283,7 +283,7 @@ class WebhookSender:
                                     timeout=aiohttp.ClientTimeout(total=channel.timeout_s)) as response:
                 if 200 <= response.status < 300:
                     return None
-                said = (await response.content.read(ERROR_BODY_CHARS)).decode("utf-8", "replace")
+                said = (await response.content.read(ERROR_BODY_BYTES)).decode("utf-8", "replace")
                 said = " ".join(said.split())
                 return f"HTTP {response.status}" + (f": {said}" if said else "")
         except TimeoutError:
