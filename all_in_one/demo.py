@@ -50,7 +50,12 @@ def serve_upstream(host: str = UPSTREAM[0], port: int = UPSTREAM[1]) -> None:
 
     from aiohttp import web
 
-    from control_plane.webhooks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+    from control_plane.webhooks import (
+        ID_HEADER,
+        SIGNATURE_HEADER,
+        TIMESTAMP_HEADER,
+        verify_signature,
+    )
 
     secret = os.environ[WEBHOOK_SECRET_ENV]
 

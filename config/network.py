@@ -1,5 +1,6 @@
-# Network values written as YAML scalars in the proxy settings: `host:port`, upstream
-# `http://` URLs, trusted CIDRs, host names, header names and HTTP methods. Each
+# Network values written as YAML scalars in the settings files: `host:port`, upstream
+# `http://` URLs, webhook `http(s)://` URLs, trusted CIDRs, host names, header names
+# and HTTP methods. Each
 # `parse` normalises what it accepts (lower-case names, upper-case methods) or raises;
 # the string-like ones stay `str`, so code that wants plain text can treat them so.
 from __future__ import annotations
@@ -127,6 +128,36 @@ class UpstreamUrl(str):
         """`host:port` for a Host header; just `host` on port 80; IPv6 in brackets."""
         host = _bracketed(self.host)
         return host if self.port == 80 else f"{host}:{self.port}"
+
+
+class WebhookUrl(str):
+    """Where a webhook is POSTed: an `http://` or `https://` URL with a host, and
+    optionally a port, a path and a query, kept as written (scheme and host
+    lower-cased). No user info (put credentials in the signing secret, not the URL)
+    and no fragment (it would never be sent)."""
+
+    @classmethod
+    def parse(cls, raw: object) -> WebhookUrl:
+        """`"https://hooks.example.com/aforo"` -> that URL. ValueError for another
+        scheme, a missing or malformed host, a bad port, user info or a fragment."""
+        written = raw.strip() if isinstance(raw, str) else None
+        try:
+            parts = urlsplit(written) if written is not None and "://" in written else None
+            port = parts.port if parts is not None else None
+        except ValueError:  # an unclosed `[`, or a port that is not a number in range
+            parts = port = None
+        if parts is None:
+            raise ValueError(f"Expected a webhook URL like `https://hooks.example.com/aforo`, got `{show(raw)}`")
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"Only `http://` and `https://` webhook URLs are supported, got `{written}`")
+        if "@" in parts.netloc or parts.fragment:
+            raise ValueError(f"A webhook URL has no user info and no `#fragment`, got `{written}`")
+        host = _host(parts.hostname) if parts.hostname else None
+        if host is None or port == 0 or (parts.netloc.endswith(":") and port is None):
+            raise ValueError(f"Expected a webhook URL like `https://hooks.example.com/aforo`, got `{written}`")
+        rest = written.split("://", 1)[1][len(parts.netloc):]
+        netloc = _bracketed(host) + ("" if port is None else f":{port}")
+        return cls(f"{parts.scheme.lower()}://{netloc}{rest}")
 
 
 class TrustedNetwork(str):

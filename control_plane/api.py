@@ -1,7 +1,8 @@
 # The control plane's REST API (aiohttp, JSON, under /v1): the catalog, customers' API
-# keys and event ingest. Every /v1 call needs an admin bearer token (kept as its
-# sha256 only); errors are application/problem+json. /healthz and /openapi.json are
-# open. The handlers only translate HTTP to the catalog, key and ingest functions.
+# keys, event ingest, margins, guard actions and the webhook outbox. Every /v1 call
+# needs an admin bearer token (kept as its sha256 only); errors are
+# application/problem+json. /healthz and /openapi.json are open. The handlers only
+# translate HTTP to the catalog, key, ingest, margin and outbox functions.
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,35 @@ from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
 from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
-from control_plane.ingest import ACCEPTED_LATE, BatchError, CostEvent, UsageEvent, ingest, split_batch
+from control_plane.ingest import (
+    ACCEPTED_LATE,
+    BatchError,
+    CostEvent,
+    UsageEvent,
+    ingest,
+    split_batch,
+)
 from control_plane.margins import customer_margins
 from control_plane.rating import Rater
-from control_plane.store import ACCEPTED, COST, CREATED, UNCHANGED, USAGE, ApiKey, Store, StoreError
+from control_plane.store import (
+    ACCEPTED,
+    COST,
+    CREATED,
+    UNCHANGED,
+    USAGE,
+    WEBHOOK_STATUSES,
+    ApiKey,
+    Store,
+    StoreError,
+)
+from control_plane.webhooks import (
+    ID_HEADER,
+    LEVEL_CHANGED,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    LevelChanged,
+    WebhookMetrics,
+)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_PREFIX = "ak_live_"
@@ -35,16 +61,19 @@ OPENAPI = web.AppKey("openapi", dict)
 GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
 FEED = web.AppKey("feed", EdgeFeed)
+WEBHOOKS = web.AppKey("webhooks", object)
 
 
 class ControlPlaneMetrics:
     """The control plane's Prometheus metrics, on a registry of its own:
-    `config_reload_errors_total{file}` (rejected reloads; the old file stays in force)."""
+    `config_reload_errors_total{file}` (rejected reloads; the old file stays in force)
+    and the webhook deliveries' (see WebhookMetrics)."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
         # A WatchedFile's on_reload_error: counts one rejected reload of a file.
         self.count_reload_error = ReloadErrorCounter(self.registry)
+        self.webhooks = WebhookMetrics(self.registry)
 
 
 def sha256_hex(secret: str) -> str:
@@ -219,8 +248,10 @@ def _ingest_handler(kind):
         customers = set(_accepted_customers(events, report))
         if guards is not None and customers:
             # Margins moved: judge the customers whose events were kept.
-            moved = await evaluate_guards(store, guards.value, now, customers, rater)
-            request.app[FEED].changed(action.customer_id for action in moved)
+            recorded = await evaluate_guards(store, guards.value, now, customers, rater)
+            request.app[FEED].changed(action.customer_id for action in recorded)
+            if recorded and request.app[WEBHOOKS] is not None:
+                request.app[WEBHOOKS].wake()
         return json_response(report)
     return handle
 
@@ -239,6 +270,25 @@ async def _actions(request):
         return problem(400, "`after` and `limit` are whole numbers")
     trail = await request.app[STORE].actions(request.query.get("customer"), after, limit)
     return json_response({"items": [{"seq": seq, **action._asdict()} for seq, action in trail]})
+
+
+async def _webhooks(request):
+    status = request.query.get("status")
+    if status is not None and status not in WEBHOOK_STATUSES:
+        return problem(400, f"`status` is one of {', '.join(WEBHOOK_STATUSES)}")
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        return problem(400, "`after` and `limit` are whole numbers")
+    store = request.app[STORE]
+    deliveries = await store.webhooks(status, after, limit)
+    items = []
+    for delivery in deliveries:
+        shown = delivery._asdict()
+        shown["payload"] = msgspec.json.decode(shown.pop("body"))
+        items.append(shown)
+    return json_response({"counts": await store.webhook_counts(), "items": items})
 
 
 async def _json_body(request):
@@ -282,7 +332,8 @@ async def _release_long_polls(app):
 async def _guards(request):
     guards = request.app[GUARDS]
     if guards is None:
-        return problem(404, "no guard file is configured (`aforo control-plane --guards FILE`)")
+        return problem(404, "no guard file is configured (`guards:` in the control plane settings, or "
+                            "`aforo control-plane --guards FILE`)")
     guard_set = guards.value
     return json_response({
         "version": guard_set.version, "source": guard_set.source, "reloads": guards.reloads,
@@ -341,6 +392,8 @@ ROUTES = (
     ("GET", "/v1/edge/changes", _edge_changes,
      "Customers changed since version `since` (long poll up to `wait_s` seconds); `resync`: pull the state"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
+    ("GET", "/v1/webhooks", _webhooks,
+     "The webhook outbox: each delivery's status, attempts and last error (`status`, `after` seq, `limit`)"),
     ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
                                             "subscriptions)"),
     ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),
@@ -353,7 +406,7 @@ def openapi_document() -> dict:
     """The OpenAPI 3.1 description of ROUTES, with the event schemas."""
     def schema_hook(kind):
         raise NotImplementedError
-    _, components = msgspec.json.schema_components((UsageEvent, CostEvent), schema_hook=schema_hook,
+    _, components = msgspec.json.schema_components((UsageEvent, CostEvent, LevelChanged), schema_hook=schema_hook,
                                                    ref_template="#/components/schemas/{name}")
     paths: dict = {}
     for method, path, _, summary in ROUTES:
@@ -369,17 +422,40 @@ def openapi_document() -> dict:
             operation["requestBody"] = {"content": {"application/json": {"schema": {
                 "type": "array", "items": {"$ref": "#/components/schemas/CostEvent"}}},
                 "application/x-ndjson": {}}}
+        if path == "/v1/webhooks":
+            operation["parameters"] = [
+                {"name": "status", "in": "query", "schema": {"enum": list(WEBHOOK_STATUSES)}},
+                {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
         paths.setdefault(path, {})[method.lower()] = operation
     return {"openapi": "3.1.0", "info": {"title": "Aforo Edge control plane", "version": "1"},
-            "paths": paths, "components": {"schemas": components,
-                                           "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}
+            "paths": paths, "webhooks": _outgoing_webhooks(),
+            "components": {"schemas": components,
+                           "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}
+
+
+def _outgoing_webhooks() -> dict:
+    # What the control plane POSTs to each notify channel (OpenAPI 3.1 `webhooks`).
+    headers = [{"name": name, "in": "header", "required": True, "description": description, "schema": {
+        "type": "integer" if name == TIMESTAMP_HEADER else "string"}} for name, description in (
+        (ID_HEADER, "the webhook's id, the same on every attempt: drop repeats by it"),
+        (TIMESTAMP_HEADER, "epoch seconds when this attempt was signed"),
+        (SIGNATURE_HEADER, "`v1=` + hex HMAC-SHA256 under the channel's secret of `{id}.{timestamp}.` + the body"))]
+    return {LEVEL_CHANGED: {"post": {
+        "summary": "A customer's margin level changed under a guard",
+        "parameters": headers,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/LevelChanged"}}}},
+        "responses": {"2XX": {"description": "delivered; anything else is retried with backoff"}}}}}
 
 
 def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=None,
-               metrics: ControlPlaneMetrics | None = None, feed: EdgeFeed | None = None) -> web.Application:
+               metrics: ControlPlaneMetrics | None = None, webhooks=None,
+               feed: EdgeFeed | None = None) -> web.Application:
     """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now);
-    `guards` is the watched guard file (config.guards.watch_guards) or None; `feed`
-    the edge feed proxies follow (one over `store` and `guards` when None)."""
+    `guards` is the watched guard file (config.guards.watch_guards) or None;
+    `webhooks` the WebhookSender woken when transitions enqueue webhooks, or None;
+    `feed` the edge feed proxies follow (one over `store` and `guards` when None)."""
     app = web.Application(middlewares=[_problems, _admin_only], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[CLOCK] = clock
@@ -387,6 +463,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[METRICS] = metrics or ControlPlaneMetrics()
     app[FEED] = feed or EdgeFeed(store, guards)
     app.on_shutdown.append(_release_long_polls)
+    app[WEBHOOKS] = webhooks
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

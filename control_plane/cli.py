@@ -17,6 +17,7 @@ from control_plane.store import DEFAULT_SQLITE_PATH
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+DATABASE_URL_ENV = "AFORO_DATABASE_URL"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,22 +148,41 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_control_plane(args: argparse.Namespace) -> int:
-    """Run the control plane's REST API over the store until SIGTERM / SIGINT."""
+    """Run the control plane (REST API, guards, webhooks) until SIGTERM / SIGINT, from
+    the settings file `--config` (defaults without one); `--listen`, `--guards` and
+    `--database` (or $AFORO_DATABASE_URL) override the file's values."""
     import asyncio
 
+    import msgspec
+
+    from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl, load_control_plane_settings
+    from config.logs import configure_logging
     from config.network import HostPort
     from control_plane.server import serve_control_plane
     from control_plane.store import StoreError
-    from config.logs import configure_logging
 
     configure_logging()
     try:
-        listen = HostPort.parse(args.listen)
-    except ValueError as err:
-        print(f"aforo control-plane: --listen: {err}", file=sys.stderr)
+        settings = load_control_plane_settings(args.config) if args.config else ControlPlaneSettings()
+    except ConfigError as err:
+        _print_errors(err)
+        return EXIT_INVALID
+    except OSError as err:
+        print(f"aforo control-plane: cannot read {args.config}: {err.strerror or err}", file=sys.stderr)
         return EXIT_USAGE
+    overrides = {}
+    options = (("listen", "--listen", HostPort.parse, args.listen),
+               ("database", "--database", DatabaseUrl.parse, args.database or os.environ.get(DATABASE_URL_ENV)),
+               ("guards", "--guards", str, args.guards))
+    for field, option, parse, value in options:
+        if value:
+            try:
+                overrides[field] = parse(value)
+            except ValueError as err:
+                print(f"aforo control-plane: {option}: {err}", file=sys.stderr)
+                return EXIT_USAGE
     try:
-        asyncio.run(serve_control_plane(args.database, listen.host, listen.port, args.guards))
+        asyncio.run(serve_control_plane(msgspec.structs.replace(settings, **overrides)))
     except ConfigError as err:
         _print_errors(err)
         return EXIT_INVALID
@@ -229,20 +249,23 @@ def _parser() -> argparse.ArgumentParser:
         "the same file twice changes nothing). References are checked before anything is written.",
     )
     apply.add_argument("-f", "--file", required=True, metavar="FILE", help="catalog YAML")
-    apply.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
+    apply.add_argument("--database", default=os.environ.get(DATABASE_URL_ENV, DEFAULT_SQLITE_PATH),
                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
     apply.set_defaults(run=run_apply)
     control = commands.add_parser(
         "control-plane",
-        help="run the control plane's REST API",
-        description="Run the control plane's REST API (catalog, API keys, event and cost ingest) over the "
-        "store. The first start on an empty store prints an admin token once.",
+        help="run the control plane: REST API, guards and webhooks",
+        description="Run the control plane's REST API (catalog, API keys, event and cost ingest, margins), "
+        "judge guards after ingest and deliver their webhooks. Settings come from --config FILE (see "
+        "config/examples/control_plane.yaml); the other options override it. The first start on an empty "
+        "store prints an admin token once.",
     )
-    control.add_argument("--listen", default="127.0.0.1:8070", metavar="HOST:PORT")
+    control.add_argument("--config", metavar="FILE", help="control plane settings YAML")
+    control.add_argument("--listen", metavar="HOST:PORT", help="where the API listens (default 127.0.0.1:8070)")
     control.add_argument("--guards", metavar="FILE", help="guard YAML, watched and hot-reloaded")
-    control.add_argument("--database", default=os.environ.get("AFORO_DATABASE_URL", DEFAULT_SQLITE_PATH),
-                         metavar="URL", help="an SQLite file or a postgresql:// URL")
+    control.add_argument("--database", metavar="URL", help="an SQLite file or a postgresql:// URL (default: "
+                         f"$AFORO_DATABASE_URL, else the settings' `database`, else {DEFAULT_SQLITE_PATH})")
     control.set_defaults(run=run_control_plane)
     up = commands.add_parser(
         "up",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import logging
 import secrets
 from collections.abc import Iterable
 
@@ -30,7 +31,9 @@ from config.edge_state_file import (
 )
 from config.values import Timestamp
 from control_plane.rating import Rater, Subscription
-from control_plane.store import Store
+from control_plane.store import Store, StoreError
+
+log = logging.getLogger("aforo.control_plane")
 
 # Changes remembered for proxies that are behind; one further behind resyncs.
 HISTORY = 4096
@@ -176,7 +179,11 @@ class EdgeFeed:
         for everyone."""
         while True:
             await asyncio.sleep(interval_s)
-            catalog = await self.store.catalog_version()
+            try:
+                catalog = await self.store.catalog_version()
+            except StoreError as error:
+                log.warning("edge feed: cannot read the catalog version (%s); trying again", error)
+                continue
             guards = self.guards.value.version if self.guards is not None else None
             if self._seen_catalog is None:
                 self._seen_catalog = catalog

@@ -1,7 +1,8 @@
 # Guard evaluation: after margins move, each (customer, metric) and each customer
 # overall is judged by the guard that applies to it (customer > tier > global scope),
 # its new level computed from its margin and current level (with the guard's
-# recovery band), and every change recorded once in the actions trail.
+# recovery band), and every change recorded once in the actions trail, with its
+# webhooks put in the outbox in the same transaction.
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from control_plane.guard_levels import level_thresholds
 from control_plane.margins import customer_margins
 from control_plane.rating import Rater
 from control_plane.store import OVERALL, Action, Store
+from control_plane.webhooks import level_change_webhooks
 from decision_core import margin_level
 
 
@@ -18,7 +20,15 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
                           rater: Rater | None = None) -> list[Action]:
     """Judge the current billing period's margins of `customers` (default: all) under
     `guards` at `now`; returns the level transitions recorded (each exactly once,
-    even when evaluations race)."""
+    even when evaluations race).
+
+    Every transition, escalation or recovery, in enforce or shadow mode, enqueues a
+    `margin.level_changed` webhook for each channel its guard's levels notify (see
+    webhooks.notified_channels): level 1 is the warning, but the people warned also
+    need to hear that a customer was throttled, blocked or has recovered, and the
+    payload's level_from, level_to and mode let a receiver filter. The
+    webhooks are written with the transition, so a transition recorded once is
+    announced once. Wake the WebhookSender afterwards."""
     rater = rater or await Rater.load(store)
     levels = {(level.customer_id, level.metric): level.level for level in await store.guard_levels()}
     recorded = []
@@ -36,6 +46,6 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
                     continue
                 action = Action(margin.customer_id, metric, guard.id, current, level, pct,
                                 float(guard.min_margin), guard.mode, now)
-                if await store.transition_level(action):
+                if await store.transition_level(action, level_change_webhooks(action, guard)):
                     recorded.append(action)
     return recorded

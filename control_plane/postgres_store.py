@@ -24,6 +24,7 @@ class PostgresStore(SqlStore):
     DIALECT = {"serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
     MIGRATION_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})"
     ROW_LOCK_SQL = " FOR UPDATE"
+    SKIP_LOCKED_SQL = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, pool: asyncpg.Pool):
         self._pool = pool

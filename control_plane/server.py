@@ -1,57 +1,134 @@
-# Running the control plane: its store (migrated at start) and its REST API until
-# SIGTERM / SIGINT. A store without any admin token gets one at first start, printed
-# once (only its sha256 is kept).
+# Running the control plane from its settings: the store (migrated at start), the
+# guard file (watched), the webhook sender and the REST API. start_control_plane
+# starts them inside any asyncio program and returns a handle to stop them;
+# serve_control_plane is the command's wrapper, running until SIGTERM / SIGINT. A
+# store without any admin token gets one at first start, shown once (only its sha256
+# is kept).
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
+from config.control_plane_settings import ControlPlaneSettings, signing_secrets
 from config.guards import watch_guards
 from control_plane.api import ControlPlaneMetrics, create_admin_token, create_app
 from control_plane.edge_feed import EdgeFeed
-from control_plane.store import open_store
+from control_plane.store import Store, open_store
+from control_plane.webhooks import WebhookSender
 
 log = logging.getLogger("aforo.control_plane")
-
 
 GUARD_RELOAD_INTERVAL_S = 2.0
 
 
-async def serve_control_plane(database: str, host: str, port: int, guards_path: str | None = None) -> None:
-    """Serve the API for the store at `database` on host:port (0: a free port, printed)
-    until SIGTERM / SIGINT. With `guards_path`, the guard file is loaded (a bad first
-    file raises ConfigError) and checked for changes every GUARD_RELOAD_INTERVAL_S."""
+class RunningControlPlane:
+    """A started control plane: `host` and `port` it listens on (the bound port when
+    the settings asked for 0), `url`, its `store`, `webhooks` (the WebhookSender),
+    `metrics`, and `admin_token`, the first admin token when this start created
+    one (None otherwise). `await stop()` stops serving, delivering and watching,
+    and closes the store; calling it again does nothing."""
+
+    def __init__(self, host: str, port: int, store: Store, runner: web.AppRunner, tasks: list[asyncio.Task],
+                 webhooks: WebhookSender, metrics: ControlPlaneMetrics, admin_token: str | None) -> None:
+        self.host = host
+        self.port = port
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self.store = store
+        self.webhooks = webhooks
+        self.metrics = metrics
+        self.admin_token = admin_token
+        self._runner = runner
+        self._tasks = tasks
+        self._stopped = False
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._runner.cleanup()
+        await _cancel(self._tasks)
+        await self.store.close()
+
+
+async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mapping[str, str] | None = None,
+                              clock: Callable[[], float] = time.time) -> RunningControlPlane:
+    """Start the control plane `settings` describe, in the running event loop, and
+    return once it serves. `environ` (default os.environ) holds the channels'
+    signing secrets; `clock` gives epoch seconds (ingest, guards and webhooks).
+
+    Raises ConfigError for an unset secret or a bad first guard file, StoreError
+    when the store cannot be opened, OSError when the address cannot be bound;
+    nothing is left running then."""
+    secrets = signing_secrets(settings, environ)
     metrics = ControlPlaneMetrics()
-    guards = None if guards_path is None else watch_guards(guards_path, on_reload_error=metrics.count_reload_error)
-    store = await open_store(database)
-    watching = []
+    guards = None
+    if settings.guards is not None:
+        guards = watch_guards(settings.guards, on_reload_error=metrics.count_reload_error)
+        _warn_of_unknown_channels(guards.value, settings)
+    store = await open_store(settings.database)
+    tasks: list[asyncio.Task] = []
+    runner = None
     try:
+        webhooks = WebhookSender(store, settings.notify, secrets, settings.webhooks, clock=clock,
+                                 metrics=metrics.webhooks)
         feed = EdgeFeed(store, guards)
-        watching.append(asyncio.create_task(feed.watch(time.time)))
-        if guards is not None:
-            watching.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S)))
-        if await store.admin_tokens_count() == 0:
-            token = await create_admin_token(store, "first", time.time())
-            print(f"admin token (shown once, keep it): {token}", flush=True)
-        runner = web.AppRunner(create_app(store, guards=guards, metrics=metrics, feed=feed), access_log=None)
+        runner = web.AppRunner(create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks,
+                                          feed=feed), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
+        admin_token = None
+        # Only once serving: a start that fails must not use up the one showing of the token.
+        if await store.admin_tokens_count() == 0:
+            admin_token = await create_admin_token(store, "first", clock())
+        tasks.append(asyncio.create_task(webhooks.run(), name="aforo webhooks"))
+        tasks.append(asyncio.create_task(feed.watch(clock), name="aforo edge feed"))
+        if guards is not None:
+            tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))
+    except BaseException:
+        if runner is not None:
+            await runner.cleanup()
+        await _cancel(tasks)
+        await store.close()
+        raise
+    return RunningControlPlane(settings.listen.host, port, store, runner, tasks, webhooks, metrics, admin_token)
+
+
+async def serve_control_plane(settings: ControlPlaneSettings) -> None:
+    """Run the control plane until SIGTERM / SIGINT, printing the first admin token
+    (when this start created it) and the address it serves. Raises as
+    start_control_plane does."""
+    control_plane = await start_control_plane(settings)
+    try:
+        if control_plane.admin_token is not None:
+            print(f"admin token (shown once, keep it): {control_plane.admin_token}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        print(f"control plane API on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
+        print(f"control plane API on {control_plane.url} (OpenAPI at /openapi.json)", flush=True)
         await stop.wait()
         log.info("control plane shutting down")
-        await runner.cleanup()
     finally:
-        for task in watching:
-            task.cancel()
-        await asyncio.gather(*watching, return_exceptions=True)
-        await store.close()
+        await control_plane.stop()
+
+
+def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None:
+    # A guard may name a channel the settings lack: its webhooks are kept as failed,
+    # and said here at start, once per channel.
+    named = {name for guard in guard_set.guards for _, level in guard.actions.levels for name in level.notify}
+    for name in sorted(named - set(settings.notify)):
+        log.warning("guards in %s notify `%s`, which is not a notify channel in the control plane settings: "
+                    "its webhooks will fail", guard_set.source, name)
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

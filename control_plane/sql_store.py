@@ -15,7 +15,10 @@ from control_plane.store import (
     CATALOG_KINDS,
     CONFLICT,
     CREATED,
+    DELIVERED,
     DUPLICATE,
+    FAILED,
+    PENDING,
     UNCHANGED,
     UPDATED,
     Action,
@@ -24,6 +27,7 @@ from control_plane.store import (
     PeriodTotals,
     StoredEvent,
     StoreError,
+    WebhookDelivery,
 )
 
 # Versioned schema changes, applied in order, each once, each in its own transaction.
@@ -103,6 +107,24 @@ MIGRATIONS = (
             at DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX actions_by_customer ON actions (customer_id, seq)",
     )),
+    (5, "webhook outbox", (
+        # Pending while next_attempt_at is set; then delivered_at or failed_at says how
+        # it ended. One webhook per (transition, channel), whoever enqueues it.
+        """CREATE TABLE webhook_outbox (
+            seq {serial},
+            id TEXT NOT NULL UNIQUE,
+            channel TEXT NOT NULL,
+            action_seq BIGINT NOT NULL REFERENCES actions (seq),
+            body {blob} NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at DOUBLE PRECISION,
+            delivered_at DOUBLE PRECISION,
+            failed_at DOUBLE PRECISION,
+            last_error TEXT,
+            UNIQUE (action_seq, channel))""",
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE next_attempt_at IS NOT NULL",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -127,6 +149,7 @@ class SqlStore:
     DIALECT: dict[str, str] = {}
     MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
     ROW_LOCK_SQL = ""                # appended to a SELECT to lock the rows it reads
+    SKIP_LOCKED_SQL = ""             # ... and to pass over rows another transaction has locked
 
     # -- schema --------------------------------------------------------------------
     async def migrate(self) -> int:
@@ -316,7 +339,7 @@ class SqlStore:
                                  f"{where} ORDER BY customer_id, metric", args)
         return [GuardLevel(*row) for row in rows]
 
-    async def transition_level(self, action: Action) -> bool:
+    async def transition_level(self, action: Action, webhooks=()) -> bool:
         async with self._transaction():
             await self._execute(
                 "INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, changed_at) "
@@ -330,11 +353,17 @@ class SqlStore:
                 "UPDATE guard_levels SET guard_id = ?, level = ?, margin_pct = ?, changed_at = ? "
                 "WHERE customer_id = ? AND metric = ?",
                 (action.guard_id, action.level_to, action.margin_pct, action.at, action.customer_id, action.metric))
-            await self._execute(
+            [(action_seq,)] = await self._fetch(
                 "INSERT INTO actions (customer_id, metric, guard_id, level_from, level_to, margin_pct, "
-                "min_margin_pct, mode, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "min_margin_pct, mode, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
                 (action.customer_id, action.metric, action.guard_id, action.level_from, action.level_to,
                  action.margin_pct, action.min_margin_pct, action.mode, action.at))
+            if webhooks:
+                await self._executemany(
+                    "INSERT INTO webhook_outbox (id, channel, action_seq, body, created_at, next_attempt_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(webhook.id, webhook.channel, action_seq, webhook.body, action.at, action.at)
+                     for webhook in webhooks])
             return True
 
     async def actions(self, customer_id=None, after_seq=0, limit=100):
@@ -346,6 +375,50 @@ class SqlStore:
             "SELECT seq, customer_id, metric, guard_id, level_from, level_to, margin_pct, min_margin_pct, mode, at "
             f"FROM actions {where} ORDER BY seq LIMIT ?", (*args, limit))
         return [(seq, Action(*rest)) for seq, *rest in rows]
+
+    # -- webhook outbox ------------------------------------------------------------------
+    async def claim_webhooks(self, now, lease_s, limit=100):
+        async with self._transaction():
+            rows = await self._fetch(
+                f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_outbox WHERE next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, seq LIMIT ?" + self.SKIP_LOCKED_SQL, (now, limit))
+            if rows:
+                await self._executemany("UPDATE webhook_outbox SET next_attempt_at = ? WHERE seq = ?",
+                                        [(now + lease_s, row[0]) for row in rows])
+        return [_webhook_delivery((*row[:7], now + lease_s, *row[8:])) for row in rows]
+
+    async def record_webhook_attempt(self, webhook_id, at, error=None, retry_at=None):
+        if error is None:
+            outcome, args = "delivered_at = ?, next_attempt_at = NULL", (at,)
+        elif retry_at is not None:
+            outcome, args = "next_attempt_at = ?, last_error = ?", (retry_at, error)
+        else:
+            outcome, args = "failed_at = ?, next_attempt_at = NULL, last_error = ?", (at, error)
+        rows = await self._fetch(
+            f"UPDATE webhook_outbox SET attempts = attempts + 1, {outcome} "
+            "WHERE id = ? AND next_attempt_at IS NOT NULL RETURNING seq", (*args, webhook_id))
+        return bool(rows)
+
+    async def next_webhook_at(self):
+        rows = await self._fetch("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE next_attempt_at IS NOT NULL",
+                                 ())
+        return rows[0][0]
+
+    async def webhook_counts(self):
+        [(pending, delivered, failed)] = await self._fetch(
+            "SELECT COUNT(next_attempt_at), COUNT(delivered_at), COUNT(failed_at) FROM webhook_outbox", ())
+        return {PENDING: pending, DELIVERED: delivered, FAILED: failed}
+
+    async def webhooks(self, status=None, after_seq=0, limit=100):
+        where = "seq > ?"
+        if status is not None:
+            if status not in _WEBHOOK_STATUS_COLUMN:
+                raise StoreError(f"unknown webhook status {status!r}; "
+                                 f"expected one of {', '.join(_WEBHOOK_STATUS_COLUMN)}")
+            where += f" AND {_WEBHOOK_STATUS_COLUMN[status]} IS NOT NULL"
+        rows = await self._fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhook_outbox WHERE {where} ORDER BY seq LIMIT ?",
+                                 (after_seq, limit))
+        return [_webhook_delivery(row) for row in rows]
 
     async def _lock_totals(self, ratings):
         # The totals rows of `ratings` (created at zero when missing), locked for this
@@ -410,6 +483,19 @@ class SqlStore:
         return [StoredEvent(kind, customer, event_id, bytes(payload), occurred_at, ingested_at, bool(late),
                             bytes(provenance))
                 for kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
+
+
+_WEBHOOK_COLUMNS = ("seq, id, channel, action_seq, body, created_at, attempts, next_attempt_at, delivered_at, "
+                    "failed_at, last_error")
+# The column that is set exactly while a webhook has a status.
+_WEBHOOK_STATUS_COLUMN = {PENDING: "next_attempt_at", DELIVERED: "delivered_at", FAILED: "failed_at"}
+
+
+def _webhook_delivery(row):
+    seq, webhook_id, channel, action_seq, body, created_at, attempts, next_at, delivered_at, failed_at, error = row
+    status = DELIVERED if delivered_at is not None else FAILED if failed_at is not None else PENDING
+    return WebhookDelivery(seq, webhook_id, channel, action_seq, bytes(body), status, created_at, attempts, next_at,
+                           delivered_at, failed_at, error)
 
 
 def _with_pricing(provenance, rating, totals):

@@ -3,6 +3,7 @@
 # PostgreSQL for `postgresql://` URLs). Catalog entries are documents (JSON) under a
 # key; an upsert says whether it created, changed or left an entry as it was, so a
 # declarative apply can be repeated. Events are kept once per (customer, event id).
+# Webhooks wait in an outbox, written with the level transition they tell of.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -102,6 +103,42 @@ class Action(NamedTuple):
     at: float
 
 
+# What became of a webhook in the outbox.
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+WEBHOOK_STATUSES = (PENDING, DELIVERED, FAILED)
+
+
+class Webhook(NamedTuple):
+    """A webhook to enqueue: `id` (the receiver's idempotency key, the same on every
+    attempt), the notify `channel` it goes to, and `body`, the JSON bytes sent (and
+    signed) as they are."""
+
+    id: str
+    channel: str
+    body: bytes
+
+
+class WebhookDelivery(NamedTuple):
+    """A webhook in the outbox: its `seq` (listing order), `id`, `channel`, the seq of
+    the action (level transition) it tells of, `body`, its `status` (PENDING,
+    DELIVERED or FAILED: given up), when it was created, the attempts made so far,
+    when the next is due (None once it is no longer pending), when it was delivered
+    or given up, and the error of the latest failed attempt (kept after a success)."""
+
+    seq: int
+    id: str
+    channel: str
+    action_seq: int
+    body: bytes
+    status: str
+    created_at: float
+    attempts: int
+    next_attempt_at: float | None
+    delivered_at: float | None
+    failed_at: float | None
+    last_error: str | None
+
+
 class ApiKey(msgspec.Struct, frozen=True):
     """A customer's API key as stored: never the key itself, only its sha256 digest
     (`key_hash`, hex) and its first characters (`prefix`) to tell keys apart."""
@@ -142,13 +179,27 @@ class Store(Protocol):
     so totals count every accepted event exactly once; `period_totals(at,
     customer_id=None)` returns the totals of the periods holding instant `at`.
 
-    Guards: `guard_levels(customer_id=None)`; `transition_level(action)` moves a
-    level from `action.level_from` to `action.level_to` and appends the action to the
-    trail, atomically, only if the level is still `level_from` (False otherwise: a
-    transition happens once however many evaluators race); `actions(customer_id=None,
-    after_seq=0, limit=100)` lists the trail as (seq, Action), oldest first. `events(kind, customer_id)` returns what was kept,
+    Guards: `guard_levels(customer_id=None)`; `transition_level(action, webhooks=())`
+    moves a level from `action.level_from` to `action.level_to`, appends the action to
+    the trail and puts `webhooks` (one per channel at most) in the outbox, pending and
+    due at once, all atomically and only if the level is still `level_from` (False
+    otherwise: a transition, and so its webhooks, happen once however many evaluators
+    race); `actions(customer_id=None, after_seq=0, limit=100)` lists the trail as
+    (seq, Action), oldest first. `events(kind, customer_id)` returns what was kept,
     in ingest order; `late_events(since=0.0, limit=1000)` the late ones ingested at or
     after `since`, oldest first (for reconciliation).
+
+    Webhook outbox: `claim_webhooks(now, lease_s, limit=100)` returns pending webhooks
+    due at `now`, earliest due first, and moves each one's next attempt to `now + lease_s`,
+    so no other claimer (another control plane on the same database) takes it while
+    it is being sent; a claimer that dies leaves it due again after the lease.
+    `record_webhook_attempt(id, at, error=None, retry_at=None)` counts one attempt of
+    a pending webhook: no `error` marks it DELIVERED at `at`; an error with
+    `retry_at` keeps it pending until then; an error without gives up (FAILED at
+    `at`); False when it was not pending. `next_webhook_at()` is when the earliest
+    pending webhook is due (None: none is pending); `webhook_counts()` the number of
+    webhooks per status; `webhooks(status=None, after_seq=0, limit=100)` lists the
+    outbox as WebhookDelivery, oldest first.
     """
 
     async def migrate(self) -> int: ...
@@ -177,11 +228,19 @@ class Store(Protocol):
     async def period_totals(self, at: float, customer_id: str | None = None) -> list[PeriodTotals]: ...
 
     async def guard_levels(self, customer_id: str | None = None) -> list[GuardLevel]: ...
-    async def transition_level(self, action: Action) -> bool: ...
+    async def transition_level(self, action: Action, webhooks: Sequence[Webhook] = ()) -> bool: ...
     async def actions(self, customer_id: str | None = None, after_seq: int = 0,
                       limit: int = 100) -> list[tuple[int, Action]]: ...
     async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...
     async def late_events(self, since: float = 0.0, limit: int = 1000) -> list[StoredEvent]: ...
+
+    async def claim_webhooks(self, now: float, lease_s: float, limit: int = 100) -> list[WebhookDelivery]: ...
+    async def record_webhook_attempt(self, webhook_id: str, at: float, error: str | None = None,
+                                     retry_at: float | None = None) -> bool: ...
+    async def next_webhook_at(self) -> float | None: ...
+    async def webhook_counts(self) -> dict[str, int]: ...
+    async def webhooks(self, status: str | None = None, after_seq: int = 0,
+                       limit: int = 100) -> list[WebhookDelivery]: ...
 
 
 DEFAULT_SQLITE_PATH = "aforo.db"

@@ -22,7 +22,12 @@ import pytest
 
 from control_plane.periods import period_bounds
 from control_plane.store import USAGE, open_store
-from control_plane.webhooks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from control_plane.webhooks import (
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    verify_signature,
+)
 
 SECRET = "demo-secret-for-tests"
 WAIT_S = 20.0

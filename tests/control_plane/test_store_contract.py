@@ -1,8 +1,9 @@
 # The Store contract, run against both backends: the embedded SQLite file and a real
 # PostgreSQL (a schema of its own per test). What a user relies on: the schema is
 # migrated once and versioned, a repeated apply changes nothing, API keys are kept
-# hashed and can be revoked, and an event is accepted exactly once however often
-# and however concurrently it is sent.
+# hashed and can be revoked, an event is accepted exactly once however often and
+# however concurrently it is sent, and a level transition's webhooks are enqueued
+# with it and claimed by one sender at a time.
 import asyncio
 import json
 
@@ -15,14 +16,19 @@ from control_plane.store import (
     CONFLICT,
     COST,
     CREATED,
+    DELIVERED,
     DUPLICATE,
+    FAILED,
+    PENDING,
     UNCHANGED,
     UPDATED,
     USAGE,
+    Action,
     ApiKey,
     Rating,
     StoredEvent,
     StoreError,
+    Webhook,
     open_store,
 )
 
@@ -196,4 +202,82 @@ def test_running_totals_count_each_accepted_event_once_even_concurrently(backend
         assert pricing == {"plan": "pro", "revenue_nanos": 7, "cogs_nanos": 2}
         assert await stores[0].period_totals(1_702_592_000.0) == []      # the period has ended by then
         assert await stores[0].period_totals(1_701_000_000.0, "cus_2") == []
+    backend.run(scenario)
+
+
+# -- the webhook outbox -------------------------------------------------------------------
+
+NOW = 1_800_000_000.0
+
+
+def transition(level_from, level_to, at=NOW):
+    return Action("cus_1", "ai_tokens", "tokens-floor", level_from, level_to, 27.5, 25.0, "enforce", at)
+
+
+def webhook(webhook_id, channel_name="finance"):
+    return Webhook(webhook_id, channel_name, json.dumps({"id": webhook_id}).encode())
+
+
+def test_a_transition_enqueues_its_webhooks_with_it_and_a_lost_race_enqueues_none(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        first = transition(0, 1)
+        assert await store.transition_level(first, [webhook("whk_a"), webhook("whk_b", "engineering")])
+        assert not await store.transition_level(first, [webhook("whk_c")])        # the level moved already
+        [(action_seq, _)] = await store.actions()
+        queued = await store.webhooks()
+        assert [(item.id, item.channel, item.action_seq, item.status, item.attempts, item.next_attempt_at,
+                 item.created_at) for item in queued] == [
+            ("whk_a", "finance", action_seq, PENDING, 0, NOW, NOW),
+            ("whk_b", "engineering", action_seq, PENDING, 0, NOW, NOW)]
+        assert queued[0].body == b'{"id": "whk_a"}'
+        assert await store.webhook_counts() == {PENDING: 2, DELIVERED: 0, FAILED: 0}
+        with pytest.raises(StoreError):       # one webhook per transition and channel, whoever writes it
+            await store.transition_level(transition(1, 2), [webhook("whk_d"), webhook("whk_e")])
+        assert (await store.guard_levels("cus_1"))[0].level == 1     # and nothing of that transition kept
+    backend.run(scenario)
+
+
+def test_a_webhook_is_claimed_for_a_lease_retried_when_due_and_ends_delivered_or_failed(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        await store.transition_level(transition(0, 1), [webhook("whk_a"), webhook("whk_b", "engineering")])
+        claimed = await store.claim_webhooks(NOW, lease_s=30)
+        assert [(item.id, item.next_attempt_at) for item in claimed] == [("whk_a", NOW + 30), ("whk_b", NOW + 30)]
+        assert await store.claim_webhooks(NOW + 29, lease_s=30) == []           # leased to that claimer
+        assert await store.next_webhook_at() == NOW + 30
+        assert await store.record_webhook_attempt("whk_a", NOW + 1) is True
+        assert await store.record_webhook_attempt("whk_a", NOW + 2) is False    # no longer pending
+        assert await store.record_webhook_attempt("whk_b", NOW + 1, "HTTP 500", retry_at=NOW + 5) is True
+        assert await store.claim_webhooks(NOW + 4, lease_s=30) == []
+        [again] = await store.claim_webhooks(NOW + 5, lease_s=30)
+        assert (again.id, again.attempts, again.last_error) == ("whk_b", 1, "HTTP 500")
+        assert await store.record_webhook_attempt("whk_b", NOW + 6, "HTTP 502") is True     # given up
+        assert await store.next_webhook_at() is None
+        [delivered] = await store.webhooks(DELIVERED)
+        assert (delivered.id, delivered.attempts, delivered.delivered_at, delivered.next_attempt_at,
+                delivered.last_error) == ("whk_a", 1, NOW + 1, None, None)
+        [failed] = await store.webhooks(FAILED)
+        assert (failed.id, failed.attempts, failed.failed_at, failed.last_error) == ("whk_b", 2, NOW + 6, "HTTP 502")
+        assert await store.webhooks(PENDING) == []
+        assert [item.id for item in await store.webhooks(after_seq=delivered.seq)] == ["whk_b"]
+        assert await store.webhook_counts() == {PENDING: 0, DELIVERED: 1, FAILED: 1}
+        with pytest.raises(StoreError, match="unknown webhook status 'lost'"):
+            await store.webhooks("lost")
+    backend.run(scenario)
+
+
+def test_two_claimers_never_take_the_same_webhook(backend):
+    async def scenario(open_store):
+        stores = [await open_store() for _ in range(2)]           # two control planes on one database
+        names = [f"channel-{n}" for n in range(60)]
+        await stores[0].transition_level(transition(0, 1), [webhook(f"whk_{name}", name) for name in names])
+
+        async def claim_all(store):
+            taken = []
+            while claimed := await store.claim_webhooks(NOW, lease_s=30, limit=7):
+                taken += [item.id for item in claimed]
+            return taken
+        first, second = await asyncio.gather(claim_all(stores[0]), claim_all(stores[1]))
+        assert sorted(first + second) == sorted(f"whk_{name}" for name in names)
     backend.run(scenario)
