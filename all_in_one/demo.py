@@ -87,10 +87,16 @@ async def _serve(app, host, port):
 
     from aiohttp import web
 
+    import signal
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    await asyncio.Event().wait()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 # -- the walk down the ladder -------------------------------------------------------------
@@ -119,6 +125,9 @@ class _Demo:
 
     def margin(self):
         return self.admin("GET", f"/v1/customers/{CUSTOMER}/margin")
+
+    def units(self):
+        return sum(metric["units"] for metric in self.margin()["metrics"])
 
     def cost_to_reach(self, margin_pct, step):
         # A cost event that brings the customer's margin this period to `margin_pct`.
@@ -150,10 +159,11 @@ def drive(settings: UpSettings, admin_token: str | None, say=print) -> None:
     try:
         demo.key = demo.admin("POST", f"/v1/customers/{CUSTOMER}/api-keys")["key"]
         say(f"demo: API key for {CUSTOMER}: {demo.key}")
+        demo.until(lambda answer: answer[0] == 200)          # the proxy has the new key
         statuses = [demo.through_proxy()[0] for _ in range(5)]
-        say(f"demo: 5 requests through the proxy -> {statuses} (allowed)")
+        say(f"demo: 5 more requests through the proxy -> {statuses} (allowed)")
         deadline = time.monotonic() + STEP_TIMEOUT_S
-        while demo.margin()["metrics"][0]["units"] < 5 and time.monotonic() < deadline:
+        while demo.units() < 6 and time.monotonic() < deadline:      # metered and rated
             time.sleep(0.1)
         margin = demo.margin()
         say(f"demo: revenue ${decimal.Decimal(margin['revenue_nanos']) / NANOS} (fixed fee + usage), COGS "

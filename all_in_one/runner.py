@@ -65,7 +65,6 @@ def run_up(settings_path: str, *, announce: Callable[[str], None] = print,
         supervisor = Supervisor(settings_path, settings.proxy.workers, load=up_proxy_settings)
         failed = threading.Event()
         threading.Thread(target=_watch_control_plane, args=(control_plane, supervisor, failed), daemon=True).start()
-        announce(f"control plane API on {settings.control_plane_url} (OpenAPI at /openapi.json)")
         announce(f"proxy on http://{settings.proxy.listen} ({settings.proxy.workers} "
                  f"worker{'s' if settings.proxy.workers > 1 else ''}); health and metrics on "
                  f"http://{settings.proxy.admin}")
