@@ -56,11 +56,37 @@ def _describe_edge_state(file: str) -> str:
     return f"edge state, {len(state.plans)} plans, {len(state.customers)} customers"
 
 
-# kind -> (a top-level key that identifies it, validator returning a summary)
+def _describe_up_settings(file: str) -> str:
+    from config.up_settings import load_up_settings
+
+    settings = load_up_settings(file)
+    return (f"all-in-one settings, control plane on {settings.control_plane.listen}, "
+            f"proxy with {len(settings.proxy.routes)} routes")
+
+
+def _describe_catalog(file: str) -> str:
+    from config.catalog_file import SECTIONS, load_catalog_file
+
+    catalog = load_catalog_file(file)
+    return "catalog, " + ", ".join(f"{len(getattr(catalog, section))} {section}" for section, _ in SECTIONS)
+
+
+def _describe_control_plane_settings(file: str) -> str:
+    from config.control_plane_settings import load_control_plane_settings
+
+    settings = load_control_plane_settings(file)
+    return f"control plane settings, listening on {settings.listen}, {len(settings.notify)} notify channels"
+
+
+# kind -> (top-level keys that identify it, validator returning a summary); the first
+# kind with any of its keys in a file wins.
 CONFIG_KINDS = {
-    "guards": ("guards", _describe_guards),
-    "proxy": ("upstreams", _describe_proxy_settings),
-    "edge-state": ("customers", _describe_edge_state),
+    "all-in-one": (("proxy",), _describe_up_settings),
+    "proxy": (("upstreams",), _describe_proxy_settings),
+    "edge-state": (("period",), _describe_edge_state),
+    "catalog": (("metrics", "features", "plans", "customers", "subscriptions"), _describe_catalog),
+    "control-plane": (("listen", "database", "notify", "webhooks"), _describe_control_plane_settings),
+    "guards": (("guards",), _describe_guards),
 }
 
 
@@ -73,14 +99,15 @@ def _kind_of(file: str) -> str:
     except (yaml.YAMLError, UnicodeDecodeError):
         return "guards"
     if isinstance(document, dict):
-        for kind, (key, _) in CONFIG_KINDS.items():
-            if key in document:
+        for kind, (keys, _) in CONFIG_KINDS.items():
+            if any(key in document for key in keys):
                 return kind
     return "guards"
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    """Validate each configuration file — guards, proxy settings or edge state, told
+    """Validate each configuration file — guards, proxy settings, edge state, catalog,
+    control plane or all-in-one settings, told
     apart by their top-level keys unless --kind says — and print `ok: FILE (summary)`
     to stdout or every error to stderr. Returns 0 if all are valid, 1 if any is
     invalid, 2 if any cannot be read (every file is still checked)."""
@@ -228,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate configuration files (for CI); exit 1 if any is invalid",
-        description="Validate guard, proxy settings and edge state files and print every "
+        description="Validate guard, proxy settings, edge state, catalog, control plane and all-in-one files and print every "
         "error with file, line and path.",
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="YAML file")

@@ -8,10 +8,7 @@ import datetime
 import http.server
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -19,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from running_command import Command
 
 from control_plane.periods import period_bounds
 from control_plane.store import USAGE, open_store
@@ -132,30 +130,12 @@ class Up:
                 - {{name: api, upstream: api, path_prefix: /v1, metric: api_calls}}
               metering: {{spool_dir: meter-spool, flush_interval_s: 3600}}
             """))
-        self.output = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "control_plane.cli", "up", "--config", str(folder / "aforo.yaml")],
-            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "AFORO_TEST_WEBHOOK_SECRET": SECRET})
-        threading.Thread(target=self._read_output, daemon=True).start()
-        self.admin_token = self._line_with("admin token (shown once, keep it): ").rsplit(" ", 1)[1]
-        self._line_with("Ctrl-C stops everything")
+        self.command = Command(["up", "--config", str(folder / "aforo.yaml")], folder,
+                               {**os.environ, "AFORO_TEST_WEBHOOK_SECRET": SECRET})
+        self.output = self.command.output
+        self.admin_token = self.command.line_with("admin token (shown once, keep it): ").rsplit(" ", 1)[1]
+        self.command.line_with("Ctrl-C stops everything")
         self._wait_ready()
-
-    def _read_output(self):
-        for line in self.process.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def _line_with(self, text):
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            for line in list(self.output):
-                if text in line:
-                    return line
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"`aforo up` never said {text!r}:\n" + "\n".join(self.output))
 
     def _wait_ready(self):
         for port in (self.admin_port, self.admin_port + 1):
@@ -173,14 +153,7 @@ class Up:
         return _get(f"http://127.0.0.1:{self.proxy_port}/v1/hello", key)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)        # what Ctrl-C sends
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return self.command.interrupt()
 
 
 def _get(url, key=None):
