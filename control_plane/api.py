@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
 from config.documents import decode_value
 from config.watched_file import ReloadErrorCounter
+from control_plane import quota_leases
 from control_plane.catalog import check_references
 from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
@@ -29,6 +30,7 @@ from control_plane.ingest import (
     split_batch,
 )
 from control_plane.margins import customer_margins
+from control_plane.quota_leases import LeaseRequest, LeaseReturn
 from control_plane.rating import Rater
 from control_plane.store import (
     ACCEPTED,
@@ -323,6 +325,28 @@ async def _edge_changes(request):
     return web.Response(body=_encode_config(changes), content_type="application/json")
 
 
+async def _lease_quota(request):
+    try:
+        asked = msgspec.json.decode(await request.read(), type=LeaseRequest)
+    except msgspec.DecodeError as error:
+        return problem(422, f"invalid lease request: {error}")
+    try:
+        granted = await quota_leases.lease(request.app[STORE], asked, request.app[CLOCK]())
+    except quota_leases.NoHardQuota as error:
+        return problem(404, str(error))
+    return json_response(granted)
+
+
+async def _return_quota(request):
+    try:
+        returned = msgspec.json.decode(await request.read(), type=LeaseReturn)
+    except msgspec.DecodeError as error:
+        return problem(422, f"invalid lease return: {error}")
+    await request.app[STORE].return_quota(returned.customer_id, returned.metric, returned.period_start,
+                                          returned.units)
+    return web.Response(status=204)
+
+
 async def _release_long_polls(app):
     app[FEED].close()
 
@@ -391,6 +415,9 @@ ROUTES = (
     ("GET", "/v1/edge/state", _edge_state, "The edge state proxies decide from, and its version"),
     ("GET", "/v1/edge/changes", _edge_changes,
      "Customers changed since version `since` (long poll up to `wait_s` seconds); `resync`: pull the state"),
+    ("POST", "/v1/edge/leases", _lease_quota,
+     "Lease units of a customer's hard quota to a proxy worker (chunks shrink near the limit)"),
+    ("POST", "/v1/edge/leases/return", _return_quota, "Give unused leased units back"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,
      "The webhook outbox: each delivery's status, attempts and last error (`status`, `after` seq, `limit`)"),

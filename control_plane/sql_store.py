@@ -125,6 +125,14 @@ MIGRATIONS = (
             UNIQUE (action_seq, channel))""",
         "CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE next_attempt_at IS NOT NULL",
     )),
+    (7, "hard quota leased to proxies, per customer, metric and billing period", (
+        """CREATE TABLE quota_leases (
+            customer_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            period_start DOUBLE PRECISION NOT NULL,
+            leased BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, metric, period_start))""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -331,6 +339,25 @@ class SqlStore:
                         "WHERE customer_id = ? AND metric = ? AND period_start = ?",
                         [(*sums, *key) for key, sums in totals.items()])
         return outcomes
+
+    # -- quota leases ----------------------------------------------------------------
+    async def lease_quota(self, customer_id, metric, period_start, grant):
+        async with self._transaction():
+            await self._execute(
+                "INSERT INTO quota_leases (customer_id, metric, period_start, leased) VALUES (?, ?, ?, 0) "
+                "ON CONFLICT (customer_id, metric, period_start) DO NOTHING", (customer_id, metric, period_start))
+            rows = await self._fetch("SELECT leased FROM quota_leases WHERE customer_id = ? AND metric = ? "
+                                     "AND period_start = ?" + self.ROW_LOCK_SQL, (customer_id, metric, period_start))
+            granted = grant(rows[0][0])
+            if granted:
+                await self._execute("UPDATE quota_leases SET leased = leased + ? WHERE customer_id = ? AND metric = ? "
+                                    "AND period_start = ?", (granted, customer_id, metric, period_start))
+            return granted
+
+    async def return_quota(self, customer_id, metric, period_start, units):
+        await self._execute("UPDATE quota_leases SET leased = CASE WHEN leased > ? THEN leased - ? ELSE 0 END "
+                            "WHERE customer_id = ? AND metric = ? AND period_start = ?",
+                            (units, units, customer_id, metric, period_start))
 
     # -- guard levels ----------------------------------------------------------------
     async def guard_levels(self, customer_id=None):

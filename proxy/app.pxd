@@ -33,6 +33,7 @@ cdef class ProxyApp:
     cdef public set connections
     cdef public bint closing
     cdef public object sweeper
+    cdef public object leases
 
     cpdef admit_connection(self, connection)
     cpdef forget_connection(self, connection)

@@ -56,6 +56,7 @@ class ProxyApp:
         self.connections = set()
         self.closing = False
         self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
+        self.leases = None            # QuotaLeases when hard quotas are leased from a control plane
 
     # -- connections ----------------------------------------------------------------
     def is_trusted(self, ip):

@@ -137,6 +137,7 @@ cdef class Exchange(ResponseSink):
     cpdef request_completed(self)
     @cython.locals(pool=UpstreamPool, route=Route, customer=CustomerState, decision=Decision, snapshot=EdgeSnapshot)
     cpdef start(self)
+    cpdef lease_settled(self, bint ok)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)
     cpdef list _response_fields(self)

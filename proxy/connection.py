@@ -11,7 +11,7 @@ import cython
 
 import httptools
 
-from decision_core.decide import REJECT, decide
+from decision_core.decide import REASON_QUOTA_EXCEEDED, REJECT, decide
 from proxy.headers import (FIELD_CONNECTION, FIELD_CONTENT_LENGTH, FIELD_DROPPED, FIELD_FORWARDED_FOR,
                            FIELD_FORWARDED_HOST, FIELD_FORWARDED_PROTO, FIELD_HOST, FIELD_OTHER,
                            FIELD_TRANSFER_ENCODING, FIELD_UPGRADE, HOP_BY_HOP, IDEMPOTENT_METHODS, connection_tokens,
@@ -608,6 +608,9 @@ class Exchange(ResponseSink):
         app.metrics.observe_decision(app.now() - started)
         self.decision = decision
         if decision.outcome == REJECT:
+            if decision.reason == REASON_QUOTA_EXCEEDED and app.leases is not None \
+                    and app.leases.wait(self, customer, route.facts):
+                return                  # decided again when the lease comes (lease_settled)
             headers = []
             if decision.quota_policy:
                 headers.append((b"ratelimit-policy", decision.quota_policy.encode()))
@@ -617,9 +620,22 @@ class Exchange(ResponseSink):
             self.answer(decision.status, decision.title, decision.detail, decision.reason, headers)
             return
         customer.add_usage(route.facts.metric, route.facts.units)
+        if app.leases is not None:
+            app.leases.admitted(customer, route.facts)
         self.forwarding = True
         pool = app.pools[route.upstream]
         pool.acquire(self)
+
+    def lease_settled(self, ok):
+        """The control plane answered the quota lease this request waited for (ok) or
+        could not be reached: decide again, or answer 503."""
+        if self.finished:
+            return
+        if ok:
+            self.start()
+        else:
+            self.answer(503, "Service Unavailable", "the hard quota cannot be checked right now; retry shortly",
+                        "quota_unavailable", ((b"retry-after", b"1"),))
 
     def answer(self, status, title, detail, reason, headers=()):
         """Answer from the edge (never forwarded). The connection stays open only when

@@ -90,11 +90,17 @@ class ControlPlaneEdgeState:
     builds a new snapshot, into which usage counted here since the last pull is
     carried (a customer's count is never lowered by a state the control plane built
     before it ingested this proxy's latest events).
+
+    With `leased_quotas`, hard quotas are admitted against leases (see
+    proxy.quota_leases): their counters start at the limit (nothing leased yet) and
+    are carried into a new snapshot exactly as they stand.
     """
 
-    def __init__(self, client: ControlPlaneClient, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: ControlPlaneClient, clock: Callable[[], float] = time.time,
+                 leased_quotas: bool = False) -> None:
         self.client = client
         self.clock = clock
+        self.leased_quotas = leased_quotas
         self.ready = False
         self.version = ""
         self.snapshot: EdgeSnapshot = build_snapshot({}, (), 0.0, 1.0, 0.0, "empty")
@@ -189,21 +195,34 @@ class ControlPlaneEdgeState:
     def _rebuild(self, version: str) -> None:
         state = self._state
         old = self.snapshot
-        new = build_snapshot(state.plans, self._customers.values(), state.period.start.epoch_s,
-                             state.period.end.epoch_s, self.clock(), version)
+        customers = self._customers.values()
+        if self.leased_quotas:
+            customers = (_unleased(customer, state.plans[customer.plan]) if customer.plan in state.plans else customer
+                         for customer in customers)
+        new = build_snapshot(state.plans, customers, state.period.start.epoch_s, state.period.end.epoch_s,
+                             self.clock(), version)
         for seen in old.seen_customers():
             carried = new.customer_by_id(seen.customer_id)
             if carried is None or carried.period_end != seen.period_end:
                 continue
-            for metric in carried.quotas.slots:
-                counted_here = seen.quota_used(metric) - carried.quota_used(metric)
-                if counted_here > 0:
-                    carried.add_usage(metric, counted_here)
+            for metric, slot in carried.quotas.slots.items():
+                here, there = seen.quota_used(metric), carried.quota_used(metric)
+                exact = self.leased_quotas and carried.quotas.limit_at(slot).hard
+                if here != there and (exact or here > there):
+                    carried.add_usage(metric, here - there)
         self.snapshot = new
         self.version = version
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _unleased(customer: Customer, plan) -> Customer:
+    # A customer as this worker holds it before any lease: hard quotas used up.
+    hard = {metric: quota.limit for metric, quota in plan.quotas.items() if quota.hard}
+    if not hard:
+        return customer
+    return msgspec.structs.replace(customer, usage={**customer.usage, **hard})
 
 
 class _WireUsage(msgspec.Struct):

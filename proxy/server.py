@@ -24,6 +24,7 @@ from proxy.control_plane_link import ControlPlaneClient, ControlPlaneEdgeState, 
 from proxy.edge_state import FileEdgeState
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
+from proxy.quota_leases import QuotaLeases
 from proxy.routing import Router
 
 log = logging.getLogger("aforo.proxy")
@@ -78,6 +79,7 @@ class ProxyWorker:
         self.app = None
         self.meter = None
         self.sink = None
+        self.leases = None
         self.edge_state = None
         self.meter_task = None
         self.watch_task = None
@@ -96,10 +98,11 @@ class ProxyWorker:
             if not token:
                 raise ConfigError(f"`control_plane`: set the control plane's admin token in ${source.token_env}")
             self.edge_state = self.given_edge_state or ControlPlaneEdgeState(
-                ControlPlaneClient(source.url, token), clock=self.wall_clock)
+                ControlPlaneClient(source.url, token), clock=self.wall_clock, leased_quotas=True)
             if not self.edge_state.ready:
                 await self.edge_state.start(source.start_timeout_s)
             sink = ControlPlaneSink(ControlPlaneClient(source.url, token))
+            self.leases = QuotaLeases(ControlPlaneClient(source.url, token), self.edge_state, self.loop)
         else:
             self.edge_state = self.given_edge_state or FileEdgeState(
                 settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
@@ -117,6 +120,9 @@ class ProxyWorker:
         router = Router.from_settings(settings.routes)
         self.app = ProxyApp(settings, router, self.edge_state, self.meter, metrics, self.loop,
                             clock=self.clock, wall_clock=self.wall_clock)
+        if self.leases is not None:
+            self.app.leases = self.leases
+            self.leases.schedule_returns()
         metrics.watch(self.app, self.meter, self.edge_state)
         sock = listening_socket(settings.listen.host, settings.listen.port)
         self.port = sock.getsockname()[1]
@@ -158,6 +164,10 @@ class ProxyWorker:
         app.stop_sweeps()
         for pool in app.pools.values():
             pool.close()
+        if self.leases is not None:
+            self.leases.stop()
+            await self.leases.give_back()           # what this worker did not use, for the others
+            await self.leases.client.close()
         if self.watch_task is not None:
             self.watch_task.cancel()
             await asyncio.gather(self.watch_task, return_exceptions=True)

@@ -32,10 +32,23 @@ WAIT_S = 20.0
 ANCHOR = "2026-01-01T00:00:00Z"
 
 
-def free_port():
+def free_port(count=1):
+    """A port such that it and the `count - 1` after it are free now."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if all(_free(port + offset) for offset in range(1, count)):
+            return port
+
+
+def _free(port):
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class Backend(http.server.ThreadingHTTPServer):
@@ -87,7 +100,7 @@ class Up:
         self.folder = folder
         self.control_plane_port = free_port()
         self.proxy_port = free_port()
-        self.admin_port = free_port()
+        self.admin_port = free_port(2)           # one admin port per worker
         (folder / "catalog.yaml").write_text(textwrap.dedent(f"""\
             metrics:
               - {{key: api_calls, aggregation: count, unit_cost: "0.001"}}

@@ -2,6 +2,7 @@
 # plane's customers, follows their changes (new keys, guard levels, a canceled
 # subscription), sends its meter events there exactly once, and keeps the usage it
 # counted itself when its snapshot is rebuilt.
+import concurrent.futures
 import datetime
 import json
 import textwrap
@@ -112,7 +113,7 @@ def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
             routes:
               - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
             control_plane: {{url: "{control_plane.url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
-            metering: {{spool_dir: meter-spool, batch_events: 10, flush_interval_s: 3600}}
+            metering: {{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}
             """))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
@@ -179,3 +180,35 @@ def test_usage_counted_at_the_proxy_survives_a_new_snapshot(loop_thread, control
     wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(second.encode()) is not None)
     statuses = [request(worker.port, "GET", "/echo", key=second)[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=40)
+    key = control_plane.new_key()
+    first, second = fed_proxy(), fed_proxy()
+    with concurrent.futures.ThreadPoolExecutor(16) as clients:
+        statuses = list(clients.map(lambda n: request((first, second)[n % 2].port, "GET", "/echo", key=key)[0],
+                                    range(100)))
+    admitted = statuses.count(200)
+    assert admitted <= 40
+    assert set(statuses) <= {200, 429}
+    # Units one worker leased and did not use go back, and the other can use them:
+    # in the end exactly the quota is admitted, never more.
+    for worker in (first, second):
+        loop_thread.run(worker.leases.give_back())
+    while True:
+        status = request(first.port, "GET", "/echo", key=key)[0]
+        if status != 200:
+            break
+        admitted += 1
+    assert (admitted, status) == (40, 429)
+    assert request(second.port, "GET", "/echo", key=key)[0] == 429
+
+
+def test_a_lease_that_cannot_be_had_answers_503_not_a_wrong_quota_refusal(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=40)
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    worker.leases.client.url = "http://127.0.0.1:9"             # the control plane is unreachable for leases
+    status, headers, body = request(worker.port, "GET", "/echo", key=key)
+    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")

@@ -1,0 +1,158 @@
+# Hard quotas with several proxy workers: each worker admits requests only against
+# units of a customer's hard quota that the control plane leased to it (see
+# control_plane.quota_leases), so all workers together never admit more than the
+# limit. For a leased metric a customer's usage counter holds `limit - units this
+# worker still holds`: decide() is unchanged and admits while the lease lasts.
+#
+# A request that finds no lease left waits for one (the only time the request path
+# waits on the control plane: a customer's first request of a period, and near the
+# limit, where leases shrink to single requests); a lease running low is topped up in
+# the background; units unused for LEASE_IDLE_S go back, so another worker can use
+# them. If the control plane does not answer, a waiting request gets 503.
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from proxy.control_plane_link import ControlPlaneClient, ControlPlaneUnavailable
+
+log = logging.getLogger("aforo.proxy")
+
+# A lease asks for this share of the limit (the control plane gives less near it).
+CHUNK_SHARE = 20
+# Topped up when what is left falls below this share of a chunk.
+LOW_WATER_SHARE = 4
+LEASE_IDLE_S = 1.0
+# After "nothing left", a worker asks again at most this often (others may give back).
+DENIED_RETRY_S = 0.5
+
+
+class _Granted(msgspec.Struct):
+    granted: int
+    period_start: float
+    limit: int
+
+
+class _Held:
+    __slots__ = ("customer_id", "metric", "period_start", "period_end", "last_used")
+
+    def __init__(self, customer_id, metric, period_start, period_end, now):
+        self.customer_id = customer_id
+        self.metric = metric
+        self.period_start = period_start
+        self.period_end = period_end
+        self.last_used = now
+
+
+class QuotaLeases:
+    """The hard-quota leases of one worker, from the control plane `client`, for the
+    customers of `edge_state` (a ControlPlaneEdgeState)."""
+
+    def __init__(self, client: ControlPlaneClient, edge_state, loop, clock=time.monotonic) -> None:
+        self.client = client
+        self.edge_state = edge_state
+        self.loop = loop
+        self.clock = clock
+        self._waiting: dict[tuple[str, str], list] = {}     # asked for: exchanges waiting on it
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._denied_until: dict[tuple[str, str], float] = {}
+        self._sweeper = None
+
+    @staticmethod
+    def leased(customer, metric) -> bool:
+        """Whether `metric` is a hard quota of `customer`'s plan (leased)."""
+        slot = customer.quotas.slot(metric)
+        return slot >= 0 and customer.quotas.limit_at(slot).hard
+
+    def wait(self, exchange, customer, facts) -> bool:
+        """A request refused for quota: ask for a lease and `exchange.lease_settled(ok)`
+        when the answer comes. False when the refusal stands (no hard quota, or this
+        worker was told just now that nothing is left)."""
+        key = (customer.customer_id, facts.metric)
+        if not self.leased(customer, facts.metric) or self._denied_until.get(key, 0.0) > self.clock():
+            return False
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = [exchange]
+            self.loop.create_task(self._ask(customer, facts.metric, facts.units))
+        else:
+            waiting.append(exchange)
+        return True
+
+    def admitted(self, customer, facts) -> None:
+        """A request was admitted: note the lease in use, and top it up in the
+        background when it runs low."""
+        key = (customer.customer_id, facts.metric)
+        held = self._held.get(key)
+        if held is None:
+            return
+        held.last_used = self.clock()
+        limit = customer.quotas.limit_at(customer.quotas.slot(facts.metric)).limit
+        left = limit - customer.quota_used(facts.metric)
+        if left * LOW_WATER_SHARE * CHUNK_SHARE < limit and key not in self._waiting:
+            self._waiting[key] = []
+            self.loop.create_task(self._ask(customer, facts.metric, facts.units))
+
+    async def _ask(self, customer, metric, needed) -> None:
+        key = (customer.customer_id, metric)
+        limit = customer.quotas.limit_at(customer.quotas.slot(metric)).limit
+        ok = True
+        try:
+            body = await self.client.call("POST", "/v1/edge/leases", json={
+                "customer_id": customer.customer_id, "metric": metric, "needed": needed,
+                "wanted": max(needed, limit // CHUNK_SHARE)})
+            lease = msgspec.json.decode(body, type=_Granted)
+        except (ControlPlaneUnavailable, msgspec.DecodeError) as error:
+            log.warning("quota lease for %s %s failed: %s", customer.customer_id, metric, error)
+            ok = False
+        else:
+            # Into the customer's state in force now (a new snapshot may have come meanwhile).
+            current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
+            if lease.granted:
+                current.add_usage(metric, -lease.granted)
+                held = self._held.get(key)
+                if held is None or held.period_start != lease.period_start:
+                    self._held[key] = _Held(customer.customer_id, metric, lease.period_start, current.period_end,
+                                            self.clock())
+                self._denied_until.pop(key, None)
+            else:
+                self._denied_until[key] = self.clock() + DENIED_RETRY_S
+        for exchange in self._waiting.pop(key, ()):
+            exchange.lease_settled(ok)
+
+    def schedule_returns(self) -> None:
+        """Give back idle leases every LEASE_IDLE_S until stop()."""
+        def tick():
+            self.loop.create_task(self.give_back(idle_for_s=LEASE_IDLE_S))
+            self._sweeper = self.loop.call_later(LEASE_IDLE_S, tick)
+        self._sweeper = self.loop.call_later(LEASE_IDLE_S, tick)
+
+    async def give_back(self, idle_for_s: float = 0.0) -> None:
+        """Return every lease unused for `idle_for_s` seconds (0: all of them)."""
+        now = self.clock()
+        for key, held in list(self._held.items()):
+            if key in self._waiting or now - held.last_used < idle_for_s:
+                continue
+            del self._held[key]
+            customer = self.edge_state.snapshot.customer_by_id(held.customer_id)
+            if customer is None or customer.period_end != held.period_end:
+                continue                # gone, or a new period: that period's lease is moot
+            limit = customer.quotas.limit_at(customer.quotas.slot(held.metric)).limit
+            left = limit - customer.quota_used(held.metric)
+            if left <= 0:
+                continue
+            customer.add_usage(held.metric, left)          # no longer usable here
+            try:
+                await self.client.call("POST", "/v1/edge/leases/return", json={
+                    "customer_id": held.customer_id, "metric": held.metric,
+                    "period_start": held.period_start, "units": left})
+            except ControlPlaneUnavailable as error:
+                log.warning("could not give back %d %s of %s: %s (they stay leased until the period ends)",
+                            left, held.metric, held.customer_id, error)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
