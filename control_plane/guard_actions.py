@@ -2,9 +2,11 @@
 # overall is judged by the guard that applies to it (customer > tier > global scope),
 # its new level computed from its margin and current level (with the guard's
 # recovery band), and every change recorded once in the actions trail, with its
-# webhooks put in the outbox in the same transaction.
+# webhooks put in the outbox in the same transaction. A level reached in an earlier
+# billing period is first recorded as back to 0: each period starts clean.
 from __future__ import annotations
 
+import datetime
 import math
 
 from config.guards import GuardSet
@@ -30,17 +32,27 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
     webhooks are written with the transition, so a transition recorded once is
     announced once. Wake the WebhookSender afterwards."""
     rater = rater or await Rater.load(store)
-    levels = {(level.customer_id, level.metric): level.level for level in await store.guard_levels()}
+    levels = {(level.customer_id, level.metric): level for level in await store.guard_levels()}
     recorded = []
     for customer in sorted(customers) if customers is not None else [None]:
         for margin in await customer_margins(store, now, customer, rater):
             tier = rater.plans[margin.plan].plan.tier
+            period_start = datetime.datetime.fromisoformat(margin.period_start).timestamp()
             judged = [(row.metric, row.margin_pct) for row in margin.metrics] + [(OVERALL, margin.margin_pct)]
             for metric, pct in judged:
                 guard = guards.resolve(margin.customer_id, tier, metric)
                 if guard is None:
                     continue
-                current = levels.get((margin.customer_id, metric), 0)
+                stored = levels.get((margin.customer_id, metric))
+                current = stored.level if stored is not None else 0
+                if current and stored.changed_at < period_start:
+                    # A level belongs to the period it was reached in: a new period
+                    # starts at 0 (as the proxies already enforce it), said in the trail.
+                    reset = Action(margin.customer_id, metric, guard.id, current, 0, pct,
+                                   float(guard.min_margin), guard.mode, now)
+                    if await store.transition_level(reset, level_change_webhooks(reset, guard)):
+                        recorded.append(reset)
+                    current = 0
                 level = margin_level(-math.inf if pct is None else pct, level_thresholds(guard), current)
                 if level == current:
                     continue

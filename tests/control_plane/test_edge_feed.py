@@ -139,3 +139,19 @@ def test_a_catalog_change_or_an_unknown_version_asks_for_a_resync(backend, tmp_p
         _, _, body = await api.call("GET", "/v1/edge/state")
         assert body["state"]["plans"]["pro"]["quotas"]["api_calls"]["limit"] == 50
     guarded_api(backend, tmp_path, scenario)
+
+
+def test_a_new_period_starts_every_customer_at_level_0_and_the_trail_says_so(backend, tmp_path):
+    async def scenario(api):
+        earlier = NOW - 12 * DAY                # in cus_a's previous period
+        await api.store.transition_level(Action("cus_a", "overall", "floor", 0, 3, -50.0, 50.0, "enforce", earlier))
+        # A cost in the new period that breaches level 3 again: blocked again, this period.
+        await api.call("POST", "/v1/costs", [{"id": "c1", "customer_id": "cus_a", "amount": "5",
+                                              "timestamp": iso(NOW - 30)}])
+        _, _, trail = await api.call("GET", "/v1/actions?customer=cus_a")
+        moves = [(action["level_from"], action["level_to"], action["at"]) for action in trail["items"]]
+        assert moves == [(0, 3, earlier), (3, 0, NOW), (0, 3, NOW)]
+        _, _, body = await api.call("GET", "/v1/edge/state")
+        levels = {customer["id"]: customer["levels"] for customer in body["state"]["customers"]}
+        assert levels["cus_a"]["overall"]["level"] == 3
+    guarded_api(backend, tmp_path, scenario)
