@@ -7,6 +7,18 @@ from aiohttp import web
 from control_plane.api import create_admin_token, create_app
 
 NOW = 1_800_000_000.0
+# A guard on the pro tier's tokens, notifying `finance` at level 1.
+TOKEN_GUARD = """\
+guards:
+  - id: tokens-floor
+    metric: ai_tokens
+    scope: {tier: pro}
+    min_margin: 25%
+    actions:
+      level_1: {threshold: 30%, notify: [finance]}
+      level_2: {threshold: 20%, throttle_rate: 5req/sec}
+      level_3: {threshold: 10%}
+"""
 
 
 class Api:

@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 import pytest
-from running_api import NOW, Api, api_test
+from running_api import NOW, TOKEN_GUARD, Api, api_test
 
 from control_plane.api import sha256_hex
 from control_plane.ingest import REJECTED
@@ -290,17 +290,6 @@ def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_t
     api_test(backend, scenario)
 
 
-TOKEN_GUARD = """\
-guards:
-  - id: tokens-floor
-    metric: ai_tokens
-    scope: {tier: pro}
-    min_margin: 25%
-    actions:
-      level_1: {threshold: 30%, notify: [finance]}
-      level_2: {threshold: 20%, throttle_rate: 5req/sec}
-      level_3: {threshold: 10%}
-"""
 
 
 def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_recorded_once(backend, tmp_path):

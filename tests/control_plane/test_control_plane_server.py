@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from running_api import TOKEN_GUARD
 
 from config.catalog_file import load_catalog_file
 from config.control_plane_settings import (
@@ -39,17 +40,6 @@ SECRET = "s3cret-finance"
 ENVIRON = {"AFORO_TEST_FINANCE_SECRET": SECRET}
 DEADLINE_S = 10.0
 
-GUARDS = """\
-guards:
-  - id: tokens-floor
-    metric: ai_tokens
-    scope: {tier: pro}
-    min_margin: 25%
-    actions:
-      level_1: {threshold: 30%, notify: [finance]}
-      level_2: {threshold: 20%, throttle_rate: 5req/sec}
-      level_3: {threshold: 10%}
-"""
 
 SETTINGS = """\
 listen: 127.0.0.1:0
@@ -99,7 +89,7 @@ def test_costs_posted_below_a_guards_margin_reach_the_notified_channel_signed(tm
         site = web.TCPSite(receiver, "127.0.0.1", 0)
         await site.start()
         receiver_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        (tmp_path / "guards.yaml").write_text(GUARDS)
+        (tmp_path / "guards.yaml").write_text(TOKEN_GUARD)
         (tmp_path / "control_plane.yaml").write_text(SETTINGS.format(database=database, url=receiver_url))
         settings = load_control_plane_settings(tmp_path / "control_plane.yaml", environ=ENVIRON)
         control_plane = await start_control_plane(settings, environ=ENVIRON, clock=lambda: NOW)
@@ -188,7 +178,7 @@ def test_aforo_control_plane_refuses_an_unreadable_or_invalid_settings_file(tmp_
 def test_aforo_control_plane_serves_from_a_settings_file_and_flags_override_it(tmp_path):
     (tmp_path / "conf").mkdir()
     settings = tmp_path / "conf" / "control_plane.yaml"
-    (tmp_path / "conf" / "guards.yaml").write_text(GUARDS)
+    (tmp_path / "conf" / "guards.yaml").write_text(TOKEN_GUARD)
     settings.write_text(SETTINGS.format(database="from-file.db", url="http://127.0.0.1:9"))
     command = [sys.executable, "-m", "control_plane.cli", "control-plane", "--config", str(settings),
                "--database", str(tmp_path / "from-flag.db")]
