@@ -20,7 +20,7 @@ from control_plane.catalog import check_references
 from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import ACCEPTED_LATE, BatchError, CostEvent, UsageEvent, ingest, split_batch
 from control_plane.margins import customer_margins
-from control_plane.rating import Rater
+from control_plane.rating import CurrentRater
 from control_plane.store import ACCEPTED, COST, CREATED, USAGE, ApiKey, Store, StoreError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -33,6 +33,7 @@ CLOCK = web.AppKey("clock", object)
 OPENAPI = web.AppKey("openapi", dict)
 GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
+RATER = web.AppKey("rater", CurrentRater)
 
 
 class ControlPlaneMetrics:
@@ -205,7 +206,7 @@ def _ingest_handler(kind):
             return problem(400, str(error))
         now = request.app[CLOCK]()
         store = request.app[STORE]
-        rater = await Rater.load(store)
+        rater = await request.app[RATER].get()
         report = await ingest(store, kind, events, now, source=request.headers.get("X-Aforo-Source", "api"),
                               rater=rater)
         guards = request.app[GUARDS]
@@ -260,14 +261,14 @@ async def _customer_margin(request):
     store = request.app[STORE]
     if await store.get_catalog("customer", customer_id) is None:
         return problem(404, f"no customer `{customer_id}`")
-    margins = await customer_margins(store, request.app[CLOCK](), customer_id)
+    margins = await customer_margins(store, request.app[CLOCK](), customer_id, await request.app[RATER].get())
     if not margins:
         return problem(404, f"customer `{customer_id}` has no billable subscription now")
     return json_response(margins[0])
 
 
 async def _pnl(request):
-    margins = await customer_margins(request.app[STORE], request.app[CLOCK]())
+    margins = await customer_margins(request.app[STORE], request.app[CLOCK](), rater=await request.app[RATER].get())
     return json_response({"customers": margins,
                           "revenue_nanos": sum(margin.revenue_nanos for margin in margins),
                           "cogs_nanos": sum(margin.cogs_nanos for margin in margins)})
@@ -346,6 +347,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[CLOCK] = clock
     app[GUARDS] = guards
     app[METRICS] = metrics or ControlPlaneMetrics()
+    app[RATER] = CurrentRater(store)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

@@ -83,9 +83,12 @@ class Subscription(NamedTuple):
 class Rater:
     """Prices events from the catalog as the store holds it (read once, at load):
     each event's subscription, plan and billing period, and what it adds to the
-    period's running totals (see store.Rating)."""
+    period's running totals (see store.Rating). `catalog_version` is the store's
+    catalog version it was read at (None when built by hand)."""
 
-    def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric]) -> None:
+    def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric],
+                 catalog_version: int | None = None) -> None:
+        self.catalog_version = catalog_version
         self.by_customer: dict[str, list[Subscription]] = {}
         for subscription in subscriptions:
             self.by_customer.setdefault(subscription.customer, []).append(subscription)
@@ -97,6 +100,9 @@ class Rater:
 
     @classmethod
     async def load(cls, store) -> Rater:
+        # The version first: a change landing while the catalog is read makes the
+        # version read here stale, never the catalog.
+        version = await store.catalog_version()
         plans = {key: PlanPricing.from_document(key, document) for key, document in await store.list_catalog("plan")}
         metrics = {key: metric_from_document(key, document)
                    for key, document in await store.list_catalog("metric")}
@@ -104,7 +110,7 @@ class Rater:
             Subscription(key, document["customer"], document["plan"],
                          datetime.datetime.fromisoformat(document["period_anchor"]), document["status"])
             for key, document in await store.list_catalog("subscription")]
-        return cls(subscriptions, plans, metrics)
+        return cls(subscriptions, plans, metrics, version)
 
     def subscription_of(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The customer's billable subscription at `at`: the latest anchored at or
@@ -143,3 +149,24 @@ class Rater:
         amount = event.amount_nanos
         return Rating(event.customer_id, event.metric or OVERALL, start.timestamp(), end.timestamp(),
                       subscription.key, 0, lambda units_before: (0, amount), context)
+
+
+class CurrentRater:
+    """The Rater for the catalog as the store holds it now, for every batch: kept
+    while the store's catalog version stays where it was read, loaded again as soon
+    as it moves (a catalog change in any process moves it, in the change's own
+    transaction), so a batch is never priced by a plan that has since changed."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._rater: Rater | None = None
+
+    async def get(self) -> Rater:
+        """The Rater for the catalog as of now (one version read when it is current)."""
+        rater = self._rater
+        if rater is None or rater.catalog_version != await self._store.catalog_version():
+            rater = await Rater.load(self._store)
+            # Of two loads racing, the later catalog stays.
+            if self._rater is None or rater.catalog_version >= self._rater.catalog_version:
+                self._rater = rater
+        return rater

@@ -103,10 +103,20 @@ MIGRATIONS = (
             at DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX actions_by_customer ON actions (customer_id, seq)",
     )),
+    # Numbers need not be contiguous: each migration is applied once, by its number,
+    # so one numbered below the store's version is still applied when it arrives.
+    (6, "catalog version, moved by every catalog change", (
+        "CREATE TABLE catalog_version (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)",
+        "INSERT INTO catalog_version (id, version) VALUES (1, 0)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
 EVENT_CHUNK = 1000
+
+# In the transaction of every catalog change: whoever rated with the catalog as it was
+# (an ingest in any process) sees the version move and loads the catalog again.
+_MOVE_CATALOG_VERSION = "UPDATE catalog_version SET version = version + 1 WHERE id = 1"
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 _decode = msgspec.json.decode
@@ -142,8 +152,9 @@ class SqlStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"the store's schema is at version {version}, newer than this "
                              f"Aforo Edge knows ({SCHEMA_VERSION}); upgrade Aforo Edge")
+        applied = {row[0] for row in await self._fetch("SELECT version FROM schema_migrations", ())}
         for number, name, statements in MIGRATIONS:
-            if number <= version:
+            if number in applied:
                 continue
             async with self._transaction():
                 # Checked again inside the transaction, under the migration lock: two
@@ -170,6 +181,7 @@ class SqlStore:
             rows = await self._fetch("SELECT document FROM catalog WHERE kind = ? AND key = ?", (kind, key))
             if rows and rows[0][0] == text:
                 return UNCHANGED
+            await self._execute(_MOVE_CATALOG_VERSION, ())
             if rows:
                 await self._execute("UPDATE catalog SET document = ?, updated_at = ? WHERE kind = ? AND key = ?",
                                     (text, time.time(), kind, key))
@@ -193,8 +205,13 @@ class SqlStore:
         async with self._transaction():
             rows = await self._fetch("SELECT 1 FROM catalog WHERE kind = ? AND key = ?", (kind, key))
             if rows:
+                await self._execute(_MOVE_CATALOG_VERSION, ())
                 await self._execute("DELETE FROM catalog WHERE kind = ? AND key = ?", (kind, key))
             return bool(rows)
+
+    async def catalog_version(self):
+        rows = await self._fetch("SELECT version FROM catalog_version WHERE id = 1", ())
+        return rows[0][0]
 
     # -- API keys ------------------------------------------------------------------
     async def add_api_key(self, key: ApiKey) -> None:

@@ -120,7 +120,10 @@ class Store(Protocol):
     Catalog: `put_catalog(kind, key, document)` upserts a JSON-able document and
     returns CREATED, UPDATED or UNCHANGED; `get_catalog(kind, key)` returns it or
     None; `list_catalog(kind)` returns (key, document) pairs in key order;
-    `delete_catalog(kind, key)` returns whether it existed.
+    `delete_catalog(kind, key)` returns whether it existed. `catalog_version()` is a
+    number that moves, in the same transaction, with every change to the catalog
+    (CREATED, UPDATED or a delete; never with UNCHANGED), whichever process makes it:
+    what was read from the catalog is still current while the number has not moved.
 
     Keys: `add_api_key(key)`, `api_keys(customer_id, prefix="")`, `revoke_api_key(id, at)`
     (False when unknown or already revoked), `api_key_by_hash(key_hash)` (revoked
@@ -156,6 +159,7 @@ class Store(Protocol):
     async def get_catalog(self, kind: str, key: str) -> object | None: ...
     async def list_catalog(self, kind: str) -> list[tuple[str, object]]: ...
     async def delete_catalog(self, kind: str, key: str) -> bool: ...
+    async def catalog_version(self) -> int: ...
 
     async def add_api_key(self, key: ApiKey) -> None: ...
     async def api_keys(self, customer_id: str, prefix: str = "") -> list[ApiKey]: ...

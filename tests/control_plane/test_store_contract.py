@@ -75,6 +75,26 @@ def test_a_catalog_upsert_says_what_it_did_and_repeating_it_changes_nothing(back
     backend.run(scenario)
 
 
+def test_the_catalog_version_moves_with_every_change_seen_from_any_process(backend):
+    async def scenario(open_test_store):
+        store, other = await open_test_store(), await open_test_store()     # two control-plane processes
+        start = await other.catalog_version()
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == CREATED
+        created = await other.catalog_version()
+        assert created != start
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == UNCHANGED
+        assert await other.catalog_version() == created                  # nothing changed: nothing to reload
+        assert await store.put_catalog("plan", "pro", {"tier": "gold"}) == UPDATED
+        updated = await other.catalog_version()
+        assert updated not in (start, created)
+        assert await store.delete_catalog("plan", "pro") is True
+        deleted = await other.catalog_version()
+        assert deleted not in (start, created, updated)
+        assert await store.delete_catalog("plan", "pro") is False
+        assert await other.catalog_version() == deleted
+    backend.run(scenario)
+
+
 def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
     async def scenario(open_test_store):
         store = await open_test_store()
