@@ -18,10 +18,10 @@ from config.documents import decode_value
 from config.watched_file import ReloadErrorCounter
 from control_plane.catalog import check_references
 from control_plane.guard_actions import evaluate_guards
-from control_plane.ingest import ACCEPTED_LATE, BatchError, CostEvent, UsageEvent, ingest, split_batch
+from control_plane.ingest import BatchError, CostEvent, UsageEvent, ingest_batch, split_batch
 from control_plane.margins import customer_margins
 from control_plane.rating import CurrentRater
-from control_plane.store import ACCEPTED, COST, CREATED, USAGE, ApiKey, Store, StoreError
+from control_plane.store import COST, CREATED, USAGE, ApiKey, Store, StoreError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_PREFIX = "ak_live_"
@@ -207,21 +207,14 @@ def _ingest_handler(kind):
         now = request.app[CLOCK]()
         store = request.app[STORE]
         rater = await request.app[RATER].get()
-        report = await ingest(store, kind, events, now, source=request.headers.get("X-Aforo-Source", "api"),
-                              rater=rater)
+        report, customers = await ingest_batch(store, kind, events, now,
+                                               source=request.headers.get("X-Aforo-Source", "api"), rater=rater)
         guards = request.app[GUARDS]
-        customers = set(_accepted_customers(events, report))
         if guards is not None and customers:
             # Margins moved: judge the customers whose events were kept.
             await evaluate_guards(store, guards.value, now, customers, rater)
         return json_response(report)
     return handle
-
-
-def _accepted_customers(events, report):
-    for result in report.results:
-        if result.status in (ACCEPTED, ACCEPTED_LATE):
-            yield msgspec.json.decode(events[result.index])["customer_id"]
 
 
 async def _actions(request):

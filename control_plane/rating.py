@@ -80,6 +80,15 @@ class Subscription(NamedTuple):
     status: str
 
 
+class _Period(NamedTuple):
+    # A subscription's billing period as ratings carry it, built once per period.
+    start: datetime.datetime
+    end: datetime.datetime
+    start_s: float
+    end_s: float
+    context: dict                # the pricing context kept in each event's provenance (shared, not to be changed)
+
+
 class Rater:
     """Prices events from the catalog as the store holds it (read once, at load):
     each event's subscription, plan and billing period, and what it adds to the
@@ -96,7 +105,13 @@ class Rater:
             candidates.sort(key=lambda subscription: subscription.anchor)
         self.plans = plans
         self.metrics = metrics
-        self._periods: dict[str, tuple[datetime.datetime, datetime.datetime]] = {}   # last one per subscription
+        # Each customer's billable subscriptions, earliest anchor first: what
+        # subscription_of chooses from, worked out once rather than per event.
+        self._billable = {customer: billable for customer, candidates in self.by_customer.items()
+                          if (billable := [subscription for subscription in candidates
+                                           if subscription.status in BILLABLE_STATUSES
+                                           and subscription.plan in plans])}
+        self._periods: dict[str, _Period] = {}      # the last one found per subscription
 
     @classmethod
     async def load(cls, store) -> Rater:
@@ -116,39 +131,48 @@ class Rater:
         """The customer's billable subscription at `at`: the latest anchored at or
         before `at`, else the earliest (an event just before the first anchor still
         belongs to the customer's plan); None when the customer has no billable one."""
-        billable = [subscription for subscription in self.by_customer.get(customer_id, ())
-                    if subscription.status in BILLABLE_STATUSES and subscription.plan in self.plans]
+        billable = self._billable.get(customer_id)
+        if billable is None:
+            return None
+        if len(billable) == 1:
+            return billable[0]
         started = [subscription for subscription in billable if subscription.anchor <= at]
-        return started[-1] if started else (billable[0] if billable else None)
+        return started[-1] if started else billable[0]
 
     def period_of(self, subscription: Subscription, at: datetime.datetime):
         """[start, end) of the subscription's billing period holding `at` (the last
         one found per subscription is remembered: a batch mostly falls in one)."""
+        period = self._period(subscription, at)
+        return period.start, period.end
+
+    def _period(self, subscription, at):
         known = self._periods.get(subscription.key)
-        if known is not None and known[0] <= at < known[1]:
+        if known is not None and known.start <= at < known.end:
             return known
-        bounds = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
-        self._periods[subscription.key] = bounds
-        return bounds
+        start, end = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
+        period = _Period(start, end, start.timestamp(), end.timestamp(),
+                         {"subscription": subscription.key, "plan": subscription.plan,
+                          "period_start": start.isoformat(), "period_end": end.isoformat()})
+        self._periods[subscription.key] = period
+        return period
 
     def rating(self, kind: str, event) -> Rating | None:
         """What a usage or cost event (ingest's decoded event) adds to its period's
         totals, or None when its customer has no billable subscription."""
-        subscription = self.subscription_of(event.customer_id, event.timestamp)
+        at = event.timestamp
+        subscription = self.subscription_of(event.customer_id, at)
         if subscription is None:
             return None
-        pricing = self.plans[subscription.plan]
-        start, end = self.period_of(subscription, event.timestamp)
-        context = {"subscription": subscription.key, "plan": subscription.plan,
-                   "period_start": start.isoformat(), "period_end": end.isoformat()}
+        period = self._period(subscription, at)
         if kind == USAGE:
+            pricing = self.plans[subscription.plan]
             metric = self.metrics.get(event.metric)
             quantity = event.quantity
-            return Rating(event.customer_id, event.metric, start.timestamp(), end.timestamp(), subscription.key,
-                          quantity, lambda units_before: pricing.rate(metric, units_before, quantity), context)
+            return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
+                          quantity, lambda units_before: pricing.rate(metric, units_before, quantity), period.context)
         amount = event.amount_nanos
-        return Rating(event.customer_id, event.metric or OVERALL, start.timestamp(), end.timestamp(),
-                      subscription.key, 0, lambda units_before: (0, amount), context)
+        return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
+                      subscription.key, 0, lambda units_before: (0, amount), period.context)
 
 
 class CurrentRater:
