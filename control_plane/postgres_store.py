@@ -1,7 +1,7 @@
 # The production store: PostgreSQL through an asyncpg pool. Statements outside a
 # transaction take any pooled connection; a transaction keeps one for its whole body.
-# New events go in with one INSERT … ON CONFLICT DO NOTHING RETURNING, so of two
-# writers racing with the same event exactly one is told it was accepted.
+# New events go in with one INSERT … ON CONFLICT DO NOTHING, so of two writers racing
+# with the same event exactly one is told it was accepted.
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +9,8 @@ import contextvars
 
 import asyncpg
 
-from control_plane.sql_store import SqlStore
-from control_plane.store import StoreError
+from control_plane.sql_store import SqlStore, _priced_rows
+from control_plane.store import ACCEPTED, StoreError
 
 POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_S = 10.0
@@ -104,13 +104,35 @@ class PostgresStore(SqlStore):
         return {(kind, customer, event_id): digest for kind, customer, event_id, digest in rows}
 
     async def _insert_events(self, rows):
-        columns = list(zip(*rows))
         async with self._connected() as connection:
-            inserted = await connection.fetch(
-                "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, ingested_at, "
-                "late, provenance) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], "
-                "$6::float8[], $7::float8[], $8::boolean[], $9::bytea[]) "
-                "ON CONFLICT (kind, customer_id, event_id) DO NOTHING RETURNING kind, customer_id, event_id",
-                *columns)
+            inserted = await connection.fetch(_INSERT_EVENTS + " RETURNING kind, customer_id, event_id",
+                                              *zip(*rows))
         return {tuple(row) for row in inserted}
+
+    async def _record_chunk(self, chunk, first, events, ratings, outcomes):
+        # Most events arrive once: price the whole chunk as new from the locked totals
+        # and insert it in one statement. Only when some event was kept before (a
+        # retry, a concurrent writer) is that undone, and the chunk taken the careful
+        # way: look up what is kept, then price and insert the rest.
+        await self._execute("SAVEPOINT new_events", ())
+        rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
+        totals = await self._lock_totals(rated) if rated else {}
+        rows = _priced_rows(chunk, first, events, ratings, totals)
+        async with self._connected() as connection:
+            status = await connection.execute(_INSERT_EVENTS, *zip(*rows))
+        if int(status.rsplit(" ", 1)[1]) == len(rows):
+            for key in chunk:
+                outcomes[first[key][0]] = ACCEPTED
+            if totals:
+                await self._update_totals(totals)
+            return
+        await self._execute("ROLLBACK TO SAVEPOINT new_events", ())
+        await super()._record_chunk(chunk, first, events, ratings, outcomes)
+
+
+_INSERT_EVENTS = (
+    "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, ingested_at, late, "
+    "provenance) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::float8[], $7::float8[], "
+    "$8::boolean[], $9::bytea[]) "
+    "ON CONFLICT (kind, customer_id, event_id) DO NOTHING")

@@ -261,53 +261,60 @@ class SqlStore:
         for index, event in enumerate(events):
             key = (event.kind, event.customer_id, event.event_id)
             digest = payload_hash(event.payload)
-            if key in first:
-                outcomes[index] = DUPLICATE if first[key][1] == digest else CONFLICT
-            else:
+            seen = first.get(key)
+            if seen is None:
                 first[key] = (index, digest)
+            else:
+                outcomes[index] = DUPLICATE if seen[1] == digest else CONFLICT
         keys = list(first)
         for start in range(0, len(keys), EVENT_CHUNK):
-            chunk = keys[start:start + EVENT_CHUNK]
             async with self._transaction():
-                known = await self._known_hashes(chunk)
-                candidates = [key for key in chunk if key not in known]
-                totals = {}
-                rated = [key for key in candidates if ratings[first[key][0]] is not None]
-                if rated:
-                    # An event's totals row is a function of the event, so with the rows
-                    # locked no other writer can be keeping these events: look again.
-                    totals = await self._lock_totals([ratings[first[key][0]] for key in rated])
-                    known.update(await self._known_hashes(rated))
-                new = []
-                for key in chunk:
-                    index, digest = first[key]
-                    if key in known:
-                        outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
-                        continue
-                    event = events[index]
-                    provenance = event.provenance
-                    rating = ratings[index]
-                    if rating is not None:
-                        provenance = _with_pricing(provenance, rating, totals)
-                    new.append((event.kind, event.customer_id, event.event_id, digest, event.payload,
-                                event.occurred_at, event.ingested_at, event.late, provenance))
-                inserted = await self._insert_events(new) if new else set()
-                raced = [row[:3] for row in new if row[:3] not in inserted]
-                # Kept by a concurrent writer between our look-up and our insert (only an
-                # event with no totals can race: the others were checked under lock).
-                known = await self._known_hashes(raced) if raced else {}
-                for row in new:
-                    index, digest = first[row[:3]]
-                    if row[:3] in inserted:
-                        outcomes[index] = ACCEPTED
-                    else:
-                        outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
-                if totals:
-                    await self._executemany(
-                        "UPDATE period_totals SET units = ?, revenue_nanos = ?, cogs_nanos = ? "
-                        "WHERE customer_id = ? AND metric = ? AND period_start = ?",
-                        [(*sums, *key) for key, sums in totals.items()])
+                await self._record_chunk(keys[start:start + EVENT_CHUNK], first, events, ratings, outcomes)
         return outcomes
+
+    # Whether an event found new may since have been kept by another writer whose
+    # totals rows we have just locked (not on a store that locks all writers out for
+    # the whole transaction, as SQLite does).
+    LOOK_AGAIN_AFTER_LOCKING = True
+
+    async def _record_chunk(self, chunk, first, events, ratings, outcomes):
+        # One chunk of a batch's distinct events, in one transaction: sets their outcomes,
+        # keeps the new ones, priced in order from their periods' running totals, and
+        # moves the totals.
+        known = await self._known_hashes(chunk)
+        candidates = [key for key in chunk if key not in known]
+        totals = {}
+        rated = [key for key in candidates if ratings[first[key][0]] is not None]
+        if rated:
+            # An event's totals row is a function of the event, so with the rows locked no
+            # other writer can be keeping these events: look again.
+            totals = await self._lock_totals([ratings[first[key][0]] for key in rated])
+            if self.LOOK_AGAIN_AFTER_LOCKING:
+                known.update(await self._known_hashes(rated))
+        for key in chunk:
+            if key in known:
+                index, digest = first[key]
+                outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
+        new = _priced_rows([key for key in chunk if key not in known], first, events, ratings, totals)
+        inserted = await self._insert_events(new) if new else set()
+        raced = [row[:3] for row in new if row[:3] not in inserted]
+        # Kept by a concurrent writer between our look-up and our insert (only an
+        # event with no totals can race: the others were checked under lock).
+        known = await self._known_hashes(raced) if raced else {}
+        for row in new:
+            index, digest = first[row[:3]]
+            if row[:3] in inserted:
+                outcomes[index] = ACCEPTED
+            else:
+                outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
+        if totals:
+            await self._update_totals(totals)
+
+    async def _update_totals(self, totals):
+        await self._executemany(
+            "UPDATE period_totals SET units = ?, revenue_nanos = ?, cogs_nanos = ? "
+            "WHERE customer_id = ? AND metric = ? AND period_start = ?",
+            [(*sums, *key) for key, sums in totals.items()])
 
     # -- guard levels ----------------------------------------------------------------
     async def guard_levels(self, customer_id=None):
@@ -412,17 +419,49 @@ class SqlStore:
                 for kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
 
 
-def _with_pricing(provenance, rating, totals):
-    # Rate the event from its period's running total (moved on by the rating), and
-    # add what it earned and cost, and from which plan and period, to its provenance.
-    sums = totals[(rating.customer_id, rating.metric, rating.period_start)]
-    revenue, cogs = rating.price(sums[0])
-    sums[0] += rating.units
-    sums[1] += revenue
-    sums[2] += cogs
-    document = _decode(provenance)
-    document["pricing"] = {**rating.context, "revenue_nanos": revenue, "cogs_nanos": cogs}
-    return _encode(document)
+def _priced_rows(keys, first, events, ratings, totals):
+    # The events rows for `keys` (new events, in batch order), each rated from its
+    # period's running total, which moves on by the event (`totals`, as _lock_totals
+    # returns them, is changed in place), with what it earned and cost, and from which
+    # plan and period, added to its provenance.
+    rows = []
+    pricing_heads = {}          # id(context) -> (context, the pricing object's opening)
+    for key in keys:
+        index, digest = first[key]
+        event = events[index]
+        provenance = event.provenance
+        rating = ratings[index]
+        if rating is not None:
+            sums = totals[(rating.customer_id, rating.metric, rating.period_start)]
+            revenue, cogs = rating.price(sums[0])
+            sums[0] += rating.units
+            sums[1] += revenue
+            sums[2] += cogs
+            head = pricing_heads.get(id(rating.context))
+            if head is None:
+                head = pricing_heads[id(rating.context)] = (rating.context, _pricing_head(rating.context))
+            provenance = _with_pricing(provenance, b'%s"revenue_nanos":%d,"cogs_nanos":%d}' % (head[1], revenue, cogs))
+        rows.append((*key, digest, event.payload, event.occurred_at, event.ingested_at, event.late, provenance))
+    return rows
+
+
+def _pricing_head(context):
+    # The pricing object's JSON up to what the event earned and cost: its context
+    # (plan, period, ...) and, when there is any, a comma.
+    body = _encode({name: value for name, value in context.items() if name not in ("revenue_nanos", "cogs_nanos")})
+    return body[:-1] + b"," if len(body) > 2 else b"{"
+
+
+def _with_pricing(provenance, pricing):
+    # The provenance (a JSON object) with its "pricing" set to `pricing` (JSON):
+    # spliced in, without decoding the rest, unless it already has a pricing.
+    body = provenance.strip()
+    if body[:1] != b"{" or body[-1:] != b"}" or b'"pricing"' in body:
+        document = _decode(provenance)
+        document["pricing"] = _decode(pricing)
+        return _encode(document)
+    inner = body[1:-1].strip()
+    return b'{%s,"pricing":%s}' % (inner, pricing) if inner else b'{"pricing":%s}' % pricing
 
 
 def _check_kind(kind):
