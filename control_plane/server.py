@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -43,6 +44,11 @@ async def serve_control_plane(database: str, host: str, port: int, guards_path: 
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        # What startup built lives as long as the process: kept out of the cyclic
+        # collector's full passes, which would otherwise walk it again and again as
+        # ingest's short-lived objects come and go.
+        gc.collect()
+        gc.freeze()
         print(f"control plane API on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
         await stop.wait()
         log.info("control plane shutting down")

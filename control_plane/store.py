@@ -25,7 +25,7 @@ class StoreError(Exception):
     """A store operation failed; the backend's own exception is its __cause__."""
 
 
-class StoredEvent(msgspec.Struct, frozen=True):
+class StoredEvent(msgspec.Struct, frozen=True, gc=False):      # never in a reference cycle
     """One event as the store keeps it: `kind` (USAGE or COST), `customer_id`,
     `event_id` (the sender's idempotency key), `payload` (the event as accepted, JSON
     bytes; a repeat must match it exactly to count as a duplicate), `occurred_at` and
