@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -51,10 +52,17 @@ class PlanPricing:
         """Revenue and COGS of `quantity` units of a metric when the period's total so
         far is `units_before`; `metric` is the metric's catalog entry (None: unknown,
         no unit cost)."""
-        key = metric.key if metric is not None else None
-        model = self.charges.get(key)
-        revenue = 0 if model is None else event_revenue(model, units_before, quantity)
-        return Rated(revenue, unit_cogs_nanos(metric, quantity))
+        return Rated(*self.pricer(metric, quantity)(units_before))
+
+    def pricer(self, metric: Metric | None, quantity: int) -> Callable[[int], tuple[int, int]]:
+        """rate() for `quantity` units of `metric`, as a function of the period's units
+        so far, with all that does not depend on them (the charge, the COGS) looked
+        up and worked out once."""
+        model = self.charges.get(metric.key) if metric is not None else None
+        cogs = unit_cogs_nanos(metric, quantity)
+        if model is None:
+            return lambda units_before: (0, cogs)
+        return lambda units_before: (event_revenue(model, units_before, quantity), cogs)
 
 
 def unit_cogs_nanos(metric: Metric | None, quantity: int) -> int:
@@ -165,11 +173,9 @@ class Rater:
             return None
         period = self._period(subscription, at)
         if kind == USAGE:
-            pricing = self.plans[subscription.plan]
-            metric = self.metrics.get(event.metric)
-            quantity = event.quantity
+            pricer = self.plans[subscription.plan].pricer(self.metrics.get(event.metric), event.quantity)
             return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
-                          quantity, lambda units_before: pricing.rate(metric, units_before, quantity), period.context)
+                          event.quantity, pricer, period.context)
         amount = event.amount_nanos
         return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
                       subscription.key, 0, lambda units_before: (0, amount), period.context)

@@ -42,12 +42,14 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):      # never in a refe
     provenance: bytes = b"{}"
 
 
-class Rating(NamedTuple):
+class Rating(msgspec.Struct, frozen=True):
     """How an event moves its billing period's running totals: the totals row
     (`customer_id`, `metric` — or OVERALL for a cost not tied to a metric —,
     `period_start`, `period_end`, epoch seconds) under `subscription`; `units` it
     adds; `price(units_before)` -> (revenue_nanos, cogs_nanos) it adds, given the
-    period's units so far; `context` (plan, period, ...) kept in its provenance."""
+    period's units so far; `context` (plan, period, ...) kept in its provenance.
+    (A Struct: one is made per event, and a Struct is several times cheaper to make
+    than a NamedTuple.)"""
 
     customer_id: str
     metric: str
