@@ -35,7 +35,7 @@ class PostgresStore(SqlStore):
         `server_settings` (e.g. {"search_path": "…"}) apply to every connection."""
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_S,
-                                             server_settings=server_settings)
+                                             server_settings=server_settings, reset=_session_kept_clean)
         except _DRIVER_ERRORS as error:
             raise StoreError(f"cannot connect to PostgreSQL: {error}") from error
         return cls(pool)
@@ -128,6 +128,14 @@ class PostgresStore(SqlStore):
             return
         await self._execute("ROLLBACK TO SAVEPOINT new_events", ())
         await super()._record_chunk(chunk, first, events, ratings, outcomes)
+
+
+async def _session_kept_clean(connection):
+    # A connection back in the pool: asyncpg itself ends a transaction left open, and
+    # the store changes no other session state (no SET, LISTEN, cursors or session
+    # advisory locks), so the default reset (RESET ALL, UNLISTEN *, ...), one more
+    # round trip after every statement or transaction, has nothing to do.
+    return
 
 
 _INSERT_EVENTS = (
