@@ -26,6 +26,7 @@ class PostgresStore(SqlStore):
     ROW_LOCK_SQL = " FOR UPDATE"
 
     def __init__(self, pool: asyncpg.Pool):
+        super().__init__()
         self._pool = pool
         self._statements: dict[str, str] = {}
 

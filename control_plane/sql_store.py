@@ -4,6 +4,7 @@
 # whose concurrency rules differ). Queries use `?` placeholders.
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
@@ -254,8 +255,60 @@ class SqlStore:
         return rows[0][0]
 
     # -- events --------------------------------------------------------------------
+    # Concurrent record_events calls on one store are written together: calls that
+    # arrive while another's transaction runs wait, and the next writer takes all
+    # those waiting (in arrival order, up to EVENT_CHUNK events: one transaction), as
+    # if written one after the other, with one transaction's round trips and commit.
+    # When such a group fails, each call is tried alone, so a call fails only by its
+    # own events or a store that is down.
+    def __init__(self) -> None:
+        self._waiting: list[_Call] = []
+        self._writing = asyncio.Lock()
+
     async def record_events(self, events: Sequence[StoredEvent], ratings=None) -> list[str]:
-        ratings = ratings or [None] * len(events)
+        if not events:
+            return []
+        call = _Call(events, ratings or [None] * len(events))
+        self._waiting.append(call)
+        try:
+            async with self._writing:
+                if not call.done:               # not written yet with an earlier writer's group
+                    await self._write_waiting()
+        except BaseException:
+            if call in self._waiting:           # cancelled before anyone wrote it: nothing kept
+                self._waiting.remove(call)
+            raise
+        if call.error is not None:
+            raise call.error
+        return call.outcomes
+
+    async def _write_waiting(self):
+        group, size = [], 0
+        while self._waiting and (not group or size + len(self._waiting[0].events) <= EVENT_CHUNK):
+            group.append(self._waiting.pop(0))
+            size += len(group[-1].events)
+        try:
+            if len(group) > 1:
+                try:
+                    outcomes = await self._record([event for call in group for event in call.events],
+                                                  [rating for call in group for rating in call.ratings])
+                except StoreError:
+                    pass                        # whose events? each call is tried alone below
+                else:
+                    for call in group:
+                        call.outcomes, outcomes = outcomes[:len(call.events)], outcomes[len(call.events):]
+                    return
+            for call in group:
+                try:
+                    call.outcomes = await self._record(call.events, call.ratings)
+                except StoreError as error:
+                    call.error = error
+        except BaseException:
+            # Interrupted (cancelled): what was not written waits for the next writer.
+            self._waiting[:0] = [call for call in group if not call.done]
+            raise
+
+    async def _record(self, events, ratings):
         outcomes = [None] * len(events)
         first = {}                       # key -> (index of its first event, payload hash)
         for index, event in enumerate(events):
@@ -417,6 +470,21 @@ class SqlStore:
         return [StoredEvent(kind, customer, event_id, bytes(payload), occurred_at, ingested_at, bool(late),
                             bytes(provenance))
                 for kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
+
+
+class _Call:
+    # One record_events call waiting to be written, and what came of it.
+    __slots__ = ("events", "ratings", "outcomes", "error")
+
+    def __init__(self, events, ratings):
+        self.events = events
+        self.ratings = ratings
+        self.outcomes = None
+        self.error = None
+
+    @property
+    def done(self):
+        return self.outcomes is not None or self.error is not None
 
 
 def _priced_rows(keys, first, events, ratings, totals):

@@ -25,6 +25,7 @@ class SqliteStore(SqlStore):
     LOOK_AGAIN_AFTER_LOCKING = False     # BEGIN IMMEDIATE: no other writer until we commit
 
     def __init__(self, connection: aiosqlite.Connection, path: str):
+        super().__init__()
         self._connection = connection
         self.path = path
         self._lock = asyncio.Lock()
