@@ -110,25 +110,51 @@ class PostgresStore(SqlStore):
                                               *zip(*rows))
         return {tuple(row) for row in inserted}
 
-    async def _record_chunk(self, chunk, first, events, ratings, outcomes):
-        # Most events arrive once: price the whole chunk as new from the locked totals
-        # and insert it in one statement. Only when some event was kept before (a
-        # retry, a concurrent writer) is that undone, and the chunk taken the careful
-        # way: look up what is kept, then price and insert the rest.
-        await self._execute("SAVEPOINT new_events", ())
-        rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
-        totals = await self._lock_totals(rated) if rated else {}
-        rows = _priced_rows(chunk, first, events, ratings, totals)
-        async with self._connected() as connection:
-            status = await connection.execute(_INSERT_EVENTS, *zip(*rows))
-        if int(status.rsplit(" ", 1)[1]) == len(rows):
-            for key in chunk:
-                outcomes[first[key][0]] = ACCEPTED
-            if totals:
-                await self._update_totals(totals)
+    async def _write_chunk(self, chunk, first, events, ratings, outcomes):
+        # Most events arrive once: price the whole chunk as new from the locked totals,
+        # keep it and move the totals in one statement. Only when some event was kept
+        # before (a retry, a concurrent writer) is that rolled back and the chunk taken
+        # the careful way: look up what is kept, then price and insert the rest.
+        try:
+            async with self._transaction():
+                rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
+                totals = await self._lock_totals(rated) if rated else {}
+                rows = _priced_rows(chunk, first, events, ratings, totals)
+                moved = [(*key, *sums) for key, sums in totals.items()]
+                async with self._connected() as connection:
+                    kept = await connection.fetchval(_KEEP_NEW_EVENTS, *zip(*rows), *(zip(*moved) if moved else [()] * 6))
+                if kept != len(rows):
+                    raise _KeptBefore
+        except _KeptBefore:
+            await super()._write_chunk(chunk, first, events, ratings, outcomes)
             return
-        await self._execute("ROLLBACK TO SAVEPOINT new_events", ())
-        await super()._record_chunk(chunk, first, events, ratings, outcomes)
+        for key in chunk:
+            outcomes[first[key][0]] = ACCEPTED
+
+    async def _lock_totals(self, ratings):
+        # The totals rows of `ratings`, created at zero when missing, locked and read in
+        # one statement (a no-op update locks a row that is there and returns it as the
+        # last writer left it), in one fixed order so concurrent writers cannot deadlock.
+        rows = {}
+        for rating in ratings:
+            rows[(rating.customer_id, rating.metric, rating.period_start)] = (rating.period_end, rating.subscription)
+        ordered = sorted(rows)
+        async with self._connected() as connection:
+            found = await connection.fetch(
+                "INSERT INTO period_totals (customer_id, metric, period_start, period_end, subscription, units, "
+                "revenue_nanos, cogs_nanos) "
+                "SELECT customer_id, metric, period_start, period_end, subscription, 0, 0, 0 FROM unnest("
+                "$1::text[], $2::text[], $3::float8[], $4::float8[], $5::text[]) WITH ORDINALITY "
+                "AS wanted (customer_id, metric, period_start, period_end, subscription, position) ORDER BY position "
+                "ON CONFLICT (customer_id, metric, period_start) DO UPDATE SET units = period_totals.units "
+                "RETURNING customer_id, metric, period_start, units, revenue_nanos, cogs_nanos",
+                *zip(*((*key, *rows[key]) for key in ordered)))
+        return {(customer, metric, period_start): [units, revenue, cogs]
+                for customer, metric, period_start, units, revenue, cogs in found}
+
+
+class _KeptBefore(Exception):
+    """Some event of a chunk priced as new had been kept before."""
 
 
 async def _session_kept_clean(connection):
@@ -145,3 +171,13 @@ _INSERT_EVENTS = (
     "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::float8[], $7::float8[], "
     "$8::boolean[], $9::bytea[]) "
     "ON CONFLICT (kind, customer_id, event_id) DO NOTHING")
+# New events kept and their totals moved in one statement: how many were kept says
+# whether all were new (or the whole transaction must be rolled back).
+_KEEP_NEW_EVENTS = (
+    f"WITH kept AS ({_INSERT_EVENTS} RETURNING 1), "
+    "moved AS (UPDATE period_totals AS totals SET units = moved.units, revenue_nanos = moved.revenue_nanos, "
+    "cogs_nanos = moved.cogs_nanos FROM unnest($10::text[], $11::text[], $12::float8[], $13::bigint[], "
+    "$14::bigint[], $15::bigint[]) AS moved (customer_id, metric, period_start, units, revenue_nanos, cogs_nanos) "
+    "WHERE totals.customer_id = moved.customer_id AND totals.metric = moved.metric "
+    "AND totals.period_start = moved.period_start) "
+    "SELECT count(*) FROM kept")

@@ -321,14 +321,17 @@ class SqlStore:
                 outcomes[index] = DUPLICATE if seen[1] == digest else CONFLICT
         keys = list(first)
         for start in range(0, len(keys), EVENT_CHUNK):
-            async with self._transaction():
-                await self._record_chunk(keys[start:start + EVENT_CHUNK], first, events, ratings, outcomes)
+            await self._write_chunk(keys[start:start + EVENT_CHUNK], first, events, ratings, outcomes)
         return outcomes
 
     # Whether an event found new may since have been kept by another writer whose
     # totals rows we have just locked (not on a store that locks all writers out for
     # the whole transaction, as SQLite does).
     LOOK_AGAIN_AFTER_LOCKING = True
+
+    async def _write_chunk(self, chunk, first, events, ratings, outcomes):
+        async with self._transaction():
+            await self._record_chunk(chunk, first, events, ratings, outcomes)
 
     async def _record_chunk(self, chunk, first, events, ratings, outcomes):
         # One chunk of a batch's distinct events, in one transaction: sets their outcomes,
