@@ -379,6 +379,14 @@ class SqlStore:
                                  f"{where} ORDER BY customer_id, metric", args)
         return [GuardLevel(*row) for row in rows]
 
+    async def guard_levels_of(self, customer_ids):
+        rows = []
+        for part in _parts(sorted(set(customer_ids))):
+            rows += await self._fetch(
+                "SELECT customer_id, metric, guard_id, level, margin_pct, changed_at FROM guard_levels "
+                f"WHERE customer_id IN ({', '.join(['?'] * len(part))}) ORDER BY customer_id, metric", tuple(part))
+        return [GuardLevel(*row) for row in rows]
+
     async def transition_level(self, action: Action) -> bool:
         async with self._transaction():
             await self._execute(
@@ -431,6 +439,15 @@ class SqlStore:
             tuple(value for key in ordered for value in key))
         return {(customer, metric, period_start): [units, revenue, cogs]
                 for customer, metric, period_start, units, revenue, cogs in found}
+
+    async def period_totals_of(self, at, customer_ids):
+        rows = []
+        for part in _parts(sorted(set(customer_ids))):
+            rows += await self._fetch(
+                "SELECT customer_id, metric, period_start, period_end, subscription, units, revenue_nanos, cogs_nanos "
+                f"FROM period_totals WHERE customer_id IN ({', '.join(['?'] * len(part))}) "
+                "AND period_start <= ? AND ? < period_end ORDER BY customer_id, metric", (*part, at, at))
+        return [PeriodTotals(*row) for row in rows]
 
     async def period_totals(self, at, customer_id=None):
         where, args = "period_start <= ? AND ? < period_end", [at, at]
@@ -533,6 +550,11 @@ def _with_pricing(provenance, pricing):
         return _encode(document)
     inner = body[1:-1].strip()
     return b'{%s,"pricing":%s}' % (inner, pricing) if inner else b'{"pricing":%s}' % pricing
+
+
+def _parts(values, size=500):
+    # `values` (a list) in parts of at most `size`, for IN lists well within parameter limits.
+    return [values[start:start + size] for start in range(0, len(values), size)]
 
 
 def _check_kind(kind):

@@ -5,7 +5,7 @@
 # declarative apply can be repeated. Events are kept once per (customer, event id).
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 import msgspec
@@ -142,9 +142,11 @@ class Store(Protocol):
     event is accepted exactly once. `ratings` (one Rating or None per event) move the
     running totals of each accepted event's billing period in the same transaction,
     so totals count every accepted event exactly once; `period_totals(at,
-    customer_id=None)` returns the totals of the periods holding instant `at`.
+    customer_id=None)` returns the totals of the periods holding instant `at`, and
+    `period_totals_of(at, customer_ids)` those of several customers at once.
 
-    Guards: `guard_levels(customer_id=None)`; `transition_level(action)` moves a
+    Guards: `guard_levels(customer_id=None)`, `guard_levels_of(customer_ids)` (several
+    customers at once); `transition_level(action)` moves a
     level from `action.level_from` to `action.level_to` and appends the action to the
     trail, atomically, only if the level is still `level_from` (False otherwise: a
     transition happens once however many evaluators race); `actions(customer_id=None,
@@ -175,8 +177,10 @@ class Store(Protocol):
     async def record_events(self, events: Sequence[StoredEvent],
                             ratings: Sequence[Rating | None] | None = None) -> list[str]: ...
     async def period_totals(self, at: float, customer_id: str | None = None) -> list[PeriodTotals]: ...
+    async def period_totals_of(self, at: float, customer_ids: Iterable[str]) -> list[PeriodTotals]: ...
 
     async def guard_levels(self, customer_id: str | None = None) -> list[GuardLevel]: ...
+    async def guard_levels_of(self, customer_ids: Iterable[str]) -> list[GuardLevel]: ...
     async def transition_level(self, action: Action) -> bool: ...
     async def actions(self, customer_id: str | None = None, after_seq: int = 0,
                       limit: int = 100) -> list[tuple[int, Action]]: ...

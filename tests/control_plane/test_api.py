@@ -428,3 +428,40 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
         [level] = await store.guard_levels("cus_globex")
         assert (level.metric, level.level) == ("ai_tokens", 0)
     backend.run(scenario)
+
+
+def test_one_batch_moves_the_levels_of_every_customer_it_touches(backend, tmp_path):
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from config.guards import watch_guards
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(TOKEN_GUARD)
+    customers = [f"cus_pro_{n}" for n in range(30)]
+
+    async def scenario(open_store):
+        store = await open_store()
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        for customer in customers:
+            await store.put_catalog("customer", customer, {"name": customer})
+            await store.put_catalog("subscription", f"sub_{customer}", {
+                "customer": customer, "plan": "pro", "period_anchor": "2026-11-15T00:00:00+00:00",
+                "status": "active"})
+        api = Api(store)
+        api.app_options = {"guards": watch_guards(guard_file)}
+        async with api:
+            # ai_tokens revenue this period: 39.20 (80% of the 49.00 fee); a cost of 35.00 leaves 10.7%.
+            costs = [{"id": f"c-{customer}", "customer_id": customer, "amount": "35.00", "metric": "ai_tokens",
+                      "timestamp": "2027-01-15T07:00:00Z"} for customer in customers]
+            status, _, report = await api.call("POST", "/v1/costs", costs)
+            assert (status, report["accepted"]) == (200, 30)
+            await api.call("POST", "/v1/costs", costs)                         # a retry moves nothing
+            _, _, trail = await api.call("GET", "/v1/actions?limit=1000")
+        assert sorted((item["customer_id"], item["level_from"], item["level_to"]) for item in trail["items"]) == \
+            sorted((customer, 0, 2) for customer in customers)
+        assert {level.customer_id: level.level for level in await store.guard_levels_of(customers + ["cus_acme"])} \
+            == dict.fromkeys(customers, 2)
+    backend.run(scenario)

@@ -262,4 +262,6 @@ def test_running_totals_count_each_accepted_event_once_even_concurrently(backend
         assert pricing == {"plan": "pro", "revenue_nanos": 7, "cogs_nanos": 2}
         assert await stores[0].period_totals(1_702_592_000.0) == []      # the period has ended by then
         assert await stores[0].period_totals(1_701_000_000.0, "cus_2") == []
+        assert await stores[0].period_totals_of(1_701_000_000.0, ["cus_2", "cus_1"]) == [totals]
+        assert await stores[0].period_totals_of(1_701_000_000.0, []) == []
     backend.run(scenario)
