@@ -21,6 +21,7 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class PostgresStore(SqlStore):
+    BACKEND = "postgres"
     DIALECT = {"serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "blob": "BYTEA"}
     MIGRATION_LOCK_SQL = f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})"
     ROW_LOCK_SQL = " FOR UPDATE"
@@ -106,8 +107,7 @@ class PostgresStore(SqlStore):
 
     async def _insert_events(self, rows):
         async with self._connected() as connection:
-            inserted = await connection.fetch(_INSERT_EVENTS + " RETURNING kind, customer_id, event_id",
-                                              *zip(*rows))
+            inserted = await connection.fetch(_INSERT_EVENTS + " RETURNING kind, customer_id, event_id", rows)
         return {tuple(row) for row in inserted}
 
     async def _write_chunk(self, chunk, first, events, ratings, outcomes):
@@ -122,7 +122,7 @@ class PostgresStore(SqlStore):
                 rows = _priced_rows(chunk, first, events, ratings, totals)
                 moved = [(*key, *sums) for key, sums in totals.items()]
                 async with self._connected() as connection:
-                    kept = await connection.fetchval(_KEEP_NEW_EVENTS, *zip(*rows), *(zip(*moved) if moved else [()] * 6))
+                    kept = await connection.fetchval(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
                 if kept != len(rows):
                     raise _KeptBefore
         except _KeptBefore:
@@ -168,16 +168,15 @@ async def _session_kept_clean(connection):
 _INSERT_EVENTS = (
     "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, ingested_at, late, "
     "provenance) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::float8[], $7::float8[], "
-    "$8::boolean[], $9::bytea[]) "
+    "SELECT * FROM unnest($1::new_event[]) "
     "ON CONFLICT (kind, customer_id, event_id) DO NOTHING")
 # New events kept and their totals moved in one statement: how many were kept says
 # whether all were new (or the whole transaction must be rolled back).
 _KEEP_NEW_EVENTS = (
     f"WITH kept AS ({_INSERT_EVENTS} RETURNING 1), "
     "moved AS (UPDATE period_totals AS totals SET units = moved.units, revenue_nanos = moved.revenue_nanos, "
-    "cogs_nanos = moved.cogs_nanos FROM unnest($10::text[], $11::text[], $12::float8[], $13::bigint[], "
-    "$14::bigint[], $15::bigint[]) AS moved (customer_id, metric, period_start, units, revenue_nanos, cogs_nanos) "
+    "cogs_nanos = moved.cogs_nanos FROM unnest($2::text[], $3::text[], $4::float8[], $5::bigint[], "
+    "$6::bigint[], $7::bigint[]) AS moved (customer_id, metric, period_start, units, revenue_nanos, cogs_nanos) "
     "WHERE totals.customer_id = moved.customer_id AND totals.metric = moved.metric "
     "AND totals.period_start = moved.period_start) "
     "SELECT count(*) FROM kept")

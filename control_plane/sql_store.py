@@ -28,8 +28,9 @@ from control_plane.store import (
 )
 
 # Versioned schema changes, applied in order, each once, each in its own transaction.
-# `{serial}` and `{blob}` are filled in per backend. Never edit a released migration:
-# add the next one.
+# `{serial}` and `{blob}` are filled in per backend; a statement given as a mapping
+# ({backend: sql}) applies to the backends it names only. Never edit a released
+# migration: add the next one.
 MIGRATIONS = (
     (1, "catalog, api keys and events", (
         """CREATE TABLE catalog (
@@ -106,9 +107,21 @@ MIGRATIONS = (
     )),
     # Numbers need not be contiguous: each migration is applied once, by its number,
     # so one numbered below the store's version is still applied when it arrives.
-    (6, "catalog version, moved by every catalog change", (
+    (6, "catalog version, moved by every catalog change; new events' row type", (
         "CREATE TABLE catalog_version (id INTEGER PRIMARY KEY, version BIGINT NOT NULL)",
         "INSERT INTO catalog_version (id, version) VALUES (1, 0)",
+        # A batch of new events goes to PostgreSQL as one array of these rather than an
+        # array per column: the driver checks each array element, so nine times fewer.
+        {"postgres": """CREATE TYPE new_event AS (
+            kind TEXT,
+            customer_id TEXT,
+            event_id TEXT,
+            payload_hash TEXT,
+            payload BYTEA,
+            occurred_at DOUBLE PRECISION,
+            ingested_at DOUBLE PRECISION,
+            late BOOLEAN,
+            provenance BYTEA)"""},
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -135,6 +148,7 @@ class SqlStore:
     (kind, customer_id, event_id) keys it inserted; they may replace _known_hashes
     with a query their planner runs better."""
 
+    BACKEND = ""                     # names the backend in backend-specific migration statements
     DIALECT: dict[str, str] = {}
     MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
     ROW_LOCK_SQL = ""                # appended to a SELECT to lock the rows it reads
@@ -165,6 +179,10 @@ class SqlStore:
                 if await self._fetch("SELECT 1 FROM schema_migrations WHERE version = ?", (number,)):
                     continue
                 for statement in statements:
+                    if isinstance(statement, dict):
+                        statement = statement.get(self.BACKEND)
+                        if statement is None:
+                            continue
                     await self._execute(statement.format(**self.DIALECT), ())
                 await self._execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                                     (number, name, time.time()))

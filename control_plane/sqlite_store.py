@@ -21,6 +21,7 @@ _in_transaction = contextvars.ContextVar("sqlite_store_in_transaction", default=
 
 
 class SqliteStore(SqlStore):
+    BACKEND = "sqlite"
     DIALECT = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
     LOOK_AGAIN_AFTER_LOCKING = False     # BEGIN IMMEDIATE: no other writer until we commit
 
