@@ -531,43 +531,45 @@ def _priced_rows(keys, first, events, ratings, totals):
     # returns them, is changed in place), with what it earned and cost, and from which
     # plan and period, added to its provenance.
     rows = []
-    pricing_heads = {}          # id(context) -> (context, the pricing object's opening)
+    openings = {}       # (id(provenance), id(context)) -> (provenance, context, its priced provenance's opening)
     for key in keys:
         index, digest = first[key]
         event = events[index]
         provenance = event.provenance
         rating = ratings[index]
         if rating is not None:
-            sums = totals[(rating.customer_id, rating.metric, rating.period_start)]
+            sums = totals[rating.customer_id, rating.metric, rating.period_start]
             revenue, cogs = rating.price(sums[0])
             sums[0] += rating.units
             sums[1] += revenue
             sums[2] += cogs
-            head = pricing_heads.get(id(rating.context))
-            if head is None:
-                head = pricing_heads[id(rating.context)] = (rating.context, _pricing_head(rating.context))
-            provenance = _with_pricing(provenance, b'%s"revenue_nanos":%d,"cogs_nanos":%d}' % (head[1], revenue, cogs))
+            # A batch shares a few provenances and contexts: each pair is spliced once.
+            opening = openings.get((id(provenance), id(rating.context)))
+            if opening is None:
+                opening = openings[id(provenance), id(rating.context)] = (
+                    provenance, rating.context, _priced_opening(provenance, rating.context))
+            if opening[2] is not None:
+                provenance = b'%s"revenue_nanos":%d,"cogs_nanos":%d}}' % (opening[2], revenue, cogs)
+            else:
+                document = _decode(provenance)
+                document["pricing"] = {**rating.context, "revenue_nanos": revenue, "cogs_nanos": cogs}
+                provenance = _encode(document)
         rows.append((*key, digest, event.payload, event.occurred_at, event.ingested_at, event.late, provenance))
     return rows
 
 
-def _pricing_head(context):
-    # The pricing object's JSON up to what the event earned and cost: its context
-    # (plan, period, ...) and, when there is any, a comma.
-    body = _encode({name: value for name, value in context.items() if name not in ("revenue_nanos", "cogs_nanos")})
-    return body[:-1] + b"," if len(body) > 2 else b"{"
-
-
-def _with_pricing(provenance, pricing):
-    # The provenance (a JSON object) with its "pricing" set to `pricing` (JSON):
-    # spliced in, without decoding the rest, unless it already has a pricing.
+def _priced_opening(provenance, context):
+    # The provenance (a JSON object) with a "pricing" object holding `context` (plan,
+    # period, ...) spliced in, up to where what the event earned and cost follows;
+    # None when it cannot be spliced without decoding it (not an object as encoded
+    # here, or a pricing already in it).
     body = provenance.strip()
     if body[:1] != b"{" or body[-1:] != b"}" or b'"pricing"' in body:
-        document = _decode(provenance)
-        document["pricing"] = _decode(pricing)
-        return _encode(document)
+        return None
     inner = body[1:-1].strip()
-    return b'{%s,"pricing":%s}' % (inner, pricing) if inner else b'{"pricing":%s}' % pricing
+    pricing = _encode({name: value for name, value in context.items() if name not in ("revenue_nanos", "cogs_nanos")})
+    pricing = pricing[:-1] + b"," if len(pricing) > 2 else b"{"
+    return b'{%s,"pricing":%s' % (inner, pricing) if inner else b'{"pricing":%s' % pricing
 
 
 def _parts(values, size=500):
