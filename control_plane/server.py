@@ -19,6 +19,7 @@ log = logging.getLogger("aforo.control_plane")
 
 
 GUARD_RELOAD_INTERVAL_S = 2.0
+GC_YOUNG_THRESHOLD = 10_000
 
 
 async def serve_control_plane(database: str, host: str, port: int, guards_path: str | None = None) -> None:
@@ -46,9 +47,13 @@ async def serve_control_plane(database: str, host: str, port: int, guards_path: 
             loop.add_signal_handler(signum, stop.set)
         # What startup built lives as long as the process: kept out of the cyclic
         # collector's full passes, which would otherwise walk it again and again as
-        # ingest's short-lived objects come and go.
+        # ingest's short-lived objects come and go. And a batch makes thousands of
+        # objects that live only while it is handled: collecting the youngest every
+        # GC_YOUNG_THRESHOLD allocations (not 700) lets them die first instead of being
+        # walked, promoted and walked again (about a tenth of ingest's CPU otherwise).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         print(f"control plane API on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
         await stop.wait()
         log.info("control plane shutting down")
