@@ -84,10 +84,9 @@ def serve_upstream(host: str = UPSTREAM[0], port: int = UPSTREAM[1]) -> None:
 
 async def _serve(app, host, port):
     import asyncio
+    import signal
 
     from aiohttp import web
-
-    import signal
 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -111,10 +111,10 @@ def _run_control_plane(settings_path: str) -> None:
     # to the parent, which stops the proxies before this).
     os.setpgrp()
     from config.logs import configure_logging
-    from control_plane.server import serve_control_plane
+    from control_plane.server import run_control_plane
 
     configure_logging()
-    asyncio.run(serve_control_plane(load_up_settings(settings_path).control_plane))
+    run_control_plane(load_up_settings(settings_path).control_plane)
 
 
 def _wait_until_answering(url: str, process=None, timeout_s: float = START_TIMEOUT_S) -> bool:

@@ -2,7 +2,7 @@
 reaction time through the proxy.
 
     python -m bench.control_plane [--events 20000] [--batch 500] [--concurrency 4] [--postgres URL]
-                                  [--trials 50]
+                                  [--guards FILE] [--trials 50]
 
 Applies the example catalog to a fresh SQLite file and a fresh PostgreSQL schema,
 starts `aforo control-plane` over each in its own process and posts usage events in
@@ -10,7 +10,9 @@ batches of `--batch`, `--concurrency` batches in flight, through the REST API (r
 HTTP on 127.0.0.1, the admin token, JSON bodies), each event rated against its customer's
 plan, and reports events/s per store. The last line is a JSON object with the
 figures, including ingest_events_per_s_sqlite, ingest_events_per_s_postgres and
-reaction_p99_ms: guard reaction time measured as bench.reaction does (`aforo up`,
+reaction_p99_ms. With --guards, the control plane also evaluates that guard file
+after every batch for the customers it touched, as it does in production with a
+guard file. Guard reaction time is measured as bench.reaction does (`aforo up`,
 `--trials` cost events each breaching a fresh customer's level 3, timed from the
 POST to the first proxy response that blocks).
 """
@@ -36,6 +38,7 @@ from control_plane.catalog import apply_catalog
 from control_plane.store import open_store
 
 CATALOG = Path(__file__).resolve().parents[1] / "config" / "examples" / "catalog.yaml"
+GUARDS = Path(__file__).resolve().parents[1] / "config" / "examples" / "guards.yaml"
 CUSTOMERS = ("cus_acme", "cus_globex", "cus_wonka")
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -46,18 +49,18 @@ def batches(total, size, stamp):
     return [json.dumps(events[start:start + size]).encode() for start in range(0, total, size)]
 
 
-def start_control_plane(database):
-    """`aforo control-plane` on a free port over `database`, in its own process:
-    (process, base URL, admin token)."""
+def start_control_plane(database, guards=None):
+    """`aforo control-plane` on a free port over `database` (with the guard file
+    `guards`, if any), in its own process: (process, base URL, admin token)."""
     process = subprocess.Popen([sys.executable, "-m", "control_plane.cli", "control-plane", "--listen",
-                                "127.0.0.1:0", "--database", database],
+                                "127.0.0.1:0", "--database", database, *(["--guards", guards] if guards else [])],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     token = re.search(r"keep it\): (\S+)", process.stdout.readline()).group(1)
     base = re.search(r"API on (http://\S+) ", process.stdout.readline()).group(1)
     return process, base, token
 
 
-async def measure(database, total, size, concurrency):
+async def measure(database, total, size, concurrency, guards=None):
     async def prepare():
         store = await open_store(database)
         try:
@@ -65,7 +68,7 @@ async def measure(database, total, size, concurrency):
         finally:
             await store.close()
     await prepare()
-    process, base, token = start_control_plane(database)
+    process, base, token = start_control_plane(database, guards)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
     queue = list(reversed(batches(total, size, stamp)))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -92,14 +95,15 @@ async def measure(database, total, size, concurrency):
 async def main_async(args):
     results = {}
     with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
-        results["sqlite"] = await measure(str(Path(folder) / "aforo.db"), args.events, args.batch, args.concurrency)
+        results["sqlite"] = await measure(str(Path(folder) / "aforo.db"), args.events, args.batch, args.concurrency,
+                                          args.guards)
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     import asyncpg
     admin = await asyncpg.connect(args.postgres)
     try:
         await admin.execute(f"CREATE SCHEMA {schema}")
         scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
-        results["postgres"] = await measure(scoped, args.events, args.batch, args.concurrency)
+        results["postgres"] = await measure(scoped, args.events, args.batch, args.concurrency, args.guards)
     finally:
         await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()
@@ -112,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=4, help="batches in flight at once")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES)
+    parser.add_argument("--guards", metavar="FILE", help="a guard file the control plane evaluates after each batch "
+                                                         f"(e.g. {GUARDS})")
     parser.add_argument("--trials", type=int, default=50, help="guard reaction trials")
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
@@ -119,6 +125,7 @@ def main(argv=None):
     print(f"{'store':<10}{'events':>9}{'accepted':>10}{'seconds':>9}{'events/s':>11}")
     for name, run in results.items():
         print(f"{name:<10}{run['events']:>9}{run['accepted']:>10}{run['seconds']:>9.2f}{run['events_per_s']:>11,.0f}")
+    print(f"batches of {args.batch} events, {args.concurrency} in flight, guards: {args.guards or 'none'}")
     print(f"guard reaction over {reacted['reaction_trials']} trials: p50 {reacted['reaction_p50_ms']} ms, "
           f"p99 {reacted['reaction_p99_ms']} ms")
     print("targets: >= 10,000 events/s into SQLite, >= 20,000 into PostgreSQL; reaction p99 <= 1,000 ms")
@@ -127,6 +134,7 @@ def main(argv=None):
         "ingest_events_per_s_postgres": results["postgres"]["events_per_s"],
         "batch_events": args.batch,
         "concurrency": args.concurrency,
+        "guards": args.guards,
         "events": args.events,
         **reacted,
     }))

@@ -22,18 +22,16 @@ from control_plane.catalog import check_references
 from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import (
-    ACCEPTED_LATE,
     BatchError,
     CostEvent,
     UsageEvent,
-    ingest,
+    ingest_batch,
     split_batch,
 )
 from control_plane.margins import customer_margins
 from control_plane.quota_leases import LeaseRequest, LeaseReturn
-from control_plane.rating import Rater
+from control_plane.rating import CurrentRater
 from control_plane.store import (
-    ACCEPTED,
     COST,
     CREATED,
     UNCHANGED,
@@ -64,6 +62,7 @@ GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
 FEED = web.AppKey("feed", EdgeFeed)
 WEBHOOKS = web.AppKey("webhooks", object)
+RATER = web.AppKey("rater", CurrentRater)
 
 
 class ControlPlaneMetrics:
@@ -243,11 +242,10 @@ def _ingest_handler(kind):
             return problem(400, str(error))
         now = request.app[CLOCK]()
         store = request.app[STORE]
-        rater = await Rater.load(store)
-        report = await ingest(store, kind, events, now, source=request.headers.get("X-Aforo-Source", "api"),
-                              rater=rater)
+        rater = await request.app[RATER].get()
+        report, customers = await ingest_batch(store, kind, events, now,
+                                               source=request.headers.get("X-Aforo-Source", "api"), rater=rater)
         guards = request.app[GUARDS]
-        customers = set(_accepted_customers(events, report))
         if guards is not None and customers:
             # Margins moved: judge the customers whose events were kept.
             recorded = await evaluate_guards(store, guards.value, now, customers, rater)
@@ -256,12 +254,6 @@ def _ingest_handler(kind):
                 request.app[WEBHOOKS].wake()
         return json_response(report)
     return handle
-
-
-def _accepted_customers(events, report):
-    for result in report.results:
-        if result.status in (ACCEPTED, ACCEPTED_LATE):
-            yield msgspec.json.decode(events[result.index])["customer_id"]
 
 
 async def _actions(request):
@@ -370,14 +362,14 @@ async def _customer_margin(request):
     store = request.app[STORE]
     if await store.get_catalog("customer", customer_id) is None:
         return problem(404, f"no customer `{customer_id}`")
-    margins = await customer_margins(store, request.app[CLOCK](), customer_id)
+    margins = await customer_margins(store, request.app[CLOCK](), customer_id, await request.app[RATER].get())
     if not margins:
         return problem(404, f"customer `{customer_id}` has no billable subscription now")
     return json_response(margins[0])
 
 
 async def _pnl(request):
-    margins = await customer_margins(request.app[STORE], request.app[CLOCK]())
+    margins = await customer_margins(request.app[STORE], request.app[CLOCK](), rater=await request.app[RATER].get())
     return json_response({"customers": margins,
                           "revenue_nanos": sum(margin.revenue_nanos for margin in margins),
                           "cogs_nanos": sum(margin.cogs_nanos for margin in margins)})
@@ -491,6 +483,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[FEED] = feed or EdgeFeed(store, guards)
     app.on_shutdown.append(_release_long_polls)
     app[WEBHOOKS] = webhooks
+    app[RATER] = CurrentRater(store)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

@@ -178,14 +178,17 @@ def run_control_plane(args: argparse.Namespace) -> int:
     """Run the control plane (REST API, guards, webhooks) until SIGTERM / SIGINT, from
     the settings file `--config` (defaults without one); `--listen`, `--guards` and
     `--database` (or $AFORO_DATABASE_URL) override the file's values."""
-    import asyncio
 
     import msgspec
 
-    from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl, load_control_plane_settings
+    from config.control_plane_settings import (
+        ControlPlaneSettings,
+        DatabaseUrl,
+        load_control_plane_settings,
+    )
     from config.logs import configure_logging
     from config.network import HostPort
-    from control_plane.server import serve_control_plane
+    from control_plane.server import run_control_plane
     from control_plane.store import StoreError
 
     configure_logging()
@@ -209,7 +212,7 @@ def run_control_plane(args: argparse.Namespace) -> int:
                 print(f"aforo control-plane: {option}: {err}", file=sys.stderr)
                 return EXIT_USAGE
     try:
-        asyncio.run(serve_control_plane(msgspec.structs.replace(settings, **overrides)))
+        run_control_plane(msgspec.structs.replace(settings, **overrides))
     except ConfigError as err:
         _print_errors(err)
         return EXIT_INVALID

@@ -11,7 +11,7 @@ import math
 
 from config.guards import GuardSet
 from control_plane.guard_levels import level_thresholds
-from control_plane.margins import customer_margins
+from control_plane.margins import customer_margins, margins_of
 from control_plane.rating import Rater
 from control_plane.store import OVERALL, Action, Store
 from control_plane.webhooks import level_change_webhooks
@@ -32,32 +32,38 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
     webhooks are written with the transition, so a transition recorded once is
     announced once. Wake the WebhookSender afterwards."""
     rater = rater or await Rater.load(store)
-    levels = {(level.customer_id, level.metric): level for level in await store.guard_levels()}
+    if customers is None:
+        levels = await store.guard_levels()
+        margins = await customer_margins(store, now, rater=rater)
+    else:
+        # Two reads for the batch's customers, however many: their levels and totals.
+        levels = await store.guard_levels_of(customers)
+        margins = await margins_of(store, now, customers, rater)
+    levels = {(level.customer_id, level.metric): level for level in levels}
     recorded = []
-    for customer in sorted(customers) if customers is not None else [None]:
-        for margin in await customer_margins(store, now, customer, rater):
-            tier = rater.plans[margin.plan].plan.tier
-            period_start = datetime.datetime.fromisoformat(margin.period_start).timestamp()
-            judged = [(row.metric, row.margin_pct) for row in margin.metrics] + [(OVERALL, margin.margin_pct)]
-            for metric, pct in judged:
-                guard = guards.resolve(margin.customer_id, tier, metric)
-                if guard is None:
-                    continue
-                stored = levels.get((margin.customer_id, metric))
-                current = stored.level if stored is not None else 0
-                if current and stored.changed_at < period_start:
-                    # A level belongs to the period it was reached in: a new period
-                    # starts at 0 (as the proxies already enforce it), said in the trail.
-                    reset = Action(margin.customer_id, metric, guard.id, current, 0, pct,
-                                   float(guard.min_margin), guard.mode, now)
-                    if await store.transition_level(reset, level_change_webhooks(reset, guard)):
-                        recorded.append(reset)
-                    current = 0
-                level = margin_level(-math.inf if pct is None else pct, level_thresholds(guard), current)
-                if level == current:
-                    continue
-                action = Action(margin.customer_id, metric, guard.id, current, level, pct,
-                                float(guard.min_margin), guard.mode, now)
-                if await store.transition_level(action, level_change_webhooks(action, guard)):
-                    recorded.append(action)
+    for margin in margins:
+        tier = rater.plans[margin.plan].plan.tier
+        period_start = datetime.datetime.fromisoformat(margin.period_start).timestamp()
+        judged = [(row.metric, row.margin_pct) for row in margin.metrics] + [(OVERALL, margin.margin_pct)]
+        for metric, pct in judged:
+            guard = guards.resolve(margin.customer_id, tier, metric)
+            if guard is None:
+                continue
+            stored = levels.get((margin.customer_id, metric))
+            current = stored.level if stored is not None else 0
+            if current and stored.changed_at < period_start:
+                # A level belongs to the period it was reached in: a new period starts
+                # at 0 (as the proxies already enforce it), said in the trail.
+                reset = Action(margin.customer_id, metric, guard.id, current, 0, pct,
+                               float(guard.min_margin), guard.mode, now)
+                if await store.transition_level(reset, level_change_webhooks(reset, guard)):
+                    recorded.append(reset)
+                current = 0
+            level = margin_level(-math.inf if pct is None else pct, level_thresholds(guard), current)
+            if level == current:
+                continue
+            action = Action(margin.customer_id, metric, guard.id, current, level, pct,
+                            float(guard.min_margin), guard.mode, now)
+            if await store.transition_level(action, level_change_webhooks(action, guard)):
+                recorded.append(action)
     return recorded

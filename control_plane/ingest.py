@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import decimal
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import msgspec
 
@@ -28,7 +29,7 @@ MAX_BATCH_EVENTS = 10_000
 REJECTED = "rejected"
 ACCEPTED_LATE = "accepted_late"
 
-class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """Usage of one metric by one customer: `quantity` whole units at `timestamp`
     (RFC 3339 with a timezone). `id` is the sender's idempotency key."""
 
@@ -48,7 +49,7 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("`quantity` must be >= 0")
 
 
-class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """A cost of serving one customer (COGS): `amount` in the plans' currency, as a
     decimal (string or number; at most 9 decimal places), for one `metric` or for the
     customer overall (no metric), at `timestamp`. `provider` says who charged it."""
@@ -79,12 +80,15 @@ def _check_common(event):
         raise ValueError("`customer_id` must be 1 to 200 characters")
 
 
+# Events, their results and stored forms hold only strings, numbers, instants and
+# string maps: they can never be part of a reference cycle, so the cyclic garbage
+# collector is spared tracking the thousands a batch makes (gc=False).
 _DECODERS = {USAGE: msgspec.json.Decoder(UsageEvent), COST: msgspec.json.Decoder(CostEvent)}
 _BATCH = msgspec.json.Decoder(list[msgspec.Raw] | dict[str, list[msgspec.Raw]])
 _encode = msgspec.json.Encoder(order="sorted").encode
 
 
-class EventResult(msgspec.Struct, omit_defaults=True):
+class EventResult(msgspec.Struct, omit_defaults=True, gc=False):
     """What became of one event of a batch: its position, its id when it had one, its
     status (ACCEPTED, ACCEPTED_LATE, DUPLICATE or REJECTED) and, when rejected, why."""
 
@@ -139,22 +143,36 @@ def split_batch(body: bytes, ndjson: bool) -> list[bytes | None]:
 def judge(kind: str, raw: bytes | None, now: float) -> tuple[UsageEvent | CostEvent | None, str | None]:
     """Gates 1 and 2 for one event: (the event, None) when it passes, (None, reason)
     when it is rejected. `now` is epoch seconds."""
+    event, reason, _ = _judge(kind, raw, now)
+    return event, reason
+
+
+def _judge(kind, raw, now):
+    # judge(), plus the event's instant in epoch seconds (0.0 when rejected).
     if raw is None:
-        return None, "not valid JSON"
+        return None, "not valid JSON", 0.0
     try:
         event = _DECODERS[kind].decode(raw)
     except msgspec.ValidationError as error:
-        return None, f"invalid {kind} event: {error}"
+        return None, f"invalid {kind} event: {error}", 0.0
     except msgspec.DecodeError as error:
-        return None, f"not valid JSON: {error}"
+        return None, f"not valid JSON: {error}", 0.0
     if event.timestamp.tzinfo is None:
-        return None, "`timestamp` needs a timezone (e.g. 2026-11-23T12:00:00Z)"
+        return None, "`timestamp` needs a timezone (e.g. 2026-11-23T12:00:00Z)", 0.0
     at = event.timestamp.timestamp()
     if at - now > FUTURE_LIMIT_S:
-        return None, f"`timestamp` is more than {FUTURE_LIMIT_S} s in the future"
+        return None, f"`timestamp` is more than {FUTURE_LIMIT_S} s in the future", 0.0
     if now - at > PAST_LIMIT_S:
-        return None, f"`timestamp` is more than {PAST_LIMIT_S // 86400} days old"
-    return event, None
+        return None, f"`timestamp` is more than {PAST_LIMIT_S // 86400} days old", 0.0
+    return event, None, at
+
+
+class Ingested(NamedTuple):
+    """What ingest_batch did: the batch's `report`, and the `customers` with at least
+    one event kept by this batch (whose margins it may have moved)."""
+
+    report: IngestReport
+    customers: frozenset[str]
 
 
 async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
@@ -167,38 +185,56 @@ async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], no
     it is now) and moves its billing period's running totals in the same transaction.
     Raises StoreError when the store fails: then nothing of the batch can be
     reported as kept, and the whole batch can be sent again safely."""
+    return (await ingest_batch(store, kind, raw_events, now, source, rater)).report
+
+
+async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
+                       source: str = "api", rater: Rater | None = None) -> Ingested:
+    """ingest(), also saying which customers had events kept."""
     results: list[EventResult | None] = [None] * len(raw_events)
-    to_keep = []
+    kept_at, events, to_store = [], [], []
+    rejected = 0
+    provenances = {}             # (source, late) -> its provenance: the same for most of a batch
     for index, raw in enumerate(raw_events):
-        event, reason = judge(kind, raw, now)
+        event, reason, occurred_at = _judge(kind, raw, now)
         if event is None:
             results[index] = EventResult(index, REJECTED, _id_of(raw), reason)
+            rejected += 1
             continue
-        occurred_at = event.timestamp.timestamp()
         late = now - occurred_at > LATE_AFTER_S
-        provenance = {
-            "source": event.source or source,
-            "ingested_at": now,
-            "gates": {"schema": "passed", "timestamp": "passed", "late": late},
-        }
-        to_keep.append((index, event, StoredEvent(
-            kind, event.customer_id, event.id, _encode(event), occurred_at, now, late, _encode(provenance))))
-    if to_keep and rater is None:
+        origin = event.source or source
+        provenance = provenances.get((origin, late))
+        if provenance is None:
+            provenance = provenances[origin, late] = _encode({
+                "source": origin,
+                "ingested_at": now,
+                "gates": {"schema": "passed", "timestamp": "passed", "late": late},
+            })
+        kept_at.append(index)
+        events.append(event)
+        to_store.append(StoredEvent(kind, event.customer_id, event.id, _encode(event), occurred_at, now, late,
+                                    provenance))
+    if events and rater is None:
         rater = await Rater.load(store)
-    ratings = [rater.rating(kind, event) for _, event, _ in to_keep]
-    outcomes = await store.record_events([stored for _, _, stored in to_keep], ratings)
-    for (index, event, stored), outcome in zip(to_keep, outcomes):
+    rating = rater.rating if events else None
+    outcomes = await store.record_events(to_store, [rating(kind, event) for event in events])
+    counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0}
+    customers = set()
+    for index, event, stored, outcome in zip(kept_at, events, to_store, outcomes):
         if outcome == ACCEPTED:
-            results[index] = EventResult(index, ACCEPTED_LATE if stored.late else ACCEPTED, event.id)
+            status = ACCEPTED_LATE if stored.late else ACCEPTED
+            results[index] = EventResult(index, status, event.id)
+            counts[status] += 1
+            customers.add(event.customer_id)
         elif outcome == DUPLICATE:
             results[index] = EventResult(index, DUPLICATE, event.id)
+            counts[DUPLICATE] += 1
         else:                   # CONFLICT
             results[index] = EventResult(index, REJECTED, event.id,
                                          "an event with this id was already accepted with a different payload")
-    counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0, REJECTED: 0}
-    for result in results:
-        counts[result.status] += 1
-    return IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], counts[REJECTED], results)
+            rejected += 1
+    report = IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], rejected, results)
+    return Ingested(report, frozenset(customers))
 
 
 def _id_of(raw):

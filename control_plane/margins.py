@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Iterable
 
 import msgspec
 
@@ -46,11 +47,30 @@ async def customer_margins(store: Store, now: float, customer_id: str | None = N
     worst first; only `customer_id` when given. A customer counts when it has a
     billable subscription at `now`."""
     rater = rater or await Rater.load(store)
+    rows = await store.period_totals(now, customer_id)
+    customers = [customer_id] if customer_id is not None else None
+    margins = _margins(rater, now, rows, customers)
+    margins.sort(key=lambda margin: (-math.inf if margin.margin_pct is None else margin.margin_pct,
+                                     margin.customer_id))
+    return margins
+
+
+async def margins_of(store: Store, now: float, customer_ids: Iterable[str], rater: Rater) -> list[CustomerMargin]:
+    """customer_margins() of several customers, with one read of their totals, in
+    customer order (a customer without a billable subscription at `now` is left out)."""
+    customers = sorted(set(customer_ids))
+    return _margins(rater, now, await store.period_totals_of(now, customers), customers)
+
+
+def _margins(rater, now, rows, customers):
+    # The margins of `customers` (None: every customer with a subscription or totals)
+    # from their totals `rows`, in customer order.
     at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     totals = {}
-    for row in await store.period_totals(now, customer_id):
+    for row in rows:
         totals.setdefault(row.customer_id, []).append(row)
-    customers = [customer_id] if customer_id is not None else sorted(set(rater.by_customer) | set(totals))
+    if customers is None:
+        customers = sorted(set(rater.by_customer) | set(totals))
     margins = []
     for customer in customers:
         subscription = rater.subscription_of(customer, at)
@@ -70,6 +90,4 @@ async def customer_margins(store: Store, now: float, customer_id: str | None = N
         cogs = sum(row.cogs_nanos for row in rows)
         margins.append(CustomerMargin(customer, subscription.key, subscription.plan, start.isoformat(),
                                       end.isoformat(), revenue, cogs, _pct(revenue, cogs), metrics))
-    margins.sort(key=lambda margin: (-math.inf if margin.margin_pct is None else margin.margin_pct,
-                                     margin.customer_id))
     return margins

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -51,10 +52,17 @@ class PlanPricing:
         """Revenue and COGS of `quantity` units of a metric when the period's total so
         far is `units_before`; `metric` is the metric's catalog entry (None: unknown,
         no unit cost)."""
-        key = metric.key if metric is not None else None
-        model = self.charges.get(key)
-        revenue = 0 if model is None else event_revenue(model, units_before, quantity)
-        return Rated(revenue, unit_cogs_nanos(metric, quantity))
+        return Rated(*self.pricer(metric, quantity)(units_before))
+
+    def pricer(self, metric: Metric | None, quantity: int) -> Callable[[int], tuple[int, int]]:
+        """rate() for `quantity` units of `metric`, as a function of the period's units
+        so far, with all that does not depend on them (the charge, the COGS) looked
+        up and worked out once."""
+        model = self.charges.get(metric.key) if metric is not None else None
+        cogs = unit_cogs_nanos(metric, quantity)
+        if model is None:
+            return lambda units_before: (0, cogs)
+        return lambda units_before: (event_revenue(model, units_before, quantity), cogs)
 
 
 def unit_cogs_nanos(metric: Metric | None, quantity: int) -> int:
@@ -80,12 +88,24 @@ class Subscription(NamedTuple):
     status: str
 
 
+class _Period(NamedTuple):
+    # A subscription's billing period as ratings carry it, built once per period.
+    start: datetime.datetime
+    end: datetime.datetime
+    start_s: float
+    end_s: float
+    context: dict                # the pricing context kept in each event's provenance (shared, not to be changed)
+
+
 class Rater:
     """Prices events from the catalog as the store holds it (read once, at load):
     each event's subscription, plan and billing period, and what it adds to the
-    period's running totals (see store.Rating)."""
+    period's running totals (see store.Rating). `catalog_version` is the store's
+    catalog version it was read at (None when built by hand)."""
 
-    def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric]) -> None:
+    def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric],
+                 catalog_version: int | None = None) -> None:
+        self.catalog_version = catalog_version
         self.by_customer: dict[str, list[Subscription]] = {}
         for subscription in subscriptions:
             self.by_customer.setdefault(subscription.customer, []).append(subscription)
@@ -93,10 +113,19 @@ class Rater:
             candidates.sort(key=lambda subscription: subscription.anchor)
         self.plans = plans
         self.metrics = metrics
-        self._periods: dict[str, tuple[datetime.datetime, datetime.datetime]] = {}   # last one per subscription
+        # Each customer's billable subscriptions, earliest anchor first: what
+        # subscription_of chooses from, worked out once rather than per event.
+        self._billable = {customer: billable for customer, candidates in self.by_customer.items()
+                          if (billable := [subscription for subscription in candidates
+                                           if subscription.status in BILLABLE_STATUSES
+                                           and subscription.plan in plans])}
+        self._periods: dict[str, _Period] = {}      # the last one found per subscription
 
     @classmethod
     async def load(cls, store) -> Rater:
+        # The version first: a change landing while the catalog is read makes the
+        # version read here stale, never the catalog.
+        version = await store.catalog_version()
         plans = {key: PlanPricing.from_document(key, document) for key, document in await store.list_catalog("plan")}
         metrics = {key: metric_from_document(key, document)
                    for key, document in await store.list_catalog("metric")}
@@ -104,42 +133,70 @@ class Rater:
             Subscription(key, document["customer"], document["plan"],
                          datetime.datetime.fromisoformat(document["period_anchor"]), document["status"])
             for key, document in await store.list_catalog("subscription")]
-        return cls(subscriptions, plans, metrics)
+        return cls(subscriptions, plans, metrics, version)
 
     def subscription_of(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The customer's billable subscription at `at`: the latest anchored at or
         before `at`, else the earliest (an event just before the first anchor still
         belongs to the customer's plan); None when the customer has no billable one."""
-        billable = [subscription for subscription in self.by_customer.get(customer_id, ())
-                    if subscription.status in BILLABLE_STATUSES and subscription.plan in self.plans]
+        billable = self._billable.get(customer_id)
+        if billable is None:
+            return None
+        if len(billable) == 1:
+            return billable[0]
         started = [subscription for subscription in billable if subscription.anchor <= at]
-        return started[-1] if started else (billable[0] if billable else None)
+        return started[-1] if started else billable[0]
 
     def period_of(self, subscription: Subscription, at: datetime.datetime):
         """[start, end) of the subscription's billing period holding `at` (the last
         one found per subscription is remembered: a batch mostly falls in one)."""
+        period = self._period(subscription, at)
+        return period.start, period.end
+
+    def _period(self, subscription, at):
         known = self._periods.get(subscription.key)
-        if known is not None and known[0] <= at < known[1]:
+        if known is not None and known.start <= at < known.end:
             return known
-        bounds = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
-        self._periods[subscription.key] = bounds
-        return bounds
+        start, end = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
+        period = _Period(start, end, start.timestamp(), end.timestamp(),
+                         {"subscription": subscription.key, "plan": subscription.plan,
+                          "period_start": start.isoformat(), "period_end": end.isoformat()})
+        self._periods[subscription.key] = period
+        return period
 
     def rating(self, kind: str, event) -> Rating | None:
         """What a usage or cost event (ingest's decoded event) adds to its period's
         totals, or None when its customer has no billable subscription."""
-        subscription = self.subscription_of(event.customer_id, event.timestamp)
+        at = event.timestamp
+        subscription = self.subscription_of(event.customer_id, at)
         if subscription is None:
             return None
-        pricing = self.plans[subscription.plan]
-        start, end = self.period_of(subscription, event.timestamp)
-        context = {"subscription": subscription.key, "plan": subscription.plan,
-                   "period_start": start.isoformat(), "period_end": end.isoformat()}
+        period = self._period(subscription, at)
         if kind == USAGE:
-            metric = self.metrics.get(event.metric)
-            quantity = event.quantity
-            return Rating(event.customer_id, event.metric, start.timestamp(), end.timestamp(), subscription.key,
-                          quantity, lambda units_before: pricing.rate(metric, units_before, quantity), context)
+            pricer = self.plans[subscription.plan].pricer(self.metrics.get(event.metric), event.quantity)
+            return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
+                          event.quantity, pricer, period.context)
         amount = event.amount_nanos
-        return Rating(event.customer_id, event.metric or OVERALL, start.timestamp(), end.timestamp(),
-                      subscription.key, 0, lambda units_before: (0, amount), context)
+        return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
+                      subscription.key, 0, lambda units_before: (0, amount), period.context)
+
+
+class CurrentRater:
+    """The Rater for the catalog as the store holds it now, for every batch: kept
+    while the store's catalog version stays where it was read, loaded again as soon
+    as it moves (a catalog change in any process moves it, in the change's own
+    transaction), so a batch is never priced by a plan that has since changed."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self._rater: Rater | None = None
+
+    async def get(self) -> Rater:
+        """The Rater for the catalog as of now (one version read when it is current)."""
+        rater = self._rater
+        if rater is None or rater.catalog_version != await self._store.catalog_version():
+            rater = await Rater.load(self._store)
+            # Of two loads racing, the later catalog stays.
+            if self._rater is None or rater.catalog_version >= self._rater.catalog_version:
+                self._rater = rater
+        return rater

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
 
+import uvloop
 from aiohttp import web
 
 from config.control_plane_settings import ControlPlaneSettings, signing_secrets
@@ -24,6 +26,7 @@ from control_plane.webhooks import WebhookSender
 log = logging.getLogger("aforo.control_plane")
 
 GUARD_RELOAD_INTERVAL_S = 2.0
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class RunningControlPlane:
@@ -112,11 +115,27 @@ async def serve_control_plane(settings: ControlPlaneSettings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        # What startup built lives as long as the process: kept out of the cyclic
+        # collector's full passes, which would otherwise walk it again and again as
+        # ingest's short-lived objects come and go. And a batch makes thousands of
+        # objects that live only while it is handled: collecting the youngest every
+        # GC_YOUNG_THRESHOLD allocations (not 700) lets them die first instead of being
+        # walked, promoted and walked again (about a tenth of ingest's CPU otherwise).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         print(f"control plane API on {control_plane.url} (OpenAPI at /openapi.json)", flush=True)
         await stop.wait()
         log.info("control plane shutting down")
     finally:
         await control_plane.stop()
+
+
+def run_control_plane(settings: ControlPlaneSettings) -> None:
+    """serve_control_plane() on uvloop, as the proxy runs (aiohttp and asyncpg do less
+    work per request on it); returns when it stops."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_control_plane(settings))
 
 
 def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None:

@@ -21,9 +21,12 @@ _in_transaction = contextvars.ContextVar("sqlite_store_in_transaction", default=
 
 
 class SqliteStore(SqlStore):
+    BACKEND = "sqlite"
     DIALECT = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
+    LOOK_AGAIN_AFTER_LOCKING = False     # BEGIN IMMEDIATE: no other writer until we commit
 
     def __init__(self, connection: aiosqlite.Connection, path: str):
+        super().__init__()
         self._connection = connection
         self.path = path
         self._lock = asyncio.Lock()

@@ -290,6 +290,48 @@ def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_t
     api_test(backend, scenario)
 
 
+def test_a_plan_changed_between_two_batches_prices_the_second_by_the_new_plan(backend):
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+
+    def tokens(event_id):
+        return [{"id": event_id, "customer_id": "cus_globex", "metric": "ai_tokens", "quantity": 1_000_000,
+                 "timestamp": "2027-01-15T07:00:00Z"}]
+
+    async def revenue(store, event_id):
+        kept = {event.event_id: event for event in await store.events("usage", "cus_globex")}
+        return json.loads(kept[event_id].provenance)["pricing"]["revenue_nanos"]
+
+    async def scenario(open_store):
+        store = await open_store()
+        other = await open_store()            # `aforo apply` or another control plane, on the same database
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        async with Api(store) as api:
+            await api.call("POST", "/v1/events", tokens("u1"))
+            assert await revenue(store, "u1") == 8_000_000_000                # pro: 8.00 per 1M tokens
+            _, _, pro = await api.call("GET", "/v1/plans/pro")
+            pro["charges"][0]["price"] = "10.00"
+            del pro["key"]
+            status, _, _ = await api.call("PUT", "/v1/plans/pro", pro)        # through this API
+            assert status == 200
+            await api.call("POST", "/v1/events", tokens("u2"))
+            assert await revenue(store, "u2") == 10_000_000_000
+            plan = await other.get_catalog("plan", "pro")
+            plan["charges"][0]["price"] = "12"
+            await other.put_catalog("plan", "pro", plan)                       # behind this API's back
+            await api.call("POST", "/v1/events", tokens("u3"))
+            assert await revenue(store, "u3") == 12_000_000_000
+            await other.put_catalog("subscription", "sub_globex", {
+                **await other.get_catalog("subscription", "sub_globex"), "plan": "enterprise"})
+            await api.call("POST", "/v1/events", tokens("u4"))
+            assert await revenue(store, "u4") == 6_000_000_000                # enterprise: 6.00 per 1M
+            _, _, margin = await api.call("GET", "/v1/customers/cus_globex/margin")
+            assert margin["plan"] == "enterprise"
+    backend.run(scenario)
 
 
 def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_recorded_once(backend, tmp_path):
@@ -331,4 +373,41 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
         assert trail["items"][0]["min_margin_pct"] == 25.0
         [level] = await store.guard_levels("cus_globex")
         assert (level.metric, level.level) == ("ai_tokens", 0)
+    backend.run(scenario)
+
+
+def test_one_batch_moves_the_levels_of_every_customer_it_touches(backend, tmp_path):
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from config.guards import watch_guards
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(TOKEN_GUARD)
+    customers = [f"cus_pro_{n}" for n in range(30)]
+
+    async def scenario(open_store):
+        store = await open_store()
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        for customer in customers:
+            await store.put_catalog("customer", customer, {"name": customer})
+            await store.put_catalog("subscription", f"sub_{customer}", {
+                "customer": customer, "plan": "pro", "period_anchor": "2026-11-15T00:00:00+00:00",
+                "status": "active"})
+        api = Api(store)
+        api.app_options = {"guards": watch_guards(guard_file)}
+        async with api:
+            # ai_tokens revenue this period: 39.20 (80% of the 49.00 fee); a cost of 35.00 leaves 10.7%.
+            costs = [{"id": f"c-{customer}", "customer_id": customer, "amount": "35.00", "metric": "ai_tokens",
+                      "timestamp": "2027-01-15T07:00:00Z"} for customer in customers]
+            status, _, report = await api.call("POST", "/v1/costs", costs)
+            assert (status, report["accepted"]) == (200, 30)
+            await api.call("POST", "/v1/costs", costs)                         # a retry moves nothing
+            _, _, trail = await api.call("GET", "/v1/actions?limit=1000")
+        assert sorted((item["customer_id"], item["level_from"], item["level_to"]) for item in trail["items"]) == \
+            sorted((customer, 0, 2) for customer in customers)
+        assert {level.customer_id: level.level for level in await store.guard_levels_of(customers + ["cus_acme"])} \
+            == dict.fromkeys(customers, 2)
     backend.run(scenario)

@@ -4,9 +4,12 @@ import asyncio
 import datetime
 import json
 import re
+from pathlib import Path
 
 import pytest
 
+from config.catalog_file import load_catalog_file
+from control_plane.catalog import apply_catalog
 from control_plane.ingest import (
     ACCEPTED_LATE,
     FUTURE_LIMIT_S,
@@ -176,4 +179,90 @@ def test_timestamps_in_any_offset_are_judged_as_instants(backend):
                                     "timestamp": stamp(-LATE_AFTER_S - 1, offset_hours=9)}).encode()
         report = await ingest(store, USAGE, [late_in_tokyo], NOW)
         assert report.results[0].status == ACCEPTED_LATE
+    backend.run(scenario)
+
+
+# -- rating while ingesting: a batch prices its events in order from the running totals --
+
+EXAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+
+
+async def with_example_catalog(store, *extra_customers):
+    """The example catalog, plus a customer on each (customer, plan) of `extra_customers`
+    (subscribed from 2026-11-15: NOW falls in the period of Jan 15 - Feb 15, 2027)."""
+    await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml")
+    for customer, plan in extra_customers:
+        await store.put_catalog("customer", customer, {"name": customer})
+        await store.put_catalog("subscription", f"sub_{customer}", {
+            "customer": customer, "plan": plan, "period_anchor": "2026-11-15T00:00:00+00:00", "status": "active"})
+
+
+def priced(store_events):
+    return {event.event_id: json.loads(event.provenance)["pricing"] for event in store_events}
+
+
+def test_a_batch_across_tiers_prices_every_event_as_if_sent_one_at_a_time(backend):
+    # api_calls on pro: the first 10,000 a period free, then 0.001 each (graduated);
+    # ai_tokens on enterprise: all of a period's tokens at 6.00 per 1M up to 100M, 4.00 beyond (volume).
+    calls = [3000, 4000, 2500, 1000, 700, 1200, 5000]
+    tokens = [40_000_000, 50_000_000, 20_000_000, 5_000_000]
+
+    def events(suffix):
+        batch = [usage(f"calls-{n}", at=-600 + n, customer_id=f"cus_pro_{suffix}", quantity=quantity)
+                 for n, quantity in enumerate(calls)]
+        for n, quantity in enumerate(tokens):        # interleaved with the calls
+            batch.insert(2 * n + 1, usage(f"tokens-{n}", at=-500 + n, customer_id=f"cus_ent_{suffix}",
+                                          metric="ai_tokens", quantity=quantity))
+        batch.insert(4, batch[0])                                        # a repeat inside the batch
+        batch.insert(7, usage("calls-2", at=-598, customer_id=f"cus_pro_{suffix}", quantity=1))   # a conflict
+        return batch
+
+    async def scenario(open_store):
+        store = await open_store()
+        await with_example_catalog(store, ("cus_pro_batched", "pro"), ("cus_ent_batched", "enterprise"),
+                                   ("cus_pro_single", "pro"), ("cus_ent_single", "enterprise"))
+        # One event kept before either way: in the batch it is a duplicate and must not move the totals again.
+        for suffix in ("batched", "single"):
+            await ingest(store, USAGE, [events(suffix)[2]], NOW)
+        batched = await ingest(store, USAGE, events("batched"), NOW)
+        single = [(await ingest(store, USAGE, [event], NOW)).results[0] for event in events("single")]
+        assert [(result.status, result.reason) for result in batched.results] == \
+            [(result.status, result.reason) for result in single]
+        assert batched.duplicate == 2 and batched.rejected == 1
+        for customer in ("cus_pro", "cus_ent"):
+            prices = [priced(await store.events(USAGE, f"{customer}_{suffix}")) for suffix in ("batched", "single")]
+            assert prices[0] == {event_id: {**pricing, "subscription": f"sub_{customer}_batched"}
+                                 for event_id, pricing in prices[1].items()}
+        totals = {(row.customer_id, row.metric): (row.units, row.revenue_nanos, row.cogs_nanos)
+                  for row in await store.period_totals(NOW)}
+        for customer, metric in (("cus_pro", "api_calls"), ("cus_ent", "ai_tokens")):
+            assert totals[f"{customer}_batched", metric] == totals[f"{customer}_single", metric]
+        # 17,400 calls: 7,400 beyond the free 10,000 at 0.001; 115M tokens all at 4.00 per 1M.
+        assert totals["cus_pro_batched", "api_calls"][:2] == (17_400, 7_400_000_000)
+        assert totals["cus_ent_batched", "ai_tokens"][:2] == (115_000_000, 460_000_000_000)
+        assert sum(pricing["revenue_nanos"] for pricing in
+                   priced(await store.events(USAGE, "cus_ent_batched")).values()) == 460_000_000_000
+    backend.run(scenario)
+
+
+def test_overlapping_batches_from_two_processes_keep_each_event_once_and_price_the_totals_exactly(backend):
+    quantities = [(n * 37) % 900 + 100 for n in range(240)]
+    all_events = [usage(f"e{n}", at=-900 + n, customer_id="cus_pro_1", quantity=quantity)
+                  for n, quantity in enumerate(quantities)]
+    # Four batches, each overlapping the next by half, two in each of two processes at once.
+    batches = [all_events[start:start + 120] for start in (0, 60, 120, 60)]
+
+    async def scenario(open_store):
+        stores = [await open_store() for _ in range(2)]
+        await with_example_catalog(stores[0], ("cus_pro_1", "pro"))
+        reports = await asyncio.gather(*(ingest(stores[n % 2], USAGE, batch, NOW)
+                                         for n, batch in enumerate(batches)))
+        assert sum(report.accepted for report in reports) == 240
+        assert sum(report.duplicate for report in reports) == 240
+        kept = priced(await stores[1].events(USAGE, "cus_pro_1"))
+        [totals] = await stores[1].period_totals(NOW, "cus_pro_1")
+        assert totals.units == sum(quantities)
+        # Whatever order the batches landed in, the events' revenues add up to the period's.
+        assert sum(pricing["revenue_nanos"] for pricing in kept.values()) == totals.revenue_nanos \
+            == (sum(quantities) - 10_000) * 1_000_000
     backend.run(scenario)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from control_plane.postgres_store import PostgresStore
 from control_plane.sql_store import SCHEMA_VERSION
 from control_plane.sqlite_store import SqliteStore
 from control_plane.store import (
@@ -78,6 +79,26 @@ def test_a_catalog_upsert_says_what_it_did_and_repeating_it_changes_nothing(back
         assert await store.list_catalog("customer") == []
         with pytest.raises(StoreError, match="unknown catalog kind 'plans'"):
             await store.put_catalog("plans", "pro", plan)
+    backend.run(scenario)
+
+
+def test_the_catalog_version_moves_with_every_change_seen_from_any_process(backend):
+    async def scenario(open_test_store):
+        store, other = await open_test_store(), await open_test_store()     # two control-plane processes
+        start = await other.catalog_version()
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == CREATED
+        created = await other.catalog_version()
+        assert created != start
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == UNCHANGED
+        assert await other.catalog_version() == created                  # nothing changed: nothing to reload
+        assert await store.put_catalog("plan", "pro", {"tier": "gold"}) == UPDATED
+        updated = await other.catalog_version()
+        assert updated not in (start, created)
+        assert await store.delete_catalog("plan", "pro") is True
+        deleted = await other.catalog_version()
+        assert deleted not in (start, created, updated)
+        assert await store.delete_catalog("plan", "pro") is False
+        assert await other.catalog_version() == deleted
     backend.run(scenario)
 
 
@@ -156,6 +177,51 @@ def test_a_batch_larger_than_a_chunk_is_kept_whole_and_in_order(backend):
     backend.run(scenario)
 
 
+def test_calls_written_together_each_get_their_own_outcomes_as_if_one_after_the_other(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        calls = [[event("a1"), event("a2")], [event("b1"), event("a1")], [event("a2", b'{"quantity":2}'), event("c1")],
+                 [event("c1"), event("c1")]]
+        # The first is written at once; the others wait for it and are written together.
+        results = await asyncio.gather(*(store.record_events(call) for call in calls))
+        assert results == [[ACCEPTED, ACCEPTED], [ACCEPTED, DUPLICATE], [CONFLICT, ACCEPTED], [DUPLICATE, DUPLICATE]]
+        assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == ["a1", "a2", "b1", "c1"]
+    backend.run(scenario)
+
+
+def test_a_call_cancelled_while_waiting_to_be_written_keeps_nothing(backend):
+    async def scenario(open_test_store):
+        store = await open_test_store()
+        writing = asyncio.ensure_future(store.record_events([event("a1")]))
+        waiting = asyncio.ensure_future(store.record_events([event("b1")]))
+        await asyncio.sleep(0)                  # the first is being written, the second waits for it
+        waiting.cancel()
+        assert await writing == [ACCEPTED]
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await store.record_events([event("c1")]) == [ACCEPTED]
+        assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == ["a1", "c1"]
+    backend.run(scenario)
+
+
+def test_a_call_the_store_cannot_keep_fails_alone_not_the_calls_written_with_it(postgres_schema):
+    url, schema = postgres_schema
+
+    async def scenario():
+        store = await PostgresStore.connect(url, server_settings={"search_path": schema})
+        try:
+            await store.migrate()
+            # PostgreSQL text cannot hold a NUL character: this call's own events fail it.
+            calls = [[event("a1")], [event("b1")], [event("bad\x00id")], [event("c1")]]
+            results = await asyncio.gather(*(store.record_events(call) for call in calls), return_exceptions=True)
+            assert results[:2] == [[ACCEPTED], [ACCEPTED]] and results[3] == [ACCEPTED]
+            assert isinstance(results[2], StoreError)
+            assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == ["a1", "b1", "c1"]
+        finally:
+            await store.close()
+    run(scenario())
+
+
 def test_open_store_picks_the_backend_from_the_url(tmp_path):
     async def scenario():
         embedded = await open_store(str(tmp_path / "default.db"))
@@ -202,6 +268,8 @@ def test_running_totals_count_each_accepted_event_once_even_concurrently(backend
         assert pricing == {"plan": "pro", "revenue_nanos": 7, "cogs_nanos": 2}
         assert await stores[0].period_totals(1_702_592_000.0) == []      # the period has ended by then
         assert await stores[0].period_totals(1_701_000_000.0, "cus_2") == []
+        assert await stores[0].period_totals_of(1_701_000_000.0, ["cus_2", "cus_1"]) == [totals]
+        assert await stores[0].period_totals_of(1_701_000_000.0, []) == []
     backend.run(scenario)
 
 
