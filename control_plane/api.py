@@ -323,7 +323,8 @@ async def _lease_quota(request):
     except msgspec.DecodeError as error:
         return problem(422, f"invalid lease request: {error}")
     try:
-        granted = await quota_leases.lease(request.app[STORE], asked, request.app[CLOCK]())
+        granted = await quota_leases.lease(request.app[STORE], await request.app[RATER].get(), asked,
+                                           request.app[CLOCK]())
     except quota_leases.NoHardQuota as error:
         return problem(404, str(error))
     return json_response(granted)
@@ -480,10 +481,10 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[CLOCK] = clock
     app[GUARDS] = guards
     app[METRICS] = metrics or ControlPlaneMetrics()
-    app[FEED] = feed or EdgeFeed(store, guards)
+    app[RATER] = CurrentRater(store)
+    app[FEED] = feed or EdgeFeed(store, guards, app[RATER])
     app.on_shutdown.append(_release_long_polls)
     app[WEBHOOKS] = webhooks
-    app[RATER] = CurrentRater(store)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

@@ -30,7 +30,7 @@ from config.edge_state_file import (
     Standing,
 )
 from config.values import Timestamp
-from control_plane.rating import Rater, Subscription
+from control_plane.rating import CurrentRater, Rater, Subscription
 from control_plane.store import Store, StoreError
 
 log = logging.getLogger("aforo.control_plane")
@@ -64,8 +64,9 @@ class EdgeFeed:
     `aforo apply`, a billing period that ends.
     """
 
-    def __init__(self, store: Store, guards=None) -> None:
+    def __init__(self, store: Store, guards=None, rater: CurrentRater | None = None) -> None:
         self.store = store
+        self.rater = rater or CurrentRater(store)
         self.guards = guards            # a WatchedFile[GuardSet], or None
         self.epoch = secrets.token_hex(4)
         self.sequence = 0
@@ -130,7 +131,7 @@ class EdgeFeed:
         """The edge state at `now` (epoch seconds): every customer with a subscription,
         or only those in `only`."""
         store = self.store
-        rater = await Rater.load(store)
+        rater = await self.rater.get()
         guards = {guard.id: guard for guard in self.guards.value.guards} if self.guards is not None else {}
         at = datetime.datetime.fromtimestamp(now, _UTC)
         plans = {key: Plan(tier=pricing.plan.tier, features=pricing.plan.features,

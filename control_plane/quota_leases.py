@@ -57,10 +57,10 @@ def grant_size(limit: int, leased: int, needed: int, wanted: int) -> int:
     return max(needed, min(wanted, left // LEASE_SPREAD))
 
 
-async def lease(store: Store, asked: LeaseRequest, now: float) -> Lease:
-    """Lease units of the customer's hard quota for its billing period at `now`.
-    Raises NoHardQuota when there is no hard quota to lease from."""
-    rater = await Rater.load(store)
+async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> Lease:
+    """Lease units of the customer's hard quota for its billing period at `now`, as
+    the catalog `rater` was loaded from says. Raises NoHardQuota when there is no
+    hard quota to lease from."""
     at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     subscription = subscription_in_force(rater, asked.customer_id, at)
     quota = None if subscription is None else rater.plans[subscription.plan].plan.quotas.get(asked.metric)

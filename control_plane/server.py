@@ -18,8 +18,7 @@ from aiohttp import web
 
 from config.control_plane_settings import ControlPlaneSettings, signing_secrets
 from config.guards import watch_guards
-from control_plane.api import ControlPlaneMetrics, create_admin_token, create_app
-from control_plane.edge_feed import EdgeFeed
+from control_plane.api import FEED, ControlPlaneMetrics, create_admin_token, create_app
 from control_plane.store import Store, open_store
 from control_plane.webhooks import WebhookSender
 
@@ -79,9 +78,9 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
     try:
         webhooks = WebhookSender(store, settings.notify, secrets, settings.webhooks, clock=clock,
                                  metrics=metrics.webhooks)
-        feed = EdgeFeed(store, guards)
-        runner = web.AppRunner(create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks,
-                                          feed=feed), access_log=None)
+        app = create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks)
+        feed = app[FEED]
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
         await site.start()
