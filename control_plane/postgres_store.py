@@ -1,7 +1,9 @@
 # The production store: PostgreSQL through an asyncpg pool. Statements outside a
 # transaction take any pooled connection; a transaction keeps one for its whole body.
-# New events go in with one INSERT … ON CONFLICT DO NOTHING, so of two writers racing
-# with the same event exactly one is told it was accepted.
+# A chunk of new events goes in with one plain INSERT, all or nothing: an event kept
+# before (a retry, a racing writer) fails it on the unique key, and the chunk is then
+# taken with INSERT … ON CONFLICT DO NOTHING, so of two writers racing with the same
+# event exactly one is told it was accepted.
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +11,7 @@ import contextvars
 
 import asyncpg
 
-from control_plane.sql_store import SqlStore, _priced_rows
+from control_plane.sql_store import SqlStore, priced_rows
 from control_plane.store import ACCEPTED, StoreError
 
 POOL_MAX_SIZE = 10
@@ -122,7 +124,7 @@ class PostgresStore(SqlStore):
             async with self._transaction():
                 rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
                 totals = await self._lock_totals(rated) if rated else {}
-                rows = _priced_rows(chunk, first, events, ratings, totals)
+                rows = priced_rows(chunk, first, events, ratings, totals)
                 moved = [(*key, *sums) for key, sums in totals.items()]
                 async with self._connected() as connection:
                     try:

@@ -171,18 +171,23 @@ def payload_hash(payload: bytes) -> str:
 
 
 class SqlStore:
-    """Everything but the driver. Subclasses set DIALECT ({"serial": …, "blob": …})
-    and implement _fetch(sql, args) -> rows, _execute(sql, args), _executemany(sql,
-    rows), _transaction() (an async context manager; the whole body is one
-    transaction, holding the write lock on SQLite) and _insert_events(rows) -> the
-    (kind, customer_id, event_id) keys it inserted; they may replace _known_hashes
-    with a query their planner runs better."""
+    """Everything but the driver. Subclasses call SqlStore.__init__, set BACKEND and
+    DIALECT ({"serial": …, "blob": …}) and implement _fetch(sql, args) -> rows,
+    _execute(sql, args), _executemany(sql, rows), _transaction() (an async context
+    manager; the whole body is one transaction, holding the write lock on SQLite) and
+    _insert_events(rows) -> the (kind, customer_id, event_id) keys it inserted; they
+    may replace _known_hashes, _lock_totals or _write_chunk (one chunk of events in
+    its transaction) with what their database runs better."""
 
     BACKEND = ""                     # names the backend in backend-specific migration statements
     DIALECT: dict[str, str] = {}
     MIGRATION_LOCK_SQL = ""          # taken at the start of each migration's transaction
     ROW_LOCK_SQL = ""                # appended to a SELECT to lock the rows it reads
     SKIP_LOCKED_SQL = ""             # ... and to pass over rows another transaction has locked
+
+    def __init__(self) -> None:
+        self._waiting: list[_Call] = []          # record_events calls waiting to be written
+        self._writing = asyncio.Lock()           # held by the call writing them
 
     # -- schema --------------------------------------------------------------------
     async def migrate(self) -> int:
@@ -323,10 +328,6 @@ class SqlStore:
     # if written one after the other, with one transaction's round trips and commit.
     # When such a group fails, each call is tried alone, so a call fails only by its
     # own events or a store that is down.
-    def __init__(self) -> None:
-        self._waiting: list[_Call] = []
-        self._writing = asyncio.Lock()
-
     async def record_events(self, events: Sequence[StoredEvent], ratings=None) -> list[str]:
         if not events:
             return []
@@ -432,7 +433,7 @@ class SqlStore:
             if key in known:
                 index, digest = first[key]
                 outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
-        new = _priced_rows([key for key in chunk if key not in known], first, events, ratings, totals)
+        new = priced_rows([key for key in chunk if key not in known], first, events, ratings, totals)
         inserted = await self._insert_events(new) if new else set()
         raced = [row[:3] for row in new if row[:3] not in inserted]
         # Kept by a concurrent writer between our look-up and our insert (only an
@@ -651,7 +652,7 @@ class _Call:
         return self.outcomes is not None or self.error is not None
 
 
-def _priced_rows(keys, first, events, ratings, totals):
+def priced_rows(keys, first, events, ratings, totals):
     # The events rows for `keys` (new events, in batch order), each rated from its
     # period's running total, which moves on by the event (`totals`, as _lock_totals
     # returns them, is changed in place), with what it earned and cost, and from which

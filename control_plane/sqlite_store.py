@@ -1,8 +1,11 @@
 # The embedded store: one SQLite file through aiosqlite (its own thread, so the event
-# loop never waits on the disk). One connection; a lock makes each transaction, and
-# each statement outside one, run alone, and BEGIN IMMEDIATE takes SQLite's write lock
-# up front, so a read-then-write step (idempotent events, upserts) cannot interleave,
-# even with another process on the same file.
+# loop never waits on the disk). One connection writes: a lock makes each transaction,
+# and each statement outside one, run alone, and BEGIN IMMEDIATE takes SQLite's write
+# lock up front, so a read-then-write step (idempotent events, upserts) cannot
+# interleave, even with another process on the same file. Reads outside a transaction
+# go to a second, read-only connection: in WAL mode they see every committed
+# transaction and never wait for the one being written (an ingest request's token
+# and catalog checks would otherwise queue behind every batch being kept).
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +28,10 @@ class SqliteStore(SqlStore):
     DIALECT = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"}
     LOOK_AGAIN_AFTER_LOCKING = False     # BEGIN IMMEDIATE: no other writer until we commit
 
-    def __init__(self, connection: aiosqlite.Connection, path: str):
+    def __init__(self, connection: aiosqlite.Connection, path: str, reader: aiosqlite.Connection | None = None):
         super().__init__()
         self._connection = connection
+        self._reader = reader
         self.path = path
         self._lock = asyncio.Lock()
 
@@ -41,11 +45,17 @@ class SqliteStore(SqlStore):
             connection = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=NORMAL")
+            reader = None
+            if path != ":memory:":          # (a second connection to :memory: is another database)
+                reader = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                await reader.execute("PRAGMA query_only=ON")
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the SQLite store {path}: {error}") from error
-        return cls(connection, path)
+        return cls(connection, path, reader)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
         await self._connection.close()
 
     @contextlib.asynccontextmanager
@@ -67,9 +77,10 @@ class SqliteStore(SqlStore):
                 _in_transaction.reset(token)
 
     async def _fetch(self, sql, args):
+        if self._reader is not None and _in_transaction.get() is not self:
+            return await self._run(self._reader.execute_fetchall, sql, args)
         async with self._statement():
-            cursor = await self._run(self._connection.execute, sql, args)
-            return await cursor.fetchall()
+            return await self._run(self._connection.execute_fetchall, sql, args)
 
     async def _execute(self, sql, args):
         async with self._statement():
