@@ -524,9 +524,10 @@ class SqlStore:
             outcome, args = "next_attempt_at = ?, last_error = ?", (retry_at, error)
         else:
             outcome, args = "failed_at = ?, next_attempt_at = NULL, last_error = ?", (at, error)
-        rows = await self._fetch(
-            f"UPDATE webhook_outbox SET attempts = attempts + 1, {outcome} "
-            "WHERE id = ? AND next_attempt_at IS NOT NULL RETURNING seq", (*args, webhook_id))
+        async with self._transaction():         # a write: on the writing connection
+            rows = await self._fetch(
+                f"UPDATE webhook_outbox SET attempts = attempts + 1, {outcome} "
+                "WHERE id = ? AND next_attempt_at IS NOT NULL RETURNING seq", (*args, webhook_id))
         return bool(rows)
 
     async def next_webhook_at(self):
