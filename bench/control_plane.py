@@ -55,8 +55,12 @@ def start_control_plane(database, guards=None):
     process = subprocess.Popen([sys.executable, "-m", "control_plane.cli", "control-plane", "--listen",
                                 "127.0.0.1:0", "--database", database, *(["--guards", guards] if guards else [])],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    token = re.search(r"keep it\): (\S+)", process.stdout.readline()).group(1)
-    base = re.search(r"API on (http://\S+) ", process.stdout.readline()).group(1)
+    token = base = None
+    for line in process.stdout:             # warnings (e.g. unknown notify channels) may come first
+        token = token or (re.search(r"keep it\): (\S+)", line) or [None, None])[1]
+        base = (re.search(r"API on (http://\S+) ", line) or [None, None])[1]
+        if base:
+            break
     return process, base, token
 
 
