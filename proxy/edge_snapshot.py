@@ -176,15 +176,16 @@ class _CustomerStore:
     key number + 1 (0 = empty) and probing is linear, comparing whole digests.
     """
 
-    def __init__(self, plans: list[_PlanState]) -> None:
+    def __init__(self, plans: list[_PlanState], period_end: float) -> None:
         self.plans = plans
+        self.period_end = period_end
         self.ids = bytearray()
         self.id_ends = array("I")
         self.plan_of = array("H")
         self.status_of = array("B")
         self.usage = array("q")          # each customer's usage, one per plan quota metric
         self.usage_start = array("I")
-        self.period_ends = array("d")    # each customer's period end, epoch seconds
+        self.period_ends = None          # each customer's period end, once one differs
         self.standings: dict[int, dict[str, GuardStanding]] = {}
         self.digests = bytearray()       # key digests, INDEX_DIGEST_BYTES each
         self.key_owner = array("I")      # customer of each key
@@ -201,7 +202,10 @@ class _CustomerStore:
         self.id_ends.append(len(self.ids))
         self.plan_of.append(plan_number)
         self.status_of.append(status_number)
-        self.period_ends.append(period_end)
+        if period_end != self.period_end and self.period_ends is None:
+            self.period_ends = array("d", [self.period_end]) * index
+        if self.period_ends is not None:
+            self.period_ends.append(period_end)
         self.usage_start.append(len(self.usage))
         for metric in self.plans[plan_number].quota_metrics:
             self.usage.append(usage.get(metric, 0))
@@ -265,7 +269,7 @@ class _CustomerStore:
             plan.quotas,
             usage,
             self.standings.get(index, _NO_STANDINGS),
-            self.period_ends[index],
+            self.period_end if self.period_ends is None else self.period_ends[index],
         )
 
 
@@ -294,7 +298,7 @@ def build_snapshot(
     if window_s <= 0:
         raise InvalidStateError(f"the billing period must end after it starts, got {period_start}..{period_end}")
     plan_numbers = {name: number for number, name in enumerate(plans)}
-    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()])
+    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()], float(period_end))
     seen_ids: set[str] = set()
     for customer in customers:
         plan_number = plan_numbers.get(customer.plan)

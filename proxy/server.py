@@ -20,11 +20,9 @@ from config.proxy_settings import load_proxy_settings
 from proxy.admin import start_admin_server
 from proxy.app import ProxyApp
 from proxy.connection import ClientConnection
-from proxy.control_plane_link import ControlPlaneClient, ControlPlaneEdgeState, ControlPlaneSink
 from proxy.edge_state import FileEdgeState
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
-from proxy.quota_leases import QuotaLeases
 from proxy.routing import Router
 
 log = logging.getLogger("aforo.proxy")
@@ -93,6 +91,14 @@ class ProxyWorker:
         metrics = new_proxy_metrics()
         metering = settings.metering
         if settings.control_plane is not None:
+            # Imported only here: a proxy fed from a file never loads the HTTP client.
+            from proxy.control_plane_link import (
+                ControlPlaneClient,
+                ControlPlaneEdgeState,
+                ControlPlaneSink,
+            )
+            from proxy.quota_leases import QuotaLeases
+
             source = settings.control_plane
             token = os.environ.get(source.token_env)
             if not token:

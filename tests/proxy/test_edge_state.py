@@ -10,10 +10,29 @@ from pathlib import Path
 import pytest
 
 from config import ConfigError
-from config.edge_state_file import Customer, Plan, Quota, Standing, parse_edge_state_file
+from config.edge_state_file import (
+    Customer,
+    Plan,
+    Quota,
+    Standing,
+    parse_edge_state_file,
+)
 from config.values import Rate
-from decision_core import ALLOW, ALLOW_THROTTLED, REJECT, InvalidStateError, RequestFacts, decide
-from proxy.edge_state import EdgeState, FileEdgeState, build_snapshot, hash_api_key, snapshot_from_file
+from decision_core import (
+    ALLOW,
+    ALLOW_THROTTLED,
+    REJECT,
+    InvalidStateError,
+    RequestFacts,
+    decide,
+)
+from proxy.edge_state import (
+    EdgeState,
+    FileEdgeState,
+    build_snapshot,
+    hash_api_key,
+    snapshot_from_file,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "edge_state.yaml"
 NOW = 1_795_000_000.0  # 2026-11-18, inside the example's billing period
@@ -208,6 +227,19 @@ def test_build_snapshot_refuses_state_it_cannot_serve(customers, message):
 def test_snapshot_from_a_parsed_file_uses_the_period_end():
     snapshot = snapshot_from_file(parse_edge_state_file(STATE), "v1", NOW)
     assert (snapshot.version, snapshot.period_end, len(snapshot)) == ("v1", PERIOD_END, 2)
+
+
+def test_a_customer_may_have_a_period_end_of_its_own():
+    import datetime
+
+    from config.values import Timestamp
+    own_end = PERIOD_END + 86400
+    own = Timestamp(datetime.datetime.fromtimestamp(own_end, datetime.timezone.utc))
+    customers = [Customer(id=f"cus_{n}", plan="free", status="active", api_keys=(digest_hex(b"k%d" % n),),
+                          period_end=own if n == 1 else None) for n in range(3)]
+    snapshot = build_snapshot({"free": Plan(tier="free")}, customers, PERIOD_START, PERIOD_END, NOW)
+    ends = [snapshot.customer_for_key(b"k%d" % n).period_end for n in range(3)]
+    assert ends == [PERIOD_END, own_end, PERIOD_END]
 
 
 def test_first_load_failure_is_a_config_error(tmp_path):
