@@ -139,14 +139,23 @@ class EdgeFeed:
                                    for metric, quota in pricing.plan.quotas.items()})
                  for key, pricing in rater.plans.items()}
         wanted = sorted(rater.by_customer if only is None else set(rater.by_customer) & only)
+        if only is None:            # everyone: one read of each
+            live_keys = await store.live_api_keys()
+            totals = await store.period_totals(now)
+            standing = await store.guard_levels()
+        else:                       # the few that changed: only theirs
+            live_keys = [key for customer_id in wanted for key in await store.api_keys(customer_id)
+                         if key.revoked_at is None]
+            totals = await store.period_totals_of(now, wanted)
+            standing = await store.guard_levels_of(wanted)
         keys: dict[str, list[str]] = {}
-        for key in await store.live_api_keys():
+        for key in live_keys:
             keys.setdefault(key.customer_id, []).append(key.key_hash)
         usage: dict[str, dict[str, int]] = {}
-        for row in await store.period_totals(now, None if only is None or len(only) != 1 else next(iter(only))):
+        for row in totals:
             usage.setdefault(row.customer_id, {})[row.metric] = row.units
         levels: dict[str, list] = {}
-        for level in await store.guard_levels():
+        for level in standing:
             levels.setdefault(level.customer_id, []).append(level)
         customers = []
         earliest_end = float("inf")
