@@ -20,14 +20,13 @@ from config.watched_file import ReloadErrorCounter
 from control_plane import quota_leases
 from control_plane.catalog import check_references
 from control_plane.edge_feed import EdgeFeed
-from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import (
     BatchError,
     CostEvent,
     UsageEvent,
-    ingest_batch,
     split_batch,
 )
+from control_plane.intake import Intake
 from control_plane.margins import customer_margins
 from control_plane.quota_leases import LeaseRequest, LeaseReturn
 from control_plane.rating import CurrentRater
@@ -63,6 +62,7 @@ METRICS = web.AppKey("metrics", object)
 FEED = web.AppKey("feed", EdgeFeed)
 WEBHOOKS = web.AppKey("webhooks", object)
 RATER = web.AppKey("rater", CurrentRater)
+INTAKE = web.AppKey("intake", Intake)
 
 
 class ControlPlaneMetrics:
@@ -240,18 +240,7 @@ def _ingest_handler(kind):
             events = split_batch(body, ndjson=content_type != "application/json")
         except BatchError as error:
             return problem(400, str(error))
-        now = request.app[CLOCK]()
-        store = request.app[STORE]
-        rater = await request.app[RATER].get()
-        report, customers = await ingest_batch(store, kind, events, now,
-                                               source=request.headers.get("X-Aforo-Source", "api"), rater=rater)
-        guards = request.app[GUARDS]
-        if guards is not None and customers:
-            # Margins moved: judge the customers whose events were kept.
-            recorded = await evaluate_guards(store, guards.value, now, customers, rater)
-            request.app[FEED].changed(action.customer_id for action in recorded)
-            if recorded and request.app[WEBHOOKS] is not None:
-                request.app[WEBHOOKS].wake()
+        report = await request.app[INTAKE].take(kind, events, request.headers.get("X-Aforo-Source", "api"))
         return json_response(report)
     return handle
 
@@ -485,6 +474,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[FEED] = feed or EdgeFeed(store, guards, app[RATER])
     app.on_shutdown.append(_release_long_polls)
     app[WEBHOOKS] = webhooks
+    app[INTAKE] = Intake(store, app[RATER], app[FEED], guards, webhooks, clock)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
