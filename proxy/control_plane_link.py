@@ -238,6 +238,16 @@ class _WireUsage(msgspec.Struct):
 _encode_lines = msgspec.json.Encoder().encode_lines
 
 
+def usage_ndjson(events: Sequence[MeterEvent]) -> bytes:
+    """Meter events as the control plane ingests usage: NDJSON, route and status as
+    dimensions, source `proxy`."""
+    return _encode_lines(
+        _WireUsage(event.id, event.customer_id, event.metric, event.quantity,
+                   datetime.datetime.fromtimestamp(event.timestamp, _UTC),
+                   {"route": event.route, "status": str(event.status)}, "proxy")
+        for event in events)
+
+
 class _IngestReport(msgspec.Struct):
     results: list[dict] = []
 
@@ -256,11 +266,7 @@ class ControlPlaneSink:
     async def write_batch(self, events: Sequence[MeterEvent]) -> None:
         if not events:
             return
-        body = _encode_lines(
-            _WireUsage(event.id, event.customer_id, event.metric, event.quantity,
-                       datetime.datetime.fromtimestamp(event.timestamp, _UTC),
-                       {"route": event.route, "status": str(event.status)}, "proxy")
-            for event in events)
+        body = usage_ndjson(events)
         answer = await self.client.call("POST", "/v1/events", data=body,
                                         headers={"Content-Type": "application/x-ndjson", "X-Aforo-Source": "proxy"})
         try:

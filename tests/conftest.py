@@ -78,3 +78,35 @@ def postgres_schema(postgres_url):
     asyncio.run(run(f"CREATE SCHEMA {schema}"))
     yield postgres_url, schema
     asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))
+
+
+# Redis at REDIS_URL, started here (redis-server, as a daemon) when it is down.
+REDIS_URL = os.environ.get("AFORO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_answers(url):
+    import redis
+    try:
+        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The URL of a running Redis, started here when it was down."""
+    if not _redis_answers(REDIS_URL):
+        problem = None
+        if shutil.which("redis-server"):
+            result = subprocess.run(["redis-server", "--bind", "127.0.0.1", "--port", "6379", "--daemonize", "yes"],
+                                    capture_output=True, text=True, timeout=60)
+            problem = result.stderr.strip() or None
+        else:
+            problem = "redis-server is not available"
+        for _ in range(SERVICE_WAIT_S * 2):
+            if _redis_answers(REDIS_URL):
+                break
+            time.sleep(0.5)
+        else:
+            _service_missing(f"Redis at {REDIS_URL} is not running and could not be started: {problem}")
+    return REDIS_URL

@@ -1,0 +1,11 @@
+# The names proxies and control-plane workers share on the Redis edge bus. Every key
+# carries the hash tag `{aforo}`, so on Redis Cluster they all live in one slot and
+# multi-key commands stay legal.
+#
+# Meter events: a stream; each entry is one batch from one proxy worker, its field
+# `events` the batch as NDJSON usage events (the body POST /v1/events takes). Control
+# plane workers read it in the consumer group METER_GROUP, keep the events (once each,
+# by id), then acknowledge and delete the entry.
+METER_STREAM = "{aforo}:meter-events"
+METER_GROUP = "control-plane"
+EVENTS_FIELD = "events"

@@ -1,0 +1,101 @@
+# Reading the meter stream (config.bus): every control-plane worker is a consumer in
+# one group. An entry (a proxy's batch) is taken in through the same intake as
+# POST /v1/events, then acknowledged and deleted; only then is it done. An entry
+# whose worker died before acknowledging it stays pending in the group, and after
+# `claim_idle_ms` another worker claims it and takes it in again: the store keeps
+# each event once by its id, so nothing is lost or counted twice.
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError, ResponseError
+
+from config.bus import EVENTS_FIELD, METER_GROUP, METER_STREAM
+from control_plane.intake import Intake
+from control_plane.store import USAGE, StoreError
+
+log = logging.getLogger("aforo.control_plane")
+
+ENTRIES_PER_READ = 16
+BLOCK_MS = 1000
+CLAIM_IDLE_MS = 30_000
+RETRY_INITIAL_S = 0.2
+RETRY_MAX_S = 5.0
+
+
+class MeterStreamConsumer:
+    """Consumer `name` of the meter stream's group on `client` (a redis.asyncio
+    client), taking entries in through `intake`."""
+
+    def __init__(self, client: redis.Redis, intake: Intake, name: str, *, stream: str = METER_STREAM,
+                 group: str = METER_GROUP, claim_idle_ms: int = CLAIM_IDLE_MS, block_ms: int = BLOCK_MS) -> None:
+        self.client = client
+        self.intake = intake
+        self.name = name
+        self.stream = stream
+        self.group = group
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self.events_rejected = 0
+
+    async def join_group(self) -> None:
+        """Create the group (and the stream) unless it exists; a new group starts with
+        every entry already in the stream."""
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def run(self) -> None:
+        """Take entries in until cancelled; a store or Redis failure is logged and
+        retried with backoff (the entries stay pending, nothing is acknowledged)."""
+        await self.join_group()
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                await self.step()
+                delay = RETRY_INITIAL_S
+            except (StoreError, RedisError, OSError) as error:
+                log.warning("meter stream: %s; retrying in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def step(self, block_ms: int | None = None) -> int:
+        """One round: this consumer's own pending entries (left by a failure), then
+        entries of other consumers idle for claim_idle_ms (a worker that died), then
+        new ones (waiting up to `block_ms`). Returns how many entries were done."""
+        own = await self._read("0")
+        if own:
+            return await self._take(own)
+        _, claimed, *_ = await self.client.xautoclaim(self.stream, self.group, self.name, self.claim_idle_ms,
+                                                      start_id="0-0", count=ENTRIES_PER_READ)
+        if claimed:
+            return await self._take(claimed)
+        return await self._take(await self._read(">", self.block_ms if block_ms is None else block_ms))
+
+    async def _read(self, start: str, block_ms: int | None = None):
+        answer = await self.client.xreadgroup(self.group, self.name, {self.stream: start}, count=ENTRIES_PER_READ,
+                                              block=block_ms)
+        return answer[0][1] if answer else []
+
+    async def _take(self, entries) -> int:
+        done = 0
+        for entry_id, fields in entries:
+            if fields:                  # (a claimed entry deleted meanwhile comes back empty)
+                batch = fields.get(EVENTS_FIELD.encode(), b"")
+                report = await self.intake.take(USAGE, [line for line in batch.splitlines() if line.strip()],
+                                                "proxy")
+                if report.rejected:
+                    self.events_rejected += report.rejected
+                    first = next(result for result in report.results if result.status == "rejected")
+                    log.error("meter stream: %d of the events of entry %s were rejected; first: %s",
+                              report.rejected, entry_id, first.reason)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xack(self.stream, self.group, entry_id)
+                pipe.xdel(self.stream, entry_id)
+                await pipe.execute()
+            done += 1
+        return done

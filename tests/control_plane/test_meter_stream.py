@@ -1,0 +1,132 @@
+# Meter events over a real Redis stream into both stores: proxies append batches,
+# control-plane consumers take them in, acknowledge and delete them; the entries of a
+# consumer that died are claimed by another and every event is stored exactly once.
+import asyncio
+import uuid
+
+import redis.asyncio as redis
+
+from control_plane.edge_feed import EdgeFeed
+from control_plane.intake import Intake
+from control_plane.meter_stream import MeterStreamConsumer
+from control_plane.rating import CurrentRater
+from control_plane.store import USAGE
+from proxy.meter_event import MeterEvent
+from proxy.meter_stream import RedisStreamSink
+
+NOW = 1_800_000_000.0
+GROUP = "control-plane"
+
+
+def meter_events(count, start=0):
+    return [MeterEvent(f"evt-{n:04d}", "cus_1", "api_calls", 1, NOW - 60, "api", 200, 10, 20, 1.5)
+            for n in range(start, start + count)]
+
+
+async def catalog(store):
+    await store.put_catalog("metric", "api_calls", {"aggregation": "count"})
+    await store.put_catalog("plan", "pro", {"tier": "pro", "charges": [
+        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]})
+    await store.put_catalog("customer", "cus_1", {})
+    await store.put_catalog("subscription", "sub_1", {"customer": "cus_1", "plan": "pro", "status": "active",
+                                                      "period_anchor": "2027-01-01T00:00:00+00:00"})
+
+
+def stream_test(backend, redis_url, scenario):
+
+    stream = f"{{aforo}}:test-meter-events-{uuid.uuid4().hex[:8]}"
+
+    async def run(open_store):
+        store = await open_store()
+        await catalog(store)
+        client = redis.from_url(redis_url)
+        sink = RedisStreamSink(redis_url, stream=stream)
+        rater = CurrentRater(store)
+        intake = Intake(store, rater, EdgeFeed(store, rater=rater), clock=lambda: NOW)
+
+        def consumer(name, claim_idle_ms=30_000):
+            return MeterStreamConsumer(client, intake, name, stream=stream, claim_idle_ms=claim_idle_ms)
+        try:
+            await scenario(store, client, sink, consumer, stream, open_store)
+        finally:
+            await client.delete(stream)
+            await sink.close()
+            await client.aclose()
+    backend.run(run)
+
+
+async def drain(consumer):
+    while await consumer.step(block_ms=50):
+        pass
+
+
+def test_batches_appended_by_proxies_are_stored_once_and_leave_the_stream(backend, redis_url):
+    async def scenario(store, client, sink, consumer, stream, _open_store):
+        reader = consumer("worker-1")
+        await reader.join_group()
+        await sink.write_batch(meter_events(30))
+        await sink.write_batch(meter_events(20, start=30))
+        await sink.write_batch(meter_events(20, start=30))      # a batch sent again after a lost reply
+        await drain(reader)
+        events = await store.events(USAGE, "cus_1")
+        assert sorted(event.event_id for event in events) == [f"evt-{n:04d}" for n in range(50)]
+        assert await client.xlen(stream) == 0
+        assert (await client.xpending(stream, GROUP))["pending"] == 0
+        [totals] = await store.period_totals(NOW, "cus_1")
+        assert totals.units == 50
+    stream_test(backend, redis_url, scenario)
+
+
+def test_a_dead_consumers_entries_are_claimed_by_another_and_counted_once(backend, redis_url):
+    async def scenario(store, client, sink, consumer, stream, _open_store):
+        dying, survivor = consumer("worker-1"), consumer("worker-2", claim_idle_ms=0)
+        await dying.join_group()
+        for start in range(0, 40, 10):
+            await sink.write_batch(meter_events(10, start=start))
+        # worker-1 reads two entries, keeps the first, and dies before acknowledging either.
+        taken = await client.xreadgroup(GROUP, "worker-1", {stream: ">"}, count=2)
+        first_entry = taken[0][1][0]
+        await dying.intake.take(USAGE, first_entry[1][b"events"].splitlines(), "proxy")
+        await drain(survivor)
+        events = await store.events(USAGE, "cus_1")
+        assert sorted(event.event_id for event in events) == [f"evt-{n:04d}" for n in range(40)]
+        [totals] = await store.period_totals(NOW, "cus_1")
+        assert totals.units == 40
+        assert await client.xlen(stream) == 0
+        assert (await client.xpending(stream, GROUP))["pending"] == 0
+    stream_test(backend, redis_url, scenario)
+
+
+def test_entries_wait_in_the_stream_while_the_store_is_down(backend, redis_url):
+    async def scenario(store, client, sink, consumer, stream, open_store):
+        reader = consumer("worker-1")
+        await reader.join_group()
+        await sink.write_batch(meter_events(10))
+        # The worker's own store connection goes away: every intake fails for real.
+        lost = await open_store()
+        await lost.close()
+        back = reader.intake
+        reader.intake = Intake(lost, CurrentRater(lost), back.feed, clock=lambda: NOW)
+        runner = asyncio.create_task(reader.run())
+        await eventually(lambda: pending(client, stream, 1))
+        assert await store.events(USAGE, "cus_1") == []
+        reader.intake = back                        # the store is back
+        await eventually(lambda: pending(client, stream, 0))
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        assert len(await store.events(USAGE, "cus_1")) == 10
+        assert await client.xlen(stream) == 0
+    stream_test(backend, redis_url, scenario)
+
+
+async def pending(client, stream, count):
+    return (await client.xpending(stream, GROUP))["pending"] == count
+
+
+async def eventually(condition, timeout_s=10.0):
+    """Wait for something the test caused (a bound, never a timed assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await condition():
+        assert loop.time() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
