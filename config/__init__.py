@@ -1,10 +1,18 @@
 # Configuration: guard files, proxy settings and edge state files, all read by one
 # strict loader. Loading either returns a complete value or raises ConfigError; there
 # is no partially loaded state, so a reload can keep the old value on any error.
-from config.edge_state_file import EdgeStateFile, load_edge_state_file, parse_edge_state_file
+from config.edge_state_file import (
+    EdgeStateFile,
+    load_edge_state_file,
+    parse_edge_state_file,
+)
 from config.errors import ConfigError, ConfigErrors
 from config.guards import GuardSet, load_guards, parse_guards
-from config.proxy_settings import ProxySettings, load_proxy_settings, parse_proxy_settings
+from config.proxy_settings import (
+    ProxySettings,
+    load_proxy_settings,
+    parse_proxy_settings,
+)
 from config.schema import (
     OVERALL_METRIC,
     WILDCARD_METRIC,

@@ -7,5 +7,8 @@
 # plane workers read it in the consumer group METER_GROUP, keep the events (once each,
 # by id), then acknowledge and delete the entry.
 METER_STREAM = "{aforo}:meter-events"
+# Where the bus is, in settings files: `redis://host:port/db`, `rediss://` (TLS) or `unix://`.
+REDIS_URL_PATTERN = r"^(redis|rediss|unix)://\S+$"
+REDIS_URL_MEANING = "a Redis URL such as `redis://127.0.0.1:6379/0`"
 METER_GROUP = "control-plane"
 EVENTS_FIELD = "events"

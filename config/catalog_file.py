@@ -20,7 +20,13 @@ import msgspec
 
 from config.documents import Problem, duplicate_names, parse_document, read_document
 from config.edge_state_file import CUSTOMER_ID_PATTERN, SubscriptionStatus
-from config.schema import METERED_METRIC_PATTERN, PATTERN_MEANINGS, MeteredMetric, Name, Schema
+from config.schema import (
+    METERED_METRIC_PATTERN,
+    PATTERN_MEANINGS,
+    MeteredMetric,
+    Name,
+    Schema,
+)
 from config.values import Money, Percent, Timestamp
 from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volume
 

@@ -9,6 +9,8 @@
 #   guards (none)              the guard file, watched and hot-reloaded
 #   notify ({})                name -> NotifyChannel: where a guard's `notify` names send webhooks
 #   webhooks                   how deliveries are retried (see WebhookSettings)
+#   redis_url (none)           the Redis edge bus: meter events are also read from its
+#                              stream (`redis://host:port/db`)
 from __future__ import annotations
 
 import os
@@ -19,6 +21,7 @@ from typing import Annotated
 
 import msgspec
 
+from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
 from config.documents import Problem, parse_document, read_document
 from config.errors import ConfigError, raise_if_any
 from config.network import HostPort, WebhookUrl
@@ -34,6 +37,7 @@ SQLITE_PREFIX = "sqlite:"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
+    REDIS_URL_PATTERN: REDIS_URL_MEANING,
     ENV_NAME_PATTERN: "an environment variable name (letters, digits, `_`; not starting with a digit)",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -99,6 +103,7 @@ class ControlPlaneSettings(Schema):
     guards: FilePath | None = None
     notify: dict[Name, NotifyChannel] = msgspec.field(default_factory=dict)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
 
 
 def parse_control_plane_settings(

@@ -27,6 +27,7 @@ from typing import Annotated
 
 import msgspec
 
+from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
 from config.documents import Problem, duplicate_names, parse_document, read_document
 from config.network import (
     HeaderName,
@@ -47,6 +48,7 @@ MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
+    REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -127,10 +129,13 @@ class ControlPlaneSource(Schema):
 
 class MeteringSettings(Schema):
     """Meter events: appended as NDJSON to `path` (sent to the control plane instead
-    when the proxy follows one), spooled to `spool_dir` while the sink is behind; up to `buffer_events` held in memory, written `batch_events` at
-    a time at least every `flush_interval_s` seconds."""
+    when the proxy follows one, and to the Redis meter stream at `redis_url` when one
+    is given), spooled to `spool_dir` while the sink is behind; up to `buffer_events`
+    held in memory, written `batch_events` at a time at least every
+    `flush_interval_s` seconds."""
 
     path: FilePath = "meter-events.ndjson"
+    redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
     spool_dir: FilePath = "meter-spool"
     buffer_events: Count = 100_000
     batch_events: Count = 1000

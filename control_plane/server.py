@@ -9,16 +9,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 
+import redis.asyncio as redis
 import uvloop
 from aiohttp import web
 
 from config.control_plane_settings import ControlPlaneSettings, signing_secrets
 from config.guards import watch_guards
-from control_plane.api import FEED, ControlPlaneMetrics, create_admin_token, create_app
+from control_plane.api import (
+    FEED,
+    INTAKE,
+    ControlPlaneMetrics,
+    create_admin_token,
+    create_app,
+)
+from control_plane.meter_stream import MeterStreamConsumer
 from control_plane.store import Store, open_store
 from control_plane.webhooks import WebhookSender
 
@@ -26,6 +36,7 @@ log = logging.getLogger("aforo.control_plane")
 
 GUARD_RELOAD_INTERVAL_S = 2.0
 GC_YOUNG_THRESHOLD = 10_000
+REDIS_TIMEOUT_S = 2.0
 
 
 class RunningControlPlane:
@@ -91,6 +102,12 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
             admin_token = await create_admin_token(store, "first", clock())
         tasks.append(asyncio.create_task(webhooks.run(), name="aforo webhooks"))
         tasks.append(asyncio.create_task(feed.watch(clock), name="aforo edge feed"))
+        if settings.redis_url is not None:
+            bus = redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                 socket_connect_timeout=REDIS_TIMEOUT_S)
+            consumer = MeterStreamConsumer(bus, app[INTAKE], f"{socket.gethostname()}-{os.getpid()}",
+                                           block_ms=int(REDIS_TIMEOUT_S * 500))
+            tasks.append(asyncio.create_task(_read_meter_stream(consumer, bus), name="aforo meter stream"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))
     except BaseException:
@@ -144,6 +161,13 @@ def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None
     for name in sorted(named - set(settings.notify)):
         log.warning("guards in %s notify `%s`, which is not a notify channel in the control plane settings: "
                     "its webhooks will fail", guard_set.source, name)
+
+
+async def _read_meter_stream(consumer: MeterStreamConsumer, bus: redis.Redis) -> None:
+    try:
+        await consumer.run()
+    finally:
+        await bus.aclose()
 
 
 async def _cancel(tasks: list[asyncio.Task]) -> None:

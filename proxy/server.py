@@ -90,6 +90,11 @@ class ProxyWorker:
         workers = settings.workers
         metrics = new_proxy_metrics()
         metering = settings.metering
+        sink = None
+        if metering.redis_url is not None:
+            from proxy.meter_stream import RedisStreamSink
+
+            sink = RedisStreamSink(metering.redis_url)
         if settings.control_plane is not None:
             # Imported only here: a proxy fed from a file never loads the HTTP client.
             from proxy.control_plane_link import (
@@ -107,12 +112,12 @@ class ProxyWorker:
                 ControlPlaneClient(source.url, token), clock=self.wall_clock, leased_quotas=True)
             if not self.edge_state.ready:
                 await self.edge_state.start(source.start_timeout_s)
-            sink = ControlPlaneSink(ControlPlaneClient(source.url, token))
+            sink = sink or ControlPlaneSink(ControlPlaneClient(source.url, token))
             self.leases = QuotaLeases(ControlPlaneClient(source.url, token), self.edge_state, self.loop)
         else:
             self.edge_state = self.given_edge_state or FileEdgeState(
                 settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
-            sink = NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
+            sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
         self.sink = sink
         self.meter = MeterBuffer(
             sink,

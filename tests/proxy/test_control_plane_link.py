@@ -212,3 +212,46 @@ def test_a_lease_that_cannot_be_had_answers_503_not_a_wrong_quota_refusal(loop_t
     worker.leases.client.url = "http://127.0.0.1:9"             # the control plane is unreachable for leases
     status, headers, body = request(worker.port, "GET", "/echo", key=key)
     assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")
+
+
+def test_meter_events_can_travel_over_the_redis_stream(loop_thread, tmp_path, upstream, redis_url, monkeypatch):
+    import redis as redis_client
+
+    from config.bus import METER_STREAM
+    from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl
+    from config.network import HostPort
+    from control_plane.server import start_control_plane
+
+    redis_client.Redis.from_url(redis_url).delete(METER_STREAM)
+    settings = ControlPlaneSettings(listen=HostPort("127.0.0.1", 0), database=DatabaseUrl(str(tmp_path / "a.db")),
+                                    redis_url=redis_url)
+    running = loop_thread.run(start_control_plane(settings, environ={}))
+    plane = ControlPlane(loop_thread, tmp_path)
+    plane.url, plane.token = running.url, running.admin_token
+    try:
+        plane.catalog()
+        key = plane.new_key()
+        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", plane.token)
+        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
+            listen: 127.0.0.1:0
+            admin: 127.0.0.1:0
+            upstreams:
+              main: {{url: "http://127.0.0.1:{upstream.port}"}}
+            routes:
+              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
+            control_plane: {{url: "{plane.url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
+            metering: {{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}
+            """))
+        worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
+        loop_thread.run(worker.start())
+        for _ in range(12):
+            assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+        loop_thread.run(worker.stop(1.0), timeout=30)    # its events go to the stream as it stops
+        deadline = time.monotonic() + SOCKET_TIMEOUT_S
+        while len(loop_thread.run(running.store.events(USAGE, "cus_a"))) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = loop_thread.run(running.store.events(USAGE, "cus_a"))
+        assert len(events) == 12
+        assert {json.loads(event.payload)["source"] for event in events} == {"proxy"}
+    finally:
+        loop_thread.run(running.stop())
