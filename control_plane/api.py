@@ -221,9 +221,10 @@ async def _list_api_keys(request):
 
 
 async def _revoke_api_key(request):
-    if not await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK]()):
+    customer_id = await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK]())
+    if customer_id is None:
         return problem(404, f"no active API key `{request.match_info['key_id']}`")
-    request.app[FEED].changed()
+    request.app[FEED].changed((customer_id,))
     return web.Response(status=204)
 
 

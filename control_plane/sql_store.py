@@ -289,10 +289,11 @@ class SqlStore:
 
     async def revoke_api_key(self, key_id, at):
         async with self._transaction():
-            rows = await self._fetch("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,))
+            rows = await self._fetch("SELECT customer_id FROM api_keys WHERE id = ? AND revoked_at IS NULL",
+                                     (key_id,))
             if rows:
                 await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (at, key_id))
-            return bool(rows)
+            return rows[0][0] if rows else None
 
     async def api_key_by_hash(self, key_hash):
         rows = await self._fetch(

@@ -155,3 +155,14 @@ def test_a_new_period_starts_every_customer_at_level_0_and_the_trail_says_so(bac
         levels = {customer["id"]: customer["levels"] for customer in body["state"]["customers"]}
         assert levels["cus_a"]["overall"]["level"] == 3
     guarded_api(backend, tmp_path, scenario)
+
+
+def test_a_revoked_key_is_a_change_for_its_customer_only(backend, tmp_path):
+    async def scenario(api):
+        _, _, key = await api.call("POST", "/v1/customers/cus_a/api-keys")
+        _, _, body = await api.call("GET", "/v1/edge/state")
+        await api.call("DELETE", f"/v1/api-keys/{key['id']}")
+        _, _, changes = await api.call("GET", f"/v1/edge/changes?since={body['version']}")
+        assert not changes["resync"]
+        assert [(customer["id"], customer["api_keys"]) for customer in changes["customers"]] == [("cus_a", [])]
+    guarded_api(backend, tmp_path, scenario)

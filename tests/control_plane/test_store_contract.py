@@ -115,9 +115,9 @@ def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
         assert await store.api_keys("cus_1", "ak_test") == []
         assert await store.api_key_by_hash("b" * 64) == second
         assert await store.api_key_by_hash("d" * 64) is None
-        assert await store.revoke_api_key("key_2", 20.0) is True
-        assert await store.revoke_api_key("key_2", 21.0) is False     # already revoked: the first time stands
-        assert await store.revoke_api_key("key_9", 21.0) is False
+        assert await store.revoke_api_key("key_2", 20.0) == "cus_1"
+        assert await store.revoke_api_key("key_2", 21.0) is None      # already revoked: the first time stands
+        assert await store.revoke_api_key("key_9", 21.0) is None
         assert (await store.api_key_by_hash("b" * 64)).revoked_at == 20.0
         with pytest.raises(StoreError):
             await store.add_api_key(ApiKey("key_4", "cus_3", "ak_live_ee", "a" * 64, 13.0))   # same digest
