@@ -153,6 +153,13 @@ class ControlPlaneEdgeState:
                             error, self.version, self.age_s(), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+            except Exception:  # noqa: BLE001 - following must outlive a state it cannot build
+                self.errors += 1
+                log.exception("edge state: a change could not be applied; serving version %s, pulling "
+                              "everything again in %.1f s", self.version, delay)
+                self.version = ""           # an unknown version: the next poll says resync
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     async def apply_next_changes(self, wait_s: float) -> None:
         """One long poll: wait up to `wait_s` for changes after the version served,

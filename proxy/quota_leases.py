@@ -97,6 +97,17 @@ class QuotaLeases:
 
     async def _ask(self, customer, metric, needed) -> None:
         key = (customer.customer_id, metric)
+        ok = False
+        try:
+            ok = await self._lease(customer, metric, needed, key)
+        except Exception:  # noqa: BLE001 - whatever happens, the waiting requests get an answer
+            log.exception("quota lease for %s %s failed", customer.customer_id, metric)
+        finally:
+            for exchange in self._waiting.pop(key, ()):
+                exchange.lease_settled(ok)
+
+    async def _lease(self, customer, metric, needed, key) -> bool:
+        # True when the control plane answered (with units or with none left).
         limit = customer.quotas.limit_at(customer.quotas.slot(metric)).limit
         ok = True
         try:
@@ -119,15 +130,20 @@ class QuotaLeases:
                 self._denied_until.pop(key, None)
             else:
                 self._denied_until[key] = self.clock() + DENIED_RETRY_S
-        for exchange in self._waiting.pop(key, ()):
-            exchange.lease_settled(ok)
+        return ok
 
     def schedule_returns(self) -> None:
         """Give back idle leases every LEASE_IDLE_S until stop()."""
         def tick():
-            self.loop.create_task(self.give_back(idle_for_s=LEASE_IDLE_S))
+            self.loop.create_task(self._give_back_idle())
             self._sweeper = self.loop.call_later(LEASE_IDLE_S, tick)
         self._sweeper = self.loop.call_later(LEASE_IDLE_S, tick)
+
+    async def _give_back_idle(self) -> None:
+        try:
+            await self.give_back(idle_for_s=LEASE_IDLE_S)
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("giving back idle quota leases failed")
 
     async def give_back(self, idle_for_s: float = 0.0) -> None:
         """Return every lease unused for `idle_for_s` seconds (0: all of them)."""
