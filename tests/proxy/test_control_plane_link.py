@@ -99,22 +99,29 @@ def control_plane(loop_thread, tmp_path):
     loop_thread.run(plane.stop())
 
 
+def fed_settings(upstream_port, control_plane_url, metering):
+    """Proxy settings following the control plane at `control_plane_url`."""
+    return textwrap.dedent(f"""\
+        listen: 127.0.0.1:0
+        admin: 127.0.0.1:0
+        upstreams:
+          main: {{url: "http://127.0.0.1:{upstream_port}"}}
+        routes:
+          - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
+        control_plane: {{url: "{control_plane_url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
+        metering: {metering}
+        """)
+
+
 @pytest.fixture
 def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
     workers = []
 
     def start():
         monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
-        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
-            listen: 127.0.0.1:0
-            admin: 127.0.0.1:0
-            upstreams:
-              main: {{url: "http://127.0.0.1:{upstream.port}"}}
-            routes:
-              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
-            control_plane: {{url: "{control_plane.url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
-            metering: {{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}
-            """))
+        (tmp_path / "proxy.yaml").write_text(fed_settings(
+            upstream.port, control_plane.url,
+            f"{{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}"))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         workers.append(worker)
@@ -232,16 +239,8 @@ def test_meter_events_can_travel_over_the_redis_stream(loop_thread, tmp_path, up
         plane.catalog()
         key = plane.new_key()
         monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", plane.token)
-        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
-            listen: 127.0.0.1:0
-            admin: 127.0.0.1:0
-            upstreams:
-              main: {{url: "http://127.0.0.1:{upstream.port}"}}
-            routes:
-              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
-            control_plane: {{url: "{plane.url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
-            metering: {{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}
-            """))
+        (tmp_path / "proxy.yaml").write_text(fed_settings(
+            upstream.port, plane.url, f'{{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}'))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         for _ in range(12):
