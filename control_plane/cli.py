@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import yaml
@@ -18,6 +19,7 @@ EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 DATABASE_URL_ENV = "AFORO_DATABASE_URL"
+REDIS_URL_ENV = "AFORO_REDIS_URL"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +205,8 @@ def run_control_plane(args: argparse.Namespace) -> int:
     overrides = {}
     options = (("listen", "--listen", HostPort.parse, args.listen),
                ("database", "--database", DatabaseUrl.parse, args.database or os.environ.get(DATABASE_URL_ENV)),
-               ("guards", "--guards", str, args.guards))
+               ("guards", "--guards", str, args.guards),
+               ("redis_url", "--redis-url", _redis_url, args.redis_url or os.environ.get(REDIS_URL_ENV)))
     for field, option, parse, value in options:
         if value:
             try:
@@ -220,6 +223,14 @@ def run_control_plane(args: argparse.Namespace) -> int:
         print(f"aforo control-plane: {err}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _redis_url(value: str) -> str:
+    from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
+
+    if not re.match(REDIS_URL_PATTERN, value):
+        raise ValueError(f"expected {REDIS_URL_MEANING}, got `{value}`")
+    return value
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -296,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--guards", metavar="FILE", help="guard YAML, watched and hot-reloaded")
     control.add_argument("--database", metavar="URL", help="an SQLite file or a postgresql:// URL (default: "
                          f"$AFORO_DATABASE_URL, else the settings' `database`, else {DEFAULT_SQLITE_PATH})")
+    control.add_argument("--redis-url", metavar="URL", help="the Redis edge bus whose meter stream it reads "
+                         f"(default: ${REDIS_URL_ENV}, else the settings' `redis_url`, else none)")
     control.set_defaults(run=run_control_plane)
     up = commands.add_parser(
         "up",

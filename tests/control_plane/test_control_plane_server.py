@@ -175,6 +175,15 @@ def test_aforo_control_plane_refuses_an_unreadable_or_invalid_settings_file(tmp_
         1, f"{settings}:2: Object contains unknown field `webhook`")
 
 
+def test_a_redis_url_that_is_not_one_is_refused_before_anything_starts(tmp_path):
+    result = run_aforo("control-plane", "--listen", "127.0.0.1:0", "--database", str(tmp_path / "aforo.db"),
+                       "--redis-url", "localhost:6379")
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        2, "aforo control-plane: --redis-url: expected a Redis URL such as `redis://127.0.0.1:6379/0`, "
+           "got `localhost:6379`")
+    assert not (tmp_path / "aforo.db").exists()
+
+
 def test_aforo_control_plane_serves_from_a_settings_file_and_flags_override_it(tmp_path):
     (tmp_path / "conf").mkdir()
     settings = tmp_path / "conf" / "control_plane.yaml"
