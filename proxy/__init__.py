@@ -8,6 +8,17 @@ from decision_core import compiled, use_sources_when_pure
 COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection")
 use_sources_when_pure(__name__, os.path.dirname(__file__), COMPILED_MODULES)
 
-from proxy import app, connection, edge_snapshot, headers, meter_event, metering, metrics, problem, routing, upstream  # noqa: E402,F401
+from proxy import (  # noqa: E402,F401
+    app,
+    connection,
+    edge_snapshot,
+    headers,
+    meter_event,
+    metering,
+    metrics,
+    problem,
+    routing,
+    upstream,
+)
 
 COMPILED = compiled(__name__, COMPILED_MODULES)

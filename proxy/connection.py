@@ -8,17 +8,30 @@
 import collections
 
 import cython
-
 import httptools
 
 from decision_core.decide import REASON_QUOTA_EXCEEDED, REJECT, decide
-from proxy.headers import (FIELD_CONNECTION, FIELD_CONTENT_LENGTH, FIELD_DROPPED, FIELD_FORWARDED_FOR,
-                           FIELD_FORWARDED_HOST, FIELD_FORWARDED_PROTO, FIELD_HOST, FIELD_OTHER,
-                           FIELD_TRANSFER_ENCODING, FIELD_UPGRADE, HOP_BY_HOP, IDEMPOTENT_METHODS, connection_tokens,
-                           field_kind, join_parts, without_fields)
-from proxy.problem import problem_response, status_line
+from proxy.headers import (
+    FIELD_CONNECTION,
+    FIELD_CONTENT_LENGTH,
+    FIELD_DROPPED,
+    FIELD_FORWARDED_FOR,
+    FIELD_FORWARDED_HOST,
+    FIELD_FORWARDED_PROTO,
+    FIELD_HOST,
+    FIELD_OTHER,
+    FIELD_TRANSFER_ENCODING,
+    FIELD_UPGRADE,
+    HOP_BY_HOP,
+    IDEMPOTENT_METHODS,
+    connection_tokens,
+    field_kind,
+    join_parts,
+    without_fields,
+)
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
+from proxy.problem import problem_response, status_line
 from proxy.upstream import ResponseSink
 
 # Bytes of request body held while waiting for an upstream connection before the

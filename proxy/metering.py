@@ -22,7 +22,13 @@ from proxy.meter_event import (
     encode_ndjson,
     new_event_id,
 )
-from proxy.meter_spool import MeterSpool, Segment, fsync_files, read_segment_file, write_segment_file
+from proxy.meter_spool import (
+    MeterSpool,
+    Segment,
+    fsync_files,
+    read_segment_file,
+    write_segment_file,
+)
 
 __all__ = [
     "EventIds", "MeterBuffer", "MeterEvent", "MeterSink", "NdjsonFileSink",

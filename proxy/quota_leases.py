@@ -48,7 +48,7 @@ class _Held:
 
 class QuotaLeases:
     """The hard-quota leases of one worker, from the control plane `client`, for the
-    customers of `edge_state` (a ControlPlaneEdgeState)."""
+    customers of `edge_state` (a FollowedEdgeState)."""
 
     def __init__(self, client: ControlPlaneClient, edge_state, loop, clock=time.monotonic) -> None:
         self.client = client

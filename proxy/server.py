@@ -58,7 +58,7 @@ class ProxyWorker:
 
     start() binds (port 0 picks a free port: see `port`), loads the edge state (a bad
     first file raises ConfigError; a control plane that does not send it within
-    `start_timeout_s` raises ControlPlaneUnavailable), and begins serving; stop(grace_s)
+    `start_timeout_s` raises EdgeStateUnavailable), and begins serving; stop(grace_s)
     shuts down gracefully and returns once every meter event is with the sink or the
     spool.
     """
@@ -99,17 +99,18 @@ class ProxyWorker:
             # Imported only here: a proxy fed from a file never loads the HTTP client.
             from proxy.control_plane_link import (
                 ControlPlaneClient,
-                ControlPlaneEdgeState,
                 ControlPlaneSink,
+                ControlPlaneSource,
             )
+            from proxy.followed_edge_state import FollowedEdgeState
             from proxy.quota_leases import QuotaLeases
 
             source = settings.control_plane
             token = os.environ.get(source.token_env)
             if not token:
                 raise ConfigError(f"`control_plane`: set the control plane's admin token in ${source.token_env}")
-            self.edge_state = self.given_edge_state or ControlPlaneEdgeState(
-                ControlPlaneClient(source.url, token), clock=self.wall_clock, leased_quotas=True)
+            self.edge_state = self.given_edge_state or FollowedEdgeState(
+                ControlPlaneSource(ControlPlaneClient(source.url, token)), clock=self.wall_clock, leased_quotas=True)
             if not self.edge_state.ready:
                 await self.edge_state.start(source.start_timeout_s)
             sink = sink or ControlPlaneSink(ControlPlaneClient(source.url, token))
