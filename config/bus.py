@@ -12,3 +12,12 @@ REDIS_URL_PATTERN = r"^(redis|rediss|unix)://\S+$"
 REDIS_URL_MEANING = "a Redis URL such as `redis://127.0.0.1:6379/0`"
 METER_GROUP = "control-plane"
 EVENTS_FIELD = "events"
+
+# Edge state: the hash EDGE_STATE (fields `version`, `state`: the whole edge state
+# as GET /v1/edge/state serves it) and the stream EDGE_CHANGES, whose entries carry a
+# `version` and either `changes` (changed customers, as GET /v1/edge/changes answers)
+# or `resync` (pull EDGE_STATE again). Versions come from INCR on EDGE_VERSION, so
+# they rise across control planes and restarts; a follower that sees a gap resyncs.
+EDGE_STATE = "{aforo}:edge:state"
+EDGE_CHANGES = "{aforo}:edge:changes"
+EDGE_VERSION = "{aforo}:edge:version"

@@ -9,8 +9,9 @@
 #   guards (none)              the guard file, watched and hot-reloaded
 #   notify ({})                name -> NotifyChannel: where a guard's `notify` names send webhooks
 #   webhooks                   how deliveries are retried (see WebhookSettings)
-#   redis_url (none)           the Redis edge bus: meter events are also read from its
-#                              stream (`redis://host:port/db`)
+#   redis_url (none)           the Redis edge bus (`redis://host:port/db`): meter events
+#                              are also read from its stream, and the edge state is
+#                              published on it for proxies that follow it
 from __future__ import annotations
 
 import os

@@ -28,6 +28,7 @@ from control_plane.api import (
     create_admin_token,
     create_app,
 )
+from control_plane.edge_bus import EdgeBusPublisher
 from control_plane.meter_stream import MeterStreamConsumer
 from control_plane.store import Store, open_store
 from control_plane.webhooks import WebhookSender
@@ -107,7 +108,8 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
                                  socket_connect_timeout=REDIS_TIMEOUT_S)
             consumer = MeterStreamConsumer(bus, app[INTAKE], f"{socket.gethostname()}-{os.getpid()}",
                                            block_ms=int(REDIS_TIMEOUT_S * 500))
-            tasks.append(asyncio.create_task(_read_meter_stream(consumer, bus), name="aforo meter stream"))
+            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), EdgeBusPublisher(bus, feed, clock).run()),
+                                             name="aforo edge bus"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))
     except BaseException:
@@ -163,9 +165,11 @@ def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None
                     "its webhooks will fail", guard_set.source, name)
 
 
-async def _read_meter_stream(consumer: MeterStreamConsumer, bus: redis.Redis) -> None:
+async def _on_the_bus(bus: redis.Redis, *work) -> None:
+    # The meter stream read and the edge state published, until cancelled; then the
+    # bus's connections are closed.
     try:
-        await consumer.run()
+        await asyncio.gather(*work)
     finally:
         await bus.aclose()
 

@@ -1,0 +1,92 @@
+# Publishing the edge feed on the Redis edge bus (config.bus), so proxies that run
+# apart from the control plane follow the same state: the whole state under a version,
+# and each change as an entry of the changes stream. Numbering and writing happen in
+# one script, so versions rise in stream order whichever control plane writes, and
+# the whole state always names its own resync entry (followers read on from there).
+# The whole state is published again every `resync_interval_s`, so a follower that
+# fell behind the stream's trimmed start (CHANGES_KEPT entries) catches up then.
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from control_plane.edge_feed import EdgeFeed
+from control_plane.store import StoreError
+
+log = logging.getLogger("aforo.control_plane")
+
+CHANGES_KEPT = 10_000
+RESYNC_INTERVAL_S = 300.0
+WAIT_S = 5.0
+RETRY_INITIAL_S = 0.2
+RETRY_MAX_S = 5.0
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+# KEYS: state hash, changes stream, version counter; ARGV: the state, entries kept.
+_PUBLISH_STATE = """
+local version = redis.call('INCR', KEYS[3])
+local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'version', version, 'resync', 1)
+redis.call('HSET', KEYS[1], 'version', version, 'state', ARGV[1], 'entry', entry)
+return version
+"""
+# KEYS: changes stream, version counter; ARGV: the changes, entries kept.
+_PUBLISH_CHANGES = """
+local version = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'version', version, 'changes', ARGV[1])
+return version
+"""
+
+
+class EdgeBusPublisher:
+    """Publishes `feed` on the bus at `client` (a redis.asyncio client); `clock`
+    gives epoch seconds."""
+
+    def __init__(self, client: redis.Redis, feed: EdgeFeed, clock: Callable[[], float] = time.time,
+                 resync_interval_s: float = RESYNC_INTERVAL_S) -> None:
+        self.client = client
+        self.feed = feed
+        self.clock = clock
+        self.resync_interval_s = resync_interval_s
+        self._publish_state = client.register_script(_PUBLISH_STATE)
+        self._publish_changes = client.register_script(_PUBLISH_CHANGES)
+
+    async def publish_state(self) -> int:
+        """Publish the whole state and its resync entry; returns its version."""
+        state = await self.feed.state(self.clock())
+        return await self._publish_state(keys=[EDGE_STATE, EDGE_CHANGES, EDGE_VERSION],
+                                         args=[_encode(state), CHANGES_KEPT])
+
+    async def run(self) -> None:
+        """Publish until cancelled: the whole state first and every resync_interval_s,
+        the feed's changes as they come. A Redis or store failure is logged, and once
+        it passes the whole state is published again (changes may have been missed)."""
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                await self._publish_forever()
+            except (RedisError, StoreError, OSError) as error:
+                log.warning("edge bus: %s; publishing the whole state again in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _publish_forever(self) -> None:
+        since = self.feed.version
+        await self.publish_state()
+        published_at = time.monotonic()
+        while True:
+            due_in = published_at + self.resync_interval_s - time.monotonic()
+            changes = await self.feed.changes(since, min(WAIT_S, max(due_in, 0.0)), self.clock())
+            if changes.resync or time.monotonic() >= published_at + self.resync_interval_s:
+                since = changes.version
+                await self.publish_state()
+                published_at = time.monotonic()
+            elif changes.version != since:
+                since = changes.version
+                body = _encode({"customers": changes.customers, "removed": changes.removed})
+                await self._publish_changes(keys=[EDGE_CHANGES, EDGE_VERSION], args=[body, CHANGES_KEPT])
