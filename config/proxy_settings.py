@@ -109,11 +109,20 @@ class RouteSettings(Schema):
 
 
 class EdgeStateSource(Schema):
-    """The customers' edge state file and how often (seconds) it is checked for a
-    change; a change is rebuilt and swapped in, a broken file is reported and skipped."""
+    """Where the customers' edge state comes from: a `file`, checked for a change every
+    `reload_interval_s` (a change is rebuilt and swapped in, a broken file is reported
+    and skipped); or the Redis edge bus at `redis_url`, where control planes publish
+    it (the worker serves once it has the whole state, and gives up after
+    `start_timeout_s`)."""
 
-    file: FilePath
+    file: FilePath | None = None
     reload_interval_s: Seconds = 1.0
+    redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
+    start_timeout_s: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.redis_url is None):
+            raise ValueError("Give exactly one of `file` and `redis_url`")
 
 
 class ControlPlaneSource(Schema):
@@ -206,8 +215,9 @@ def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) 
     def resolve(file: str) -> str:
         return os.path.join(base_dir, file)
 
-    edge_state = settings.edge_state and msgspec.structs.replace(
-        settings.edge_state, file=resolve(settings.edge_state.file))
+    edge_state = settings.edge_state
+    if edge_state is not None and edge_state.file is not None:
+        edge_state = msgspec.structs.replace(edge_state, file=resolve(edge_state.file))
     metering = msgspec.structs.replace(
         settings.metering,
         path=resolve(settings.metering.path),

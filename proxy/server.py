@@ -115,6 +115,15 @@ class ProxyWorker:
                 await self.edge_state.start(source.start_timeout_s)
             sink = sink or ControlPlaneSink(ControlPlaneClient(source.url, token))
             self.leases = QuotaLeases(ControlPlaneClient(source.url, token), self.edge_state, self.loop)
+        elif settings.edge_state.redis_url is not None:
+            from proxy.edge_bus_source import EdgeBusSource
+            from proxy.followed_edge_state import FollowedEdgeState
+
+            self.edge_state = self.given_edge_state or FollowedEdgeState(
+                EdgeBusSource(settings.edge_state.redis_url), clock=self.wall_clock)
+            if not self.edge_state.ready:
+                await self.edge_state.start(settings.edge_state.start_timeout_s)
+            sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
         else:
             self.edge_state = self.given_edge_state or FileEdgeState(
                 settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
@@ -325,6 +334,6 @@ def run_proxy(settings_path):
     if settings.workers == 1:
         return run_worker(settings_path, 0)
     # A bad edge state file is reported here, once, rather than by every worker.
-    if settings.edge_state is not None:
+    if settings.edge_state is not None and settings.edge_state.file is not None:
         FileEdgeState(settings.edge_state.file)
     return Supervisor(settings_path, settings.workers).run()

@@ -8,7 +8,11 @@ import pytest
 
 import decision_core
 from config import ConfigError, Rate
-from config.edge_state_file import MAX_PLAN_QUOTAS, load_edge_state_file, parse_edge_state_file
+from config.edge_state_file import (
+    MAX_PLAN_QUOTAS,
+    load_edge_state_file,
+    parse_edge_state_file,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "edge_state.yaml"
 KEY_A = hashlib.sha256(b"key-a").hexdigest()

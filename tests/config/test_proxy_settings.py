@@ -228,6 +228,11 @@ def test_bad_settings(route_extra, extra, message):
          "customers' edge state comes from - at `$`"),
         ("edge_state: {file: edge_state.yaml}", "edge_state: {file: ''}",
          "proxy.yaml:7: Expected `str` of length >= 1 - at `$.edge_state.file`"),
+        ("edge_state: {file: edge_state.yaml}", "edge_state: {file: e.yaml, redis_url: 'redis://127.0.0.1:6379/0'}",
+         "proxy.yaml:7: Give exactly one of `file` and `redis_url` - at `$.edge_state`"),
+        ("edge_state: {file: edge_state.yaml}", "edge_state: {redis_url: 'http://127.0.0.1:6379/0'}",
+         "proxy.yaml:7: Expected a Redis URL such as `redis://127.0.0.1:6379/0`, got `http://127.0.0.1:6379/0` "
+         "- at `$.edge_state.redis_url`"),
     ],
 )
 def test_bad_upstreams_and_references(replace, by, message):

@@ -8,8 +8,6 @@ import sys
 import pytest
 
 import decision_core
-
-
 import proxy
 
 COMPILED_MODULES = [f"decision_core.{name}" for name in decision_core.CORE_MODULES] + [

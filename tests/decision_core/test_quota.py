@@ -1,6 +1,12 @@
 import pytest
 
-from decision_core import MAX_QUOTA_METRICS, CustomerState, InvalidStateError, PlanQuotas, QuotaLimit
+from decision_core import (
+    MAX_QUOTA_METRICS,
+    CustomerState,
+    InvalidStateError,
+    PlanQuotas,
+    QuotaLimit,
+)
 from decision_core.quota import QUOTA_AT_LIMIT, QUOTA_OVERAGE, QUOTA_UNDER
 
 MONTH_S = 30 * 86400

@@ -2,7 +2,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decision_core import FlatFee, Graduated, Package, PerUnit, PricingError, Tier, Volume, event_revenue
+from decision_core import (
+    FlatFee,
+    Graduated,
+    Package,
+    PerUnit,
+    PricingError,
+    Tier,
+    Volume,
+    event_revenue,
+)
 
 NANOS = 1_000_000_000
 CENT = NANOS // 100

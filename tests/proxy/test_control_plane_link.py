@@ -221,15 +221,17 @@ def test_a_lease_that_cannot_be_had_answers_503_not_a_wrong_quota_refusal(loop_t
     assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")
 
 
-def test_meter_events_can_travel_over_the_redis_stream(loop_thread, tmp_path, upstream, redis_url, monkeypatch):
+def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upstream, redis_url):
+    # Production mode: the proxy follows the edge state the control plane publishes on
+    # Redis and sends its meter events to the stream the control plane reads.
     import redis as redis_client
 
-    from config.bus import METER_STREAM
+    from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, METER_STREAM
     from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl
     from config.network import HostPort
     from control_plane.server import start_control_plane
 
-    redis_client.Redis.from_url(redis_url).delete(METER_STREAM)
+    redis_client.Redis.from_url(redis_url).delete(METER_STREAM, EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
     settings = ControlPlaneSettings(listen=HostPort("127.0.0.1", 0), database=DatabaseUrl(str(tmp_path / "a.db")),
                                     redis_url=redis_url)
     running = loop_thread.run(start_control_plane(settings, environ={}))
@@ -237,13 +239,21 @@ def test_meter_events_can_travel_over_the_redis_stream(loop_thread, tmp_path, up
     plane.url, plane.token = running.url, running.admin_token
     try:
         plane.catalog()
-        key = plane.new_key()
-        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", plane.token)
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, plane.url, f'{{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}'))
+        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
+            listen: 127.0.0.1:0
+            admin: 127.0.0.1:0
+            upstreams:
+              main: {{url: "http://127.0.0.1:{upstream.port}"}}
+            routes:
+              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
+            edge_state: {{redis_url: "{redis_url}"}}
+            metering: {{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}
+            """))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
-        for _ in range(12):
+        key = plane.new_key()                               # published on the bus as a change
+        assert answered(worker.port, key, 200)
+        for _ in range(11):
             assert request(worker.port, "GET", "/echo", key=key)[0] == 200
         loop_thread.run(worker.stop(1.0), timeout=30)    # its events go to the stream as it stops
         deadline = time.monotonic() + SOCKET_TIMEOUT_S

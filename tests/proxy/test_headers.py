@@ -1,8 +1,17 @@
 # How the proxy classifies field names (either direction), whatever their case.
 import pytest
 
-from proxy.headers import (FIELD_CONNECTION, FIELD_DROPPED, FIELD_FORWARDED, FIELD_FORWARDED_FOR, FIELD_HOST,
-                           FIELD_OTHER, HOP_BY_HOP, field_kind, join_parts)
+from proxy.headers import (
+    FIELD_CONNECTION,
+    FIELD_DROPPED,
+    FIELD_FORWARDED,
+    FIELD_FORWARDED_FOR,
+    FIELD_HOST,
+    FIELD_OTHER,
+    HOP_BY_HOP,
+    field_kind,
+    join_parts,
+)
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -6,10 +6,9 @@ import json
 import socket
 
 import pytest
+from conftest import HttpReader, connect, read_until_closed, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import HttpReader, connect, read_until_closed, request
 
 # A valid request sent in the same send() right after the hostile bytes: if the proxy
 # ever read the hostile request's end where it does not end, this is what would be

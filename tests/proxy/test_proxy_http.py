@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import HttpReader, connect, read_until_closed, request, wait_until
 
 

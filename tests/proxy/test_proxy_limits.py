@@ -4,7 +4,6 @@
 import json
 
 import pytest
-
 from conftest import HttpReader, connect, read_until_closed, request, wait_until
 
 LIMITS = """\

@@ -16,8 +16,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import SOCKET_TIMEOUT_S, HttpReader, connect, edge_state_yaml, read_until_closed, request, wait_until
+from conftest import (
+    SOCKET_TIMEOUT_S,
+    HttpReader,
+    connect,
+    edge_state_yaml,
+    read_until_closed,
+    request,
+    wait_until,
+)
 
 HEAD = b"Host: api.test\r\nAuthorization: Bearer k-pro\r\n"
 PROCESS_EXIT_BOUND_S = 60          # a bound on waiting for the process, never an assertion

@@ -10,8 +10,14 @@ import threading
 
 import aiohttp
 import pytest
-
-from conftest import SOCKET_TIMEOUT_S, HttpReader, connect, read_until_closed, request, wait_until
+from conftest import (
+    SOCKET_TIMEOUT_S,
+    HttpReader,
+    connect,
+    read_until_closed,
+    request,
+    wait_until,
+)
 
 MIB = 1024 * 1024
 

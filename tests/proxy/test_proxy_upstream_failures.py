@@ -8,8 +8,14 @@ import socket
 import threading
 
 import pytest
-
-from conftest import DEFAULT_ROUTES, HttpReader, connect, read_until_closed, request, wait_until
+from conftest import (
+    DEFAULT_ROUTES,
+    HttpReader,
+    connect,
+    read_until_closed,
+    request,
+    wait_until,
+)
 
 READ_TIMEOUT_S = 5
 CONNECT_TIMEOUT_S = 2   # what make_proxy configures
