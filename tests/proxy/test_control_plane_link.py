@@ -99,8 +99,8 @@ def control_plane(loop_thread, tmp_path):
     loop_thread.run(plane.stop())
 
 
-def fed_settings(upstream_port, control_plane_url, metering):
-    """Proxy settings following the control plane at `control_plane_url`."""
+def fed_settings(upstream_port, source, metering):
+    """Proxy settings taking edge state from `source` (a settings line)."""
     return textwrap.dedent(f"""\
         listen: 127.0.0.1:0
         admin: 127.0.0.1:0
@@ -108,9 +108,13 @@ def fed_settings(upstream_port, control_plane_url, metering):
           main: {{url: "http://127.0.0.1:{upstream_port}"}}
         routes:
           - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
-        control_plane: {{url: "{control_plane_url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}
+        {source}
         metering: {metering}
         """)
+
+
+def following(control_plane_url):
+    return f'control_plane: {{url: "{control_plane_url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}'
 
 
 @pytest.fixture
@@ -120,7 +124,7 @@ def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
     def start():
         monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
         (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, control_plane.url,
+            upstream.port, following(control_plane.url),
             f"{{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}"))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
@@ -239,16 +243,9 @@ def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upst
     plane.url, plane.token = running.url, running.admin_token
     try:
         plane.catalog()
-        (tmp_path / "proxy.yaml").write_text(textwrap.dedent(f"""\
-            listen: 127.0.0.1:0
-            admin: 127.0.0.1:0
-            upstreams:
-              main: {{url: "http://127.0.0.1:{upstream.port}"}}
-            routes:
-              - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
-            edge_state: {{redis_url: "{redis_url}"}}
-            metering: {{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}
-            """))
+        (tmp_path / "proxy.yaml").write_text(fed_settings(
+            upstream.port, f'edge_state: {{redis_url: "{redis_url}"}}',
+            f'{{spool_dir: meter-spool, redis_url: "{redis_url}", flush_interval_s: 3600}}'))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         key = plane.new_key()                               # published on the bus as a change
