@@ -30,7 +30,7 @@ from config.edge_state_file import (
     Standing,
 )
 from config.values import Timestamp
-from control_plane.rating import CurrentRater, Rater, Subscription
+from control_plane.rating import CurrentRater
 from control_plane.store import Store, StoreError
 
 log = logging.getLogger("aforo.control_plane")
@@ -160,7 +160,7 @@ class EdgeFeed:
         customers = []
         earliest_end = float("inf")
         for customer_id in wanted:
-            subscription = subscription_in_force(rater, customer_id, at)
+            subscription = rater.subscription_in_force(customer_id, at)
             if subscription is None:
                 continue
             start, end = rater.period_of(subscription, at)
@@ -201,16 +201,6 @@ class EdgeFeed:
                 self._seen_catalog, self._seen_guards = catalog, guards
                 self._next_period_end = float("inf")        # until the next full state says
                 self.changed()
-
-
-def subscription_in_force(rater: Rater, customer_id: str, at: datetime.datetime) -> Subscription | None:
-    """The subscription the proxy enforces for a customer at `at`, whatever its status
-    (a canceled one still answers `subscription canceled`): the latest anchored at or
-    before `at`, else the earliest; only subscriptions to a known plan count."""
-    candidates = [subscription for subscription in rater.by_customer.get(customer_id, ())
-                  if subscription.plan in rater.plans]
-    started = [subscription for subscription in candidates if subscription.anchor <= at]
-    return started[-1] if started else (candidates[0] if candidates else None)
 
 
 def _standing(level, guard) -> Standing | None:

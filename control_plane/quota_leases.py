@@ -9,7 +9,6 @@ import datetime
 
 import msgspec
 
-from control_plane.edge_feed import subscription_in_force
 from control_plane.rating import Rater
 from control_plane.store import Store
 
@@ -62,7 +61,7 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
     the catalog `rater` was loaded from says. Raises NoHardQuota when there is no
     hard quota to lease from."""
     at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    subscription = subscription_in_force(rater, asked.customer_id, at)
+    subscription = rater.subscription_in_force(asked.customer_id, at)
     quota = None if subscription is None else rater.plans[subscription.plan].plan.quotas.get(asked.metric)
     if quota is None or not quota.hard:
         raise NoHardQuota(f"customer `{asked.customer_id}` has no hard quota on `{asked.metric}` now")

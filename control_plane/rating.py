@@ -97,6 +97,17 @@ class _Period(NamedTuple):
     context: dict                # the pricing context kept in each event's provenance (shared, not to be changed)
 
 
+def _in_force(candidates, at):
+    # Of subscriptions sorted by anchor: the latest anchored at or before `at`, else
+    # the earliest (an event just before the first anchor still belongs to its plan).
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    started = [subscription for subscription in candidates if subscription.anchor <= at]
+    return started[-1] if started else candidates[0]
+
+
 class Rater:
     """Prices events from the catalog as the store holds it (read once, at load):
     each event's subscription, plan and billing period, and what it adds to the
@@ -119,6 +130,10 @@ class Rater:
                           if (billable := [subscription for subscription in candidates
                                            if subscription.status in BILLABLE_STATUSES
                                            and subscription.plan in plans])}
+        # ... and every one on a known plan, whatever its status (what a proxy enforces).
+        self._on_known_plans = {customer: known for customer, candidates in self.by_customer.items()
+                                if (known := [subscription for subscription in candidates
+                                              if subscription.plan in plans])}
         self._periods: dict[str, _Period] = {}      # the last one found per subscription
 
     @classmethod
@@ -139,13 +154,13 @@ class Rater:
         """The customer's billable subscription at `at`: the latest anchored at or
         before `at`, else the earliest (an event just before the first anchor still
         belongs to the customer's plan); None when the customer has no billable one."""
-        billable = self._billable.get(customer_id)
-        if billable is None:
-            return None
-        if len(billable) == 1:
-            return billable[0]
-        started = [subscription for subscription in billable if subscription.anchor <= at]
-        return started[-1] if started else billable[0]
+        return _in_force(self._billable.get(customer_id), at)
+
+    def subscription_in_force(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
+        """The subscription the proxies enforce for the customer at `at`, whatever its
+        status (a canceled one still answers `subscription canceled`), chosen as
+        subscription_of chooses among subscriptions to a known plan; None without any."""
+        return _in_force(self._on_known_plans.get(customer_id), at)
 
     def period_of(self, subscription: Subscription, at: datetime.datetime):
         """[start, end) of the subscription's billing period holding `at` (the last
