@@ -12,6 +12,7 @@ from config.guards import watch_guards
 from control_plane.api import FEED
 from control_plane.edge_bus import EdgeBusPublisher
 from proxy.edge_bus_source import EdgeBusSource
+from proxy.redis_bus import RedisBus
 from proxy.followed_edge_state import FollowedEdgeState
 
 GUARDS = """\
@@ -45,7 +46,8 @@ def bus_test(backend, redis_url, tmp_path, scenario):
                                                               "period_anchor": iso(NOW - 86400)})
             publisher = EdgeBusPublisher(client, api.runner.app[FEED], clock=lambda: NOW)
             publishing = asyncio.create_task(publisher.run())
-            follower = FollowedEdgeState(EdgeBusSource(redis_url), clock=lambda: NOW)
+            bus = RedisBus(redis_url)
+            follower = FollowedEdgeState(EdgeBusSource(bus), clock=lambda: NOW)
             try:
                 await follower.start(10.0)
                 await scenario(api, client, follower, publisher)
@@ -53,6 +55,7 @@ def bus_test(backend, redis_url, tmp_path, scenario):
                 publishing.cancel()
                 await asyncio.gather(publishing, return_exceptions=True)
                 await follower.close()
+                await bus.close()
                 await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
                 await client.aclose()
     backend.run(run)

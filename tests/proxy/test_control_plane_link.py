@@ -99,22 +99,75 @@ def control_plane(loop_thread, tmp_path):
     loop_thread.run(plane.stop())
 
 
-def fed_settings(upstream_port, source, metering):
-    """Proxy settings taking edge state from `source` (a settings line)."""
+EVERYTHING = "{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}"
+
+
+def fed_settings(upstream_port, source, metering, routes=(EVERYTHING,), more=""):
+    """Proxy settings taking edge state from `source` (a settings line), with
+    `routes` (flow mappings) and `more` settings lines."""
+    route_lines = "".join(f"\n  - {route}" for route in routes)
     return textwrap.dedent(f"""\
         listen: 127.0.0.1:0
         admin: 127.0.0.1:0
         upstreams:
           main: {{url: "http://127.0.0.1:{upstream_port}"}}
-        routes:
-          - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
         {source}
         metering: {metering}
-        """)
+        """) + f"routes:{route_lines}\n{more}"
 
 
 def following(control_plane_url):
     return f'control_plane: {{url: "{control_plane_url}", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN}}'
+
+
+@pytest.fixture
+def bus_plane(loop_thread, tmp_path, private_redis):
+    """A control plane (SQLite) on the Redis edge bus of a private Redis: it reads the
+    meter stream and publishes the edge state there."""
+    from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl
+    from config.network import HostPort
+    from control_plane.server import start_control_plane
+
+    settings = ControlPlaneSettings(listen=HostPort("127.0.0.1", 0), database=DatabaseUrl(str(tmp_path / "a.db")),
+                                    redis_url=private_redis.url)
+    running = loop_thread.run(start_control_plane(settings, environ={}))
+    plane = ControlPlane(loop_thread, tmp_path)
+    plane.url, plane.token, plane.store = running.url, running.admin_token, running.store
+    plane.redis = private_redis
+    yield plane
+    loop_thread.run(running.stop())
+
+
+@pytest.fixture
+def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
+    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
+    leases), with `routes` and `more` settings lines as fed_settings takes."""
+    workers = []
+
+    def start(routes=(EVERYTHING,), more=""):
+        url = bus_plane.redis.url
+        (tmp_path / "proxy.yaml").write_text(fed_settings(
+            upstream.port, f'edge_state: {{redis_url: "{url}"}}',
+            f'{{spool_dir: meter-spool-{len(workers)}, redis_url: "{url}", batch_events: 10, '
+            'flush_interval_s: 3600}', routes, more))
+        worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
+        loop_thread.run(worker.start())
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        if not worker.stopped.is_set():
+            loop_thread.run(worker.stop(1.0), timeout=30)
+
+
+@pytest.fixture(params=["control plane", "redis bus"])
+def leasing(request):
+    """(control plane, start a worker): workers leasing hard quotas from the control
+    plane's ledger, or from the Redis bus's."""
+    if request.param == "control plane":
+        return request.getfixturevalue("control_plane"), request.getfixturevalue("fed_proxy")
+    return request.getfixturevalue("bus_plane"), request.getfixturevalue("bus_proxy")
 
 
 @pytest.fixture
@@ -193,10 +246,13 @@ def test_usage_counted_at_the_proxy_survives_a_new_snapshot(loop_thread, control
     assert statuses == [200, 200, 429]
 
 
-def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread, control_plane, fed_proxy):
+def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread, leasing):
+    control_plane, start_worker = leasing
     control_plane.catalog(quota=40)
     key = control_plane.new_key()
-    first, second = fed_proxy(), fed_proxy()
+    first, second = start_worker(), start_worker()
+    for worker in (first, second):                      # on the bus, the key arrives as a change
+        wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(key.encode()) is not None)
     with concurrent.futures.ThreadPoolExecutor(16) as clients:
         statuses = list(clients.map(lambda n: request((first, second)[n % 2].port, "GET", "/echo", key=key)[0],
                                     range(100)))
@@ -216,13 +272,28 @@ def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread
     assert request(second.port, "GET", "/echo", key=key)[0] == 429
 
 
-def test_a_lease_that_cannot_be_had_answers_503_not_a_wrong_quota_refusal(loop_thread, control_plane, fed_proxy):
-    control_plane.catalog(quota=40)
+def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=5)
     key = control_plane.new_key()
     worker = fed_proxy()
-    worker.leases.client.url = "http://127.0.0.1:9"             # the control plane is unreachable for leases
-    status, headers, body = request(worker.port, "GET", "/echo", key=key)
-    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")
+    ledger = worker.leases.ledger.client
+    reachable, ledger.url = ledger.url, "http://127.0.0.1:9"     # the ledger cannot be asked
+    statuses = [request(worker.port, "GET", "/echo", key=key)[0] for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2                    # the quota as the last state has it
+    assert worker.leases.unledgered_total == 5
+
+    # Once the ledger answers again, the units admitted meanwhile are added to it, so
+    # another worker cannot admit them a second time.
+    ledger.url = reachable
+    leased = []
+    deadline = time.monotonic() + SOCKET_TIMEOUT_S
+    while leased != [5] and time.monotonic() < deadline:
+        assert request(worker.port, "GET", "/echo", key=key)[0] == 429
+        rows = loop_thread.run(control_plane.store._fetch("SELECT leased FROM quota_leases", ()))
+        leased = [row[0] for row in rows]
+        time.sleep(0.05)
+    assert leased == [5]
+    assert request(fed_proxy().port, "GET", "/echo", key=key)[0] == 429
 
 
 def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upstream, redis_url):
