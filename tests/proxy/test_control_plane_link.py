@@ -139,18 +139,14 @@ def bus_plane(loop_thread, tmp_path, private_redis):
     loop_thread.run(running.stop())
 
 
-@pytest.fixture
-def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
-    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
-    leases), with `routes` and `more` settings lines as fed_settings takes."""
+def started_workers(loop_thread, tmp_path, settings_text):
+    """A fixture's body: yields start(*args), which writes the settings
+    `settings_text(index, *args)` returns (index: workers started before) and starts a
+    worker with them; stops every worker still running afterwards."""
     workers = []
 
-    def start(routes=(EVERYTHING,), more=""):
-        url = bus_plane.redis.url
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, f'edge_state: {{redis_url: "{url}"}}',
-            f'{{spool_dir: meter-spool-{len(workers)}, redis_url: "{url}", batch_events: 10, '
-            'flush_interval_s: 3600}', routes, more))
+    def start(*args, **kwargs):
+        (tmp_path / "proxy.yaml").write_text(settings_text(len(workers), *args, **kwargs))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         workers.append(worker)
@@ -160,6 +156,19 @@ def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
     for worker in workers:
         if not worker.stopped.is_set():
             loop_thread.run(worker.stop(1.0), timeout=30)
+
+
+@pytest.fixture
+def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
+    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
+    leases), with `routes` and `more` settings lines as fed_settings takes."""
+    url = bus_plane.redis.url
+
+    def settings_text(index, routes=(EVERYTHING,), more=""):
+        return fed_settings(upstream.port, f'edge_state: {{redis_url: "{url}"}}',
+                            f'{{spool_dir: meter-spool-{index}, redis_url: "{url}", batch_events: 10, '
+                            'flush_interval_s: 3600}', routes, more)
+    yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
 @pytest.fixture(params=["control plane", "redis bus"])
@@ -173,22 +182,13 @@ def leasing(request):
 
 @pytest.fixture
 def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
-    workers = []
+    """Start a worker following `control_plane` over its API."""
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
 
-    def start():
-        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, following(control_plane.url),
-            f"{{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}"))
-        worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
-        loop_thread.run(worker.start())
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        if not worker.stopped.is_set():
-            loop_thread.run(worker.stop(1.0), timeout=30)
+    def settings_text(index):
+        return fed_settings(upstream.port, following(control_plane.url),
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}")
+    yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
 def test_the_proxy_serves_the_control_planes_customers_and_follows_their_changes(
