@@ -174,10 +174,13 @@ class QuotaLeases:
             log.exception("giving back idle quota leases failed")
 
     async def give_back(self, idle_for_s: float = 0.0) -> None:
-        """Return every lease unused for `idle_for_s` seconds (0: all of them)."""
+        """Return every lease unused for `idle_for_s` seconds (0: all of them, the
+        worker is stopping). Units the ledger cannot take back now stay with the
+        worker (while it runs) and go back at a later sweep; so do units it leased
+        itself from its last state until the ledger has counted them."""
         now = self.clock()
         for key, held in list(self._held.items()):
-            if key in self._waiting or now - held.last_used < idle_for_s:
+            if key in self._waiting or now - held.last_used < idle_for_s or held.period is None:
                 continue
             del self._held[key]
             customer = self.edge_state.snapshot.customer_by_id(held.customer_id)
@@ -188,13 +191,18 @@ class QuotaLeases:
             if left <= 0:
                 continue
             customer.add_usage(held.metric, left)          # no longer usable here
-            if held.period is None:
-                continue                # admitted from the last state: never in the ledger
             try:
                 await self.ledger.give_back(held.customer_id, held.metric, held.period, left)
             except LedgerUnavailable as error:
-                log.warning("could not give back %d %s of %s: %s (they stay leased until the period ends)",
-                            left, held.metric, held.customer_id, error)
+                if not idle_for_s:
+                    log.warning("could not give back %d %s of %s: %s (they stay leased until the period ends)",
+                                left, held.metric, held.customer_id, error)
+                    continue
+                # Still this worker's: usable here again, given back at a later sweep.
+                current = self.edge_state.snapshot.customer_by_id(held.customer_id)
+                if current is not None and current.period_end == held.period_end:
+                    current.add_usage(held.metric, -left)
+                    self._held.setdefault(key, held)
 
     def stop(self) -> None:
         if self._sweeper is not None:

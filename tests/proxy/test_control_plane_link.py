@@ -297,6 +297,17 @@ def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_
     assert request(fed_proxy().port, "GET", "/echo", key=key)[0] == 429
 
 
+def test_units_the_ledger_cannot_take_back_stay_with_the_worker(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=40)                         # leases come two units at a time
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+    worker.leases.ledger.client.url = "http://127.0.0.1:9"   # the ledger cannot be asked
+    loop_thread.run(worker.leases.give_back(idle_for_s=1e-9))
+    assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+    assert worker.leases.unledgered_total == 0              # the lease's second unit, not the last state
+
+
 def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upstream, redis_url):
     # Production mode: the proxy follows the edge state the control plane publishes on
     # Redis and sends its meter events to the stream the control plane reads.
