@@ -2,7 +2,7 @@
 # (edge state), what it sends (meter events) and what it leases (hard quotas). Every
 # call is bounded by `timeout_s`, and a circuit breaker stops calling a Redis that
 # keeps failing: after `breaker_failures` failures in a row calls fail at once for
-# `breaker_open_s`, then one call at a time tries again (the first success closes it).
+# `breaker_open_s`, then calls try again (a success closes it, a failure reopens it).
 # So a request that would wait on Redis waits at most `timeout_s`, and while the
 # circuit is open, not at all.
 from __future__ import annotations
@@ -30,9 +30,10 @@ class BusUnavailable(Exception):
 
 class CircuitBreaker:
     """Closed: calls go through. `failures` failures in a row open it for `open_s`
-    seconds (calls refused at once); then it lets one trial call through at a time
-    (half open): a success closes it, a failure opens it again. `clock`: monotonic
-    seconds."""
+    seconds (calls refused at once); then calls go through again (half open): a
+    success closes it, a failure opens it again at once. `clock`: monotonic seconds.
+    Half open lets every caller try, not one: a trial may be a read blocking for a
+    second, and nothing else should wait behind it."""
 
     def __init__(self, failures: int = BREAKER_FAILURES, open_s: float = BREAKER_OPEN_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,37 +42,26 @@ class CircuitBreaker:
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
-        self.trial = False                  # a half-open trial call is under way
         self.opened_total = 0
 
     @property
     def is_open(self) -> bool:
-        """Whether calls are being refused (open, or half open with a trial running)."""
-        if self.opened_at is None:
-            return False
-        return self.trial or self.clock() - self.opened_at < self.open_s
+        """Whether calls are being refused now."""
+        return self.opened_at is not None and self.clock() - self.opened_at < self.open_s
 
     def allow(self) -> bool:
-        """Whether a call may go through now (in half open: the one trial)."""
-        if self.opened_at is None:
-            return True
-        if self.trial or self.clock() - self.opened_at < self.open_s:
-            return False
-        self.trial = True
-        return True
+        """Whether a call may go through now."""
+        return not self.is_open
 
     def succeeded(self) -> None:
         self.failures = 0
         self.opened_at = None
-        self.trial = False
 
     def failed(self) -> None:
         self.failures += 1
-        if self.trial or self.failures >= self.failures_to_open:
-            if self.opened_at is None or self.trial:
-                self.opened_total += 1
+        if self.failures >= self.failures_to_open and not self.is_open:
+            self.opened_total += 1
             self.opened_at = self.clock()
-            self.trial = False
 
 
 class RedisBus:
@@ -97,10 +87,6 @@ class RedisBus:
         except (RedisError, OSError, TimeoutError) as error:
             self.breaker.failed()
             raise BusUnavailable(f"{what}: Redis at {self.where}: {error or type(error).__name__}") from error
-        except BaseException:
-            # Cancelled (a worker stopping): neither a success nor a failure of Redis.
-            self.breaker.trial = False
-            raise
         self.breaker.succeeded()
         return answer
 

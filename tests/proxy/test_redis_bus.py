@@ -1,6 +1,6 @@
 # The worker's connection to Redis: a circuit breaker that opens after failures in a
-# row, refuses calls while open, lets one trial through after the pause and closes on
-# its success; and a bus that answers BusUnavailable (never a hang or a RedisError)
+# row, refuses calls while open, lets calls try again after the pause and closes on
+# a success; and a bus that answers BusUnavailable (never a hang or a RedisError)
 # when Redis is not there.
 import asyncio
 import socket
@@ -24,13 +24,13 @@ class Clock:
         (["fail", "fail"], True, False),                        # below the threshold
         (["fail", "fail", "fail"], False, True),                # opened
         (["fail", "fail", "ok", "fail", "fail"], True, False),  # a success resets the count
-        (["fail"] * 3 + ["wait"], True, False),                 # the pause is over: a trial may go
-        (["fail"] * 3 + ["wait", "trial", "fail"], False, True),  # the trial failed: open again
-        (["fail"] * 3 + ["wait", "trial", "ok"], True, False),  # the trial succeeded: closed
-        (["fail"] * 3 + ["wait", "trial"], False, True),        # one trial at a time
+        (["fail"] * 3 + ["wait"], True, False),                 # the pause is over: calls try again
+        (["fail"] * 3 + ["wait", "trial", "fail"], False, True),  # and one failure opens it again
+        (["fail"] * 3 + ["wait", "trial", "ok"], True, False),  # a success closes it
+        (["fail"] * 3 + ["wait", "trial", "trial"], True, False),  # every caller may try, not one
     ],
 )
-def test_the_breaker_opens_after_failures_in_a_row_and_closes_after_a_good_trial(steps, allowed_at_end, open_at_end):
+def test_the_breaker_opens_after_failures_in_a_row_and_closes_after_a_success(steps, allowed_at_end, open_at_end):
     clock = Clock()
     breaker = CircuitBreaker(failures=3, open_s=2.0, clock=clock)
     for step in steps:
