@@ -113,17 +113,17 @@ class _Logged:
     def __init__(self, command, log: Path, cwd: Path, env=None):
         self.log = log
         self.lines: list[str] = []
-        self._file = open(log, "a")
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._file.write(line)
-            self._file.flush()
+        with open(self.log, "a") as log:
+            for line in self.process.stdout:
+                self.lines.append(line.rstrip("\n"))
+                log.write(line)
+                log.flush()
 
     @property
     def pid(self) -> int:
@@ -159,7 +159,6 @@ class _Logged:
                 self.process.kill()
                 self.process.wait()
         self._reader.join(5)
-        self._file.close()
         return self.process.returncode
 
 
@@ -200,7 +199,7 @@ class PrivateRedis:
         if self.process is None:
             return
         if keep_data:
-            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "save"], capture_output=True,
+            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "save"], check=False, capture_output=True,
                            timeout=20)
         else:
             self.process.kill()
@@ -278,7 +277,7 @@ class CountingUpstream:
 # -- the catalog --------------------------------------------------------------------
 
 def catalog_yaml(quota_limit: int, load_customers: int, guard_customers: int, now: float) -> str:
-    anchor = datetime.datetime.fromtimestamp(now - 86400, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    anchor = datetime.datetime.fromtimestamp(now - 86400, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     customers = [(QUOTA_CUSTOMER, "capped")] + [(load_customer(n), "metered") for n in range(load_customers)] \
         + [(guard_customer(n), "metered") for n in range(guard_customers)] + [(PROBE_CUSTOMER, "metered")]
     return textwrap.dedent(f"""\
@@ -326,6 +325,16 @@ class ProxyProcess:
 
     def rss_mib(self) -> float:
         return rss_mib(self.runner.pid)
+
+    def metric(self, sample: str) -> float:
+        """The value of one sample on the admin port's /metrics, named as it is
+        written there (`aforo_meter_events_total{outcome="lost"}`); 0 when absent."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as answer:
+            for line in answer.read().decode().splitlines():
+                name, _, value = line.rpartition(" ")
+                if name == sample:
+                    return float(value)
+        return 0.0
 
     def readyz(self) -> tuple[int, str]:
         try:
@@ -397,7 +406,7 @@ class Cluster:
         catalog = self.folder / "catalog.yaml"
         catalog.write_text(catalog_yaml(self.quota_limit, self.load_customers, self.guard_customers, time.time()))
         result = subprocess.run(self._cli("apply", "-f", str(catalog), "--database", self.database_url),
-                                capture_output=True, text=True, timeout=120)
+                                check=False, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"aforo apply failed: {result.stdout}{result.stderr}")
 
@@ -480,7 +489,7 @@ class Cluster:
             return json.loads(text) if text else None
 
     def post_cost(self, customer: str, amount: str, event_id: str, control_plane: int = 0):
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        stamp = datetime.datetime.now(datetime.UTC).isoformat()
         return self.api("POST", "/v1/costs", [{"id": event_id, "customer_id": customer, "amount": amount,
                                                "timestamp": stamp}], control_plane)
 
@@ -497,6 +506,12 @@ class Cluster:
                                            "WHERE kind = 'usage' AND occurred_at >= $1 AND customer_id = ANY($2)",
                         since, list(customers))
         return [row[0] for row in rows]
+
+    def meter_stream_length(self) -> int:
+        """Entries in the meter stream: batches not yet taken in by a control plane."""
+        from config.bus import METER_STREAM
+        with self.redis.client() as client:
+            return client.xlen(METER_STREAM)
 
     def pending_of(self, consumer: str) -> int:
         """Meter stream entries delivered to `consumer` and not acknowledged."""
@@ -543,16 +558,17 @@ async def _one_request(session, url, customer, key, timeout_s) -> Outcome:
                 problem = json.loads(body)
                 title, reason = problem.get("title", ""), problem.get("reason", "")
             return Outcome(customer, answer.status, time.perf_counter() - started, title, reason)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+    except (TimeoutError, aiohttp.ClientError, OSError) as error:
         return Outcome(customer, 0, time.perf_counter() - started, reason=type(error).__name__)
 
 
 async def send_requests(urls: list[str], customers_keys: list[tuple[str, str]], *, total: int | None = None,
-                        until=None, concurrency: int = 50, timeout_s: float = 30.0) -> list[Outcome]:
+                        until=None, concurrency: int = 50, timeout_s: float = 30.0,
+                        pause_s: float = 0.0) -> list[Outcome]:
     """`concurrency` clients, client i sending to urls[i % len(urls)] with the key of
-    customers_keys[i % len]: one request after another on a keep-alive connection,
-    `total` requests among them all, or until `until()` is true. Every outcome, its
-    latency measured here."""
+    customers_keys[i % len]: one request after another on a keep-alive connection
+    (`pause_s` apart), `total` requests among them all, or until `until()` is true.
+    Every outcome, its latency measured here."""
     import aiohttp
 
     outcomes: list[Outcome] = []
@@ -566,6 +582,8 @@ async def send_requests(urls: list[str], customers_keys: list[tuple[str, str]], 
             while (total is None or sent < total) and (until is None or not until()):
                 sent += 1
                 outcomes.append(await _one_request(session, url, customer, key, timeout_s))
+                if pause_s:
+                    await asyncio.sleep(pause_s)
 
     await asyncio.gather(*(client(index) for index in range(concurrency)))
     return outcomes
