@@ -55,6 +55,11 @@ guards:
 MARGIN_BLOCK_TITLE = "Margin Limit Exceeded"
 
 
+def quota_customer(index: int) -> str:
+    """The customers on the plan with the small hard quota; the first is QUOTA_CUSTOMER."""
+    return QUOTA_CUSTOMER if index == 0 else f"{QUOTA_CUSTOMER}_{index}"
+
+
 def load_customer(index: int) -> str:
     return f"cus_load_{index:03d}"
 
@@ -276,9 +281,11 @@ class CountingUpstream:
 
 # -- the catalog --------------------------------------------------------------------
 
-def catalog_yaml(quota_limit: int, load_customers: int, guard_customers: int, now: float) -> str:
+def catalog_yaml(quota_limit: int, load_customers: int, guard_customers: int, now: float,
+                 quota_customers: int = 1) -> str:
     anchor = datetime.datetime.fromtimestamp(now - 86400, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    customers = [(QUOTA_CUSTOMER, "capped")] + [(load_customer(n), "metered") for n in range(load_customers)] \
+    customers = [(quota_customer(n), "capped") for n in range(quota_customers)] \
+        + [(load_customer(n), "metered") for n in range(load_customers)] \
         + [(guard_customer(n), "metered") for n in range(guard_customers)] + [(PROBE_CUSTOMER, "metered")]
     return textwrap.dedent(f"""\
         metrics:
@@ -358,6 +365,7 @@ class Cluster:
     proxies: int = 3
     control_planes: int = 2
     quota_limit: int = 1000
+    quota_customers: int = 1
     load_customers: int = 20
     guard_customers: int = 20
     proxy_metering: str = ""
@@ -385,7 +393,8 @@ class Cluster:
                 self.start_control_plane()
             # Keys made before any proxy starts, the probe's last: a proxy that serves
             # the probe's key holds every key (changes apply in order).
-            for customer in [QUOTA_CUSTOMER, *map(load_customer, range(self.load_customers)),
+            for customer in [*map(quota_customer, range(self.quota_customers)),
+                             *map(load_customer, range(self.load_customers)),
                              *map(guard_customer, range(self.guard_customers)), PROBE_CUSTOMER]:
                 self.keys[customer] = self.api("POST", f"/v1/customers/{customer}/api-keys")["key"]
             for _ in range(self.proxies):
@@ -404,7 +413,8 @@ class Cluster:
 
     def _apply_catalog(self) -> None:
         catalog = self.folder / "catalog.yaml"
-        catalog.write_text(catalog_yaml(self.quota_limit, self.load_customers, self.guard_customers, time.time()))
+        catalog.write_text(catalog_yaml(self.quota_limit, self.load_customers, self.guard_customers, time.time(),
+                                        self.quota_customers))
         result = subprocess.run(self._cli("apply", "-f", str(catalog), "--database", self.database_url),
                                 check=False, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:

@@ -24,6 +24,7 @@ from bench.cluster_setup import (
     guard_customer,
     http_get,
     load_customer,
+    quota_customer,
     scoped_database_url,
     send_requests,
     wait_for,
@@ -49,7 +50,8 @@ def cluster(postgres_url, redis_url, tmp_path_factory):
     schema = f"cluster_{uuid.uuid4().hex[:12]}"
     create_schema(postgres_url, schema)
     running = Cluster(tmp_path_factory.mktemp("cluster"), scoped_database_url(postgres_url, schema),
-                      proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, load_customers=LOAD_CUSTOMERS,
+                      proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=2,
+                      load_customers=LOAD_CUSTOMERS,
                       guard_customers=2, proxy_metering=PROXY_METERING)
     try:
         running.start()
@@ -123,6 +125,29 @@ def test_a_guard_level_change_reaches_every_proxy(cluster, report_logs):
     assert http_get(cluster.running_proxies[0].url + "/v1/resource", cluster.keys[guard_customer(1)])[0] == 200
 
 
+@pytest.mark.xfail(reason="After a Redis restart a hard quota is not admitted exactly: leases idle while Redis "
+                          "was down are never given back (fewer admitted), and while a worker's circuit breaker "
+                          "lets its one half-open trial through (an edge-state read blocking up to 1 s) every "
+                          "lease call is refused and admitted from the last state (more admitted)", strict=False)
+def test_a_hard_quota_stays_exact_across_a_redis_restart(cluster, report_logs):
+    customer = quota_customer(1)
+    key = cluster.keys[customer]
+    # Every proxy takes a lease and uses a little of it; Redis goes away before the
+    # unused units can go back, and comes back.
+    admitted = sum(http_get(proxy.url + "/v1/resource", key)[0] == 200
+                   for proxy in cluster.running_proxies for _ in range(5))
+    cluster.redis.stop()
+    wait_for(lambda: all(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 10,
+             "every proxy noticing Redis is away")
+    cluster.redis.start()
+    wait_for(lambda: not any(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 20,
+             "every proxy using Redis again", interval_s=0.2)
+    outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(customer, key)], total=QUOTA_LIMIT * 3 // 2,
+                                         concurrency=50))
+    admitted += sum(outcome.status == 200 for outcome in outcomes)
+    assert admitted == QUOTA_LIMIT
+
+
 def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster, report_logs):
     redis_timeout_s = RedisCalls().timeout_s        # the proxies' configured (default) Redis timeout
     proxies = cluster.running_proxies
@@ -133,10 +158,14 @@ def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster,
     rss_highest = dict(rss_before)
     sampling = threading.Event()
 
+    circuit_seen_open = set()
+
     def sample_rss():
         while not sampling.wait(0.2):
             for proxy in proxies:
                 rss_highest[proxy.port] = max(rss_highest[proxy.port], proxy.rss_mib())
+                if proxy.metric("aforo_redis_circuit_open"):
+                    circuit_seen_open.add(proxy.port)
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     try:
@@ -145,7 +174,7 @@ def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster,
         wait_for(lambda: time.monotonic() - down_at > OUTAGE_S
                  and sum(cluster.upstream.counts().values()) > before_outage + 2000, 30,
                  "requests served while Redis is down", interval_s=0.2)
-        degraded = [(proxy.readyz()[0], proxy.metric("aforo_redis_circuit_open")) for proxy in proxies]
+        ready_while_down = [proxy.readyz()[0] for proxy in proxies]
         cluster.redis.start()                                # ...and back, with what it held
         restarted_at = sum(cluster.upstream.counts().values())
         wait_for(lambda: sum(cluster.upstream.counts().values()) > restarted_at + 1000, 30,
@@ -157,8 +186,10 @@ def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster,
 
     # Clients noticed nothing: every request answered as before, none waiting on Redis
     # longer than its timeout (plus a generous margin for a loaded 2-core machine).
-    # While Redis was away every proxy said so on /metrics, and stayed ready.
-    assert degraded == [(200, 1.0)] * len(proxies)
+    # While Redis was away every proxy said so on /metrics (its circuit breaker open),
+    # and stayed ready.
+    assert circuit_seen_open == {proxy.port for proxy in proxies}
+    assert ready_while_down == [200] * len(proxies)
     assert Counter(outcome.status for outcome in outcomes) == {200: len(outcomes)}
     slowest = max(outcome.latency_s for outcome in outcomes)
     assert slowest < redis_timeout_s + 2.0, f"a request took {slowest:.2f} s"
