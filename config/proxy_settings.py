@@ -31,7 +31,7 @@ import os
 import re
 from os import PathLike
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -56,10 +56,12 @@ REDIS_URL_ENV = "AFORO_REDIS_URL"
 BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
+STALE_POLICY_PATTERN = r"^(open|closed)$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
+    STALE_POLICY_PATTERN: "`open` or `closed`",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Units = Annotated[int, msgspec.Meta(ge=0)]
@@ -120,7 +122,7 @@ class RouteSettings(Schema):
     features: tuple[Name, ...] = ()
     metric: MeteredMetric = "api_calls"
     units: Units = 1
-    when_stale: Literal["open", "closed"] = "open"
+    when_stale: Annotated[str, msgspec.Meta(pattern=STALE_POLICY_PATTERN)] = "open"
 
 
 class EdgeStateSource(Schema):

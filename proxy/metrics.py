@@ -121,7 +121,7 @@ class ProxyMetrics:
                        unledgered_units: Callable[[], int]) -> None:
         """Call at each scrape: `stale()` (the edge state is older than its staleness
         budget), `circuit_open()` (calls to Redis are being refused) and
-        `unledgered_units()` (hard-quota units admitted from the last state while the
+        `unledgered_units()` (hard-quota units leased from the last state while the
         lease ledger could not be asked)."""
         self._live.degraded = (stale, circuit_open, unledgered_units)
 
@@ -265,6 +265,6 @@ def _families():
         GaugeMetricFamily("aforo_degraded", "1 while the edge state is older than the staleness budget "
                           "(routes with when_stale: closed answer 503)."),
         GaugeMetricFamily("aforo_redis_circuit_open", "1 while calls to Redis are refused after failures in a row."),
-        CounterMetricFamily("aforo_quota_unledgered_units", "Hard-quota units admitted from the last state while "
-                            "the lease ledger could not be asked."),
+        CounterMetricFamily("aforo_quota_unledgered_units", "Hard-quota units a worker leased itself from its "
+                            "last state while the lease ledger could not be asked."),
     )

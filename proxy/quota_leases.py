@@ -10,9 +10,9 @@
 # ledger's timeout; a lease running low is topped up in the background; units unused
 # for LEASE_IDLE_S go back, so another worker can use them.
 #
-# When the ledger cannot be asked, the worker decides from its last state: it admits
-# while the usage recorded in that state plus what it admitted itself stays
-# within the limit, and adds those units to the ledger (as debt) once it answers
+# When the ledger cannot be asked, the worker decides from its last state: it leases
+# to itself, by the ledger's rule, from the usage recorded in that state plus what it
+# leased itself so, and adds those units to the ledger (as debt) once it answers
 # again. So during an outage each worker may admit up to what was left when the
 # state was recorded: the overshoot is bounded by the other workers' share of it.
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
+from decision_core.quota import grant_size
 from proxy.quota_ledger import LedgerUnavailable
 
 log = logging.getLogger("aforo.proxy")
@@ -45,20 +46,20 @@ class _Held:
 
 
 class _Unledgered:
-    # Units admitted from the last state while the ledger could not be asked, in the
-    # period ending at `period_end`: `admitted` in all, `debt` not yet in the ledger.
-    __slots__ = ("period_end", "admitted", "debt")
+    # Units leased from the last state while the ledger could not be asked, in the
+    # period ending at `period_end`: `taken` in all, `debt` not yet in the ledger.
+    __slots__ = ("period_end", "taken", "debt")
 
     def __init__(self, period_end):
         self.period_end = period_end
-        self.admitted = 0
+        self.taken = 0
         self.debt = 0
 
 
 class QuotaLeases:
     """The hard-quota leases of one worker, from `ledger` (a QuotaLedger), for the
     customers of `edge_state` (a FollowedEdgeState). `unledgered_total`: units
-    admitted from the last state while the ledger could not be asked."""
+    leased from the last state while the ledger could not be asked."""
 
     def __init__(self, ledger, edge_state, loop, clock=time.monotonic) -> None:
         self.ledger = ledger
@@ -133,17 +134,17 @@ class QuotaLeases:
                 customer.customer_id, metric, needed=needed, wanted=max(needed, limit // CHUNK_SHARE), limit=limit,
                 period_end=customer.period_end, recorded=recorded, debt=debt)
         except LedgerUnavailable as error:
-            log.warning("quota lease for %s %s: %s; deciding from the last state", customer.customer_id, metric,
-                        error)
             if unledgered is None:
                 unledgered = self._unledgered[key] = _Unledgered(customer.period_end)
-            if recorded + unledgered.admitted + needed > limit:
-                self._denied_until[key] = self.clock() + DENIED_RETRY_S
-                return True
-            granted, period = needed, None
-            unledgered.admitted += needed
-            unledgered.debt += needed
-            self.unledgered_total += needed
+            if not unledgered.debt:                 # said once per outage and customer
+                log.warning("quota lease for %s %s: %s; deciding from the last state until it answers",
+                            customer.customer_id, metric, error)
+            # Leased from the last state, by the ledger's own rule.
+            granted = grant_size(limit, recorded + unledgered.taken, needed, max(needed, limit // CHUNK_SHARE))
+            period = None
+            unledgered.taken += granted
+            unledgered.debt += granted
+            self.unledgered_total += granted
         else:
             if unledgered is not None:
                 unledgered.debt -= debt

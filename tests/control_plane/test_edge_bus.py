@@ -100,3 +100,17 @@ def test_an_older_version_is_never_applied_and_a_gap_pulls_everything(backend, r
         assert len(follower.snapshot) == 1
         assert int(follower.version) == int(await client.get(EDGE_VERSION))
     bus_test(backend, redis_url, tmp_path, scenario)
+
+
+def test_a_follower_catches_up_with_a_bus_that_lost_its_data(backend, redis_url, tmp_path):
+    async def scenario(api, client, follower, publisher):
+        for _ in range(4):
+            await publisher.publish_state()
+        await until(follower, lambda: int(follower.version) >= 5)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)   # a Redis restarted without its data
+        await publisher.publish_state()                               # numbered from 1 again
+        await publisher.publish_state()
+        _, _, key = await api.call("POST", "/v1/customers/cus_a/api-keys")
+        await until(follower, lambda: follower.customer_for_key(key["key"].encode()) is not None)
+        assert int(follower.version) == int(await client.get(EDGE_VERSION))
+    bus_test(backend, redis_url, tmp_path, scenario)

@@ -7,6 +7,7 @@ import datetime
 import json
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -138,18 +139,14 @@ def bus_plane(loop_thread, tmp_path, private_redis):
     loop_thread.run(running.stop())
 
 
-@pytest.fixture
-def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
-    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
-    leases), with `routes` and `more` settings lines as fed_settings takes."""
+def started_workers(loop_thread, tmp_path, settings_text):
+    """A fixture's body: yields start(*args), which writes the settings
+    `settings_text(index, *args)` returns (index: workers started before) and starts a
+    worker with them; stops every worker still running afterwards."""
     workers = []
 
-    def start(routes=(EVERYTHING,), more=""):
-        url = bus_plane.redis.url
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, f'edge_state: {{redis_url: "{url}"}}',
-            f'{{spool_dir: meter-spool-{len(workers)}, redis_url: "{url}", batch_events: 10, '
-            'flush_interval_s: 3600}', routes, more))
+    def start(*args, **kwargs):
+        (tmp_path / "proxy.yaml").write_text(settings_text(len(workers), *args, **kwargs))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         workers.append(worker)
@@ -159,6 +156,19 @@ def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
     for worker in workers:
         if not worker.stopped.is_set():
             loop_thread.run(worker.stop(1.0), timeout=30)
+
+
+@pytest.fixture
+def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
+    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
+    leases), with `routes` and `more` settings lines as fed_settings takes."""
+    url = bus_plane.redis.url
+
+    def settings_text(index, routes=(EVERYTHING,), more=""):
+        return fed_settings(upstream.port, f'edge_state: {{redis_url: "{url}"}}',
+                            f'{{spool_dir: meter-spool-{index}, redis_url: "{url}", batch_events: 10, '
+                            'flush_interval_s: 3600}', routes, more)
+    yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
 @pytest.fixture(params=["control plane", "redis bus"])
@@ -172,22 +182,13 @@ def leasing(request):
 
 @pytest.fixture
 def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
-    workers = []
+    """Start a worker following `control_plane` over its API."""
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
 
-    def start():
-        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, following(control_plane.url),
-            f"{{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}"))
-        worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
-        loop_thread.run(worker.start())
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        if not worker.stopped.is_set():
-            loop_thread.run(worker.stop(1.0), timeout=30)
+    def settings_text(index):
+        return fed_settings(upstream.port, following(control_plane.url),
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}")
+    yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
 def test_the_proxy_serves_the_control_planes_customers_and_follows_their_changes(
@@ -332,3 +333,66 @@ def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upst
         assert {json.loads(event.payload)["source"] for event in events} == {"proxy"}
     finally:
         loop_thread.run(running.stop())
+
+
+def admin(worker, path):
+    """(status, body text) of the worker's admin endpoint at `path`."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.admin_port}{path}", timeout=SOCKET_TIMEOUT_S) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def eventually(condition, timeout_s=30):
+    """Whether `condition()` comes true within a bound (asked again and again): a
+    bound on waiting for what the test caused, never a timed assertion."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_without_redis_a_proxy_decides_from_its_last_state_then_fails_each_route_as_configured(
+        loop_thread, bus_plane, bus_proxy):
+    bus_plane.catalog()
+    key = bus_plane.new_key()
+    worker = bus_proxy(routes=(
+        "{name: closed, upstream: main, path_prefix: /echo/closed, when_stale: closed}",
+        "{name: open, upstream: main, path_prefix: /, when_stale: open}"),
+        more="degraded: {staleness_budget_s: 1, retry_after_s: 7}\nredis: {timeout_s: 0.2, breaker_open_s: 0.5}\n")
+    assert answered(worker.port, key, 200)
+    forwarded = 1
+    assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
+    forwarded += 1
+
+    bus_plane.redis.stop()
+    # Within the staleness budget nothing changes for clients: the last state decides.
+    assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
+    assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+    forwarded += 2
+    # Beyond it, /readyz and /metrics say so, the closed route answers 503, the open one
+    # goes on deciding from the last state.
+    assert eventually(lambda: "degraded" in admin(worker, "/readyz")[1])
+    assert admin(worker, "/readyz")[0] == 200
+    assert "aforo_degraded 1.0" in admin(worker, "/metrics")[1]
+    status, headers, body = request(worker.port, "GET", "/echo/closed", key=key)
+    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "7", "state_stale")
+    for _ in range(20):
+        assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+        forwarded += 1
+    assert worker.meter.spooled_events + worker.meter.depth >= 20     # kept while the bus is away
+
+    # Redis comes back empty (it lost everything): the control plane publishes the state
+    # again, the proxy follows it and is fresh, and every meter event is stored once.
+    bus_plane.redis.start()
+    assert eventually(lambda: request(worker.port, "GET", "/echo/closed", key=key)[0] == 200)
+    forwarded += 1
+    assert "degraded" not in admin(worker, "/readyz")[1]
+    loop_thread.run(worker.stop(1.0), timeout=30)
+    assert eventually(lambda: len(loop_thread.run(bus_plane.store.events(USAGE, "cus_a"))) >= forwarded)
+    events = loop_thread.run(bus_plane.store.events(USAGE, "cus_a"))
+    assert len(events) == forwarded
+    assert len({event.event_id for event in events}) == forwarded
