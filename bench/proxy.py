@@ -251,10 +251,11 @@ def stop(process):
 
 # -- load --------------------------------------------------------------------------------
 
-def wrk_script(folder, customers):
-    """A wrk Lua script sending each request with the next customer's API key."""
-    keys = ",".join(f'"{bench_key(index)}"' for index in range(customers))
-    script = Path(folder) / "keys.lua"
+def wrk_script(folder, customers, keys=None, name="keys.lua"):
+    """A wrk Lua script (`name` in `folder`) sending each request with the next
+    customer's API key: of `customers` bench customers, or the given `keys`."""
+    keys = ",".join(f'"{key}"' for key in (keys or (bench_key(index) for index in range(customers))))
+    script = Path(folder) / name
     script.write_text(textwrap.dedent(f"""\
         local keys = {{{keys}}}
         local n = 0

@@ -1,0 +1,237 @@
+# Production mode as users run it: 3 `aforo proxy` processes and 2 `aforo control-plane`
+# workers sharing one PostgreSQL schema and one Redis (a redis-server of this module's
+# own, which it stops and starts again), over real sockets. Exact hard quotas across
+# proxies, a guard level reaching every proxy, a Redis outage under load, and a
+# control-plane worker killed mid-stream, each judged by what clients and the store see.
+import asyncio
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from conftest import _service_missing
+
+from bench.cluster_setup import (
+    MARGIN_BLOCK_TITLE,
+    QUOTA_CUSTOMER,
+    Cluster,
+    Load,
+    create_schema,
+    drop_schema,
+    guard_customer,
+    http_get,
+    load_customer,
+    quota_customer,
+    scoped_database_url,
+    send_requests,
+    wait_for,
+)
+from config.proxy_settings import RedisCalls
+from control_plane.meter_stream import CLAIM_IDLE_MS
+
+QUOTA_LIMIT = 1000
+LOAD_CUSTOMERS = 12
+# Small enough that a Redis outage of a few seconds under load spills meter events
+# to the disk spool instead of memory.
+PROXY_METERING = "buffer_events: 2000, batch_events: 500"
+# How long events may take to reach PostgreSQL once nothing stands in their way.
+SETTLE_S = 30.0
+# How long Redis stays down under load: several rounds of the proxies' circuit breaker.
+OUTAGE_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_url, redis_url, tmp_path_factory):
+    if not shutil.which("redis-server"):
+        _service_missing("redis-server is not available for the cluster's own Redis")
+    schema = f"cluster_{uuid.uuid4().hex[:12]}"
+    create_schema(postgres_url, schema)
+    running = Cluster(tmp_path_factory.mktemp("cluster"), scoped_database_url(postgres_url, schema),
+                      proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=2,
+                      load_customers=LOAD_CUSTOMERS,
+                      guard_customers=2, proxy_metering=PROXY_METERING)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+        drop_schema(postgres_url, schema)
+
+
+@pytest.fixture
+def report_logs(cluster):
+    """On a failure, the processes' last words are in the report."""
+    yield
+    print(cluster.logs())
+
+
+def proxy_urls(cluster):
+    return [proxy.url for proxy in cluster.running_proxies]
+
+
+def load_keys(cluster):
+    return [(load_customer(n), cluster.keys[load_customer(n)]) for n in range(LOAD_CUSTOMERS)]
+
+
+def stored_exactly_once(cluster):
+    """Whether every request that reached the upstream is one usage row in PostgreSQL
+    (and there is no row of a request that did not): (forwarded, stored) when so."""
+    forwarded = cluster.upstream.counts()
+    stored = cluster.stored_usage()
+    if {customer: (count, count) for customer, count in forwarded.items()} == stored:
+        return forwarded, stored
+    return None
+
+
+def refusal(proxy, key):
+    """The problem+json of a 429 answer through `proxy` with `key`, None for another."""
+    status, problem = http_get(proxy.url + "/v1/resource", key)
+    return problem if status == 429 else None
+
+
+def units_billed(cluster, customer):
+    margin = cluster.api("GET", f"/v1/customers/{customer}/margin")
+    return sum(metric["units"] for metric in margin["metrics"] if metric["metric"] == "api_calls")
+
+
+def test_a_hard_quota_admits_exactly_its_limit_across_every_proxy(cluster, report_logs):
+    key = cluster.keys[QUOTA_CUSTOMER]
+    # 50 clients spread over the 3 proxies ask for half as much again as the quota.
+    outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(QUOTA_CUSTOMER, key)], total=QUOTA_LIMIT * 3 // 2,
+                                         concurrency=50))
+    assert Counter(outcome.status for outcome in outcomes) == {200: QUOTA_LIMIT, 429: QUOTA_LIMIT // 2}
+    assert {outcome.reason for outcome in outcomes if outcome.status == 429} == {"quota_exceeded"}
+    assert cluster.upstream.counts()[QUOTA_CUSTOMER] == QUOTA_LIMIT
+    # And the quota stays used up on every proxy.
+    for proxy in cluster.running_proxies:
+        assert http_get(proxy.url + "/v1/resource", key)[0] == 429
+
+
+def test_a_guard_level_change_reaches_every_proxy(cluster, report_logs):
+    customer = guard_customer(0)
+    key = cluster.keys[customer]
+    for proxy in cluster.running_proxies:
+        assert http_get(proxy.url + "/v1/resource", key)[0] == 200
+    # A cost far above the plan's revenue, through the second control-plane worker:
+    # its margin falls below the guard's level-3 threshold.
+    cluster.post_cost(customer, "500", "gpu-bill-1", control_plane=1)
+    for proxy in cluster.running_proxies:
+        problem = wait_for(lambda proxy=proxy: refusal(proxy, key), 10, f"proxy :{proxy.port} refusing {customer}")
+        assert problem["title"] == MARGIN_BLOCK_TITLE
+    # Another customer is untouched.
+    assert http_get(cluster.running_proxies[0].url + "/v1/resource", cluster.keys[guard_customer(1)])[0] == 200
+
+
+@pytest.mark.xfail(reason="After a Redis restart a hard quota is not admitted exactly: leases idle while Redis "
+                          "was down are never given back (fewer admitted), and while a worker's circuit breaker "
+                          "lets its one half-open trial through (an edge-state read blocking up to 1 s) every "
+                          "lease call is refused and admitted from the last state (more admitted)", strict=False)
+def test_a_hard_quota_stays_exact_across_a_redis_restart(cluster, report_logs):
+    customer = quota_customer(1)
+    key = cluster.keys[customer]
+    # Every proxy takes a lease and uses a little of it; Redis goes away before the
+    # unused units can go back, and comes back.
+    admitted = sum(http_get(proxy.url + "/v1/resource", key)[0] == 200
+                   for proxy in cluster.running_proxies for _ in range(5))
+    cluster.redis.stop()
+    wait_for(lambda: all(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 10,
+             "every proxy noticing Redis is away")
+    cluster.redis.start()
+    wait_for(lambda: not any(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 20,
+             "every proxy using Redis again", interval_s=0.2)
+    outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(customer, key)], total=QUOTA_LIMIT * 3 // 2,
+                                         concurrency=50))
+    admitted += sum(outcome.status == 200 for outcome in outcomes)
+    assert admitted == QUOTA_LIMIT
+
+
+def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster, report_logs):
+    redis_timeout_s = RedisCalls().timeout_s        # the proxies' configured (default) Redis timeout
+    proxies = cluster.running_proxies
+    load = Load(proxy_urls(cluster), load_keys(cluster), concurrency=12)
+    started = sum(cluster.upstream.counts().values())
+    wait_for(lambda: sum(cluster.upstream.counts().values()) > started + 500, 10, "load flowing")
+    rss_before = {proxy.port: proxy.rss_mib() for proxy in proxies}
+    rss_highest = dict(rss_before)
+    sampling = threading.Event()
+
+    circuit_seen_open = set()
+
+    def sample_rss():
+        while not sampling.wait(0.2):
+            for proxy in proxies:
+                rss_highest[proxy.port] = max(rss_highest[proxy.port], proxy.rss_mib())
+                if proxy.metric("aforo_redis_circuit_open"):
+                    circuit_seen_open.add(proxy.port)
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    try:
+        cluster.redis.stop()                                 # Redis is gone...
+        down_at, before_outage = time.monotonic(), sum(cluster.upstream.counts().values())
+        wait_for(lambda: time.monotonic() - down_at > OUTAGE_S
+                 and sum(cluster.upstream.counts().values()) > before_outage + 2000, 30,
+                 "requests served while Redis is down", interval_s=0.2)
+        ready_while_down = [proxy.readyz()[0] for proxy in proxies]
+        cluster.redis.start()                                # ...and back, with what it held
+        restarted_at = sum(cluster.upstream.counts().values())
+        wait_for(lambda: sum(cluster.upstream.counts().values()) > restarted_at + 1000, 30,
+                 "requests served after Redis is back", interval_s=0.2)
+    finally:
+        outcomes = load.stop()
+        sampling.set()
+        sampler.join()
+
+    # Clients noticed nothing: every request answered as before, none waiting on Redis
+    # longer than its timeout (plus a generous margin for a loaded 2-core machine).
+    # While Redis was away every proxy said so on /metrics (its circuit breaker open),
+    # and stayed ready.
+    assert circuit_seen_open == {proxy.port for proxy in proxies}
+    assert ready_while_down == [200] * len(proxies)
+    assert Counter(outcome.status for outcome in outcomes) == {200: len(outcomes)}
+    slowest = max(outcome.latency_s for outcome in outcomes)
+    assert slowest < redis_timeout_s + 2.0, f"a request took {slowest:.2f} s"
+    # Memory stayed bounded (meter events beyond the buffer went to the disk spool).
+    grown = {port: rss_highest[port] - rss_before[port] for port in rss_before}
+    assert max(grown.values()) < 64, f"proxy RSS grew by {grown} MiB"
+    assert sum(proxy.metric('aforo_meter_events_total{outcome="spilled"}') for proxy in proxies) > 0
+    assert [proxy.metric('aforo_meter_events_total{outcome="lost"}') for proxy in proxies] == [0.0] * len(proxies)
+    # Every meter event reached PostgreSQL once the bus was back, exactly once.
+    forwarded, _ = wait_for(lambda: stored_exactly_once(cluster), SETTLE_S, "every forwarded request stored once",
+                            interval_s=0.5)
+    assert sum(forwarded[customer] for customer, _ in load_keys(cluster)) >= len(outcomes)
+    assert units_billed(cluster, load_customer(0)) == forwarded[load_customer(0)]
+
+
+def test_a_killed_control_plane_worker_loses_and_doubles_nothing(cluster, report_logs):
+    survivor, victim = cluster.running_control_planes
+    load = Load(proxy_urls(cluster), load_keys(cluster), concurrency=12)
+    try:
+        # Paused while it waits on the stream, the victim is handed an entry it never
+        # acknowledges; then it is killed, mid-stream, with that entry pending.
+        for _ in range(5):
+            victim.runner.signal(signal.SIGSTOP)
+            try:
+                wait_for(lambda: cluster.pending_of(victim.consumer), 5, "an entry pending with the paused worker")
+                break
+            except AssertionError:
+                victim.runner.signal(signal.SIGCONT)        # it was not waiting on the stream: again
+        victim.runner.signal(signal.SIGKILL)
+        assert cluster.pending_of(victim.consumer) >= 1
+        before = sum(cluster.upstream.counts().values())
+        wait_for(lambda: sum(cluster.upstream.counts().values()) > before + 1000, 30,
+                 "requests served after the kill", interval_s=0.2)
+    finally:
+        outcomes = load.stop()
+    victim.runner.stop()
+    assert Counter(outcome.status for outcome in outcomes) == {200: len(outcomes)}
+    # The survivor claims the dead worker's entries once they have been idle
+    # CLAIM_IDLE_MS: then every forwarded request is stored, once.
+    wait_for(lambda: stored_exactly_once(cluster), CLAIM_IDLE_MS / 1000 + SETTLE_S,
+             "every forwarded request stored once", interval_s=0.5)
+    assert cluster.pending_of(victim.consumer) == 0
+    forwarded = cluster.upstream.counts()
+    assert all(units_billed(cluster, load_customer(n)) == forwarded[load_customer(n)] for n in range(3))
+    assert survivor.runner.process.poll() is None
