@@ -120,7 +120,7 @@ class ProxyMetrics:
     def watch_degraded(self, stale: Callable[[], bool], circuit_open: Callable[[], bool],
                        unledgered_units: Callable[[], int]) -> None:
         """Call at each scrape: `stale()` (the edge state is older than its staleness
-        budget), `circuit_open()` (calls to Redis are being refused) and
+        budget), `circuit_open()` (Redis failed in a row and no call has succeeded since) and
         `unledgered_units()` (hard-quota units leased from the last state while the
         lease ledger could not be asked)."""
         self._live.degraded = (stale, circuit_open, unledgered_units)
@@ -264,7 +264,8 @@ def _families():
         GaugeMetricFamily("aforo_edge_state_age_seconds", "Seconds since the edge state was last refreshed."),
         GaugeMetricFamily("aforo_degraded", "1 while the edge state is older than the staleness budget "
                           "(routes with when_stale: closed answer 503)."),
-        GaugeMetricFamily("aforo_redis_circuit_open", "1 while calls to Redis are refused after failures in a row."),
+        GaugeMetricFamily("aforo_redis_circuit_open", "1 from failures in a row to Redis until a call succeeds "
+                          "again (calls refused, or tried again after the pause)."),
         CounterMetricFamily("aforo_quota_unledgered_units", "Hard-quota units a worker leased itself from its "
                             "last state while the lease ledger could not be asked."),
     )

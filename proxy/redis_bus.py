@@ -45,6 +45,11 @@ class CircuitBreaker:
         self.opened_total = 0
 
     @property
+    def tripped(self) -> bool:
+        """Whether it opened and no call has succeeded since (open or half open)."""
+        return self.opened_at is not None
+
+    @property
     def is_open(self) -> bool:
         """Whether calls are being refused now."""
         return self.opened_at is not None and self.clock() - self.opened_at < self.open_s

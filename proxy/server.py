@@ -169,7 +169,7 @@ class ProxyWorker:
             self.leases.schedule_returns()
         metrics.watch(self.app, self.meter, self.edge_state)
         app, leases, buses = self.app, self.leases, self.buses
-        metrics.watch_degraded(lambda: app.stale, lambda: any(bus.breaker.is_open for bus in buses),
+        metrics.watch_degraded(lambda: app.stale, lambda: any(bus.breaker.tripped for bus in buses),
                                lambda: 0 if leases is None else leases.unledgered_total)
         sock = listening_socket(settings.listen.host, settings.listen.port)
         self.port = sock.getsockname()[1]

@@ -125,10 +125,6 @@ def test_a_guard_level_change_reaches_every_proxy(cluster, report_logs):
     assert http_get(cluster.running_proxies[0].url + "/v1/resource", cluster.keys[guard_customer(1)])[0] == 200
 
 
-@pytest.mark.xfail(reason="After a Redis restart a hard quota is not admitted exactly: leases idle while Redis "
-                          "was down are never given back (fewer admitted), and while a worker's circuit breaker "
-                          "lets its one half-open trial through (an edge-state read blocking up to 1 s) every "
-                          "lease call is refused and admitted from the last state (more admitted)", strict=False)
 def test_a_hard_quota_stays_exact_across_a_redis_restart(cluster, report_logs):
     customer = quota_customer(1)
     key = cluster.keys[customer]

@@ -79,3 +79,13 @@ def test_a_bus_with_redis_answers(redis_url):
         finally:
             await bus.close()
     asyncio.run(run())
+
+
+def test_a_tripped_breaker_stays_tripped_through_the_pause_until_a_call_succeeds():
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, open_s=2.0, clock=clock)
+    breaker.failed()
+    clock.now += 5.0                                    # the pause is over, Redis not yet back
+    assert (breaker.is_open, breaker.tripped) == (False, True)
+    breaker.succeeded()
+    assert breaker.tripped is False
