@@ -108,7 +108,8 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
                                  socket_connect_timeout=REDIS_TIMEOUT_S)
             consumer = MeterStreamConsumer(bus, app[INTAKE], f"{socket.gethostname()}-{os.getpid()}",
                                            block_ms=int(REDIS_TIMEOUT_S * 500))
-            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), EdgeBusPublisher(bus, feed, clock).run()),
+            publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
+            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),
                                              name="aforo edge bus"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))

@@ -65,6 +65,9 @@ def test_defaults():
     assert (settings.database, settings.guards, settings.notify) == ("aforo.db", None, {})
     assert (settings.webhooks.max_attempts, settings.webhooks.initial_backoff_s,
             settings.webhooks.max_backoff_s) == (10, 1.0, 300.0)
+    assert (settings.redis_url, settings.edge_resync_interval_s) == (None, 300.0)
+    assert parse_control_plane_settings("edge_resync_interval_s: 2.5", "control_plane.yaml",
+                                        environ={}).edge_resync_interval_s == 2.5
     channel = parse_control_plane_settings(CHANNEL, "control_plane.yaml", environ=ENVIRON).notify["finance"]
     assert (channel.url, channel.secret_env, channel.timeout_s) == (
         "https://hooks.example.com/aforo", "FINANCE_SECRET", 5.0)
@@ -148,6 +151,14 @@ BAD_SETTINGS = [
       "- at `$.database`")),
     (CHANNEL + "guards: ''\n",
      "control_plane.yaml:5: Expected `str` of length >= 1 - at `$.guards`"),
+    (CHANNEL + "edge_resync_interval_s: 0\n",
+     "control_plane.yaml:5: Expected `float` > 0.0 - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval_s: -30\n",
+     "control_plane.yaml:5: Expected `float` > 0.0 - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval_s: 5m\n",
+     "control_plane.yaml:5: Expected `float`, got `str` - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval: 60\n",
+     "control_plane.yaml:5: Object contains unknown field `edge_resync_interval`"),
     ("notify: [finance]\n",
      "control_plane.yaml:1: Expected `object`, got `array` - at `$.notify`"),
     ("", "control_plane.yaml: File is empty; expected a mapping of control plane settings"),

@@ -1,19 +1,28 @@
 # The edge feed published on a real Redis and followed from it, on both stores: a
 # follower gets the whole state, then new keys and level changes as they happen; an
-# older version is never applied over a newer one, and a gap makes it pull again.
+# older version is never applied over a newer one, and a gap makes it pull again; a
+# control plane publishes the whole state again at its settings' resync interval.
 import asyncio
 import datetime
+import json
+from pathlib import Path
 
 import redis.asyncio as redis
 from running_api import NOW, Api
 
 from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from config.catalog_file import load_catalog_file
+from config.control_plane_settings import load_control_plane_settings, parse_control_plane_settings
 from config.guards import watch_guards
 from control_plane.api import FEED
+from control_plane.catalog import apply_catalog
 from control_plane.edge_bus import EdgeBusPublisher
+from control_plane.server import start_control_plane
+from control_plane.store import open_store
 from proxy.edge_bus_source import EdgeBusSource
 from proxy.followed_edge_state import FollowedEdgeState
 
+CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 GUARDS = """\
 guards:
   - id: floor
@@ -97,3 +106,72 @@ def test_an_older_version_is_never_applied_and_a_gap_pulls_everything(backend, r
         assert len(follower.snapshot) == 1
         assert int(follower.version) == int(await client.get(EDGE_VERSION))
     bus_test(backend, redis_url, tmp_path, scenario)
+
+
+RESYNC_SETTINGS = """\
+listen: 127.0.0.1:0
+database: aforo.db
+redis_url: {redis_url}
+edge_resync_interval_s: {interval}
+"""
+
+
+def test_the_whole_state_is_published_again_at_the_settings_resync_interval(redis_url, tmp_path):
+    # A Redis that lost its data (it restarted with nothing on disk) has the whole
+    # state again within one interval, and every republication is a resync entry
+    # followers read on from.
+    async def scenario():
+        client = redis.from_url(redis_url)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+        store = await open_store(str(tmp_path / "aforo.db"))
+        await apply_catalog(store, load_catalog_file(CATALOG), "catalog.yaml")
+        await store.close()
+        (tmp_path / "control_plane.yaml").write_text(RESYNC_SETTINGS.format(redis_url=redis_url, interval=0.2))
+        settings = load_control_plane_settings(tmp_path / "control_plane.yaml", environ={})
+        assert settings.edge_resync_interval_s == 0.2
+        control_plane = await start_control_plane(settings, environ={}, clock=lambda: NOW)
+        try:
+            first = await poll(lambda: client.hget(EDGE_STATE, "version"), lambda version: version is not None)
+            await client.delete(EDGE_STATE)
+            state = await poll(lambda: client.hgetall(EDGE_STATE), lambda state: b"state" in state)
+            assert int(state[b"version"]) > int(first)
+            assert {"cus_acme", "cus_globex", "cus_wonka"} <= {customer["id"] for customer in json.loads(state[b"state"])["customers"]}
+            await poll(lambda: client.xrange(EDGE_CHANGES),
+                       lambda entries: sum(b"resync" in fields for _, fields in entries) >= 4)
+            entries = await client.xrange(EDGE_CHANGES)
+            versions = [int(fields[b"version"]) for _, fields in entries]
+            assert versions == sorted(versions)
+        finally:
+            await control_plane.stop()
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+def test_with_the_default_interval_an_idle_control_plane_publishes_the_whole_state_once(redis_url, tmp_path):
+    async def scenario():
+        client = redis.from_url(redis_url)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+        settings = parse_control_plane_settings(f"listen: 127.0.0.1:0\nredis_url: {redis_url}\n",
+                                                "control_plane.yaml", tmp_path, environ={})
+        assert settings.edge_resync_interval_s == 300.0
+        control_plane = await start_control_plane(settings, environ={}, clock=lambda: NOW)
+        try:
+            await poll(lambda: client.hget(EDGE_STATE, "version"), lambda version: version is not None)
+            await asyncio.sleep(1.0)
+            assert await client.xlen(EDGE_CHANGES) == 1
+        finally:
+            await control_plane.stop()
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+async def poll(read, done, deadline_s=10.0):
+    """`await read()` until `done(value)`; fails after `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not done(value := await read()):
+        assert loop.time() < deadline, f"still {value!r}"
+        await asyncio.sleep(0.02)
+    return value
