@@ -43,6 +43,16 @@ def test_the_example_is_valid_and_points_at_the_example_guards():
     assert signing_secrets(settings, EXAMPLE_SECRETS)["finance-ops"] == b"f1"
 
 
+def test_the_production_example_shares_postgresql_and_the_redis_bus():
+    settings = load_control_plane_settings(EXAMPLES / "production-control-plane.yaml", environ=EXAMPLE_SECRETS)
+    assert not settings.database.is_sqlite
+    assert settings.database == "postgresql://aforo@db.internal:5432/aforo"
+    assert settings.redis_url == "redis://redis.internal:6379/0"
+    assert settings.edge_resync_interval_s == 300.0
+    assert Path(settings.guards) == EXAMPLES / "guards.yaml"
+    assert sorted(settings.notify) == ["acme-account-team", "engineering-alerts", "finance-ops"]
+
+
 def test_the_example_names_every_channel_its_guards_notify():
     from config import load_guards
     guards = load_guards(EXAMPLES / "guards.yaml")
