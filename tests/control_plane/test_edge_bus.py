@@ -1,16 +1,20 @@
 # The edge feed published on a real Redis and followed from it, on both stores: a
 # follower gets the whole state, then new keys and level changes as they happen; an
 # older version is never applied over a newer one, and a gap makes it pull again; a
-# control plane publishes the whole state again at its settings' resync interval.
+# control plane publishes the whole state again at its settings' resync interval, and
+# reads the meter stream under a consumer name of its own.
 import asyncio
 import datetime
 import json
+import os
+import socket
 from pathlib import Path
 
 import redis.asyncio as redis
+from redis.exceptions import ResponseError
 from running_api import NOW, Api
 
-from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, METER_GROUP, METER_STREAM
 from config.catalog_file import load_catalog_file
 from config.control_plane_settings import load_control_plane_settings, parse_control_plane_settings
 from config.guards import watch_guards
@@ -162,6 +166,40 @@ def test_with_the_default_interval_an_idle_control_plane_publishes_the_whole_sta
             assert await client.xlen(EDGE_CHANGES) == 1
         finally:
             await control_plane.stop()
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+def test_control_planes_on_one_host_and_pid_are_distinct_consumers_of_the_meter_stream(redis_url, tmp_path):
+    # As containers sharing the host's network are (same hostname, each its pid 1):
+    # one consumer name for two would have each take the other's pending entries.
+    host_and_pid = f"{socket.gethostname()}-{os.getpid()}".encode()
+
+    async def ours(client):
+        try:
+            consumers = await client.xinfo_consumers(METER_STREAM, METER_GROUP)
+        except ResponseError:                       # no group yet
+            return []
+        return [consumer["name"] for consumer in consumers
+                if consumer["name"] == host_and_pid or consumer["name"].startswith(host_and_pid + b"-")]
+
+    async def scenario():
+        client = redis.from_url(redis_url)
+        started = []
+        try:
+            for name in ("one", "two"):
+                settings = parse_control_plane_settings(
+                    f"listen: 127.0.0.1:0\ndatabase: {name}.db\nredis_url: {redis_url}\n",
+                    "control_plane.yaml", tmp_path, environ={})
+                started.append(await start_control_plane(settings, environ={}, clock=lambda: NOW))
+            names = await poll(lambda: ours(client), lambda names: len(names) >= 2)
+            assert len(set(names)) == len(names)
+        finally:
+            for control_plane in started:
+                await control_plane.stop()
+            for name in await ours(client):
+                await client.xgroup_delconsumer(METER_STREAM, METER_GROUP, name)
             await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
             await client.aclose()
     asyncio.run(scenario())
