@@ -16,7 +16,10 @@ from running_api import NOW, Api
 
 from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, METER_GROUP, METER_STREAM
 from config.catalog_file import load_catalog_file
-from config.control_plane_settings import load_control_plane_settings, parse_control_plane_settings
+from config.control_plane_settings import (
+    load_control_plane_settings,
+    parse_control_plane_settings,
+)
 from config.guards import watch_guards
 from control_plane.api import FEED
 from control_plane.catalog import apply_catalog
