@@ -21,3 +21,15 @@ EVENTS_FIELD = "events"
 EDGE_STATE = "{aforo}:edge:state"
 EDGE_CHANGES = "{aforo}:edge:changes"
 EDGE_VERSION = "{aforo}:edge:version"
+
+# Hard-quota leases: one string per customer, metric and billing period (named by its
+# end, epoch seconds), holding the units leased so far; it expires a day after the
+# period. Metric names and customer ids may hold `:`, so the metric's length comes
+# first and no two keys are alike.
+QUOTA_LEDGER = "{aforo}:quota"
+
+
+def quota_ledger_key(customer_id: str, metric: str, period_end: float) -> str:
+    """The ledger key of `customer_id`'s leases of `metric` in the period ending at
+    `period_end`."""
+    return f"{QUOTA_LEDGER}:{int(period_end)}:{len(metric)}:{metric}:{customer_id}"

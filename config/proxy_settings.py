@@ -18,9 +18,17 @@
 #   control_plane              or: the control plane that feeds edge state and takes
 #                              meter events (see ControlPlaneSource)
 #   metering                   where meter events go (see MeteringSettings)
+#   redis                      timeouts and circuit breaker of Redis calls (see RedisCalls)
+#   degraded                   how long a state the source stopped confirming is
+#                              trusted, and the Retry-After of routes that then fail
+#                              closed (see DegradedMode)
+#
+# `aforo proxy --redis-url URL` (or $AFORO_REDIS_URL) puts a proxy on the Redis edge
+# bus whatever the file says: edge state from it and meter events to it.
 from __future__ import annotations
 
 import os
+import re
 from os import PathLike
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +36,7 @@ from typing import Annotated
 import msgspec
 
 from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
+from config.errors import ConfigError
 from config.documents import Problem, duplicate_names, parse_document, read_document
 from config.network import (
     HeaderName,
@@ -43,13 +52,16 @@ PROXY_SETTINGS_EXPECTED = (
     "a mapping of proxy settings with `upstreams`, `routes` and `edge_state` or `control_plane`"
 )
 CONTROL_PLANE_TOKEN_ENV = "AFORO_CONTROL_PLANE_TOKEN"
+REDIS_URL_ENV = "AFORO_REDIS_URL"
 BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
+STALE_POLICY_PATTERN = r"^(open|closed)$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
+    STALE_POLICY_PATTERN: "`open` or `closed`",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Units = Annotated[int, msgspec.Meta(ge=0)]
@@ -96,6 +108,10 @@ class RouteSettings(Schema):
     no `host` = any host), its path starts with `path_prefix` on a segment boundary
     and its method is in `methods` (none = any). Matching routes need every feature
     in `features` and count `units` of `metric` toward the customer's quota.
+
+    `when_stale`: what the route does once the edge state is older than the
+    staleness budget (see DegradedMode): `open` goes on deciding from the last state,
+    `closed` answers 503 with Retry-After until the state is fresh again.
     """
 
     name: Name
@@ -106,6 +122,7 @@ class RouteSettings(Schema):
     features: tuple[Name, ...] = ()
     metric: MeteredMetric = "api_calls"
     units: Units = 1
+    when_stale: Annotated[str, msgspec.Meta(pattern=STALE_POLICY_PATTERN)] = "open"
 
 
 class EdgeStateSource(Schema):
@@ -158,6 +175,26 @@ class MeteringSettings(Schema):
             )
 
 
+class RedisCalls(Schema):
+    """Every call a worker makes to Redis (edge state, meter events, quota leases) is
+    bounded by `timeout_s`; after `breaker_failures` failures in a row the worker stops
+    calling for `breaker_open_s` seconds (circuit open), then tries one call."""
+
+    timeout_s: Seconds = 0.5
+    breaker_failures: Count = 3
+    breaker_open_s: Seconds = 2.0
+
+
+class DegradedMode(Schema):
+    """When the edge state's source (the Redis bus or the control plane) stops
+    answering, the worker decides from its last state; once that state is older than
+    `staleness_budget_s`, routes with `when_stale: closed` answer 503 with
+    `Retry-After: retry_after_s` until the source answers again."""
+
+    staleness_budget_s: Seconds = 30.0
+    retry_after_s: Count = 5
+
+
 class ProxySettings(Schema):
     """A validated proxy settings file (see the module comment for every field)."""
 
@@ -172,6 +209,8 @@ class ProxySettings(Schema):
     trusted_proxies: tuple[TrustedNetwork, ...] = ()
     limits: Limits = msgspec.field(default_factory=Limits)
     metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
+    redis: RedisCalls = msgspec.field(default_factory=RedisCalls)
+    degraded: DegradedMode = msgspec.field(default_factory=DegradedMode)
 
     @property
     def api_key_is_bearer(self) -> bool:
@@ -202,12 +241,30 @@ def parse_proxy_settings(
     return settings if base_dir is None else resolve_proxy_paths(settings, base_dir)
 
 
-def load_proxy_settings(path: str | PathLike[str]) -> ProxySettings:
+def load_proxy_settings(path: str | PathLike[str], redis_url: str | None = None) -> ProxySettings:
     """Read and validate the settings file at `path`; relative paths inside it are
-    resolved against its directory. Raises OSError when it cannot be read and
-    ConfigError as parse_proxy_settings does (and for text that is not UTF-8)."""
+    resolved against its directory. With `redis_url` the proxy is on that Redis edge
+    bus (see on_the_bus). Raises OSError when it cannot be read and ConfigError as
+    parse_proxy_settings does (and for text that is not UTF-8)."""
     text, _ = read_document(path)
-    return parse_proxy_settings(text, str(path), Path(path).parent)
+    settings = parse_proxy_settings(text, str(path), Path(path).parent)
+    return settings if redis_url is None else on_the_bus(settings, redis_url, str(path))
+
+
+def on_the_bus(settings: ProxySettings, redis_url: str, file: str = "<settings>") -> ProxySettings:
+    """`settings` with edge state followed from the Redis bus at `redis_url` and meter
+    events sent to it (the file's `edge_state` start timeout kept). Raises ConfigError
+    for a URL that is not a Redis URL and for settings that follow a control plane."""
+    if not re.match(REDIS_URL_PATTERN, redis_url):
+        raise ConfigError(f"The Redis URL `{redis_url}` is not {REDIS_URL_MEANING}", file)
+    if settings.control_plane is not None:
+        raise ConfigError(f"The proxy follows a control plane, so it cannot also be put on the Redis bus at "
+                          f"{redis_url}; remove one of them", file, path="$.control_plane")
+    start_timeout_s = EdgeStateSource.start_timeout_s if settings.edge_state is None \
+        else settings.edge_state.start_timeout_s
+    return msgspec.structs.replace(
+        settings, edge_state=EdgeStateSource(redis_url=redis_url, start_timeout_s=start_timeout_s),
+        metering=msgspec.structs.replace(settings.metering, redis_url=redis_url))
 
 
 def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> ProxySettings:

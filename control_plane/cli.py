@@ -137,7 +137,7 @@ def run_proxy(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        return serve(args.config)
+        return serve(args.config, args.redis_url or os.environ.get(REDIS_URL_ENV) or None)
     except ConfigError as err:
         _print_errors(err)
         return EXIT_INVALID
@@ -283,6 +283,9 @@ def _parser() -> argparse.ArgumentParser:
         "hot-reloaded edge state, asynchronous metering. SIGTERM shuts down gracefully.",
     )
     proxy.add_argument("--config", required=True, metavar="FILE", help="proxy settings YAML")
+    proxy.add_argument("--redis-url", metavar="URL",
+                       help="run on the Redis edge bus at URL (default: $AFORO_REDIS_URL): edge state from it, "
+                       "meter events to it, whatever the settings file says")
     proxy.set_defaults(run=run_proxy)
     apply = commands.add_parser(
         "apply",

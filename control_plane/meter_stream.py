@@ -50,15 +50,21 @@ class MeterStreamConsumer:
                 raise
 
     async def run(self) -> None:
-        """Take entries in until cancelled; a store or Redis failure is logged and
-        retried with backoff (the entries stay pending, nothing is acknowledged)."""
-        await self.join_group()
+        """Join the group, then take entries in until cancelled; a store or Redis
+        failure is logged and retried with backoff (the entries stay pending, nothing
+        is acknowledged)."""
+        joined = False
         delay = RETRY_INITIAL_S
         while True:
             try:
+                if not joined:
+                    await self.join_group()
+                    joined = True
                 await self.step()
                 delay = RETRY_INITIAL_S
             except (StoreError, RedisError, OSError) as error:
+                # A Redis that lost its data has no group any more: join it again.
+                joined = joined and "NOGROUP" not in str(error)
                 log.warning("meter stream: %s; retrying in %.1f s", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)

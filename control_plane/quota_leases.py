@@ -11,19 +11,19 @@ import msgspec
 
 from control_plane.rating import Rater
 from control_plane.store import Store
-
-# Near the limit no worker gets more than this share of what is left.
-LEASE_SPREAD = 8
+from decision_core.quota import grant_size
 
 
 class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True):
     """`needed`: units the request waiting for the lease takes; `wanted`: the chunk
-    the worker would like (at least `needed`)."""
+    the worker would like (at least `needed`); `debt`: units the worker admitted from
+    its last state while the ledger could not be reached, added to the ledger first."""
 
     customer_id: str
     metric: str
     needed: int
     wanted: int
+    debt: int = 0
 
 
 class Lease(msgspec.Struct):
@@ -47,15 +47,6 @@ class NoHardQuota(Exception):
     the metric: there is nothing to lease."""
 
 
-def grant_size(limit: int, leased: int, needed: int, wanted: int) -> int:
-    """How much to lease now: 0 when fewer than `needed` units are left; otherwise
-    `wanted`, but no more than 1/LEASE_SPREAD of what is left (at least `needed`)."""
-    left = limit - leased
-    if needed > left or needed < 0:
-        return 0
-    return max(needed, min(wanted, left // LEASE_SPREAD))
-
-
 async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> Lease:
     """Lease units of the customer's hard quota for its billing period at `now`, as
     the catalog `rater` was loaded from says. Raises NoHardQuota when there is no
@@ -67,7 +58,8 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
         raise NoHardQuota(f"customer `{asked.customer_id}` has no hard quota on `{asked.metric}` now")
     start, _ = rater.period_of(subscription, at)
     period_start = start.timestamp()
-    granted = await store.lease_quota(
+    debt = max(asked.debt, 0)
+    taken = await store.lease_quota(
         asked.customer_id, asked.metric, period_start,
-        lambda leased: grant_size(quota.limit, leased, asked.needed, max(asked.wanted, asked.needed)))
-    return Lease(granted, period_start, quota.limit)
+        lambda leased: debt + grant_size(quota.limit, leased + debt, asked.needed, max(asked.wanted, asked.needed)))
+    return Lease(taken - debt, period_start, quota.limit)

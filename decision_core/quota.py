@@ -86,3 +86,20 @@ class PlanQuotas:
 
 
 NO_QUOTAS = PlanQuotas(())
+
+
+# Hard quotas shared by several workers are leased: a ledger counts the units leased
+# this period and each worker admits only against units leased to it. Near the limit
+# no worker gets more than this share of what is left.
+LEASE_SPREAD = 8
+
+
+def grant_size(limit, leased, needed, wanted):
+    """How many units to lease now out of `limit`, `leased` being already out: 0 when
+    fewer than `needed` are left (or `needed` is negative); otherwise `wanted`, but no
+    more than 1/LEASE_SPREAD of what is left, and never less than `needed`. The Redis
+    ledger's script (proxy.redis_quota_ledger) applies the same rule."""
+    left = limit - leased
+    if needed > left or needed < 0:
+        return 0
+    return max(needed, min(wanted, left // LEASE_SPREAD))

@@ -34,6 +34,10 @@ cdef class ProxyApp:
     cdef public bint closing
     cdef public object sweeper
     cdef public object leases
+    cdef public object edge_state_age
+    cdef public double staleness_budget_s
+    cdef public bytes stale_retry_after
+    cdef public bint stale
 
     cpdef admit_connection(self, connection)
     cpdef forget_connection(self, connection)

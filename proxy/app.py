@@ -56,7 +56,13 @@ class ProxyApp:
         self.connections = set()
         self.closing = False
         self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
-        self.leases = None            # QuotaLeases when hard quotas are leased from a control plane
+        self.leases = None            # QuotaLeases when hard quotas are leased (control plane or Redis)
+        # Degraded mode: a followed state older than the budget is stale, and routes
+        # that fail closed refuse while it is (checked at each sweep, not per request).
+        self.edge_state_age = getattr(edge_state, "age_s", None)
+        self.staleness_budget_s = settings.degraded.staleness_budget_s
+        self.stale_retry_after = b"%d" % settings.degraded.retry_after_s
+        self.stale = False
 
     # -- connections ----------------------------------------------------------------
     def is_trusted(self, ip):
@@ -124,8 +130,19 @@ class ProxyApp:
         return self.wall_clock()
 
     def sweep(self, now=None):
-        """Enforce header, idle, connect and read timeouts as of `now` (default: clock())."""
+        """Enforce header, idle, connect and read timeouts as of `now` (default: clock()),
+        and say whether a followed edge state is stale (older than its budget)."""
         now = self.clock() if now is None else now
+        if self.edge_state_age is not None:
+            age_s = self.edge_state_age()
+            stale = age_s > self.staleness_budget_s
+            if stale != self.stale:
+                if stale:
+                    log.warning("edge state is %.0f s old, beyond the staleness budget of %g s: degraded (routes "
+                                "with when_stale: closed answer 503)", age_s, self.staleness_budget_s)
+                else:
+                    log.warning("edge state is fresh again: no longer degraded")
+                self.stale = stale
         for connection in list(self.connections):
             connection.check_deadline(now)
         for pool in self.pools.values():

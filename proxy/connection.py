@@ -608,6 +608,11 @@ class Exchange(ResponseSink):
             self.answer(404, "Not Found", "no route matches this request", "unrouted")
             return
         self.route = route
+        if app.stale and route.fail_closed:
+            self.answer(503, "Service Unavailable", "the proxy's edge state is older than its staleness budget; "
+                        "this route fails closed until it is fresh again", "state_stale",
+                        ((b"retry-after", app.stale_retry_after),))
+            return
         key = app.api_key(self.api_key)
         snapshot = app.edge_state.snapshot
         customer = snapshot.customer_for_key(key) if key else None
@@ -640,8 +645,9 @@ class Exchange(ResponseSink):
         pool.acquire(self)
 
     def lease_settled(self, ok):
-        """The control plane answered the quota lease this request waited for (ok) or
-        could not be reached: decide again, or answer 503."""
+        """The quota lease this request waited for is settled (ok: granted, refused, or
+        decided from the last state): decide again; else (an unexpected failure)
+        answer 503."""
         if self.finished:
             return
         if ok:

@@ -1,7 +1,7 @@
 # A proxy fed by the control plane over its REST API: ControlPlaneSource serves the
 # edge state a FollowedEdgeState follows (the whole state, then long polls of the
 # change stream), ControlPlaneSink posts meter events to its ingest in batches, and
-# quota leases use the same ControlPlaneClient. None of it is on the request path.
+# ControlPlaneLedger leases hard quotas from it. None of it is on the request path.
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +15,7 @@ import msgspec
 from config.documents import decode_value
 from proxy.followed_edge_state import EdgeStateUnavailable, WireChanges, WireState
 from proxy.meter_event import MeterEvent
+from proxy.quota_ledger import LedgerUnavailable
 
 log = logging.getLogger("aforo.proxy")
 
@@ -140,6 +141,40 @@ class ControlPlaneSink:
             self.rejected += len(rejected)
             log.error("the control plane rejected %d of %d meter events; first: %s", len(rejected), len(events),
                       rejected[0].get("reason"))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class _Granted(msgspec.Struct):
+    granted: int
+    period_start: float
+
+
+class ControlPlaneLedger:
+    """A QuotaLedger (proxy.quota_leases) kept by the control plane at `client`
+    (POST /v1/edge/leases and /v1/edge/leases/return), which counts leases per billing
+    period in its store. A period is named by its start."""
+
+    def __init__(self, client: ControlPlaneClient) -> None:
+        self.client = client
+        self.where = client.url
+
+    async def lease(self, customer_id, metric, *, needed, wanted, limit, period_end, recorded, debt):
+        try:
+            body = await self.client.call("POST", "/v1/edge/leases", json={
+                "customer_id": customer_id, "metric": metric, "needed": needed, "wanted": wanted, "debt": debt})
+            granted = msgspec.json.decode(body, type=_Granted)
+        except (ControlPlaneUnavailable, msgspec.DecodeError) as error:
+            raise LedgerUnavailable(f"control plane at {self.where}: {error}") from error
+        return granted.granted, granted.period_start
+
+    async def give_back(self, customer_id, metric, period, units):
+        try:
+            await self.client.call("POST", "/v1/edge/leases/return", json={
+                "customer_id": customer_id, "metric": metric, "period_start": period, "units": units})
+        except ControlPlaneUnavailable as error:
+            raise LedgerUnavailable(f"control plane at {self.where}: {error}") from error
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,21 +1,18 @@
 # Edge state from the Redis edge bus (config.bus), for a FollowedEdgeState: the whole
 # state from its hash, then the changes stream read from where that state was taken.
-# A follower never applies an older version over a newer one: entries at or below
-# the version held are skipped, and a gap in versions (entries trimmed before it read
-# them) means pulling the whole state again.
+# A follower never applies an older version over a newer one: any entry but the next
+# version (a gap: entries trimmed before it read them; or a lower one: a Redis that
+# lost its data) means pulling the whole state again.
 from __future__ import annotations
 
 import msgspec
-import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 from config.bus import EDGE_CHANGES, EDGE_STATE
 from config.documents import decode_value
 from config.edge_state_file import Customer, EdgeStateFile
 from proxy.followed_edge_state import EdgeStateUnavailable, WireChanges, WireState
+from proxy.redis_bus import BLOCK_S, BusUnavailable, RedisBus
 
-REDIS_TIMEOUT_S = 2.0
-BLOCK_S = 1.0                   # below the socket timeout: a blocking read is a plain read
 ENTRIES_PER_READ = 100
 
 
@@ -25,19 +22,20 @@ class _Changed(msgspec.Struct):
 
 
 class EdgeBusSource:
-    """The edge state on the bus at `redis_url` (an EdgeStateSource)."""
+    """The edge state on the RedisBus `bus` (an EdgeStateSource). Closing it leaves
+    the bus open (it is shared)."""
 
-    def __init__(self, redis_url: str, timeout_s: float = REDIS_TIMEOUT_S) -> None:
-        self.where = redis_url
-        self.client = redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    def __init__(self, bus: RedisBus) -> None:
+        self.bus = bus
+        self.where = bus.where
         self.version = 0
         self.position = "0-0"
 
     async def pull(self) -> WireState:
         try:
-            fields = await self.client.hgetall(EDGE_STATE)
-        except (RedisError, OSError) as error:
-            raise EdgeStateUnavailable(f"Redis at {self.where}: {error}") from error
+            fields = await self.bus.call("edge state", lambda client: client.hgetall(EDGE_STATE))
+        except BusUnavailable as error:
+            raise EdgeStateUnavailable(str(error)) from error
         if not fields:
             raise EdgeStateUnavailable(f"no edge state is published on {self.where} yet")
         try:
@@ -51,18 +49,23 @@ class EdgeBusSource:
     async def changes(self, since: str, wait_s: float) -> WireChanges:
         if since != str(self.version):
             return WireChanges(str(self.version), resync=True)        # the follower lost its place
+        position = self.position
+        block_ms = int(min(wait_s, BLOCK_S) * 1000) or None
         try:
-            answer = await self.client.xread({EDGE_CHANGES: self.position}, count=ENTRIES_PER_READ,
-                                             block=int(min(wait_s, BLOCK_S) * 1000) or None)
-        except (RedisError, OSError) as error:
-            raise EdgeStateUnavailable(f"Redis at {self.where}: {error}") from error
+            answer = await self.bus.call(
+                "edge state changes",
+                lambda client: client.xread({EDGE_CHANGES: position}, count=ENTRIES_PER_READ, block=block_ms),
+                blocking=True)
+        except BusUnavailable as error:
+            raise EdgeStateUnavailable(str(error)) from error
         customers: dict[str, Customer] = {}
         removed: set[str] = set()
         for entry_id, fields in answer[0][1] if answer else ():
             self.position = entry_id.decode()
             version = int(fields[b"version"])
-            if version <= self.version:
-                continue                                    # already in the state held
+            # Entries after the position rise in version (numbered and appended in one
+            # script): one at or below the version held means the bus lost its data
+            # and counts again from 1, a gap that entries were trimmed. Both: pull.
             if version != self.version + 1 or b"resync" in fields:
                 return WireChanges(str(version), resync=True)
             try:
@@ -79,4 +82,4 @@ class EdgeBusSource:
         return WireChanges(str(self.version), list(customers.values()), sorted(removed))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        pass

@@ -79,13 +79,17 @@ class FollowedEdgeState:
     With `leased_quotas`, hard quotas are admitted against leases (see
     proxy.quota_leases): their counters start at the limit (nothing leased yet) and
     are carried into a new snapshot exactly as they stand.
+
+    Each wait for changes lasts at most `wait_s`, so while the source is there
+    `age_s()` stays below it.
     """
 
     def __init__(self, source: EdgeStateSource, clock: Callable[[], float] = time.time,
-                 leased_quotas: bool = False) -> None:
+                 leased_quotas: bool = False, wait_s: float = WAIT_FOR_CHANGES_S) -> None:
         self.source = source
         self.clock = clock
         self.leased_quotas = leased_quotas
+        self.wait_s = wait_s
         self.ready = False
         self.version = ""
         self.snapshot: EdgeSnapshot = build_snapshot({}, (), 0.0, 1.0, 0.0, "empty")
@@ -96,6 +100,12 @@ class FollowedEdgeState:
 
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         return self.snapshot.customer_for_key(api_key)
+
+    def recorded_usage(self, customer_id: str, metric: str) -> int:
+        """The usage of `metric` the source says was recorded for the customer this
+        period (0 for a customer it does not know)."""
+        customer = self._customers.get(customer_id)
+        return 0 if customer is None else customer.usage.get(metric, 0)
 
     def age_s(self) -> float:
         """Seconds since the source last answered."""
@@ -131,7 +141,7 @@ class FollowedEdgeState:
             try:
                 if not self.ready:
                     await self.pull()
-                await self.apply_next_changes(WAIT_FOR_CHANGES_S)
+                await self.apply_next_changes(self.wait_s)
                 delay = RETRY_INITIAL_S
             except EdgeStateUnavailable as error:
                 self.errors += 1

@@ -4,29 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import redis.asyncio as redis
-
 from config.bus import EVENTS_FIELD, METER_STREAM
 from proxy.control_plane_link import usage_ndjson
 from proxy.meter_event import MeterEvent
-
-REDIS_TIMEOUT_S = 2.0
+from proxy.redis_bus import RedisBus
 
 
 class RedisStreamSink:
-    """A MeterSink appending each batch to the meter stream at `redis_url` as one
-    entry (XADD). A batch sent again (after a timeout whose XADD did land) is a second
-    entry with the same events, which the control plane keeps once by their ids.
-    Every call is bounded by `timeout_s`; a failure raises and the meter buffer
-    retries, spooling to disk meanwhile."""
+    """A MeterSink appending each batch to the meter stream on the RedisBus `bus` as
+    one entry (XADD). A batch sent again (after a timeout whose XADD did land) is a
+    second entry with the same events, which the control plane keeps once by their
+    ids. Every call is bounded by the bus's timeout and circuit breaker; a failure
+    raises BusUnavailable and the meter buffer retries, spooling to disk meanwhile.
+    Closing it leaves the bus open (it is shared)."""
 
-    def __init__(self, redis_url: str, stream: str = METER_STREAM, timeout_s: float = REDIS_TIMEOUT_S) -> None:
+    def __init__(self, bus: RedisBus, stream: str = METER_STREAM) -> None:
+        self.bus = bus
         self.stream = stream
-        self.redis = redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     async def write_batch(self, events: Sequence[MeterEvent]) -> None:
         if events:
-            await self.redis.xadd(self.stream, {EVENTS_FIELD: usage_ndjson(events)})
+            fields = {EVENTS_FIELD: usage_ndjson(events)}
+            await self.bus.call("meter events", lambda client: client.xadd(self.stream, fields))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        pass

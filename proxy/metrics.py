@@ -117,6 +117,14 @@ class ProxyMetrics:
         or was confirmed by the control plane."""
         self._live.edge_state_age_s = age_s
 
+    def watch_degraded(self, stale: Callable[[], bool], circuit_open: Callable[[], bool],
+                       unledgered_units: Callable[[], int]) -> None:
+        """Call at each scrape: `stale()` (the edge state is older than its staleness
+        budget), `circuit_open()` (calls to Redis are being refused) and
+        `unledgered_units()` (hard-quota units leased from the last state while the
+        lease ledger could not be asked)."""
+        self._live.degraded = (stale, circuit_open, unledgered_units)
+
     def watch(self, app, meter_buffer, edge_state) -> None:
         """Watch a worker's live objects in one call: `meter_buffer` (see
         watch_meter_buffer), the upstream pools in `app.pools` (name -> pool with an
@@ -185,6 +193,7 @@ class _LiveCollector(Collector):
         self.meter_buffer = None
         self.pool_connections: PoolConnections | None = None
         self.edge_state_age_s: Callable[[], float] | None = None
+        self.degraded = None
 
     def describe(self) -> Iterator[Metric]:
         return iter((*_request_families(), *_families()))
@@ -201,7 +210,7 @@ class _LiveCollector(Collector):
             buckets, total = histogram.family_samples()
             upstream.add_metric([name], buckets, total)
         yield from (requests, decision, upstream)
-        depth, spooled, events, sink_errors, pools, age = _families()
+        depth, spooled, events, sink_errors, pools, age, stale, circuit_open, unledgered = _families()
         buffer = self.meter_buffer
         if buffer is not None:
             try:
@@ -224,7 +233,13 @@ class _LiveCollector(Collector):
                 age.add_metric([], self.edge_state_age_s())
             except Exception:
                 log.exception("cannot read the edge state age for /metrics")
-        yield from (depth, spooled, events, sink_errors, pools, age)
+        if self.degraded is not None:
+            try:
+                for family, read in zip((stale, circuit_open, unledgered), self.degraded):
+                    family.add_metric([], int(read()))
+            except Exception:
+                log.exception("cannot read the degraded state for /metrics")
+        yield from (depth, spooled, events, sink_errors, pools, age, stale, circuit_open, unledgered)
 
 
 def _request_families():
@@ -247,4 +262,9 @@ def _families():
         GaugeMetricFamily("aforo_upstream_pool_connections", "Open upstream connections by state.",
                           labels=("upstream", "state")),
         GaugeMetricFamily("aforo_edge_state_age_seconds", "Seconds since the edge state was last refreshed."),
+        GaugeMetricFamily("aforo_degraded", "1 while the edge state is older than the staleness budget "
+                          "(routes with when_stale: closed answer 503)."),
+        GaugeMetricFamily("aforo_redis_circuit_open", "1 while calls to Redis are refused after failures in a row."),
+        CounterMetricFamily("aforo_quota_unledgered_units", "Hard-quota units a worker leased itself from its "
+                            "last state while the lease ledger could not be asked."),
     )

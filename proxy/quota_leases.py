@@ -1,26 +1,31 @@
 # Hard quotas with several proxy workers: each worker admits requests only against
-# units of a customer's hard quota that the control plane leased to it (see
-# control_plane.quota_leases), so all workers together never admit more than the
-# limit. For a leased metric a customer's usage counter holds `limit - units this
-# worker still holds`: decide() is unchanged and admits while the lease lasts.
+# units of a customer's hard quota leased to it from a QuotaLedger shared by all of
+# them (proxy.quota_ledger: the control plane's, or the Redis edge bus's), so all
+# workers together never admit more than the limit. For a leased metric a customer's
+# usage counter holds `limit - units this worker still holds`: decide() is unchanged
+# and admits while the lease lasts.
 #
-# A request that finds no lease left waits for one (the only time the request path
-# waits on the control plane: a customer's first request of a period, and near the
-# limit, where leases shrink to single requests); a lease running low is topped up in
-# the background; units unused for LEASE_IDLE_S go back, so another worker can use
-# them. If the control plane does not answer, a waiting request gets 503.
+# A request that finds no lease left waits for one (a customer's first request of a
+# period, and near the limit, where leases shrink to single requests), for at most the
+# ledger's timeout; a lease running low is topped up in the background; units unused
+# for LEASE_IDLE_S go back, so another worker can use them.
+#
+# When the ledger cannot be asked, the worker decides from its last state: it leases
+# to itself, by the ledger's rule, from the usage recorded in that state plus what it
+# leased itself so, and adds those units to the ledger (as debt) once it answers
+# again. So during an outage each worker may admit up to what was left when the
+# state was recorded: the overshoot is bounded by the other workers' share of it.
 from __future__ import annotations
 
 import logging
 import time
 
-import msgspec
-
-from proxy.control_plane_link import ControlPlaneClient, ControlPlaneUnavailable
+from decision_core.quota import grant_size
+from proxy.quota_ledger import LedgerUnavailable
 
 log = logging.getLogger("aforo.proxy")
 
-# A lease asks for this share of the limit (the control plane gives less near it).
+# A lease asks for this share of the limit (the ledger gives less near it).
 CHUNK_SHARE = 20
 # Topped up when what is left falls below this share of a chunk.
 LOW_WATER_SHARE = 4
@@ -29,35 +34,43 @@ LEASE_IDLE_S = 1.0
 DENIED_RETRY_S = 0.5
 
 
-class _Granted(msgspec.Struct):
-    granted: int
-    period_start: float
-    limit: int
-
-
 class _Held:
-    __slots__ = ("customer_id", "metric", "period_start", "period_end", "last_used")
+    __slots__ = ("customer_id", "metric", "period", "period_end", "last_used")
 
-    def __init__(self, customer_id, metric, period_start, period_end, now):
+    def __init__(self, customer_id, metric, period, period_end, now):
         self.customer_id = customer_id
         self.metric = metric
-        self.period_start = period_start
+        self.period = period                # the ledger's name for the period
         self.period_end = period_end
         self.last_used = now
 
 
-class QuotaLeases:
-    """The hard-quota leases of one worker, from the control plane `client`, for the
-    customers of `edge_state` (a FollowedEdgeState)."""
+class _Unledgered:
+    # Units leased from the last state while the ledger could not be asked, in the
+    # period ending at `period_end`: `taken` in all, `debt` not yet in the ledger.
+    __slots__ = ("period_end", "taken", "debt")
 
-    def __init__(self, client: ControlPlaneClient, edge_state, loop, clock=time.monotonic) -> None:
-        self.client = client
+    def __init__(self, period_end):
+        self.period_end = period_end
+        self.taken = 0
+        self.debt = 0
+
+
+class QuotaLeases:
+    """The hard-quota leases of one worker, from `ledger` (a QuotaLedger), for the
+    customers of `edge_state` (a FollowedEdgeState). `unledgered_total`: units
+    leased from the last state while the ledger could not be asked."""
+
+    def __init__(self, ledger, edge_state, loop, clock=time.monotonic) -> None:
+        self.ledger = ledger
         self.edge_state = edge_state
         self.loop = loop
         self.clock = clock
         self._waiting: dict[tuple[str, str], list] = {}     # asked for: exchanges waiting on it
         self._held: dict[tuple[str, str], _Held] = {}
         self._denied_until: dict[tuple[str, str], float] = {}
+        self._unledgered: dict[tuple[str, str], _Unledgered] = {}
+        self.unledgered_total = 0
         self._sweeper = None
 
     @staticmethod
@@ -107,30 +120,45 @@ class QuotaLeases:
                 exchange.lease_settled(ok)
 
     async def _lease(self, customer, metric, needed, key) -> bool:
-        # True when the control plane answered (with units or with none left).
+        # True when the request may be decided again: units granted (from the ledger
+        # or, when it cannot be asked, from the last state), or none left.
         limit = customer.quotas.limit_at(customer.quotas.slot(metric)).limit
-        ok = True
+        recorded = self.edge_state.recorded_usage(customer.customer_id, metric)
+        unledgered = self._unledgered.get(key)
+        if unledgered is not None and unledgered.period_end != customer.period_end:
+            del self._unledgered[key]           # a new period: the old one's debt is moot
+            unledgered = None
+        debt = 0 if unledgered is None else unledgered.debt
         try:
-            body = await self.client.call("POST", "/v1/edge/leases", json={
-                "customer_id": customer.customer_id, "metric": metric, "needed": needed,
-                "wanted": max(needed, limit // CHUNK_SHARE)})
-            lease = msgspec.json.decode(body, type=_Granted)
-        except (ControlPlaneUnavailable, msgspec.DecodeError) as error:
-            log.warning("quota lease for %s %s failed: %s", customer.customer_id, metric, error)
-            ok = False
+            granted, period = await self.ledger.lease(
+                customer.customer_id, metric, needed=needed, wanted=max(needed, limit // CHUNK_SHARE), limit=limit,
+                period_end=customer.period_end, recorded=recorded, debt=debt)
+        except LedgerUnavailable as error:
+            if unledgered is None:
+                unledgered = self._unledgered[key] = _Unledgered(customer.period_end)
+            if not unledgered.debt:                 # said once per outage and customer
+                log.warning("quota lease for %s %s: %s; deciding from the last state until it answers",
+                            customer.customer_id, metric, error)
+            # Leased from the last state, by the ledger's own rule.
+            granted = grant_size(limit, recorded + unledgered.taken, needed, max(needed, limit // CHUNK_SHARE))
+            period = None
+            unledgered.taken += granted
+            unledgered.debt += granted
+            self.unledgered_total += granted
         else:
-            # Into the customer's state in force now (a new snapshot may have come meanwhile).
-            current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
-            if lease.granted:
-                current.add_usage(metric, -lease.granted)
-                held = self._held.get(key)
-                if held is None or held.period_start != lease.period_start:
-                    self._held[key] = _Held(customer.customer_id, metric, lease.period_start, current.period_end,
-                                            self.clock())
-                self._denied_until.pop(key, None)
-            else:
-                self._denied_until[key] = self.clock() + DENIED_RETRY_S
-        return ok
+            if unledgered is not None:
+                unledgered.debt -= debt
+        # Into the customer's state in force now (a new snapshot may have come meanwhile).
+        current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
+        if not granted:
+            self._denied_until[key] = self.clock() + DENIED_RETRY_S
+            return True
+        current.add_usage(metric, -granted)
+        held = self._held.get(key)
+        if held is None or held.period_end != current.period_end or (held.period is None and period is not None):
+            self._held[key] = _Held(customer.customer_id, metric, period, current.period_end, self.clock())
+        self._denied_until.pop(key, None)
+        return True
 
     def schedule_returns(self) -> None:
         """Give back idle leases every LEASE_IDLE_S until stop()."""
@@ -160,11 +188,11 @@ class QuotaLeases:
             if left <= 0:
                 continue
             customer.add_usage(held.metric, left)          # no longer usable here
+            if held.period is None:
+                continue                # admitted from the last state: never in the ledger
             try:
-                await self.client.call("POST", "/v1/edge/leases/return", json={
-                    "customer_id": held.customer_id, "metric": held.metric,
-                    "period_start": held.period_start, "units": left})
-            except ControlPlaneUnavailable as error:
+                await self.ledger.give_back(held.customer_id, held.metric, held.period, left)
+            except LedgerUnavailable as error:
                 log.warning("could not give back %d %s of %s: %s (they stay leased until the period ends)",
                             left, held.metric, held.customer_id, error)
 

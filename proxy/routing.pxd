@@ -12,6 +12,7 @@ cdef class Route:
     cdef readonly bytes path_prefix
     cdef readonly object methods
     cdef readonly RequestFacts facts
+    cdef readonly bint fail_closed
 
 
 @cython.final

@@ -20,8 +20,9 @@ _UNSEEN = object()
 class Route:
     """One route: `name`, the `upstream` it forwards to (a name from the settings),
     `host` (lower-case bytes without port, or None for any host), `path_prefix`
-    (bytes), `methods` (frozenset of upper-case bytes, or None for any) and `facts`,
-    the RequestFacts (features, metric, units) decide() gets, built once here."""
+    (bytes), `methods` (frozenset of upper-case bytes, or None for any), `facts`,
+    the RequestFacts (features, metric, units) decide() gets, built once here, and
+    `fail_closed`: refuse while the edge state is stale (else decide from it)."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class Route:
         features: Iterable[str] = (),
         metric: str = "api_calls",
         units: int = 1,
+        fail_closed: bool = False,
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -42,6 +44,7 @@ class Route:
         self.path_prefix = path_prefix
         self.methods = None if methods is None else frozenset(methods)
         self.facts = RequestFacts(tuple(features), metric, units)
+        self.fail_closed = fail_closed
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -55,6 +58,7 @@ class Route:
             settings.features,
             settings.metric,
             settings.units,
+            settings.when_stale == "closed",
         )
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
 # that starts `workers` of them and stops them all on SIGTERM / SIGINT: stop
 # accepting, finish in-flight requests within the grace period, flush meter events.
 import asyncio
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,8 +22,10 @@ from proxy.admin import start_admin_server
 from proxy.app import ProxyApp
 from proxy.connection import ClientConnection
 from proxy.edge_state import FileEdgeState
+from proxy.followed_edge_state import WAIT_FOR_CHANGES_S, FollowedEdgeState
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
+from proxy.quota_leases import QuotaLeases
 from proxy.routing import Router
 
 log = logging.getLogger("aforo.proxy")
@@ -79,6 +82,7 @@ class ProxyWorker:
         self.sink = None
         self.leases = None
         self.edge_state = None
+        self.buses = []
         self.meter_task = None
         self.watch_task = None
         self.port = None
@@ -91,43 +95,62 @@ class ProxyWorker:
         metrics = new_proxy_metrics()
         metering = settings.metering
         sink = None
-        if metering.redis_url is not None:
-            from proxy.meter_stream import RedisStreamSink
+        buses = {}
 
-            sink = RedisStreamSink(metering.redis_url)
+        def bus(redis_url):
+            # One connection (timeouts, circuit breaker) per Redis this worker talks to.
+            if redis_url not in buses:
+                from proxy.redis_bus import CircuitBreaker, RedisBus
+
+                calls = settings.redis
+                buses[redis_url] = RedisBus(redis_url, calls.timeout_s,
+                                            CircuitBreaker(calls.breaker_failures, calls.breaker_open_s))
+            return buses[redis_url]
+        # The source answers at least this often while it is there, so a state older
+        # than the staleness budget means it is not.
+        wait_s = min(WAIT_FOR_CHANGES_S, settings.degraded.staleness_budget_s / 2)
         if settings.control_plane is not None:
             # Imported only here: a proxy fed from a file never loads the HTTP client.
             from proxy.control_plane_link import (
                 ControlPlaneClient,
+                ControlPlaneLedger,
                 ControlPlaneSink,
                 ControlPlaneSource,
             )
-            from proxy.followed_edge_state import FollowedEdgeState
-            from proxy.quota_leases import QuotaLeases
 
             source = settings.control_plane
             token = os.environ.get(source.token_env)
             if not token:
                 raise ConfigError(f"`control_plane`: set the control plane's admin token in ${source.token_env}")
             self.edge_state = self.given_edge_state or FollowedEdgeState(
-                ControlPlaneSource(ControlPlaneClient(source.url, token)), clock=self.wall_clock, leased_quotas=True)
-            if not self.edge_state.ready:
-                await self.edge_state.start(source.start_timeout_s)
-            sink = sink or ControlPlaneSink(ControlPlaneClient(source.url, token))
-            self.leases = QuotaLeases(ControlPlaneClient(source.url, token), self.edge_state, self.loop)
+                ControlPlaneSource(ControlPlaneClient(source.url, token)), clock=self.wall_clock,
+                leased_quotas=True, wait_s=wait_s)
+            start_timeout_s = source.start_timeout_s
+            sink = ControlPlaneSink(ControlPlaneClient(source.url, token))
+            ledger = ControlPlaneLedger(ControlPlaneClient(source.url, token))
         elif settings.edge_state.redis_url is not None:
             from proxy.edge_bus_source import EdgeBusSource
-            from proxy.followed_edge_state import FollowedEdgeState
+            from proxy.redis_quota_ledger import RedisQuotaLedger
 
+            on_the_bus = bus(settings.edge_state.redis_url)
             self.edge_state = self.given_edge_state or FollowedEdgeState(
-                EdgeBusSource(settings.edge_state.redis_url), clock=self.wall_clock)
-            if not self.edge_state.ready:
-                await self.edge_state.start(settings.edge_state.start_timeout_s)
-            sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
+                EdgeBusSource(on_the_bus), clock=self.wall_clock, leased_quotas=True, wait_s=wait_s)
+            start_timeout_s = settings.edge_state.start_timeout_s
+            ledger = RedisQuotaLedger(on_the_bus)
         else:
             self.edge_state = self.given_edge_state or FileEdgeState(
                 settings.edge_state.file, clock=self.wall_clock, on_reload_error=metrics.count_reload_error)
-            sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
+            ledger = None
+        if metering.redis_url is not None:
+            from proxy.meter_stream import RedisStreamSink
+
+            sink = RedisStreamSink(bus(metering.redis_url))
+        if ledger is not None:
+            if not self.edge_state.ready:
+                await self.edge_state.start(start_timeout_s)
+            self.leases = QuotaLeases(ledger, self.edge_state, self.loop)
+        self.buses = list(buses.values())
+        sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
         self.sink = sink
         self.meter = MeterBuffer(
             sink,
@@ -145,6 +168,9 @@ class ProxyWorker:
             self.app.leases = self.leases
             self.leases.schedule_returns()
         metrics.watch(self.app, self.meter, self.edge_state)
+        app, leases, buses = self.app, self.leases, self.buses
+        metrics.watch_degraded(lambda: app.stale, lambda: any(bus.breaker.is_open for bus in buses),
+                               lambda: 0 if leases is None else leases.unledgered_total)
         sock = listening_socket(settings.listen.host, settings.listen.port)
         self.port = sock.getsockname()[1]
         self.server = await self.loop.create_server(lambda: ClientConnection(self.app), sock=sock)
@@ -161,11 +187,17 @@ class ProxyWorker:
                  settings.listen.host, self.port, settings.admin.host, self.admin_port)
 
     def ready(self):
-        """(ready, reason) for /readyz: serving, edge state loaded, not shutting down."""
+        """(ready, reason) for /readyz: serving, edge state loaded, not shutting down;
+        the reason says when the edge state is stale (degraded)."""
         if self.app is None or self.app.closing:
             return False, "shutting down" if self.app is not None else "starting"
         if not self.edge_state.ready:
             return False, "edge state not loaded"
+        if self.app.stale:
+            # Still serving (from the last state, or 503 on routes that fail closed):
+            # said, not taken out of the load balancer, which would take every proxy out.
+            return True, (f"ready, degraded: edge state {self.edge_state.age_s():.0f} s old, beyond the "
+                          f"staleness budget of {self.settings.degraded.staleness_budget_s:g} s")
         return True, "ready"
 
     async def stop(self, grace_s=None):
@@ -188,7 +220,7 @@ class ProxyWorker:
         if self.leases is not None:
             self.leases.stop()
             await self.leases.give_back()           # what this worker did not use, for the others
-            await self.leases.client.close()
+            await self.leases.ledger.close()
         if self.watch_task is not None:
             self.watch_task.cancel()
             await asyncio.gather(self.watch_task, return_exceptions=True)
@@ -198,6 +230,8 @@ class ProxyWorker:
         await self.sink.close()
         if hasattr(self.edge_state, "close"):
             await self.edge_state.close()
+        for bus in self.buses:
+            await bus.close()
         self.admin.close()
         await self.admin.wait_closed()
         self.stopped.set()
@@ -326,14 +360,16 @@ class Supervisor:
                     pass
 
 
-def run_proxy(settings_path):
-    """`aforo proxy`: run settings.workers workers sharing the listening port (more than
+def run_proxy(settings_path, redis_url=None):
+    """`aforo proxy`: run settings.workers workers sharing the listen port (more than
     one: under a supervisor that replaces a worker that dies); on SIGTERM / SIGINT every
-    worker shuts down gracefully. Returns the exit status."""
-    settings = load_proxy_settings(settings_path)
+    worker shuts down gracefully. With `redis_url` the proxy runs on that Redis edge
+    bus (config.proxy_settings.on_the_bus). Returns the exit status."""
+    load = load_proxy_settings if redis_url is None else functools.partial(load_proxy_settings, redis_url=redis_url)
+    settings = load(settings_path)
     if settings.workers == 1:
-        return run_worker(settings_path, 0)
+        return run_worker(settings_path, 0, load)
     # A bad edge state file is reported here, once, rather than by every worker.
     if settings.edge_state is not None and settings.edge_state.file is not None:
         FileEdgeState(settings.edge_state.file)
-    return Supervisor(settings_path, settings.workers).run()
+    return Supervisor(settings_path, settings.workers, load).run()

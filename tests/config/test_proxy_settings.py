@@ -63,6 +63,8 @@ def test_the_example_writes_out_every_default():
     assert example.limits == defaults.limits
     assert example.metering == defaults.metering
     assert example.edge_state.reload_interval_s == defaults.edge_state.reload_interval_s
+    assert (example.redis, example.degraded) == (defaults.redis, defaults.degraded)
+    assert example.routes[-1].when_stale == defaults.routes[0].when_stale
     example_upstream = example.upstreams["core-api"]
     default_upstream = defaults.upstreams["search"]
     assert (example_upstream.pool_size, example_upstream.connect_timeout_s, example_upstream.read_timeout_s) == (
@@ -90,6 +92,9 @@ def test_defaults():
     metering = settings.metering
     assert (metering.path, metering.spool_dir) == ("meter-events.ndjson", "meter-spool")
     assert (metering.buffer_events, metering.batch_events, metering.flush_interval_s) == (100_000, 1000, 1.0)
+    assert (settings.redis.timeout_s, settings.redis.breaker_failures, settings.redis.breaker_open_s) == (0.5, 3, 2.0)
+    assert (settings.degraded.staleness_budget_s, settings.degraded.retry_after_s) == (30.0, 5)
+    assert route.when_stale == "open"
 
 
 @pytest.mark.parametrize(
@@ -202,6 +207,11 @@ BAD_SETTINGS = [
      f"proxy.yaml:6: Expected a metric name (letters, digits, `_`, `.`, `:`, `-`), got `*` {ROUTE_AT}.metric`"),
     (", units: -1", "", f"proxy.yaml:6: Expected `int` >= 0 {ROUTE_AT}.units`"),
     (", feature: [x]", "", f"proxy.yaml:6: Object contains unknown field `feature` {ROUTE_AT}`"),
+    (", when_stale: sometimes", "",
+     f"proxy.yaml:6: Expected `open` or `closed`, got `sometimes` {ROUTE_AT}.when_stale`"),
+    ("", "degraded: {staleness_budget_s: 0}\n",
+     "proxy.yaml:8: Expected `float` > 0.0 - at `$.degraded.staleness_budget_s`"),
+    ("", "redis: {breaker_failures: 0}\n", "proxy.yaml:8: Expected `int` >= 1 - at `$.redis.breaker_failures`"),
 ]
 
 
@@ -301,3 +311,32 @@ def test_empty_and_wrong_top_levels(text, message):
 def test_unreadable_settings_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_proxy_settings(tmp_path / "missing.yaml")
+
+
+def test_a_redis_url_puts_the_proxy_on_the_bus(tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(settings_text(extra="metering: {spool_dir: spool}\n"))
+    settings = load_proxy_settings(path, redis_url="redis://10.0.0.5:6379/2")
+    assert (settings.edge_state.file, settings.edge_state.redis_url) == (None, "redis://10.0.0.5:6379/2")
+    assert settings.metering.redis_url == "redis://10.0.0.5:6379/2"
+    assert Path(settings.metering.spool_dir) == tmp_path / "spool"
+
+
+@pytest.mark.parametrize(
+    ("text", "redis_url", "message"),
+    [
+        (settings_text(), "localhost:6379",
+         "proxy.yaml: The Redis URL `localhost:6379` is not a Redis URL such as `redis://127.0.0.1:6379/0`"),
+        (settings_text().replace("edge_state: {file: edge_state.yaml}", "control_plane: {url: 'http://cp:8070'}"),
+         "redis://cp:6379/0",
+         "proxy.yaml: The proxy follows a control plane, so it cannot also be put on the Redis bus at "
+         "redis://cp:6379/0; remove one of them - at `$.control_plane`"),
+    ],
+    ids=["not-a-redis-url", "follows-a-control-plane"],
+)
+def test_a_redis_url_that_cannot_be_used(tmp_path, text, redis_url, message):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_proxy_settings(path, redis_url=redis_url)
+    assert str(caught.value).replace(str(tmp_path) + "/", "") == message

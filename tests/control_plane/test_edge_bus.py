@@ -28,6 +28,7 @@ from control_plane.server import start_control_plane
 from control_plane.store import open_store
 from proxy.edge_bus_source import EdgeBusSource
 from proxy.followed_edge_state import FollowedEdgeState
+from proxy.redis_bus import RedisBus
 
 CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 GUARDS = """\
@@ -61,7 +62,8 @@ def bus_test(backend, redis_url, tmp_path, scenario):
                                                               "period_anchor": iso(NOW - 86400)})
             publisher = EdgeBusPublisher(client, api.runner.app[FEED], clock=lambda: NOW)
             publishing = asyncio.create_task(publisher.run())
-            follower = FollowedEdgeState(EdgeBusSource(redis_url), clock=lambda: NOW)
+            bus = RedisBus(redis_url)
+            follower = FollowedEdgeState(EdgeBusSource(bus), clock=lambda: NOW)
             try:
                 await follower.start(10.0)
                 await scenario(api, client, follower, publisher)
@@ -69,6 +71,7 @@ def bus_test(backend, redis_url, tmp_path, scenario):
                 publishing.cancel()
                 await asyncio.gather(publishing, return_exceptions=True)
                 await follower.close()
+                await bus.close()
                 await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
                 await client.aclose()
     backend.run(run)
@@ -111,6 +114,20 @@ def test_an_older_version_is_never_applied_and_a_gap_pulls_everything(backend, r
         _, _, key = await api.call("POST", "/v1/customers/cus_a/api-keys")
         await until(follower, lambda: follower.customer_for_key(key["key"].encode()) is not None)
         assert len(follower.snapshot) == 1
+        assert int(follower.version) == int(await client.get(EDGE_VERSION))
+    bus_test(backend, redis_url, tmp_path, scenario)
+
+
+def test_a_follower_catches_up_with_a_bus_that_lost_its_data(backend, redis_url, tmp_path):
+    async def scenario(api, client, follower, publisher):
+        for _ in range(4):
+            await publisher.publish_state()
+        await until(follower, lambda: int(follower.version) >= 5)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)   # a Redis restarted without its data
+        await publisher.publish_state()                               # numbered from 1 again
+        await publisher.publish_state()
+        _, _, key = await api.call("POST", "/v1/customers/cus_a/api-keys")
+        await until(follower, lambda: follower.customer_for_key(key["key"].encode()) is not None)
         assert int(follower.version) == int(await client.get(EDGE_VERSION))
     bus_test(backend, redis_url, tmp_path, scenario)
 

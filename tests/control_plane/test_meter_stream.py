@@ -13,6 +13,7 @@ from control_plane.rating import CurrentRater
 from control_plane.store import USAGE
 from proxy.meter_event import MeterEvent
 from proxy.meter_stream import RedisStreamSink
+from proxy.redis_bus import RedisBus
 
 NOW = 1_800_000_000.0
 GROUP = "control-plane"
@@ -40,7 +41,8 @@ def stream_test(backend, redis_url, scenario):
         store = await open_store()
         await catalog(store)
         client = redis.from_url(redis_url)
-        sink = RedisStreamSink(redis_url, stream=stream)
+        bus = RedisBus(redis_url)
+        sink = RedisStreamSink(bus, stream=stream)
         rater = CurrentRater(store)
         intake = Intake(store, rater, EdgeFeed(store, rater=rater), clock=lambda: NOW)
 
@@ -50,7 +52,7 @@ def stream_test(backend, redis_url, scenario):
             await scenario(store, client, sink, consumer, stream, open_store)
         finally:
             await client.delete(stream)
-            await sink.close()
+            await bus.close()
             await client.aclose()
     backend.run(run)
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from control_plane.quota_leases import grant_size
+from decision_core.quota import grant_size
 
 PERIOD = 1_800_000_000.0
 

@@ -7,6 +7,7 @@ import datetime
 import json
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -99,18 +100,21 @@ def control_plane(loop_thread, tmp_path):
     loop_thread.run(plane.stop())
 
 
-def fed_settings(upstream_port, source, metering):
-    """Proxy settings taking edge state from `source` (a settings line)."""
+EVERYTHING = "{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}"
+
+
+def fed_settings(upstream_port, source, metering, routes=(EVERYTHING,), more=""):
+    """Proxy settings taking edge state from `source` (a settings line), with
+    `routes` (flow mappings) and `more` settings lines."""
+    route_lines = "".join(f"\n  - {route}" for route in routes)
     return textwrap.dedent(f"""\
         listen: 127.0.0.1:0
         admin: 127.0.0.1:0
         upstreams:
           main: {{url: "http://127.0.0.1:{upstream_port}"}}
-        routes:
-          - {{name: everything, upstream: main, path_prefix: /, metric: api_calls, units: 1}}
         {source}
         metering: {metering}
-        """)
+        """) + f"routes:{route_lines}\n{more}"
 
 
 def following(control_plane_url):
@@ -118,14 +122,31 @@ def following(control_plane_url):
 
 
 @pytest.fixture
-def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
+def bus_plane(loop_thread, tmp_path, private_redis):
+    """A control plane (SQLite) on the Redis edge bus of a private Redis: it reads the
+    meter stream and publishes the edge state there."""
+    from config.control_plane_settings import ControlPlaneSettings, DatabaseUrl
+    from config.network import HostPort
+    from control_plane.server import start_control_plane
+
+    settings = ControlPlaneSettings(listen=HostPort("127.0.0.1", 0), database=DatabaseUrl(str(tmp_path / "a.db")),
+                                    redis_url=private_redis.url)
+    running = loop_thread.run(start_control_plane(settings, environ={}))
+    plane = ControlPlane(loop_thread, tmp_path)
+    plane.url, plane.token, plane.store = running.url, running.admin_token, running.store
+    plane.redis = private_redis
+    yield plane
+    loop_thread.run(running.stop())
+
+
+def started_workers(loop_thread, tmp_path, settings_text):
+    """A fixture's body: yields start(*args), which writes the settings
+    `settings_text(index, *args)` returns (index: workers started before) and starts a
+    worker with them; stops every worker still running afterwards."""
     workers = []
 
-    def start():
-        monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
-        (tmp_path / "proxy.yaml").write_text(fed_settings(
-            upstream.port, following(control_plane.url),
-            f"{{spool_dir: meter-spool-{len(workers)}, batch_events: 10, flush_interval_s: 3600}}"))
+    def start(*args, **kwargs):
+        (tmp_path / "proxy.yaml").write_text(settings_text(len(workers), *args, **kwargs))
         worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
         loop_thread.run(worker.start())
         workers.append(worker)
@@ -135,6 +156,39 @@ def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
     for worker in workers:
         if not worker.stopped.is_set():
             loop_thread.run(worker.stop(1.0), timeout=30)
+
+
+@pytest.fixture
+def bus_proxy(loop_thread, tmp_path, upstream, bus_plane):
+    """Start a worker on `bus_plane`'s Redis bus (edge state, meter events, quota
+    leases), with `routes` and `more` settings lines as fed_settings takes."""
+    url = bus_plane.redis.url
+
+    def settings_text(index, routes=(EVERYTHING,), more=""):
+        return fed_settings(upstream.port, f'edge_state: {{redis_url: "{url}"}}',
+                            f'{{spool_dir: meter-spool-{index}, redis_url: "{url}", batch_events: 10, '
+                            'flush_interval_s: 3600}', routes, more)
+    yield from started_workers(loop_thread, tmp_path, settings_text)
+
+
+@pytest.fixture(params=["control plane", "redis bus"])
+def leasing(request):
+    """(control plane, start a worker): workers leasing hard quotas from the control
+    plane's ledger, or from the Redis bus's."""
+    if request.param == "control plane":
+        return request.getfixturevalue("control_plane"), request.getfixturevalue("fed_proxy")
+    return request.getfixturevalue("bus_plane"), request.getfixturevalue("bus_proxy")
+
+
+@pytest.fixture
+def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
+    """Start a worker following `control_plane` over its API."""
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+
+    def settings_text(index):
+        return fed_settings(upstream.port, following(control_plane.url),
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}")
+    yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
 def test_the_proxy_serves_the_control_planes_customers_and_follows_their_changes(
@@ -193,10 +247,13 @@ def test_usage_counted_at_the_proxy_survives_a_new_snapshot(loop_thread, control
     assert statuses == [200, 200, 429]
 
 
-def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread, control_plane, fed_proxy):
+def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread, leasing):
+    control_plane, start_worker = leasing
     control_plane.catalog(quota=40)
     key = control_plane.new_key()
-    first, second = fed_proxy(), fed_proxy()
+    first, second = start_worker(), start_worker()
+    for worker in (first, second):                      # on the bus, the key arrives as a change
+        wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(key.encode()) is not None)
     with concurrent.futures.ThreadPoolExecutor(16) as clients:
         statuses = list(clients.map(lambda n: request((first, second)[n % 2].port, "GET", "/echo", key=key)[0],
                                     range(100)))
@@ -216,13 +273,28 @@ def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread
     assert request(second.port, "GET", "/echo", key=key)[0] == 429
 
 
-def test_a_lease_that_cannot_be_had_answers_503_not_a_wrong_quota_refusal(loop_thread, control_plane, fed_proxy):
-    control_plane.catalog(quota=40)
+def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_thread, control_plane, fed_proxy):
+    control_plane.catalog(quota=5)
     key = control_plane.new_key()
     worker = fed_proxy()
-    worker.leases.client.url = "http://127.0.0.1:9"             # the control plane is unreachable for leases
-    status, headers, body = request(worker.port, "GET", "/echo", key=key)
-    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")
+    ledger = worker.leases.ledger.client
+    reachable, ledger.url = ledger.url, "http://127.0.0.1:9"     # the ledger cannot be asked
+    statuses = [request(worker.port, "GET", "/echo", key=key)[0] for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2                    # the quota as the last state has it
+    assert worker.leases.unledgered_total == 5
+
+    # Once the ledger answers again, the units admitted meanwhile are added to it, so
+    # another worker cannot admit them a second time.
+    ledger.url = reachable
+    leased = []
+    deadline = time.monotonic() + SOCKET_TIMEOUT_S
+    while leased != [5] and time.monotonic() < deadline:
+        assert request(worker.port, "GET", "/echo", key=key)[0] == 429
+        rows = loop_thread.run(control_plane.store._fetch("SELECT leased FROM quota_leases", ()))
+        leased = [row[0] for row in rows]
+        time.sleep(0.05)
+    assert leased == [5]
+    assert request(fed_proxy().port, "GET", "/echo", key=key)[0] == 429
 
 
 def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upstream, redis_url):
@@ -261,3 +333,66 @@ def test_a_proxy_can_run_apart_on_the_redis_edge_bus(loop_thread, tmp_path, upst
         assert {json.loads(event.payload)["source"] for event in events} == {"proxy"}
     finally:
         loop_thread.run(running.stop())
+
+
+def admin(worker, path):
+    """(status, body text) of the worker's admin endpoint at `path`."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.admin_port}{path}", timeout=SOCKET_TIMEOUT_S) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def eventually(condition, timeout_s=30):
+    """Whether `condition()` comes true within a bound (asked again and again): a
+    bound on waiting for what the test caused, never a timed assertion."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_without_redis_a_proxy_decides_from_its_last_state_then_fails_each_route_as_configured(
+        loop_thread, bus_plane, bus_proxy):
+    bus_plane.catalog()
+    key = bus_plane.new_key()
+    worker = bus_proxy(routes=(
+        "{name: closed, upstream: main, path_prefix: /echo/closed, when_stale: closed}",
+        "{name: open, upstream: main, path_prefix: /, when_stale: open}"),
+        more="degraded: {staleness_budget_s: 1, retry_after_s: 7}\nredis: {timeout_s: 0.2, breaker_open_s: 0.5}\n")
+    assert answered(worker.port, key, 200)
+    forwarded = 1
+    assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
+    forwarded += 1
+
+    bus_plane.redis.stop()
+    # Within the staleness budget nothing changes for clients: the last state decides.
+    assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
+    assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+    forwarded += 2
+    # Beyond it, /readyz and /metrics say so, the closed route answers 503, the open one
+    # goes on deciding from the last state.
+    assert eventually(lambda: "degraded" in admin(worker, "/readyz")[1])
+    assert admin(worker, "/readyz")[0] == 200
+    assert "aforo_degraded 1.0" in admin(worker, "/metrics")[1]
+    status, headers, body = request(worker.port, "GET", "/echo/closed", key=key)
+    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "7", "state_stale")
+    for _ in range(20):
+        assert request(worker.port, "GET", "/echo", key=key)[0] == 200
+        forwarded += 1
+    assert worker.meter.spooled_events + worker.meter.depth >= 20     # kept while the bus is away
+
+    # Redis comes back empty (it lost everything): the control plane publishes the state
+    # again, the proxy follows it and is fresh, and every meter event is stored once.
+    bus_plane.redis.start()
+    assert eventually(lambda: request(worker.port, "GET", "/echo/closed", key=key)[0] == 200)
+    forwarded += 1
+    assert "degraded" not in admin(worker, "/readyz")[1]
+    loop_thread.run(worker.stop(1.0), timeout=30)
+    assert eventually(lambda: len(loop_thread.run(bus_plane.store.events(USAGE, "cus_a"))) >= forwarded)
+    events = loop_thread.run(bus_plane.store.events(USAGE, "cus_a"))
+    assert len(events) == forwarded
+    assert len({event.event_id for event in events}) == forwarded

@@ -1,0 +1,31 @@
+# Where a proxy's hard-quota leases are counted: a QuotaLedger grants units of a
+# customer's limit for a billing period, atomically across every worker of every
+# proxy, and takes unused units back. The control plane keeps one in its store
+# (proxy.control_plane_link.ControlPlaneLedger); the Redis edge bus keeps one in Lua
+# (proxy.redis_quota_ledger.RedisQuotaLedger).
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class LedgerUnavailable(Exception):
+    """The ledger could not be asked (down, timed out, circuit open)."""
+
+
+class QuotaLedger(Protocol):
+    """`lease(...)` returns (units granted, the period's name for give_back): 0 units
+    when fewer than `needed` are left of `limit`; otherwise `wanted` or less near the
+    limit (decision_core.quota.grant_size). `period_end` (epoch seconds) says which
+    period; `recorded` is the usage the proxy's state says was stored this period (a
+    ledger that starts counting mid-period starts there); `debt` is units admitted
+    while the ledger could not be asked, counted as leased before granting. Both
+    methods raise LedgerUnavailable."""
+
+    where: str
+
+    async def lease(self, customer_id: str, metric: str, *, needed: int, wanted: int, limit: int,
+                    period_end: float, recorded: int, debt: int) -> tuple[int, float]: ...
+
+    async def give_back(self, customer_id: str, metric: str, period: float, units: int) -> None: ...
+
+    async def close(self) -> None: ...

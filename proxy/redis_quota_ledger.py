@@ -1,0 +1,68 @@
+# Hard-quota leases counted on the Redis edge bus: one key per customer, metric and
+# billing period holds the units leased so far (config.bus.QUOTA_LEDGER), and one Lua
+# script reads it, sizes the grant and adds it, so every worker of every proxy draws
+# from the same count and together they never lease more than the limit. A ledger
+# that does not exist yet (the period's first lease, or a Redis that lost its data)
+# starts at the usage the proxy's state says was recorded; it expires a day after
+# the period ends.
+from __future__ import annotations
+
+from config.bus import quota_ledger_key
+from decision_core.quota import LEASE_SPREAD
+from proxy.quota_ledger import LedgerUnavailable
+from proxy.redis_bus import BusUnavailable, RedisBus
+
+KEPT_AFTER_PERIOD_S = 86_400
+# KEYS: the ledger. ARGV: limit, needed, wanted, recorded, debt, expiry (epoch ms),
+# spread. decision_core.quota.grant_size, applied to the ledger's count plus the debt.
+_LEASE = """
+local leased = tonumber(redis.call('GET', KEYS[1]) or ARGV[4]) + tonumber(ARGV[5])
+local left = tonumber(ARGV[1]) - leased
+local needed = tonumber(ARGV[2])
+local granted = 0
+if needed >= 0 and needed <= left then
+  granted = math.max(needed, math.min(tonumber(ARGV[3]), math.floor(left / tonumber(ARGV[7]))))
+end
+redis.call('SET', KEYS[1], leased + granted, 'PXAT', ARGV[6])
+return granted
+"""
+# KEYS: the ledger. ARGV: units given back.
+_GIVE_BACK = """
+local leased = redis.call('GET', KEYS[1])
+if leased then
+  redis.call('SET', KEYS[1], math.max(0, tonumber(leased) - tonumber(ARGV[1])), 'KEEPTTL')
+end
+return 0
+"""
+
+
+class RedisQuotaLedger:
+    """A QuotaLedger (proxy.quota_ledger) on the RedisBus `bus`. A period is named by
+    its end. Closing it leaves the bus open (it is shared)."""
+
+    def __init__(self, bus: RedisBus) -> None:
+        self.bus = bus
+        self.where = bus.where
+        self._lease = bus.client.register_script(_LEASE)
+        self._give_back = bus.client.register_script(_GIVE_BACK)
+
+    async def lease(self, customer_id, metric, *, needed, wanted, limit, period_end, recorded, debt):
+        key = quota_ledger_key(customer_id, metric, period_end)
+        expire_ms = int((period_end + KEPT_AFTER_PERIOD_S) * 1000)
+        try:
+            granted = await self.bus.call("quota lease", lambda client: self._lease(
+                keys=[key], args=[limit, needed, wanted, recorded, debt, expire_ms, LEASE_SPREAD], client=client))
+        except BusUnavailable as error:
+            raise LedgerUnavailable(str(error)) from error
+        return int(granted), float(period_end)
+
+    async def give_back(self, customer_id, metric, period, units):
+        key = quota_ledger_key(customer_id, metric, period)
+        try:
+            await self.bus.call("quota give back",
+                                lambda client: self._give_back(keys=[key], args=[units], client=client))
+        except BusUnavailable as error:
+            raise LedgerUnavailable(str(error)) from error
+
+    async def close(self) -> None:
+        pass

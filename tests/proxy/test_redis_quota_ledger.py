@@ -1,0 +1,74 @@
+# Hard-quota leases counted on a real Redis by the ledger's Lua script: it sizes grants
+# as decision_core.quota.grant_size does, concurrent workers never lease past the
+# limit, a new ledger starts at the recorded usage, debt is counted before granting,
+# given-back units can be leased again, and the ledger expires after its period.
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from config.bus import quota_ledger_key
+from decision_core.quota import grant_size
+from proxy.redis_bus import RedisBus
+from proxy.redis_quota_ledger import KEPT_AFTER_PERIOD_S, RedisQuotaLedger
+
+CASES = [(1000, 0, 1, 50), (1000, 800, 1, 50), (1000, 995, 1, 50), (1000, 995, 3, 50), (1000, 998, 3, 50),
+         (1000, 1000, 1, 50), (10, 0, 0, 0), (7, 3, 5, 1), (100, 0, 1, 100)]
+
+
+def ledger_test(redis_url, scenario):
+    async def run():
+        bus = RedisBus(redis_url)
+        try:
+            await scenario(RedisQuotaLedger(bus), bus.client, f"cus_{uuid.uuid4().hex[:8]}")
+        finally:
+            await bus.close()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("limit", "leased", "needed", "wanted"), CASES)
+def test_the_script_sizes_grants_as_grant_size_does(redis_url, limit, leased, needed, wanted):
+    async def scenario(ledger, _client, customer):
+        granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=wanted, limit=limit,
+                                        period_end=time.time() + 3600, recorded=leased, debt=0)
+        assert granted == grant_size(limit, leased, needed, wanted)
+    ledger_test(redis_url, scenario)
+
+
+def test_concurrent_leases_never_exceed_the_limit_and_returns_can_be_leased_again(redis_url):
+    async def scenario(ledger, client, customer):
+        period_end = time.time() + 3600
+
+        async def lease_one(needed):
+            granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=7, limit=100,
+                                            period_end=period_end, recorded=0, debt=0)
+            return granted
+        granted = await asyncio.gather(*(lease_one(1) for _ in range(60)))
+        assert sum(granted) == 100
+        assert await lease_one(1) == 0
+        await ledger.give_back(customer, "api_calls", period_end, 5)
+        assert await lease_one(5) == 5
+        assert await lease_one(1) == 0
+        # Another period, another ledger; and it is gone a day after its period ends.
+        other = period_end + 3600
+        assert (await ledger.lease(customer, "api_calls", needed=1, wanted=7, limit=100, period_end=other,
+                                   recorded=0, debt=0))[0] == 7
+        expires_at_ms = await client.pexpiretime(quota_ledger_key(customer, "api_calls", other))
+        assert expires_at_ms == int((other + KEPT_AFTER_PERIOD_S) * 1000)
+    ledger_test(redis_url, scenario)
+
+
+def test_a_new_ledger_starts_at_the_recorded_usage_and_debt_is_counted_first(redis_url):
+    async def scenario(ledger, _client, customer):
+        period_end = time.time() + 3600
+
+        async def lease(needed, recorded=0, debt=0):
+            granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=needed, limit=10,
+                                            period_end=period_end, recorded=recorded, debt=debt)
+            return granted
+        assert await lease(4, recorded=6) == 4              # 6 were recorded before leasing began
+        assert await lease(1, recorded=0) == 0              # the ledger exists: what the state says is moot
+        await ledger.give_back(customer, "api_calls", period_end, 3)
+        assert await lease(1, debt=3) == 0                  # 3 admitted meanwhile without a lease
+    ledger_test(redis_url, scenario)
