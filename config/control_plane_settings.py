@@ -12,6 +12,10 @@
 #   redis_url (none)           the Redis edge bus (`redis://host:port/db`): meter events
 #                              are also read from its stream, and the edge state is
 #                              published on it for proxies that follow it
+#   edge_resync_interval_s (300)  with `redis_url`: seconds between two publications of
+#                              the whole edge state on the bus (changes go out as they
+#                              happen; this is how a proxy that fell behind the changes
+#                              stream catches up without a gap), > 0
 from __future__ import annotations
 
 import os
@@ -33,6 +37,7 @@ from config.yaml_source import child_path_of
 CONTROL_PLANE_SETTINGS_EXPECTED = "a mapping of control plane settings"
 DEFAULT_LISTEN = HostPort("127.0.0.1", 8070)
 DEFAULT_DATABASE = "aforo.db"
+DEFAULT_EDGE_RESYNC_INTERVAL_S = 300.0
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_PREFIX = "sqlite:"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -105,6 +110,7 @@ class ControlPlaneSettings(Schema):
     notify: dict[Name, NotifyChannel] = msgspec.field(default_factory=dict)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
+    edge_resync_interval_s: Seconds = DEFAULT_EDGE_RESYNC_INTERVAL_S
 
 
 def parse_control_plane_settings(

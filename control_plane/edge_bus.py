@@ -3,8 +3,9 @@
 # and each change as an entry of the changes stream. Numbering and writing happen in
 # one script, so versions rise in stream order whichever control plane writes, and
 # the whole state always names its own resync entry (followers read on from there).
-# The whole state is published again every `resync_interval_s`, so a follower that
-# fell behind the stream's trimmed start (CHANGES_KEPT entries) catches up then.
+# The whole state is published again every `resync_interval_s` (the control plane
+# setting `edge_resync_interval_s`), so a follower that fell behind the stream's
+# trimmed start (CHANGES_KEPT entries) catches up then.
 from __future__ import annotations
 
 import asyncio
@@ -17,13 +18,13 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from config.control_plane_settings import DEFAULT_EDGE_RESYNC_INTERVAL_S
 from control_plane.edge_feed import EdgeFeed
 from control_plane.store import StoreError
 
 log = logging.getLogger("aforo.control_plane")
 
 CHANGES_KEPT = 10_000
-RESYNC_INTERVAL_S = 300.0
 WAIT_S = 5.0
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
@@ -45,10 +46,13 @@ return version
 
 class EdgeBusPublisher:
     """Publishes `feed` on the bus at `client` (a redis.asyncio client); `clock`
-    gives epoch seconds."""
+    gives epoch seconds; the whole state goes out again every `resync_interval_s`
+    seconds (> 0) even when nothing asks for it."""
 
     def __init__(self, client: redis.Redis, feed: EdgeFeed, clock: Callable[[], float] = time.time,
-                 resync_interval_s: float = RESYNC_INTERVAL_S) -> None:
+                 resync_interval_s: float = DEFAULT_EDGE_RESYNC_INTERVAL_S) -> None:
+        if not resync_interval_s > 0:
+            raise ValueError(f"resync_interval_s must be > 0, got {resync_interval_s!r}")
         self.client = client
         self.feed = feed
         self.clock = clock

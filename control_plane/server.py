@@ -106,9 +106,14 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
         if settings.redis_url is not None:
             bus = redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                  socket_connect_timeout=REDIS_TIMEOUT_S)
-            consumer = MeterStreamConsumer(bus, app[INTAKE], f"{socket.gethostname()}-{os.getpid()}",
+            # Host and pid alone can repeat: containers sharing the host's network (and
+            # so its hostname) each run the control plane as pid 1, and two consumers
+            # of one name would read each other's pending entries.
+            consumer_name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+            consumer = MeterStreamConsumer(bus, app[INTAKE], consumer_name,
                                            block_ms=int(REDIS_TIMEOUT_S * 500))
-            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), EdgeBusPublisher(bus, feed, clock).run()),
+            publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
+            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),
                                              name="aforo edge bus"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))

@@ -180,3 +180,26 @@ def test_cli_counts_a_single_guard_in_the_singular(capsys, tmp_path):
 def test_cli_usage_errors_exit_2(argv, usage_hint, capsys):
     assert main(argv) == 2
     assert usage_hint in capsys.readouterr().err
+
+
+EXAMPLE_SECRETS = {"AFORO_WEBHOOK_SECRET_FINANCE": "f1", "AFORO_WEBHOOK_SECRET_ENGINEERING": "e1",
+                   "AFORO_WEBHOOK_SECRET_ACME": "a1"}
+EXAMPLE_KINDS = {
+    "aforo.yaml": "all-in-one settings", "catalog.yaml": "catalog", "control_plane.yaml": "control plane settings",
+    "edge_state.yaml": "edge state", "guards.yaml": "5 guards", "proxy.yaml": "proxy settings",
+    "production-control-plane.yaml": "control plane settings", "production-proxy.yaml": "proxy settings",
+}
+
+
+def test_cli_accepts_every_example_as_the_kind_it_is(capsys, monkeypatch):
+    examples = sorted((REPO / "config" / "examples").glob("*.yaml"))
+    assert sorted(path.name for path in examples) == sorted(EXAMPLE_KINDS)
+    for name, value in EXAMPLE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config", *map(str, examples)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert len(lines) == len(examples)
+    for path, line in zip(examples, lines):
+        assert line.startswith(f"ok: {path} ({EXAMPLE_KINDS[path.name]}, ")

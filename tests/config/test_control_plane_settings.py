@@ -43,6 +43,16 @@ def test_the_example_is_valid_and_points_at_the_example_guards():
     assert signing_secrets(settings, EXAMPLE_SECRETS)["finance-ops"] == b"f1"
 
 
+def test_the_production_example_shares_postgresql_and_the_redis_bus():
+    settings = load_control_plane_settings(EXAMPLES / "production-control-plane.yaml", environ=EXAMPLE_SECRETS)
+    assert not settings.database.is_sqlite
+    assert settings.database == "postgresql://aforo@db.internal:5432/aforo"
+    assert settings.redis_url == "redis://redis.internal:6379/0"
+    assert settings.edge_resync_interval_s == 300.0
+    assert Path(settings.guards) == EXAMPLES / "guards.yaml"
+    assert sorted(settings.notify) == ["acme-account-team", "engineering-alerts", "finance-ops"]
+
+
 def test_the_example_names_every_channel_its_guards_notify():
     from config import load_guards
     guards = load_guards(EXAMPLES / "guards.yaml")
@@ -65,6 +75,9 @@ def test_defaults():
     assert (settings.database, settings.guards, settings.notify) == ("aforo.db", None, {})
     assert (settings.webhooks.max_attempts, settings.webhooks.initial_backoff_s,
             settings.webhooks.max_backoff_s) == (10, 1.0, 300.0)
+    assert (settings.redis_url, settings.edge_resync_interval_s) == (None, 300.0)
+    assert parse_control_plane_settings("edge_resync_interval_s: 2.5", "control_plane.yaml",
+                                        environ={}).edge_resync_interval_s == 2.5
     channel = parse_control_plane_settings(CHANNEL, "control_plane.yaml", environ=ENVIRON).notify["finance"]
     assert (channel.url, channel.secret_env, channel.timeout_s) == (
         "https://hooks.example.com/aforo", "FINANCE_SECRET", 5.0)
@@ -148,6 +161,14 @@ BAD_SETTINGS = [
       "- at `$.database`")),
     (CHANNEL + "guards: ''\n",
      "control_plane.yaml:5: Expected `str` of length >= 1 - at `$.guards`"),
+    (CHANNEL + "edge_resync_interval_s: 0\n",
+     "control_plane.yaml:5: Expected `float` > 0.0 - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval_s: -30\n",
+     "control_plane.yaml:5: Expected `float` > 0.0 - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval_s: 5m\n",
+     "control_plane.yaml:5: Expected `float`, got `str` - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "edge_resync_interval: 60\n",
+     "control_plane.yaml:5: Object contains unknown field `edge_resync_interval`"),
     ("notify: [finance]\n",
      "control_plane.yaml:1: Expected `object`, got `array` - at `$.notify`"),
     ("", "control_plane.yaml: File is empty; expected a mapping of control plane settings"),

@@ -34,6 +34,15 @@ def error_of(text: str) -> str:
     return str(caught.value)
 
 
+def test_the_production_example_takes_state_from_the_bus_and_meters_to_it():
+    settings = load_proxy_settings(EXAMPLES / "production-proxy.yaml")
+    assert settings.control_plane is None
+    assert (settings.edge_state.file, settings.edge_state.redis_url) == (None, "redis://redis.internal:6379/0")
+    assert settings.metering.redis_url == settings.edge_state.redis_url
+    assert settings.metering.spool_dir == "/var/lib/aforo/meter-spool"     # writable in the image, kept as written
+    assert (settings.listen, settings.admin) == (HostPort("0.0.0.0", 8080), HostPort("0.0.0.0", 9090))
+
+
 def test_the_example_is_valid_and_points_at_the_example_edge_state():
     path = EXAMPLES / "proxy.yaml"
     settings = load_proxy_settings(path)

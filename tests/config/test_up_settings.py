@@ -39,6 +39,11 @@ def test_the_example_is_valid_and_its_paths_are_read_from_its_folder():
     assert settings.proxy.metering.spool_dir == str(EXAMPLES / "meter-spool")
 
 
+def test_the_control_plane_section_takes_the_edge_resync_interval():
+    text = GOOD.replace("  database: state/aforo.db\n", "  database: state/aforo.db\n  edge_resync_interval_s: 30\n")
+    assert parse_up_settings(text, "aforo.yaml", environ={}).control_plane.edge_resync_interval_s == 30.0
+
+
 def test_the_proxy_reaches_a_wildcard_control_plane_on_loopback(tmp_path):
     settings = parse_up_settings(GOOD, "aforo.yaml", tmp_path, environ={})
     assert settings.proxy.control_plane.url == "http://127.0.0.1:8070"
@@ -57,6 +62,8 @@ def test_the_proxy_reaches_a_wildcard_control_plane_on_loopback(tmp_path):
          "- at `$.control_plane.listen`"),
         ("upstream: api}", "upstream: apx}",
          "aforo.yaml:9: Unknown upstream `apx`; the upstreams are `api` - at `$.proxy.routes[0].upstream`"),
+        ("  database: state/aforo.db\n", "  database: state/aforo.db\n  edge_resync_interval_s: 0\n",
+         "aforo.yaml:4: Expected `float` > 0.0 - at `$.control_plane.edge_resync_interval_s`"),
         ("catalog: catalog.yaml", "catalogue: catalog.yaml",
          "aforo.yaml:4: Object contains unknown field `catalogue`"),
         ("  database: state/aforo.db\n", "  notify:\n    ops: {url: \"https://h.example\", "

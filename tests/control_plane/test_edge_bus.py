@@ -1,20 +1,36 @@
 # The edge feed published on a real Redis and followed from it, on both stores: a
 # follower gets the whole state, then new keys and level changes as they happen; an
-# older version is never applied over a newer one, and a gap makes it pull again.
+# older version is never applied over a newer one, and a gap makes it pull again; a
+# control plane publishes the whole state again at its settings' resync interval, and
+# reads the meter stream under a consumer name of its own.
 import asyncio
 import datetime
+import json
+import os
+import socket
+from pathlib import Path
 
 import redis.asyncio as redis
+from redis.exceptions import ResponseError
 from running_api import NOW, Api
 
-from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, METER_GROUP, METER_STREAM
+from config.catalog_file import load_catalog_file
+from config.control_plane_settings import (
+    load_control_plane_settings,
+    parse_control_plane_settings,
+)
 from config.guards import watch_guards
 from control_plane.api import FEED
+from control_plane.catalog import apply_catalog
 from control_plane.edge_bus import EdgeBusPublisher
+from control_plane.server import start_control_plane
+from control_plane.store import open_store
 from proxy.edge_bus_source import EdgeBusSource
-from proxy.redis_bus import RedisBus
 from proxy.followed_edge_state import FollowedEdgeState
+from proxy.redis_bus import RedisBus
 
+CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 GUARDS = """\
 guards:
   - id: floor
@@ -114,3 +130,106 @@ def test_a_follower_catches_up_with_a_bus_that_lost_its_data(backend, redis_url,
         await until(follower, lambda: follower.customer_for_key(key["key"].encode()) is not None)
         assert int(follower.version) == int(await client.get(EDGE_VERSION))
     bus_test(backend, redis_url, tmp_path, scenario)
+
+
+RESYNC_SETTINGS = """\
+listen: 127.0.0.1:0
+database: aforo.db
+redis_url: {redis_url}
+edge_resync_interval_s: {interval}
+"""
+
+
+def test_the_whole_state_is_published_again_at_the_settings_resync_interval(redis_url, tmp_path):
+    # A Redis that lost its data (it restarted with nothing on disk) has the whole
+    # state again within one interval, and every republication is a resync entry
+    # followers read on from.
+    async def scenario():
+        client = redis.from_url(redis_url)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+        store = await open_store(str(tmp_path / "aforo.db"))
+        await apply_catalog(store, load_catalog_file(CATALOG), "catalog.yaml")
+        await store.close()
+        (tmp_path / "control_plane.yaml").write_text(RESYNC_SETTINGS.format(redis_url=redis_url, interval=0.2))
+        settings = load_control_plane_settings(tmp_path / "control_plane.yaml", environ={})
+        assert settings.edge_resync_interval_s == 0.2
+        control_plane = await start_control_plane(settings, environ={}, clock=lambda: NOW)
+        try:
+            first = await poll(lambda: client.hget(EDGE_STATE, "version"), lambda version: version is not None)
+            await client.delete(EDGE_STATE)
+            state = await poll(lambda: client.hgetall(EDGE_STATE), lambda state: b"state" in state)
+            assert int(state[b"version"]) > int(first)
+            assert {"cus_acme", "cus_globex", "cus_wonka"} <= {customer["id"] for customer in json.loads(state[b"state"])["customers"]}
+            await poll(lambda: client.xrange(EDGE_CHANGES),
+                       lambda entries: sum(b"resync" in fields for _, fields in entries) >= 4)
+            entries = await client.xrange(EDGE_CHANGES)
+            versions = [int(fields[b"version"]) for _, fields in entries]
+            assert versions == sorted(versions)
+        finally:
+            await control_plane.stop()
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+def test_with_the_default_interval_an_idle_control_plane_publishes_the_whole_state_once(redis_url, tmp_path):
+    async def scenario():
+        client = redis.from_url(redis_url)
+        await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+        settings = parse_control_plane_settings(f"listen: 127.0.0.1:0\nredis_url: {redis_url}\n",
+                                                "control_plane.yaml", tmp_path, environ={})
+        assert settings.edge_resync_interval_s == 300.0
+        control_plane = await start_control_plane(settings, environ={}, clock=lambda: NOW)
+        try:
+            await poll(lambda: client.hget(EDGE_STATE, "version"), lambda version: version is not None)
+            await asyncio.sleep(1.0)
+            assert await client.xlen(EDGE_CHANGES) == 1
+        finally:
+            await control_plane.stop()
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+def test_control_planes_on_one_host_and_pid_are_distinct_consumers_of_the_meter_stream(redis_url, tmp_path):
+    # As containers sharing the host's network are (same hostname, each its pid 1):
+    # one consumer name for two would have each take the other's pending entries.
+    host_and_pid = f"{socket.gethostname()}-{os.getpid()}".encode()
+
+    async def ours(client):
+        try:
+            consumers = await client.xinfo_consumers(METER_STREAM, METER_GROUP)
+        except ResponseError:                       # no group yet
+            return []
+        return [consumer["name"] for consumer in consumers
+                if consumer["name"] == host_and_pid or consumer["name"].startswith(host_and_pid + b"-")]
+
+    async def scenario():
+        client = redis.from_url(redis_url)
+        started = []
+        try:
+            for name in ("one", "two"):
+                settings = parse_control_plane_settings(
+                    f"listen: 127.0.0.1:0\ndatabase: {name}.db\nredis_url: {redis_url}\n",
+                    "control_plane.yaml", tmp_path, environ={})
+                started.append(await start_control_plane(settings, environ={}, clock=lambda: NOW))
+            names = await poll(lambda: ours(client), lambda names: len(names) >= 2)
+            assert len(set(names)) == len(names)
+        finally:
+            for control_plane in started:
+                await control_plane.stop()
+            for name in await ours(client):
+                await client.xgroup_delconsumer(METER_STREAM, METER_GROUP, name)
+            await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
+            await client.aclose()
+    asyncio.run(scenario())
+
+
+async def poll(read, done, deadline_s=10.0):
+    """`await read()` until `done(value)`; fails after `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while not done(value := await read()):
+        assert loop.time() < deadline, f"still {value!r}"
+        await asyncio.sleep(0.02)
+    return value
