@@ -369,6 +369,7 @@ class Cluster:
     load_customers: int = 20
     guard_customers: int = 20
     proxy_metering: str = ""
+    meter_claim_idle_s: float = 30.0
     upstream_port: int | None = None
     proxy_cpu: str | None = None
     redis: PrivateRedis | None = None
@@ -429,6 +430,7 @@ class Cluster:
             database: "{self.database_url}"
             guards: guards.yaml
             redis_url: "{self.redis.url}"
+            meter_claim_idle_s: {self.meter_claim_idle_s:g}
             """))
         runner = _Logged(self._cli("control-plane", "--config", str(settings)),
                          self.folder / f"control-plane-{index}.log", self.folder)
@@ -524,10 +526,14 @@ class Cluster:
             return client.xlen(METER_STREAM)
 
     def pending_of(self, consumer: str) -> int:
-        """Meter stream entries delivered to `consumer` and not acknowledged."""
+        """Meter stream entries delivered to the control plane `consumer` (its name up
+        to the random part) and not acknowledged."""
         from config.bus import METER_GROUP, METER_STREAM
         with self.redis.client() as client:
-            return len(client.xpending_range(METER_STREAM, METER_GROUP, "-", "+", 1000, consumername=consumer))
+            names = [entry["name"] for entry in client.xinfo_consumers(METER_STREAM, METER_GROUP)]
+            names = [name.decode() if isinstance(name, bytes) else name for name in names]
+            return sum(len(client.xpending_range(METER_STREAM, METER_GROUP, "-", "+", 1000, consumername=name))
+                       for name in names if name.startswith(consumer + "-"))
 
 
 # -- clients ------------------------------------------------------------------------

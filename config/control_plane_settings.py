@@ -16,6 +16,9 @@
 #                              the whole edge state on the bus (changes go out as they
 #                              happen; this is how a proxy that fell behind the changes
 #                              stream catches up without a gap), > 0
+#   meter_claim_idle_s (30)    with `redis_url`: a meter stream entry another control
+#                              plane read and has not acknowledged for this long (it
+#                              died) is taken over, > 0
 from __future__ import annotations
 
 import os
@@ -38,6 +41,7 @@ CONTROL_PLANE_SETTINGS_EXPECTED = "a mapping of control plane settings"
 DEFAULT_LISTEN = HostPort("127.0.0.1", 8070)
 DEFAULT_DATABASE = "aforo.db"
 DEFAULT_EDGE_RESYNC_INTERVAL_S = 300.0
+DEFAULT_METER_CLAIM_IDLE_S = 30.0
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_PREFIX = "sqlite:"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -111,6 +115,7 @@ class ControlPlaneSettings(Schema):
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
     edge_resync_interval_s: Seconds = DEFAULT_EDGE_RESYNC_INTERVAL_S
+    meter_claim_idle_s: Seconds = DEFAULT_METER_CLAIM_IDLE_S
 
 
 def parse_control_plane_settings(

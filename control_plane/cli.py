@@ -87,7 +87,8 @@ CONFIG_KINDS = {
     "proxy": (("upstreams",), _describe_proxy_settings),
     "edge-state": (("period",), _describe_edge_state),
     "catalog": (("metrics", "features", "plans", "customers", "subscriptions"), _describe_catalog),
-    "control-plane": (("listen", "database", "notify", "webhooks", "redis_url", "edge_resync_interval_s"),
+    "control-plane": (("listen", "database", "notify", "webhooks", "redis_url", "edge_resync_interval_s",
+                      "meter_claim_idle_s"),
                       _describe_control_plane_settings),
     "guards": (("guards",), _describe_guards),
 }

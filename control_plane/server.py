@@ -111,6 +111,7 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
             # of one name would read each other's pending entries.
             consumer_name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
             consumer = MeterStreamConsumer(bus, app[INTAKE], consumer_name,
+                                           claim_idle_ms=int(settings.meter_claim_idle_s * 1000),
                                            block_ms=int(REDIS_TIMEOUT_S * 500))
             publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
             tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),

@@ -112,44 +112,16 @@ def redis_url():
     return REDIS_URL
 
 
-class PrivateRedis:
-    """A redis-server of one test's own, on a free port, without persistence: it can be
-    stopped and started again (empty, as a Redis that lost its data) without touching
-    the Redis other tests share."""
-
-    def __init__(self, port):
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(SERVICE_WAIT_S * 10):
-            if _redis_answers(self.url):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"redis-server on port {self.port} did not start")
-
-    def stop(self):
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture
-def private_redis(redis_url):
-    """A started PrivateRedis, killed after the test (`redis_url` first: redis-server
-    is there, or the run fails under CI=true)."""
-    import socket
+def private_redis(redis_url, tmp_path):
+    """A redis-server of one test's own (bench.cluster_setup.PrivateRedis), which it
+    may stop and start again without touching the Redis other tests share; stopped
+    after the test. (`redis_url` first: redis-server is there, or the run fails under
+    CI=true.)"""
+    from bench.cluster_setup import PrivateRedis
     if not shutil.which("redis-server"):
         _service_missing("redis-server is not available for a private Redis")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = PrivateRedis(port)
+    server = PrivateRedis(tmp_path / "private-redis")
     server.start()
     yield server
-    server.stop()
+    server.stop(keep_data=False)

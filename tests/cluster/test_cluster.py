@@ -30,7 +30,6 @@ from bench.cluster_setup import (
     wait_for,
 )
 from config.proxy_settings import RedisCalls
-from control_plane.meter_stream import CLAIM_IDLE_MS
 
 QUOTA_LIMIT = 1000
 LOAD_CUSTOMERS = 12
@@ -41,6 +40,8 @@ PROXY_METERING = "buffer_events: 2000, batch_events: 500"
 SETTLE_S = 30.0
 # How long Redis stays down under load: several rounds of the proxies' circuit breaker.
 OUTAGE_S = 8.0
+# After this long a dead control plane's unacknowledged entries are taken over.
+CLAIM_IDLE_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def cluster(postgres_url, redis_url, tmp_path_factory):
     running = Cluster(tmp_path_factory.mktemp("cluster"), scoped_database_url(postgres_url, schema),
                       proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=2,
                       load_customers=LOAD_CUSTOMERS,
-                      guard_customers=2, proxy_metering=PROXY_METERING)
+                      guard_customers=2, proxy_metering=PROXY_METERING, meter_claim_idle_s=CLAIM_IDLE_S)
     try:
         running.start()
         yield running
@@ -224,8 +225,8 @@ def test_a_killed_control_plane_worker_loses_and_doubles_nothing(cluster, report
     victim.runner.stop()
     assert Counter(outcome.status for outcome in outcomes) == {200: len(outcomes)}
     # The survivor claims the dead worker's entries once they have been idle
-    # CLAIM_IDLE_MS: then every forwarded request is stored, once.
-    wait_for(lambda: stored_exactly_once(cluster), CLAIM_IDLE_MS / 1000 + SETTLE_S,
+    # CLAIM_IDLE_S: then every forwarded request is stored, once.
+    wait_for(lambda: stored_exactly_once(cluster), CLAIM_IDLE_S + SETTLE_S,
              "every forwarded request stored once", interval_s=0.5)
     assert cluster.pending_of(victim.consumer) == 0
     forwarded = cluster.upstream.counts()

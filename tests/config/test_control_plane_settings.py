@@ -48,7 +48,7 @@ def test_the_production_example_shares_postgresql_and_the_redis_bus():
     assert not settings.database.is_sqlite
     assert settings.database == "postgresql://aforo@db.internal:5432/aforo"
     assert settings.redis_url == "redis://redis.internal:6379/0"
-    assert settings.edge_resync_interval_s == 300.0
+    assert (settings.edge_resync_interval_s, settings.meter_claim_idle_s) == (300.0, 30.0)
     assert Path(settings.guards) == EXAMPLES / "guards.yaml"
     assert sorted(settings.notify) == ["acme-account-team", "engineering-alerts", "finance-ops"]
 
@@ -75,7 +75,7 @@ def test_defaults():
     assert (settings.database, settings.guards, settings.notify) == ("aforo.db", None, {})
     assert (settings.webhooks.max_attempts, settings.webhooks.initial_backoff_s,
             settings.webhooks.max_backoff_s) == (10, 1.0, 300.0)
-    assert (settings.redis_url, settings.edge_resync_interval_s) == (None, 300.0)
+    assert (settings.redis_url, settings.edge_resync_interval_s, settings.meter_claim_idle_s) == (None, 300.0, 30.0)
     assert parse_control_plane_settings("edge_resync_interval_s: 2.5", "control_plane.yaml",
                                         environ={}).edge_resync_interval_s == 2.5
     channel = parse_control_plane_settings(CHANNEL, "control_plane.yaml", environ=ENVIRON).notify["finance"]
@@ -167,6 +167,8 @@ BAD_SETTINGS = [
      "control_plane.yaml:5: Expected `float` > 0.0 - at `$.edge_resync_interval_s`"),
     (CHANNEL + "edge_resync_interval_s: 5m\n",
      "control_plane.yaml:5: Expected `float`, got `str` - at `$.edge_resync_interval_s`"),
+    (CHANNEL + "meter_claim_idle_s: 0\n",
+     "control_plane.yaml:5: Expected `float` > 0.0 - at `$.meter_claim_idle_s`"),
     (CHANNEL + "edge_resync_interval: 60\n",
      "control_plane.yaml:5: Object contains unknown field `edge_resync_interval`"),
     ("notify: [finance]\n",

@@ -384,7 +384,7 @@ def test_without_redis_a_proxy_decides_from_its_last_state_then_fails_each_route
     assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
     forwarded += 1
 
-    bus_plane.redis.stop()
+    bus_plane.redis.stop(keep_data=False)
     # Within the staleness budget nothing changes for clients: the last state decides.
     assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 200
     assert request(worker.port, "GET", "/echo", key=key)[0] == 200
