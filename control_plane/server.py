@@ -64,8 +64,10 @@ class RunningControlPlane:
         if self._stopped:
             return
         self._stopped = True
-        await self._runner.cleanup()
+        # The background work first: the runner's cleanup wakes the edge feed's
+        # waiters, and a publisher still running would read the store as it closes.
         await _cancel(self._tasks)
+        await self._runner.cleanup()
         await self.store.close()
 
 
