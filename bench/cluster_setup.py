@@ -204,8 +204,12 @@ class PrivateRedis:
         if self.process is None:
             return
         if keep_data:
-            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "save"], check=False, capture_output=True,
-                           timeout=20)
+            import redis
+            try:
+                with self.client() as client:
+                    client.shutdown(save=True)
+            except (redis.RedisError, OSError):
+                pass                    # it went away as it saved: what SHUTDOWN does
         else:
             self.process.kill()
         try:
