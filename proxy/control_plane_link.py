@@ -74,12 +74,12 @@ _encode_lines = msgspec.json.Encoder().encode_lines
 
 
 def usage_ndjson(events: Sequence[MeterEvent]) -> bytes:
-    """Meter events as the control plane ingests usage: NDJSON, route and status as
-    dimensions, source `proxy`."""
+    """Meter events as the control plane ingests usage: NDJSON, the event's own
+    dimensions plus route and status, source `proxy`."""
     return _encode_lines(
         _WireUsage(event.id, event.customer_id, event.metric, event.quantity,
                    datetime.datetime.fromtimestamp(event.timestamp, _UTC),
-                   {"route": event.route, "status": str(event.status)}, "proxy")
+                   {**(event.dimensions or {}), "route": event.route, "status": str(event.status)}, "proxy")
         for event in events)
 
 

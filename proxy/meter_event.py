@@ -17,8 +17,11 @@ class MeterEvent(msgspec.Struct, frozen=True, gc=False):
     `id`: idempotency key (see `new_event_id`); `customer_id`, `metric` and
     `quantity` (whole units) say what is billed; `timestamp`: epoch seconds when the
     response completed; `route`, `status`, `request_bytes`, `response_bytes` and
-    `latency_ms` describe the exchange. Unknown fields are ignored when decoding, so
-    a spool written by a newer proxy still replays on an older one.
+    `latency_ms` describe the exchange; `dimensions` says more about what was used
+    (e.g. the AI `model`, the MCP `tool`). Unknown fields are ignored when decoding,
+    so a spool written by a newer proxy still replays on an older one, and a missing
+    `dimensions` reads as None (none: most events), so an older spool replays on a
+    newer one.
     """
 
     id: str
@@ -31,6 +34,7 @@ class MeterEvent(msgspec.Struct, frozen=True, gc=False):
     request_bytes: int
     response_bytes: int
     latency_ms: float
+    dimensions: dict[str, str] | None = None
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -424,7 +424,21 @@ def test_file_sink_output_parses_back_into_the_same_events(tmp_path):
     assert decode_ndjson(data) == ([event(n) for n in range(10)], 0)
     assert set(json.loads(data.splitlines()[0])) == {
         "id", "customer_id", "metric", "quantity", "timestamp", "route", "status",
-        "request_bytes", "response_bytes", "latency_ms"}
+        "request_bytes", "response_bytes", "latency_ms", "dimensions"}
+
+
+def test_an_events_dimensions_go_with_it_and_older_lines_read_as_none():
+    from proxy.control_plane_link import usage_ndjson
+    from proxy.meter_event import decode_event, encode_ndjson
+
+    priced = MeterEvent("e" * 32, "cus_1", "ai_output_tokens", 812, 1_800_000_000.0, "chat", 200, 10, 20, 1.5,
+                        {"model": "gpt-4o-mini"})
+    assert decode_ndjson(encode_ndjson([priced])) == ([priced], 0)
+    older = json.loads(encode_ndjson([priced]))
+    del older["dimensions"]                         # a spool line from before dimensions
+    assert decode_event(json.dumps(older).encode()).dimensions is None
+    (wire,) = [json.loads(line) for line in usage_ndjson([priced]).splitlines()]
+    assert wire["dimensions"] == {"model": "gpt-4o-mini", "route": "chat", "status": "200"}
 
 
 def test_a_batch_larger_than_an_encoding_slice_lands_whole_and_in_order(tmp_path):
