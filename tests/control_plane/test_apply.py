@@ -102,3 +102,16 @@ def test_the_command_applies_to_postgresql(postgres_schema, tmp_path):
         finally:
             await connection.close()
     assert asyncio.run(plans()) == 3
+
+
+def test_a_file_of_price_tables_alone_is_a_catalog_and_applies_once(tmp_path, capsys):
+    prices = tmp_path / "prices.yaml"
+    prices.write_text('model_prices:\n  - {key: gpt-4o, input: "2.50"}\n'
+                      'tool_prices:\n  - {key: web_search, per_call: "0.01"}\n')
+    database = str(tmp_path / "aforo.db")
+    assert main(["check-config", str(prices)]) == 0
+    assert "1 model_prices, 1 tool_prices" in capsys.readouterr().out
+    assert main(["apply", "-f", str(prices), "--database", database]) == 0
+    assert capsys.readouterr().out.splitlines() == ["model_prices: 1 created", "tool_prices: 1 created", "applied"]
+    assert main(["apply", "-f", str(prices), "--database", database]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to change"
