@@ -1,11 +1,15 @@
-# The catalog file `aforo apply -f` reads: metrics, features, plans, customers and
-# subscriptions, each a list of entries with a unique `key`. Within the file: keys are
+# The catalog file `aforo apply -f` reads: metrics, model and tool prices, features,
+# plans, customers and subscriptions, each a list of entries with a unique `key`. Within the file: keys are
 # unique per section, a plan's prices are valid for the decision core's pricing models,
 # and a plan's fixed-fee allocation adds up to 100%. References to other entries
 # (a plan's metrics and features, a subscription's customer and plan) are checked at
 # apply time, against this file and what the store already holds.
 #
-#   metrics        {key, aggregation: sum|count|max, unit, unit_cost (COGS per unit)}
+#   metrics        {key, aggregation: sum|count|max, unit, unit_cost (COGS per unit),
+#                   priced_by: input_tokens|output_tokens|cached_input_tokens|
+#                              reasoning_tokens|tool_calls (COGS from the price tables)}
+#   model_prices   {key: model, input, output, cached_input, reasoning (per 1M tokens)}
+#   tool_prices    {key: tool, per_call}
 #   features       {key, description}
 #   plans          {key, tier, period, currency, fixed_fee, fee_allocation, features,
 #                   quotas: metric -> {limit, hard}, charges: [{metric, model, ...}]}
@@ -30,12 +34,17 @@ from config.schema import (
 from config.values import Money, Percent, Timestamp
 from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volume
 
-CATALOG_EXPECTED = "a mapping with any of `metrics`, `features`, `plans`, `customers`, `subscriptions`"
+CATALOG_EXPECTED = ("a mapping with any of `metrics`, `model_prices`, `tool_prices`, `features`, `plans`, "
+                    "`customers`, `subscriptions`")
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+# A model or tool name as upstreams spell them (`gpt-4o-mini`, `claude-sonnet-4@20250514`,
+# `meta-llama/Llama-3.3-70B`); in a REST path a `/` is written `%2F`.
+PRICED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]*$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 CATALOG_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     KEY_PATTERN: "a key (letters, digits, `_`, `.`, `:`, `-`)",
+    PRICED_NAME_PATTERN: "a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`)",
     CURRENCY_PATTERN: "a three-letter currency code like `USD`",
     CUSTOMER_ID_PATTERN: "a customer id (letters, digits, `_`, `.`, `:`, `-`)",
     METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
@@ -45,15 +54,58 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 PositiveCount = Annotated[int, msgspec.Meta(ge=1)]
 
 
+# What a metric can count for pricing, and the price it is priced at: a model price
+# (per million tokens, from the event's `model` dimension) or a tool price (per call,
+# from its `tool` dimension).
+TOKEN_PRICE_OF = {"input_tokens": "input", "output_tokens": "output",
+                  "cached_input_tokens": "cached_input", "reasoning_tokens": "reasoning"}
+TOOL_CALLS = "tool_calls"
+PricedBy = Literal["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "tool_calls"]
+TOKENS_PER_PRICE = 1_000_000
+
+
 class Metric(Schema):
     """A billable unit. `aggregation` says how a period's events add up; `unit_cost`
-    is what one unit costs to serve (COGS), per `cost_per_units` units."""
+    is what one unit costs to serve (COGS), per `cost_per_units` units. With
+    `priced_by`, an event's COGS comes from the model or tool price tables instead
+    (the unit cost is the fallback for a model or tool they do not price)."""
 
     key: MeteredMetric
     aggregation: Literal["sum", "count", "max"] = "sum"
     unit: str = ""
     unit_cost: Money | None = None
     cost_per_units: PositiveCount = 1
+    priced_by: PricedBy | None = None
+
+    def __post_init__(self) -> None:
+        # A price per token or per call is paid on every event's quantity: a period's
+        # cost is the sum of its events', whatever else the metric could aggregate by.
+        allowed = ("sum", "count") if self.priced_by == TOOL_CALLS else ("sum",)
+        if self.priced_by is not None and self.aggregation not in allowed:
+            raise ValueError(f"`priced_by: {self.priced_by}` prices the quantity of every event; it needs "
+                             f"`aggregation: {' or '.join(allowed)}`, not `{self.aggregation}`")
+
+
+class ModelPrice(Schema):
+    """What an AI model costs per million tokens of each kind (each optional; a kind
+    without a price is priced as a model missing from the table)."""
+
+    key: Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
+    input: Money | None = None
+    output: Money | None = None
+    cached_input: Money | None = None
+    reasoning: Money | None = None
+
+    def __post_init__(self) -> None:
+        if all(price is None for price in (self.input, self.output, self.cached_input, self.reasoning)):
+            raise ValueError("A model price needs at least one of `input`, `output`, `cached_input`, `reasoning`")
+
+
+class ToolPrice(Schema):
+    """What one call of an (MCP) tool costs."""
+
+    key: Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
+    per_call: Money
 
 
 class Feature(Schema):
@@ -142,6 +194,8 @@ class Subscription(Schema):
 
 class CatalogFile(Schema):
     metrics: tuple[Metric, ...] = ()
+    model_prices: tuple[ModelPrice, ...] = ()
+    tool_prices: tuple[ToolPrice, ...] = ()
     features: tuple[Feature, ...] = ()
     plans: tuple[Plan, ...] = ()
     customers: tuple[Customer, ...] = ()
@@ -150,16 +204,18 @@ class CatalogFile(Schema):
 
 # Sections in the order they are written (a plan names metrics and features, a
 # subscription names a customer and a plan), with the store's kind for each.
-SECTIONS = (("metrics", "metric"), ("features", "feature"), ("plans", "plan"),
-            ("customers", "customer"), ("subscriptions", "subscription"))
-ENTRY_TYPES = {"metric": Metric, "feature": Feature, "plan": Plan, "customer": Customer,
-               "subscription": Subscription}
+SECTIONS = (("metrics", "metric"), ("model_prices", "model_price"), ("tool_prices", "tool_price"),
+            ("features", "feature"), ("plans", "plan"), ("customers", "customer"),
+            ("subscriptions", "subscription"))
+ENTRY_TYPES = {"metric": Metric, "model_price": ModelPrice, "tool_price": ToolPrice, "feature": Feature,
+               "plan": Plan, "customer": Customer, "subscription": Subscription}
 
 
 def _cross_check(catalog: CatalogFile) -> list[Problem]:
     problems = []
     for section, kind in SECTIONS:
-        problems += duplicate_names((entry.key for entry in getattr(catalog, section)), f"$.{section}", "key", kind)
+        problems += duplicate_names((entry.key for entry in getattr(catalog, section)), f"$.{section}", "key",
+                                    kind.replace("_", " "))
     for index, plan in enumerate(catalog.plans):
         path = f"$.plans[{index}]"
         if plan.fee_allocation and abs(sum(plan.fee_allocation.values()) - 100.0) > 1e-9:

@@ -14,8 +14,9 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, document_of
+from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, ModelPrice, ToolPrice, document_of
 from config.documents import decode_value
+from config.values import Money
 from config.watched_file import ReloadErrorCounter
 from control_plane import quota_leases
 from control_plane.catalog import check_references
@@ -137,7 +138,9 @@ async def _admin_only(request, handler):
 # -- catalog ---------------------------------------------------------------------------
 
 def _kind(request):
-    section = request.match_info["section"]
+    # The generic routes name the collection in the path's `{section}`; the price
+    # tables' own routes spell it out (/v1/model_prices/...).
+    section = request.match_info.get("section") or request.path.split("/")[2]
     kind = _KIND_OF_SECTION.get(section)
     if kind is None:
         raise web.HTTPNotFound(text=f"no such collection `/v1/{section}`")
@@ -404,8 +407,17 @@ ROUTES = (
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,
      "The webhook outbox: each delivery's status, attempts and last error (`status`, `after` seq, `limit`)"),
-    ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, features, plans, customers, "
-                                            "subscriptions)"),
+    *((method, f"/v1/{section}{suffix}", handler, summary % what)
+      for section, what in (("model_prices", "model price table (per million tokens; a `/` in a model name is "
+                                              "written `%2F`)"),
+                            ("tool_prices", "tool price table (per call)"))
+      for method, suffix, handler, summary in (
+          ("GET", "", _list_entries, "List the %s"),
+          ("GET", "/{key}", _get_entry, "One entry of the %s"),
+          ("PUT", "/{key}", _put_entry, "Create or update an entry of the %s (idempotent)"),
+          ("DELETE", "/{key}", _delete_entry, "Delete an entry of the %s"))),
+    ("GET", "/v1/{section}", _list_entries, "List a catalog collection (metrics, model_prices, tool_prices, "
+                                            "features, plans, customers, subscriptions)"),
     ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),
     ("PUT", "/v1/{section}/{key}", _put_entry, "Create or update a catalog entry (idempotent)"),
     ("DELETE", "/v1/{section}/{key}", _delete_entry, "Delete a catalog entry"),
@@ -415,9 +427,15 @@ ROUTES = (
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of ROUTES, with the event schemas."""
     def schema_hook(kind):
+        if kind is Money:
+            return {"type": "string", "description": "an amount of money, a decimal exact to 9 places (`\"2.50\"`)"}
         raise NotImplementedError
-    _, components = msgspec.json.schema_components((UsageEvent, CostEvent, LevelChanged), schema_hook=schema_hook,
-                                                   ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components((UsageEvent, CostEvent, LevelChanged, ModelPrice, ToolPrice),
+                                                   schema_hook=schema_hook, ref_template="#/components/schemas/{name}")
+    for entry_type in (ModelPrice, ToolPrice):
+        # The key is the path's; a body may leave it out.
+        schema = components[entry_type.__name__]
+        schema["required"] = [name for name in schema.get("required", ()) if name != "key"]
     paths: dict = {}
     for method, path, _, summary in ROUTES:
         operation = {"summary": summary, "responses": {"default": {
@@ -432,6 +450,10 @@ def openapi_document() -> dict:
             operation["requestBody"] = {"content": {"application/json": {"schema": {
                 "type": "array", "items": {"$ref": "#/components/schemas/CostEvent"}}},
                 "application/x-ndjson": {}}}
+        for section, entry_type in (("model_prices", ModelPrice), ("tool_prices", ToolPrice)):
+            if path == f"/v1/{section}/{{key}}" and method == "PUT":
+                operation["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{entry_type.__name__}"}}}}
         if path == "/v1/webhooks":
             operation["parameters"] = [
                 {"name": "status", "in": "query", "schema": {"enum": list(WEBHOOK_STATUSES)}},

@@ -86,7 +86,8 @@ CONFIG_KINDS = {
     "all-in-one": (("proxy",), _describe_up_settings),
     "proxy": (("upstreams",), _describe_proxy_settings),
     "edge-state": (("period",), _describe_edge_state),
-    "catalog": (("metrics", "features", "plans", "customers", "subscriptions"), _describe_catalog),
+    "catalog": (("metrics", "model_prices", "tool_prices", "features", "plans", "customers", "subscriptions"),
+                _describe_catalog),
     "control-plane": (("listen", "database", "notify", "webhooks", "redis_url", "edge_resync_interval_s",
                       "meter_claim_idle_s"),
                       _describe_control_plane_settings),
@@ -290,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
     proxy.set_defaults(run=run_proxy)
     apply = commands.add_parser(
         "apply",
-        help="apply a catalog file (metrics, features, plans, customers, subscriptions)",
+        help="apply a catalog file (metrics, model and tool prices, features, plans, customers, subscriptions)",
         description="Upsert the catalog in FILE into the store: declarative and idempotent (applying "
         "the same file twice changes nothing). References are checked before anything is written.",
     )

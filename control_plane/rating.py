@@ -1,6 +1,6 @@
 # Rating one usage event: what it earns (its marginal revenue under the plan's charge
 # for its metric, from the period's running total of units) and what it costs to
-# serve (the metric's unit cost). Money is integer nanos throughout, so the revenue
+# serve (the metric's unit cost, or its model's or tool's price: see price_tables). Money is integer nanos throughout, so the revenue
 # of a period's events sums exactly to the period's rated total.
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import msgspec
 from config.catalog_file import Metric, Plan
 from config.documents import decode_value
 from control_plane.periods import period_bounds
+from control_plane.price_tables import PriceTables, unit_cogs_nanos
 from control_plane.store import OVERALL, USAGE, Rating
 from decision_core import event_revenue
 
@@ -54,23 +55,17 @@ class PlanPricing:
         no unit cost)."""
         return Rated(*self.pricer(metric, quantity)(units_before))
 
-    def pricer(self, metric: Metric | None, quantity: int) -> Callable[[int], tuple[int, int]]:
+    def pricer(self, metric: Metric | None, quantity: int,
+               cogs_nanos: int | None = None) -> Callable[[int], tuple[int, int]]:
         """rate() for `quantity` units of `metric`, as a function of the period's units
         so far, with all that does not depend on them (the charge, the COGS) looked
-        up and worked out once."""
+        up and worked out once. `cogs_nanos` is the event's COGS when priced from the
+        price tables (None: by the metric's unit cost)."""
         model = self.charges.get(metric.key) if metric is not None else None
-        cogs = unit_cogs_nanos(metric, quantity)
+        cogs = unit_cogs_nanos(metric, quantity) if cogs_nanos is None else cogs_nanos
         if model is None:
             return lambda units_before: (0, cogs)
         return lambda units_before: (event_revenue(model, units_before, quantity), cogs)
-
-
-def unit_cogs_nanos(metric: Metric | None, quantity: int) -> int:
-    """What `quantity` units of `metric` cost to serve by its unit cost (rounded down
-    to a nano); 0 without a unit cost."""
-    if metric is None or metric.unit_cost is None:
-        return 0
-    return quantity * metric.unit_cost.nanos // metric.cost_per_units
 
 
 def metric_from_document(key: str, document: dict) -> Metric:
@@ -78,6 +73,7 @@ def metric_from_document(key: str, document: dict) -> Metric:
 
 
 BILLABLE_STATUSES = frozenset(("active", "trialing", "past_due"))
+COSTED_CONTEXTS_MAX = 1000       # pricing contexts kept per billing period (one per model or tool and basis)
 
 
 class Subscription(NamedTuple):
@@ -95,6 +91,7 @@ class _Period(NamedTuple):
     start_s: float
     end_s: float
     context: dict                # the pricing context kept in each event's provenance (shared, not to be changed)
+    costed: dict                 # cost basis -> the context with it, made once per period and basis
 
 
 def _in_force(candidates, at):
@@ -115,8 +112,9 @@ class Rater:
     catalog version it was read at (None when built by hand)."""
 
     def __init__(self, subscriptions, plans: dict[str, PlanPricing], metrics: dict[str, Metric],
-                 catalog_version: int | None = None) -> None:
+                 catalog_version: int | None = None, prices: PriceTables | None = None) -> None:
         self.catalog_version = catalog_version
+        self.prices = prices or PriceTables()
         self.by_customer: dict[str, list[Subscription]] = {}
         for subscription in subscriptions:
             self.by_customer.setdefault(subscription.customer, []).append(subscription)
@@ -148,7 +146,9 @@ class Rater:
             Subscription(key, document["customer"], document["plan"],
                          datetime.datetime.fromisoformat(document["period_anchor"]), document["status"])
             for key, document in await store.list_catalog("subscription")]
-        return cls(subscriptions, plans, metrics, version)
+        prices = PriceTables.from_documents(await store.list_catalog("model_price"),
+                                            await store.list_catalog("tool_price"))
+        return cls(subscriptions, plans, metrics, version, prices)
 
     def subscription_of(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The customer's billable subscription at `at`: the latest anchored at or
@@ -175,7 +175,7 @@ class Rater:
         start, end = period_bounds(subscription.anchor, self.plans[subscription.plan].plan.period, at)
         period = _Period(start, end, start.timestamp(), end.timestamp(),
                          {"subscription": subscription.key, "plan": subscription.plan,
-                          "period_start": start.isoformat(), "period_end": end.isoformat()})
+                          "period_start": start.isoformat(), "period_end": end.isoformat()}, {})
         self._periods[subscription.key] = period
         return period
 
@@ -188,9 +188,20 @@ class Rater:
             return None
         period = self._period(subscription, at)
         if kind == USAGE:
-            pricer = self.plans[subscription.plan].pricer(self.metrics.get(event.metric), event.quantity)
+            metric = self.metrics.get(event.metric)
+            cost = self.prices.cost(metric, event.quantity, event.dimensions)
+            pricer = self.plans[subscription.plan].pricer(metric, event.quantity, cost.cogs_nanos)
+            context = period.context
+            if cost.basis is not None:
+                # A batch prices a few models and tools: each period shares one context per basis.
+                # (Names come from events: past COSTED_CONTEXTS_MAX, a context is made per event.)
+                context = period.costed.get(cost.basis)
+                if context is None:
+                    context = {**period.context, **dict(cost.basis)}
+                    if len(period.costed) < COSTED_CONTEXTS_MAX:
+                        period.costed[cost.basis] = context
             return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
-                          event.quantity, pricer, period.context)
+                          event.quantity, pricer, context)
         amount = event.amount_nanos
         return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
                       subscription.key, 0, lambda units_before: (0, amount), period.context)

@@ -23,6 +23,20 @@ def test_the_example_reads_with_exact_money():
         "customer": "cus_acme", "plan": "enterprise", "period_anchor": "2026-11-01T00:00:00Z", "status": "active"}
 
 
+def test_the_example_prices_models_and_tools():
+    catalog = load_catalog_file(EXAMPLE)
+    models = {price.key: price for price in catalog.model_prices}
+    assert {"gpt-4o", "gpt-4o-mini"} <= set(models) and any(model.startswith("claude") for model in models)
+    assert (models["gpt-4o"].input.nanos, models["gpt-4o"].cached_input.nanos) == (2_500_000_000, 1_250_000_000)
+    assert document_of(models["gpt-4o-mini"]) == {"input": "0.15", "output": "0.6", "cached_input": "0.075",
+                                                  "reasoning": None}
+    assert {metric.key: metric.priced_by for metric in catalog.metrics if metric.priced_by} == {
+        "ai_input_tokens": "input_tokens", "ai_cached_input_tokens": "cached_input_tokens",
+        "ai_output_tokens": "output_tokens", "ai_reasoning_tokens": "reasoning_tokens",
+        "mcp_tool_calls": "tool_calls"}
+    assert {price.key: str(price.per_call) for price in catalog.tool_prices}["web_search"] == "0.01"
+
+
 def errors_of(text):
     with pytest.raises(ConfigError) as caught:
         parse_catalog_file(text, "catalog.yaml")
@@ -51,6 +65,36 @@ def errors_of(text):
     ("subscriptions:\n  - {key: s, customer: c, plan: p, period_anchor: \"2026-11-01T00:00:00\"}\n",
      ["catalog.yaml:2: Timestamp `2026-11-01T00:00:00` has no timezone; add `Z` (UTC) or an offset like "
       "`+01:00` - at `$.subscriptions[0].period_anchor`"]),
+    # Price tables and the metrics priced by them.
+    ("model_prices:\n  - {key: gpt-4o, input: \"2.50\", cache_read: \"0.30\"}\n",
+     ["catalog.yaml:2: Object contains unknown field `cache_read` - at `$.model_prices[0]`"]),
+    ("model_prices:\n  - key: gpt-4o\n    input: \"2.50\"\n    output: \"-10\"\n",
+     ["catalog.yaml:4: Expected an amount >= 0, got `-10` - at `$.model_prices[0].output`"]),
+    ("model_prices:\n  - {key: gpt-4o}\n",
+     ["catalog.yaml:2: A model price needs at least one of `input`, `output`, `cached_input`, `reasoning` "
+      "- at `$.model_prices[0]`"]),
+    ("model_prices:\n  - {key: gpt-4o, input: \"2.50\"}\n  - {key: gpt-4o, output: \"10\"}\n",
+     ["catalog.yaml:3: Duplicate model price `gpt-4o`; first used by `$.model_prices[0]` - at `$.model_prices[1].key`"]),
+    ("model_prices:\n  - {key: \"gpt 4o\", input: \"2.50\"}\n",
+     ["catalog.yaml:2: Expected a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`), got `gpt 4o` "
+      "- at `$.model_prices[0].key`"]),
+    ("model_prices:\n  - {key: gpt-4o, input: 2.5e-12}\n",
+     ["catalog.yaml:2: Amount `2.5E-12` has more than 9 decimal places - at `$.model_prices[0].input`"]),
+    ("tool_prices:\n  - {key: web_search}\n",
+     ["catalog.yaml:2: Object missing required field `per_call` - at `$.tool_prices[0]`"]),
+    ("tool_prices:\n  - {key: web_search, per_call: free}\n",
+     ["catalog.yaml:2: Expected an amount like `\"49.00\"`, got `free` - at `$.tool_prices[0].per_call`"]),
+    ("metrics:\n  - {key: t, priced_by: tokens}\n",
+     ["catalog.yaml:2: Invalid enum value 'tokens' - at `$.metrics[0].priced_by`"]),
+    ("metrics:\n  - {key: t, aggregation: max, priced_by: input_tokens}\n",
+     ["catalog.yaml:2: `priced_by: input_tokens` prices the quantity of every event; it needs `aggregation: sum`, "
+      "not `max` - at `$.metrics[0]`"]),
+    ("metrics:\n  - {key: t, aggregation: count, priced_by: reasoning_tokens}\n",
+     ["catalog.yaml:2: `priced_by: reasoning_tokens` prices the quantity of every event; it needs "
+      "`aggregation: sum`, not `count` - at `$.metrics[0]`"]),
+    ("metrics:\n  - {key: t, aggregation: max, priced_by: tool_calls}\n",
+     ["catalog.yaml:2: `priced_by: tool_calls` prices the quantity of every event; it needs "
+      "`aggregation: sum or count`, not `max` - at `$.metrics[0]`"]),
 ])
 def test_each_mistake_is_reported_with_its_line_and_path(text, expected):
     assert errors_of(text) == expected

@@ -17,22 +17,32 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog
 
 def test_applying_twice_changes_nothing_and_a_change_updates_only_itself(backend):
     catalog = load_catalog_file(EXAMPLE)
-    changed_text = EXAMPLE.read_text().replace('fixed_fee: "49.00"', 'fixed_fee: "59.00"')
+    changed_text = EXAMPLE.read_text().replace('fixed_fee: "49.00"', 'fixed_fee: "59.00"').replace(
+        '{key: gpt-4o, input: "2.50"', '{key: gpt-4o, input: "2.75"')
     changed = parse_catalog_file(changed_text, "catalog.yaml")
 
     async def scenario(open_store):
         store = await open_store()
         first = await apply_catalog(store, catalog, "catalog.yaml")
         assert {kind: dict(outcomes) for kind, outcomes in first.items()} == {
-            "metric": {"created": 3}, "feature": {"created": 2}, "plan": {"created": 3},
-            "customer": {"created": 3}, "subscription": {"created": 3}}
+            "metric": {"created": 7}, "model_price": {"created": 6}, "tool_price": {"created": 3},
+            "feature": {"created": 2}, "plan": {"created": 3}, "customer": {"created": 3},
+            "subscription": {"created": 3}}
+        version = await store.catalog_version()
         again = await apply_catalog(store, catalog, "catalog.yaml")
         assert {kind: dict(outcomes) for kind, outcomes in again.items()} == {
-            "metric": {"unchanged": 3}, "feature": {"unchanged": 2}, "plan": {"unchanged": 3},
-            "customer": {"unchanged": 3}, "subscription": {"unchanged": 3}}
+            "metric": {"unchanged": 7}, "model_price": {"unchanged": 6}, "tool_price": {"unchanged": 3},
+            "feature": {"unchanged": 2}, "plan": {"unchanged": 3}, "customer": {"unchanged": 3},
+            "subscription": {"unchanged": 3}}
+        assert await store.catalog_version() == version        # nothing for a rater to reload
         third = await apply_catalog(store, changed, "catalog.yaml")
         assert dict(third["plan"]) == {"updated": 1, "unchanged": 2}
+        assert dict(third["model_price"]) == {"updated": 1, "unchanged": 5}
+        assert await store.catalog_version() != version
         assert (await store.get_catalog("plan", "pro"))["fixed_fee"] == "59"
+        assert await store.get_catalog("model_price", "gpt-4o") == {
+            "input": "2.75", "cached_input": "1.25", "output": "10", "reasoning": None}
+        assert await store.get_catalog("tool_price", "web_search") == {"per_call": "0.01"}
     backend.run(scenario)
 
 
@@ -92,3 +102,16 @@ def test_the_command_applies_to_postgresql(postgres_schema, tmp_path):
         finally:
             await connection.close()
     assert asyncio.run(plans()) == 3
+
+
+def test_a_file_of_price_tables_alone_is_a_catalog_and_applies_once(tmp_path, capsys):
+    prices = tmp_path / "prices.yaml"
+    prices.write_text('model_prices:\n  - {key: gpt-4o, input: "2.50"}\n'
+                      'tool_prices:\n  - {key: web_search, per_call: "0.01"}\n')
+    database = str(tmp_path / "aforo.db")
+    assert main(["check-config", str(prices)]) == 0
+    assert "1 model_prices, 1 tool_prices" in capsys.readouterr().out
+    assert main(["apply", "-f", str(prices), "--database", database]) == 0
+    assert capsys.readouterr().out.splitlines() == ["model_prices: 1 created", "tool_prices: 1 created", "applied"]
+    assert main(["apply", "-f", str(prices), "--database", database]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to change"
