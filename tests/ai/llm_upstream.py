@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -39,12 +40,16 @@ class Script:
     text_chunks: int = 5
     chunk_delay_s: float = 0.0
     report_usage: bool = True
+    # Applied to each request body before it is read, standing in for a proxy that
+    # rewrites requests (e.g. proxy.llm_usage.ask_for_usage); None reads it as sent.
+    rewrite_request: Callable[[bytes], bytes] | None = None
 
 
 @dataclass
 class Exchange:
-    """One call answered: the request path and body, the response's Content-Type
-    and status, and the body bytes exactly as written, one entry a write."""
+    """One call answered: the request path, its body as read (after any rewrite),
+    the response's Content-Type and status, and the response body bytes exactly as
+    written, one entry a write."""
 
     path: str
     request_body: bytes
@@ -97,6 +102,8 @@ class LlmUpstream:
 
     async def _read(self, request: web.Request) -> tuple[dict, Exchange]:
         body = await request.read()
+        if self.script.rewrite_request is not None:
+            body = self.script.rewrite_request(body)
         exchange = Exchange(request.path, body, "")
         if self.keep_exchanges:
             self.exchanges.append(exchange)
@@ -256,7 +263,7 @@ class LlmUpstream:
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         asked, exchange = await self._read(request)
-        model = asked.get("model", "claude-sonnet-4-5")
+        model = asked.get("model", "claude-sonnet-4-6")
         text = self._text()
         message = {"id": f"msg_{next(self._ids):024d}", "type": "message", "role": "assistant",
                    "model": model, "content": [], "stop_reason": None, "stop_sequence": None}

@@ -33,8 +33,8 @@ CHAT = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
     (OPENAI_RESPONSES, b'{"model": "gpt-5", "input": "hi", "max_output_tokens": 99, "stream": true}',
      LlmRequest("gpt-5", 99, True)),
     (OPENAI_RESPONSES, b'{"model": "gpt-5", "max_tokens": 99}', LlmRequest("gpt-5", None, False)),
-    (ANTHROPIC_MESSAGES, b'{"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": []}',
-     LlmRequest("claude-sonnet-4-5", 1024, False)),
+    (ANTHROPIC_MESSAGES, b'{"model": "claude-sonnet-4-6", "max_tokens": 1024, "messages": []}',
+     LlmRequest("claude-sonnet-4-6", 1024, False)),
     (ANTHROPIC_MESSAGES, b'{"model": "claude-haiku-4-5", "max_tokens": 0, "stream": true}',
      LlmRequest("claude-haiku-4-5", 0, True)),
     # Only a JSON true streams; "true" or 1 do not.
