@@ -590,28 +590,29 @@ class UsageReader:
         if body.error is not None:
             self._flags.add(ERROR)
         usage = body.usage
-        if usage is None:
-            return
-        self._count("input", usage.prompt_tokens)
-        self._count("output", usage.completion_tokens)
-        if usage.prompt_tokens_details is not None:
-            self._count("cached", usage.prompt_tokens_details.cached_tokens)
-        if usage.completion_tokens_details is not None:
-            self._count("reasoning", usage.completion_tokens_details.reasoning_tokens)
+        if usage is not None:
+            self._read_openai_usage(usage.prompt_tokens, usage.completion_tokens,
+                                    usage.prompt_tokens_details, usage.completion_tokens_details)
 
     def _read_response(self, response: _Response) -> None:
         self._set_model(response.model)
         if response.error is not None or response.status == "failed":
             self._flags.add(ERROR)
         usage = response.usage
-        if usage is None:
-            return
-        self._count("input", usage.input_tokens)
-        self._count("output", usage.output_tokens)
-        if usage.input_tokens_details is not None:
-            self._count("cached", usage.input_tokens_details.cached_tokens)
-        if usage.output_tokens_details is not None:
-            self._count("reasoning", usage.output_tokens_details.reasoning_tokens)
+        if usage is not None:
+            self._read_openai_usage(usage.input_tokens, usage.output_tokens,
+                                    usage.input_tokens_details, usage.output_tokens_details)
+
+    def _read_openai_usage(self, input_tokens: int | None, output_tokens: int | None,
+                           input_details: _InputDetails | None,
+                           output_details: _OutputDetails | None) -> None:
+        # Both OpenAI formats: the same counts under other names.
+        self._count("input", input_tokens)
+        self._count("output", output_tokens)
+        if input_details is not None:
+            self._count("cached", input_details.cached_tokens)
+        if output_details is not None:
+            self._count("reasoning", output_details.reasoning_tokens)
 
     def _read_anthropic(self, message: _AnthropicMessage) -> None:
         self._set_model(message.model)

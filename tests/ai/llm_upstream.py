@@ -134,16 +134,17 @@ class LlmUpstream:
 
     # -- OpenAI chat completions ----------------------------------------------------------
 
-    def _chat_usage(self) -> dict:
+    def _openai_totals(self) -> tuple[int, int]:
+        # OpenAI counts cached tokens in its input and reasoning tokens in its output.
         s = self.script
-        prompt = s.input_tokens + s.cached_tokens
-        completion = s.output_tokens + s.reasoning_tokens
+        return s.input_tokens + s.cached_tokens, s.output_tokens + s.reasoning_tokens
+
+    def _chat_usage(self) -> dict:
+        prompt, completion = self._openai_totals()
         return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": s.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": s.reasoning_tokens, "audio_tokens": 0,
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.script.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": self.script.reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0},
         }
@@ -189,14 +190,11 @@ class LlmUpstream:
     # -- OpenAI responses ------------------------------------------------------------------
 
     def _responses_usage(self) -> dict:
-        s = self.script
-        input_tokens = s.input_tokens + s.cached_tokens
-        output_tokens = s.output_tokens + s.reasoning_tokens
+        input_tokens, output_tokens = self._openai_totals()
         return {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": s.cached_tokens},
-            "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": s.reasoning_tokens},
+            "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "input_tokens_details": {"cached_tokens": self.script.cached_tokens},
+            "output_tokens_details": {"reasoning_tokens": self.script.reasoning_tokens},
             "total_tokens": input_tokens + output_tokens,
         }
 
