@@ -57,11 +57,13 @@ BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
 STALE_POLICY_PATTERN = r"^(open|closed)$"
+LLM_FORMAT_PATTERN = r"^(openai_chat|openai_responses|anthropic_messages)$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
     STALE_POLICY_PATTERN: "`open` or `closed`",
+    LLM_FORMAT_PATTERN: "an LLM wire format: `openai_chat`, `openai_responses` or `anthropic_messages`",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Units = Annotated[int, msgspec.Meta(ge=0)]
@@ -101,6 +103,25 @@ class Upstream(Schema):
     read_timeout_s: Seconds = 60.0
 
 
+class AiMetering(Schema):
+    """Token metering of an LLM API route: requests and responses in the wire
+    `format` (`openai_chat`: /v1/chat/completions, `openai_responses`: /v1/responses,
+    `anthropic_messages`: /v1/messages). Each response's token usage, JSON or
+    streamed, becomes one meter event per kind present, of the metric named here,
+    with the model as a dimension. Every token is in one metric only:
+    `input_metric` (input at the full rate), `cached_metric` (input read from the
+    provider's cache), `cache_write_metric` (input written to it: Anthropic),
+    `output_metric` (output other than reasoning) and `reasoning_metric` (reasoning
+    tokens, which OpenAI counts in its output total)."""
+
+    format: Annotated[str, msgspec.Meta(pattern=LLM_FORMAT_PATTERN)]
+    input_metric: MeteredMetric = "ai_input_tokens"
+    cached_metric: MeteredMetric = "ai_cached_tokens"
+    cache_write_metric: MeteredMetric = "ai_cache_write_tokens"
+    output_metric: MeteredMetric = "ai_output_tokens"
+    reasoning_metric: MeteredMetric = "ai_reasoning_tokens"
+
+
 class RouteSettings(Schema):
     """Which requests go to which upstream, and what they cost the customer.
 
@@ -112,6 +133,8 @@ class RouteSettings(Schema):
     `when_stale`: what the route does once the edge state is older than the
     staleness budget (see DegradedMode): `open` goes on deciding from the last state,
     `closed` answers 503 with Retry-After until the state is fresh again.
+
+    `ai`: the route serves an LLM API whose token usage is metered (see AiMetering).
     """
 
     name: Name
@@ -123,6 +146,7 @@ class RouteSettings(Schema):
     metric: MeteredMetric = "api_calls"
     units: Units = 1
     when_stale: Annotated[str, msgspec.Meta(pattern=STALE_POLICY_PATTERN)] = "open"
+    ai: AiMetering | None = None
 
 
 class EdgeStateSource(Schema):

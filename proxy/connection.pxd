@@ -127,6 +127,8 @@ cdef class Exchange(ResponseSink):
     cdef public bint response_keep_alive
     cdef public bint finished
     cdef public bint retried
+    cdef public object ai
+    cdef public bint awaiting_body
 
     @cython.locals(kind=int)
     cpdef request_header(self, name, value)
@@ -138,6 +140,7 @@ cdef class Exchange(ResponseSink):
     @cython.locals(pool=UpstreamPool, route=Route, customer=CustomerState, decision=Decision, snapshot=EdgeSnapshot)
     cpdef start(self)
     cpdef lease_settled(self, bint ok)
+    cpdef _forward(self)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)
     cpdef list _response_fields(self)

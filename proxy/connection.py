@@ -26,9 +26,11 @@ from proxy.headers import (
     IDEMPOTENT_METHODS,
     connection_tokens,
     field_kind,
+    field_value,
     join_parts,
     without_fields,
 )
+from proxy.ai_metering import AiCall
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
 from proxy.problem import problem_response, status_line
@@ -38,6 +40,7 @@ from proxy.upstream import ResponseSink
 # client is paused.
 PENDING_BODY_HIGH_WATER = 256 * 1024
 _CHUNKED_END = b"0\r\n\r\n"
+_ENCODINGS = frozenset((b"accept-encoding",))
 _NO_BODY_STATUSES = frozenset((204, 304))
 # After refusing a request whose bytes were not all read, the proxy half-closes and
 # reads (and drops) what the client still sends for up to this long: closing a socket
@@ -471,6 +474,8 @@ class Exchange(ResponseSink):
         self.response_keep_alive = True
         self.finished = False
         self.retried = False
+        self.ai = None                   # an AiCall on a route with token metering
+        self.awaiting_body = False       # admitted; forwarded once the whole body is in
 
     # -- request, from the parser -------------------------------------------------------
     def request_header(self, name, value):
@@ -582,7 +587,8 @@ class Exchange(ResponseSink):
         else:
             self.pending_body.append(body)
             self.pending_bytes += len(body)
-            if self.pending_bytes > PENDING_BODY_HIGH_WATER:
+            # A call read whole before it is forwarded is bounded by max_body_bytes.
+            if self.pending_bytes > PENDING_BODY_HIGH_WATER and self.route is not None and self.route.ai is None:
                 self.client.pause_reading(_PENDING_BODY)
 
     def upgrade_data(self, data):
@@ -596,7 +602,11 @@ class Exchange(ResponseSink):
 
     def request_completed(self):
         self.request_complete = True
-        if self.forwarding and self.upstream is not None and self.transfer_encoding is not None:
+        if self.awaiting_body:
+            self.awaiting_body = False
+            if not self.finished:
+                self._forward()
+        elif self.forwarding and self.upstream is not None and self.transfer_encoding is not None:
             self.upstream.transport.write(_CHUNKED_END)
 
     # -- decision -----------------------------------------------------------------------
@@ -640,8 +650,25 @@ class Exchange(ResponseSink):
         customer.add_usage(route.facts.metric, route.facts.units)
         if app.leases is not None:
             app.leases.admitted(customer, route.facts)
+        if route.ai is not None and not self.request_complete:
+            self.awaiting_body = True       # an LLM call is read whole first (request_completed)
+            return
+        self._forward()
+
+    def _forward(self):
+        """Send the admitted request upstream (an LLM call's body as AiCall says)."""
+        route = self.route
+        if route.ai is not None:
+            self.ai = AiCall(route.ai)
+            body = self.ai.forwarded_body(b"".join(self.pending_body))
+            self.pending_body = [body] if body else []
+            self.pending_bytes = len(body)
+            self.content_length = len(body) if body or self.content_length is not None else None
+            self.transfer_encoding = None            # the whole body is here: sent with its length
+            # Usage is read from the response as it passes: it must not be compressed.
+            self.headers = without_fields(self.headers, _ENCODINGS)
         self.forwarding = True
-        pool = app.pools[route.upstream]
+        pool = self.app.pools[route.upstream]
         pool.acquire(self)
 
     def lease_settled(self, ok):
@@ -880,6 +907,8 @@ class Exchange(ResponseSink):
         self.keep_alive = client_keep_alive
         head.append(b"\r\n")
         self.client.write(join_parts(head))
+        if self.ai is not None:
+            self.ai.response_started(status, field_value(self.response_headers, b"content-type"))
         if self.method == b"HEAD" and status != 101:
             self.upstream.reset_parser()
             self.response_complete()
@@ -887,6 +916,8 @@ class Exchange(ResponseSink):
     def response_body(self, body):
         self.upstream_deadline = self.app.now() + self.upstream.pool.read_timeout_s
         self.response_bytes += len(body)
+        if self.ai is not None:
+            self.ai.response_chunk(body)
         if self.response_chunked_out:
             self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
         else:
@@ -934,14 +965,22 @@ class Exchange(ResponseSink):
             self.upgrade_tail = b""
 
     def _meter(self):
-        """Record this forwarded exchange's meter event (never blocks)."""
+        """Record this forwarded exchange's meter events (never blocks)."""
         app = self.app
         route = self.route
         facts = route.facts
+        now = app.wall_now()
+        latency_ms = (app.now() - self.started_at) * 1000.0
+        customer_id = self.customer.customer_id
+        dimensions = None
+        if self.ai is not None:
+            dimensions, tokens = self.ai.finish(customer_id, now, route.name, self.response_status,
+                                                self.request_bytes, self.response_bytes, latency_ms)
+            for event in tokens:
+                app.meter_buffer.record(event)
         app.meter_buffer.record(MeterEvent(
-            new_event_id(), self.customer.customer_id, facts.metric, facts.units, app.wall_now(), route.name,
-            self.response_status, self.request_bytes, self.response_bytes,
-            (app.now() - self.started_at) * 1000.0,
+            new_event_id(), customer_id, facts.metric, facts.units, now, route.name,
+            self.response_status, self.request_bytes, self.response_bytes, latency_ms, dimensions,
         ))
 
     def cork_client(self):

@@ -126,6 +126,15 @@ def without_fields(parts, names):
     return kept
 
 
+def field_value(parts, name):
+    """The value of the first field named `name` (lower-cased) in field `parts`
+    (four per field, see FIELD_PARTS); None when there is none."""
+    for index in range(0, len(parts), FIELD_PARTS):
+        if parts[index] == name:
+            return parts[index + 2]
+    return None
+
+
 def join_parts(parts):
     """The bytes `parts` (a list) joined into one bytes object: b"".join without the
     buffer protocol (compiled, it sizes the result once and copies each part in)."""

@@ -21,8 +21,9 @@ class Route:
     """One route: `name`, the `upstream` it forwards to (a name from the settings),
     `host` (lower-case bytes without port, or None for any host), `path_prefix`
     (bytes), `methods` (frozenset of upper-case bytes, or None for any), `facts`,
-    the RequestFacts (features, metric, units) decide() gets, built once here, and
-    `fail_closed`: refuse while the edge state is stale (else decide from it)."""
+    the RequestFacts (features, metric, units) decide() gets, built once here,
+    `fail_closed`: refuse while the edge state is stale (else decide from it), and
+    `ai`: the route's token metering (config AiMetering), or None."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class Route:
         metric: str = "api_calls",
         units: int = 1,
         fail_closed: bool = False,
+        ai: object = None,
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -45,6 +47,7 @@ class Route:
         self.methods = None if methods is None else frozenset(methods)
         self.facts = RequestFacts(tuple(features), metric, units)
         self.fail_closed = fail_closed
+        self.ai = ai
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -59,6 +62,7 @@ class Route:
             settings.metric,
             settings.units,
             settings.when_stale == "closed",
+            settings.ai,
         )
 
     def __repr__(self) -> str:

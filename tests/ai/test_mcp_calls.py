@@ -13,7 +13,7 @@ from aiohttp import web
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_server import TOOL_NAMES, running_mcp_server
+from bench.mcp_server import TOOL_NAMES, running_mcp_server
 from proxy.mcp_calls import (
     MCP_BODY_MAX_BYTES,
     RESPONSE,

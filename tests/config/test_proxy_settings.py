@@ -207,6 +207,10 @@ BAD_SETTINGS = [
      f"proxy.yaml:6: Expected a metric name (letters, digits, `_`, `.`, `:`, `-`), got `*` {ROUTE_AT}.metric`"),
     (", units: -1", "", f"proxy.yaml:6: Expected `int` >= 0 {ROUTE_AT}.units`"),
     (", feature: [x]", "", f"proxy.yaml:6: Object contains unknown field `feature` {ROUTE_AT}`"),
+    (", ai: {format: gemini}", "",
+     "proxy.yaml:6: Expected an LLM wire format: `openai_chat`, `openai_responses` or `anthropic_messages`, "
+     f"got `gemini` {ROUTE_AT}.ai.format`"),
+    (", ai: {}", "", f"proxy.yaml:6: Object missing required field `format` {ROUTE_AT}.ai`"),
     (", when_stale: sometimes", "",
      f"proxy.yaml:6: Expected `open` or `closed`, got `sometimes` {ROUTE_AT}.when_stale`"),
     ("", "degraded: {staleness_budget_s: 0}\n",

@@ -1,7 +1,7 @@
 # A real MCP server (the `mcp` package's FastMCP) over streamable HTTP on 127.0.0.1,
 # stateful: `initialize` gets an Mcp-Session-Id that every later request carries.
 # Tests run it in a thread (`running_mcp_server`); a benchmark can run it as a process:
-#   python tests/ai/mcp_server.py [--port N] [--json-response]
+#   python -m bench.mcp_server [--port N] [--json-response]
 # which prints one line, the endpoint URL, once it accepts connections.
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 `port`; or a given port), `await stop()`; `exchanges` lists every call answered
 (`Exchange`).
 
-Run alone for manual checks or a benchmark: `python -m tests.ai.llm_upstream --port N`.
+Run alone for manual checks or a benchmark: `python -m bench.llm_upstream --port N`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,61 @@
+# Token metering of one LLM API call (a route with `ai`): the request body is read
+# whole before it is forwarded (the model; for a streamed OpenAI chat request, usage
+# is asked for), each response chunk is observed as it passes to the client (never
+# held back), and when the response is complete its token usage becomes one meter
+# event per kind present, with the model as a dimension. A response whose usage
+# cannot be read is still metered with what is known, and flagged.
+from __future__ import annotations
+
+from proxy.llm_usage import UsageReader, ask_for_usage, read_request
+from proxy.meter_event import MeterEvent, new_event_id
+
+
+class AiCall:
+    """One call on a route whose token metering is `metering` (config AiMetering)."""
+
+    __slots__ = ("metering", "request", "reader")
+
+    def __init__(self, metering) -> None:
+        self.metering = metering
+        self.request = None
+        self.reader = None
+
+    def forwarded_body(self, body: bytes) -> bytes:
+        """The body to send upstream for the client's `body`: the same, or with usage
+        asked for (a streamed OpenAI chat request)."""
+        self.request = read_request(self.metering.format, body)
+        return ask_for_usage(self.metering.format, body) if self.request.stream else body
+
+    def response_started(self, status: int, content_type: bytes | None) -> None:
+        """The response head arrived: its `status` and `content_type` (None when absent)."""
+        self.reader = UsageReader(self.metering.format,
+                                  None if content_type is None else content_type.decode("latin-1"), status)
+
+    def response_chunk(self, chunk: bytes) -> None:
+        """A piece of the response body, as it goes to the client."""
+        if self.reader is not None:
+            self.reader.feed(chunk)
+
+    def finish(self, customer_id: str, timestamp: float, route: str, status: int, request_bytes: int,
+               response_bytes: int, latency_ms: float) -> tuple[dict[str, str], list[MeterEvent]]:
+        """The response is complete: the dimensions of the call's own meter event
+        (`model`: what the response says, else what the request asked for; and
+        `usage_flags` when usage could not be fully read) and its token meter events,
+        one per kind counted above zero, with the same dimensions."""
+        usage = self.reader.finish() if self.reader is not None else None
+        request = self.request
+        model = (usage.model if usage is not None else None) or (request.model if request is not None else None)
+        dimensions = {"model": model or "unknown"}
+        flags = set(request.flags if request is not None else ())
+        flags.update(usage.flags if usage is not None else ("no_response",))
+        if flags:
+            dimensions["usage_flags"] = ",".join(sorted(flags))
+        if usage is None:
+            return dimensions, []
+        metering = self.metering
+        counts = ((metering.input_metric, usage.input_tokens), (metering.cached_metric, usage.cached_tokens),
+                  (metering.cache_write_metric, usage.cache_write_tokens),
+                  (metering.output_metric, usage.output_tokens), (metering.reasoning_metric, usage.reasoning_tokens))
+        return dimensions, [MeterEvent(new_event_id(), customer_id, metric, count, timestamp, route, status,
+                                       request_bytes, response_bytes, latency_ms, dimensions)
+                            for metric, count in counts if count]
