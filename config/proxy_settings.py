@@ -36,8 +36,8 @@ from typing import Annotated
 import msgspec
 
 from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
-from config.errors import ConfigError
 from config.documents import Problem, duplicate_names, parse_document, read_document
+from config.errors import ConfigError
 from config.network import (
     HeaderName,
     HostName,
@@ -122,6 +122,17 @@ class AiMetering(Schema):
     reasoning_metric: MeteredMetric = "ai_reasoning_tokens"
 
 
+class McpMetering(Schema):
+    """Metering of an MCP server's route (streamable HTTP): each POST's JSON-RPC
+    `tools/call` requests (single or batched) count one unit of `tool_metric` per
+    call, with the tool as a dimension, once the server accepted the POST (status
+    below 400); each agent session an `initialize` opens (a new `Mcp-Session-Id`)
+    counts one unit of `session_metric`."""
+
+    tool_metric: MeteredMetric = "mcp_tool_calls"
+    session_metric: MeteredMetric = "agent_sessions"
+
+
 class RouteSettings(Schema):
     """Which requests go to which upstream, and what they cost the customer.
 
@@ -134,7 +145,8 @@ class RouteSettings(Schema):
     staleness budget (see DegradedMode): `open` goes on deciding from the last state,
     `closed` answers 503 with Retry-After until the state is fresh again.
 
-    `ai`: the route serves an LLM API whose token usage is metered (see AiMetering).
+    `ai`: the route serves an LLM API whose token usage is metered (see AiMetering);
+    `mcp`: an MCP server whose tool calls and sessions are (see McpMetering).
     """
 
     name: Name
@@ -147,6 +159,11 @@ class RouteSettings(Schema):
     units: Units = 1
     when_stale: Annotated[str, msgspec.Meta(pattern=STALE_POLICY_PATTERN)] = "open"
     ai: AiMetering | None = None
+    mcp: McpMetering | None = None
+
+    def __post_init__(self) -> None:
+        if self.ai is not None and self.mcp is not None:
+            raise ValueError("A route meters an LLM API (`ai`) or an MCP server (`mcp`), not both")
 
 
 class EdgeStateSource(Schema):

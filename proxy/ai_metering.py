@@ -6,8 +6,11 @@
 # cannot be read is still metered with what is known, and flagged.
 from __future__ import annotations
 
+from proxy.headers import field_value, without_fields
 from proxy.llm_usage import UsageReader, ask_for_usage, read_request
 from proxy.meter_event import MeterEvent, new_event_id
+
+_ENCODINGS = frozenset((b"accept-encoding",))
 
 
 class AiCall:
@@ -20,14 +23,18 @@ class AiCall:
         self.request = None
         self.reader = None
 
-    def forwarded_body(self, body: bytes) -> bytes:
-        """The body to send upstream for the client's `body`: the same, or with usage
-        asked for (a streamed OpenAI chat request)."""
+    def forwarded(self, body: bytes, headers: list) -> tuple[bytes, list]:
+        """The body and header field parts to send upstream for the client's: the
+        body as sent, or with usage asked for (a streamed OpenAI chat request); the
+        fields without Accept-Encoding (usage is read from the answer as it passes)."""
         self.request = read_request(self.metering.format, body)
-        return ask_for_usage(self.metering.format, body) if self.request.stream else body
+        if self.request.stream:
+            body = ask_for_usage(self.metering.format, body)
+        return body, without_fields(headers, _ENCODINGS)
 
-    def response_started(self, status: int, content_type: bytes | None) -> None:
-        """The response head arrived: its `status` and `content_type` (None when absent)."""
+    def response_started(self, status: int, headers: list) -> None:
+        """The response head arrived: its `status` and header field parts."""
+        content_type = field_value(headers, b"content-type")
         self.reader = UsageReader(self.metering.format,
                                   None if content_type is None else content_type.decode("latin-1"), status)
 

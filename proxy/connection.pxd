@@ -127,7 +127,7 @@ cdef class Exchange(ResponseSink):
     cdef public bint response_keep_alive
     cdef public bint finished
     cdef public bint retried
-    cdef public object ai
+    cdef public object metered
     cdef public bint awaiting_body
 
     @cython.locals(kind=int)

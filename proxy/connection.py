@@ -26,11 +26,9 @@ from proxy.headers import (
     IDEMPOTENT_METHODS,
     connection_tokens,
     field_kind,
-    field_value,
     join_parts,
     without_fields,
 )
-from proxy.ai_metering import AiCall
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
 from proxy.problem import problem_response, status_line
@@ -40,7 +38,6 @@ from proxy.upstream import ResponseSink
 # client is paused.
 PENDING_BODY_HIGH_WATER = 256 * 1024
 _CHUNKED_END = b"0\r\n\r\n"
-_ENCODINGS = frozenset((b"accept-encoding",))
 _NO_BODY_STATUSES = frozenset((204, 304))
 # After refusing a request whose bytes were not all read, the proxy half-closes and
 # reads (and drops) what the client still sends for up to this long: closing a socket
@@ -474,7 +471,7 @@ class Exchange(ResponseSink):
         self.response_keep_alive = True
         self.finished = False
         self.retried = False
-        self.ai = None                   # an AiCall on a route with token metering
+        self.metered = None              # an AiCall or McpCall on a route that meters calls
         self.awaiting_body = False       # admitted; forwarded once the whole body is in
 
     # -- request, from the parser -------------------------------------------------------
@@ -588,7 +585,8 @@ class Exchange(ResponseSink):
             self.pending_body.append(body)
             self.pending_bytes += len(body)
             # A call read whole before it is forwarded is bounded by max_body_bytes.
-            if self.pending_bytes > PENDING_BODY_HIGH_WATER and self.route is not None and self.route.ai is None:
+            if (self.pending_bytes > PENDING_BODY_HIGH_WATER and self.route is not None
+                    and self.route.metered_call is None):
                 self.client.pause_reading(_PENDING_BODY)
 
     def upgrade_data(self, data):
@@ -650,23 +648,22 @@ class Exchange(ResponseSink):
         customer.add_usage(route.facts.metric, route.facts.units)
         if app.leases is not None:
             app.leases.admitted(customer, route.facts)
-        if route.ai is not None and not self.request_complete:
-            self.awaiting_body = True       # an LLM call is read whole first (request_completed)
+        if route.metered_call is not None and not self.request_complete:
+            self.awaiting_body = True       # a metered call is read whole first (request_completed)
             return
         self._forward()
 
     def _forward(self):
-        """Send the admitted request upstream (an LLM call's body as AiCall says)."""
+        """Send the admitted request upstream (a metered call's body and fields as
+        its AiCall or McpCall says)."""
         route = self.route
-        if route.ai is not None:
-            self.ai = AiCall(route.ai)
-            body = self.ai.forwarded_body(b"".join(self.pending_body))
+        if route.metered_call is not None:
+            self.metered = route.metered_call()
+            body, self.headers = self.metered.forwarded(b"".join(self.pending_body), self.headers)
             self.pending_body = [body] if body else []
             self.pending_bytes = len(body)
             self.content_length = len(body) if body or self.content_length is not None else None
             self.transfer_encoding = None            # the whole body is here: sent with its length
-            # Usage is read from the response as it passes: it must not be compressed.
-            self.headers = without_fields(self.headers, _ENCODINGS)
         self.forwarding = True
         pool = self.app.pools[route.upstream]
         pool.acquire(self)
@@ -907,8 +904,8 @@ class Exchange(ResponseSink):
         self.keep_alive = client_keep_alive
         head.append(b"\r\n")
         self.client.write(join_parts(head))
-        if self.ai is not None:
-            self.ai.response_started(status, field_value(self.response_headers, b"content-type"))
+        if self.metered is not None:
+            self.metered.response_started(status, self.response_headers)
         if self.method == b"HEAD" and status != 101:
             self.upstream.reset_parser()
             self.response_complete()
@@ -916,8 +913,8 @@ class Exchange(ResponseSink):
     def response_body(self, body):
         self.upstream_deadline = self.app.now() + self.upstream.pool.read_timeout_s
         self.response_bytes += len(body)
-        if self.ai is not None:
-            self.ai.response_chunk(body)
+        if self.metered is not None:
+            self.metered.response_chunk(body)
         if self.response_chunked_out:
             self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
         else:
@@ -973,10 +970,10 @@ class Exchange(ResponseSink):
         latency_ms = (app.now() - self.started_at) * 1000.0
         customer_id = self.customer.customer_id
         dimensions = None
-        if self.ai is not None:
-            dimensions, tokens = self.ai.finish(customer_id, now, route.name, self.response_status,
-                                                self.request_bytes, self.response_bytes, latency_ms)
-            for event in tokens:
+        if self.metered is not None:
+            dimensions, events = self.metered.finish(customer_id, now, route.name, self.response_status,
+                                                     self.request_bytes, self.response_bytes, latency_ms)
+            for event in events:
                 app.meter_buffer.record(event)
         app.meter_buffer.record(MeterEvent(
             new_event_id(), customer_id, facts.metric, facts.units, now, route.name,

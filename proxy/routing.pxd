@@ -13,7 +13,7 @@ cdef class Route:
     cdef readonly object methods
     cdef readonly RequestFacts facts
     cdef readonly bint fail_closed
-    cdef readonly object ai
+    cdef readonly object metered_call
 
 
 @cython.final

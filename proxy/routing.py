@@ -4,6 +4,7 @@
 # `/v1/chatty`). A route whose methods exclude the request's is skipped, not fatal.
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from config.proxy_settings import RouteSettings
@@ -23,7 +24,8 @@ class Route:
     (bytes), `methods` (frozenset of upper-case bytes, or None for any), `facts`,
     the RequestFacts (features, metric, units) decide() gets, built once here,
     `fail_closed`: refuse while the edge state is stale (else decide from it), and
-    `ai`: the route's token metering (config AiMetering), or None."""
+    `metered_call`: None, or a callable returning a new call object (AiCall,
+    McpCall) for each request, whose body is then read whole before forwarding."""
 
     def __init__(
         self,
@@ -36,7 +38,7 @@ class Route:
         metric: str = "api_calls",
         units: int = 1,
         fail_closed: bool = False,
-        ai: object = None,
+        metered_call: object = None,
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -47,7 +49,7 @@ class Route:
         self.methods = None if methods is None else frozenset(methods)
         self.facts = RequestFacts(tuple(features), metric, units)
         self.fail_closed = fail_closed
-        self.ai = ai
+        self.metered_call = metered_call
 
     @classmethod
     def from_settings(cls, settings: RouteSettings) -> Route:
@@ -62,11 +64,22 @@ class Route:
             settings.metric,
             settings.units,
             settings.when_stale == "closed",
-            settings.ai,
+            _metered_call(settings),
         )
 
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, host={self.host!r}, path_prefix={self.path_prefix!r})"
+
+
+def _metered_call(settings: RouteSettings):
+    # Imported only for routes that need them.
+    if settings.ai is not None:
+        from proxy.ai_metering import AiCall
+        return functools.partial(AiCall, settings.ai)
+    if settings.mcp is not None:
+        from proxy.mcp_metering import McpCall
+        return functools.partial(McpCall, settings.mcp)
+    return None
 
 
 class Router:

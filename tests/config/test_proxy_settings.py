@@ -211,6 +211,8 @@ BAD_SETTINGS = [
      "proxy.yaml:6: Expected an LLM wire format: `openai_chat`, `openai_responses` or `anthropic_messages`, "
      f"got `gemini` {ROUTE_AT}.ai.format`"),
     (", ai: {}", "", f"proxy.yaml:6: Object missing required field `format` {ROUTE_AT}.ai`"),
+    (", ai: {format: openai_chat}, mcp: {}", "",
+     f"proxy.yaml:6: A route meters an LLM API (`ai`) or an MCP server (`mcp`), not both {ROUTE_AT}`"),
     (", when_stale: sometimes", "",
      f"proxy.yaml:6: Expected `open` or `closed`, got `sometimes` {ROUTE_AT}.when_stale`"),
     ("", "degraded: {staleness_budget_s: 0}\n",

@@ -1,0 +1,69 @@
+# Metering of one MCP exchange (a route with `mcp`): the POST body is read whole
+# before it is forwarded, unchanged; its `tools/call` requests count one call per
+# tool once the server accepted the POST (a server refusing a batch runs none of
+# it), and an `initialize` answered with a new Mcp-Session-Id counts one agent
+# session. A body that is not MCP is forwarded as it is and flagged.
+from __future__ import annotations
+
+from collections import Counter
+
+from proxy.headers import field_value
+from proxy.mcp_calls import MCP_SESSION_ID_HEADER, read_mcp_request, session_started
+from proxy.meter_event import MeterEvent, new_event_id
+
+ACCEPTED_BELOW = 400
+
+
+class McpCall:
+    """One exchange on a route whose MCP metering is `metering` (config McpMetering)."""
+
+    __slots__ = ("metering", "request", "status", "session")
+
+    def __init__(self, metering) -> None:
+        self.metering = metering
+        self.request = None
+        self.status = 0
+        self.session = None
+
+    def forwarded(self, body: bytes, headers: list) -> tuple[bytes, list]:
+        """What goes upstream: the client's body and fields, unchanged (a POST's
+        JSON-RPC body is read here)."""
+        if body:
+            self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER))
+        return body, headers
+
+    def response_started(self, status: int, headers: list) -> None:
+        """The response head arrived: its `status` and header field parts."""
+        self.status = status
+        if self.request is not None and status < ACCEPTED_BELOW:
+            self.session = session_started(self.request, field_value(headers, MCP_SESSION_ID_HEADER))
+
+    def response_chunk(self, chunk: bytes) -> None:
+        """Responses carry nothing metered."""
+
+    def finish(self, customer_id: str, timestamp: float, route: str, status: int, request_bytes: int,
+               response_bytes: int, latency_ms: float) -> tuple[dict[str, str] | None, list[MeterEvent]]:
+        """The exchange is complete: the dimensions of its own meter event (the
+        `mcp_session`, and `mcp_flags` when the body was not all MCP) and one event
+        per tool called (quantity: its calls), plus one for a session it opened."""
+        request = self.request
+        if request is None:
+            return None, []
+        dimensions = {}
+        if request.session_id is not None:
+            dimensions["mcp_session"] = request.session_id
+        if request.flagged:
+            flags = [name for name in ("malformed", "oversized", "invalid_session_id") if getattr(request, name)]
+            flags += [name for name in ("invalid_messages", "nameless_tool_calls") if getattr(request, name)]
+            dimensions["mcp_flags"] = ",".join(flags)
+        events = []
+        if self.status and self.status < ACCEPTED_BELOW:
+            for tool, calls in Counter(call.name for call in request.tool_calls).items():
+                events.append(MeterEvent(new_event_id(), customer_id, self.metering.tool_metric, calls, timestamp,
+                                         route, status, request_bytes, response_bytes, latency_ms,
+                                         {**dimensions, "tool": tool}))
+        if self.session is not None:
+            events.append(MeterEvent(new_event_id(), customer_id, self.metering.session_metric, 1, timestamp, route,
+                                     status, request_bytes, response_bytes, latency_ms,
+                                     {"mcp_session": self.session}))
+        return dimensions or None, events
