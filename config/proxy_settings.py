@@ -127,10 +127,13 @@ class McpMetering(Schema):
     `tools/call` requests (single or batched) count one unit of `tool_metric` per
     call, with the tool as a dimension, once the server accepted the POST (status
     below 400); each agent session an `initialize` opens (a new `Mcp-Session-Id`)
-    counts one unit of `session_metric`."""
+    counts one unit of `session_metric`. `tool_features`: tool name -> the features
+    a customer's plan must include to call it (a POST calling a tool it lacks is
+    answered 403 and not forwarded)."""
 
     tool_metric: MeteredMetric = "mcp_tool_calls"
     session_metric: MeteredMetric = "agent_sessions"
+    tool_features: dict[str, tuple[Name, ...]] = msgspec.field(default_factory=dict)
 
 
 class RouteSettings(Schema):

@@ -32,6 +32,10 @@ class AiCall:
             body = ask_for_usage(self.metering.format, body)
         return body, without_fields(headers, _ENCODINGS)
 
+    def missing_feature(self, features: frozenset) -> str | None:
+        """LLM calls need no feature beyond their route's."""
+        return None
+
     def response_started(self, status: int, headers: list) -> None:
         """The response head arrived: its `status` and header field parts."""
         content_type = field_value(headers, b"content-type")

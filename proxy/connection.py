@@ -10,7 +10,7 @@ import collections
 import cython
 import httptools
 
-from decision_core.decide import REASON_QUOTA_EXCEEDED, REJECT, decide
+from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide
 from proxy.headers import (
     FIELD_CONNECTION,
     FIELD_CONTENT_LENGTH,
@@ -660,6 +660,12 @@ class Exchange(ResponseSink):
         if route.metered_call is not None:
             self.metered = route.metered_call()
             body, self.headers = self.metered.forwarded(b"".join(self.pending_body), self.headers)
+            missing = self.metered.missing_feature(self.customer.features)
+            if missing is not None:
+                self.customer.add_usage(route.facts.metric, -route.facts.units)
+                self.metered = None
+                self.answer(403, TITLES[REASON_FEATURE_NOT_ENTITLED], missing, REASON_FEATURE_NOT_ENTITLED)
+                return
             self.pending_body = [body] if body else []
             self.pending_bytes = len(body)
             self.content_length = len(body) if body or self.content_length is not None else None

@@ -32,6 +32,19 @@ class McpCall:
             self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER))
         return body, headers
 
+    def missing_feature(self, features: frozenset) -> str | None:
+        """Why the call may not go on for a customer whose plan has `features`: a
+        sentence naming the first tool called whose required feature is missing;
+        None when every tool called is allowed."""
+        required = self.metering.tool_features
+        if self.request is None or not required:
+            return None
+        for call in self.request.tool_calls:
+            for feature in required.get(call.name, ()):
+                if feature not in features:
+                    return f"tool `{call.name}` needs feature `{feature}`, which is not in the customer's plan"
+        return None
+
     def response_started(self, status: int, headers: list) -> None:
         """The response head arrived: its `status` and header field parts."""
         self.status = status

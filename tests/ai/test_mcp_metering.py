@@ -29,7 +29,7 @@ class Proxy:
     """A proxy with an `mcp` route in front of the MCP server at `server_url`, on an
     event loop in a thread of its own."""
 
-    def __init__(self, folder, server_url):
+    def __init__(self, folder, server_url, mcp="{}"):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -38,7 +38,7 @@ class Proxy:
         (folder / "edge_state.yaml").write_text(textwrap.dedent(f"""\
             period: {{start: "2026-01-01T00:00:00+00:00", end: "2099-01-01T00:00:00+00:00"}}
             plans:
-              pro: {{tier: pro}}
+              pro: {{tier: pro, features: [lookups]}}
             customers:
               - {{id: cus_agent, plan: pro, status: active, api_keys: [{digest}]}}
             """))
@@ -48,7 +48,7 @@ class Proxy:
             upstreams:
               tools: {{url: "http://{server.netloc}"}}
             routes:
-              - {{name: mcp, upstream: tools, path_prefix: {server.path}, mcp: {{}}}}
+              - {{name: mcp, upstream: tools, path_prefix: {server.path}, mcp: {mcp}}}
             edge_state: {{file: edge_state.yaml, reload_interval_s: 3600}}
             metering: {{path: meter-events.ndjson, spool_dir: meter-spool, flush_interval_s: 3600}}
             """))
@@ -75,7 +75,7 @@ class Proxy:
 @pytest.fixture(params=[False, True], ids=["sse", "json"])
 def proxy(request, tmp_path):
     with running_mcp_server(json_response=request.param) as server_url:
-        running = Proxy(tmp_path, server_url)
+        running = Proxy(tmp_path, server_url, getattr(request, "mcp", "{}"))
         yield running
         running.close()
 
@@ -126,3 +126,28 @@ def test_a_batch_the_server_refuses_meters_no_call(proxy):
     assert status == 400
     events = proxy.metered()
     assert [event["metric"] for event in events] == ["api_calls"]
+
+
+def test_a_tool_that_needs_a_feature_the_plan_lacks_is_refused_and_not_metered(tmp_path):
+    call_add = {"jsonrpc": "2.0", "id": 99, "method": "tools/call",
+                "params": {"name": "add", "arguments": ARGUMENTS["add"]}}
+    with running_mcp_server() as server_url:
+        running = Proxy(tmp_path, server_url, "{tool_features: {search: [lookups], add: [arithmetic]}}")
+        try:
+            async def calls():
+                async with httpx.AsyncClient(headers={"Authorization": "Bearer k-agent"}, timeout=TIMEOUT_S) as http:
+                    async with streamable_http_client(running.url, http_client=http) as (read, write, session_id):
+                        async with ClientSession(read, write) as session:
+                            await session.initialize()
+                            assert not (await session.call_tool("search", ARGUMENTS["search"])).isError
+                            # The same agent calls a tool its plan does not allow.
+                            return await http.post(running.url, json=call_add, headers={
+                                "Mcp-Session-Id": session_id(), "Accept": "application/json, text/event-stream"})
+            refusal = asyncio.run(asyncio.wait_for(calls(), TIMEOUT_S))
+            events = running.metered()
+        finally:
+            running.close()
+    assert refusal.status_code == 403
+    assert refusal.json()["detail"] == "tool `add` needs feature `arithmetic`, which is not in the customer's plan"
+    tools = [event["dimensions"]["tool"] for event in events if event["metric"] == "mcp_tool_calls"]
+    assert tools == ["search"]
