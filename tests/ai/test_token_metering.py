@@ -4,20 +4,15 @@
 # dimension; streamed answers reach the client whole and in order (a streamed OpenAI
 # chat call is asked for its usage by the proxy); the request's body reaches the
 # upstream unchanged otherwise; a response without usage is still metered, flagged.
-import asyncio
-import hashlib
 import json
-import textwrap
-import threading
 
 import anthropic
 import openai
 import pytest
 from sdk_usage import anthropic_counts, openai_chat_counts, openai_responses_counts
+from threaded_proxy import ThreadedProxy
 
 from bench.llm_upstream import LlmUpstream, Script
-from config.proxy_settings import load_proxy_settings
-from proxy.server import ProxyWorker
 
 TIMEOUT_S = 10
 MESSAGES = [{"role": "user", "content": "How are margins kept?"}]
@@ -26,57 +21,26 @@ KIND_METRICS = {"input_tokens": "ai_input_tokens", "cached_tokens": "ai_cached_t
                 "reasoning_tokens": "ai_reasoning_tokens"}
 
 
-class Running:
-    """An event loop in a thread of its own running the LLM upstream and a proxy in
-    front of it (the SDK clients are synchronous, in the test's thread)."""
+ROUTES = ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, features: [large_models], "
+          "ai: {format: openai_chat}}",
+          "{name: responses, upstream: main, path_prefix: /v1/responses, ai: {format: openai_responses}}",
+          "{name: messages, upstream: main, path_prefix: /v1/messages, ai: {format: anthropic_messages}}")
+
+
+class Running(ThreadedProxy):
+    """The LLM upstream and a proxy with LLM routes in front of it."""
 
     def __init__(self, folder, api_key_header):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.upstream = LlmUpstream()
+        super().__init__(folder, (), ROUTES, key="k-ai", features=("large_models",), api_key_header=api_key_header)
         self.run(self.upstream.start())
-        digest = hashlib.sha256(b"k-ai").hexdigest()
-        (folder / "edge_state.yaml").write_text(textwrap.dedent(f"""\
-            period: {{start: "2026-01-01T00:00:00+00:00", end: "2099-01-01T00:00:00+00:00"}}
-            plans:
-              pro: {{tier: pro, features: [large_models]}}
-            customers:
-              - {{id: cus_ai, plan: pro, status: active, api_keys: [{digest}]}}
-            """))
-        (folder / "proxy.yaml").write_text(textwrap.dedent(f"""\
-            listen: 127.0.0.1:0
-            admin: 127.0.0.1:0
-            api_key_header: {api_key_header}
-            upstreams:
-              main: {{url: "{self.upstream.url}"}}
-            routes:
-              - {{name: chat, upstream: main, path_prefix: /v1/chat/completions, features: [large_models],
-                  ai: {{format: openai_chat}}}}
-              - {{name: responses, upstream: main, path_prefix: /v1/responses, ai: {{format: openai_responses}}}}
-              - {{name: messages, upstream: main, path_prefix: /v1/messages, ai: {{format: anthropic_messages}}}}
-            edge_state: {{file: edge_state.yaml, reload_interval_s: 3600}}
-            metering: {{path: meter-events.ndjson, spool_dir: meter-spool, flush_interval_s: 3600}}
-            """))
-        self.meter_path = folder / "meter-events.ndjson"
-        self.worker = ProxyWorker(load_proxy_settings(folder / "proxy.yaml"), loop=self.loop)
-        self.run(self.worker.start())
-        self.url = f"http://127.0.0.1:{self.worker.port}"
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT_S * 3)
-
-    def metered(self):
-        """Stop the proxy (delivering every meter event) and read what it metered."""
-        self.run(self.worker.stop(1.0))
-        return [json.loads(line) for line in self.meter_path.read_text().splitlines() if line.strip()]
+        self.upstreams = (f'main: {{url: "{self.upstream.url}"}}',)
+        self.start()
 
     def close(self):
-        if not self.worker.stopped.is_set():
-            self.run(self.worker.stop(1.0))
+        self.close_worker()
         self.run(self.upstream.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(TIMEOUT_S)
+        super().close()
 
 
 @pytest.fixture
