@@ -26,6 +26,7 @@ from proxy.headers import (
     IDEMPOTENT_METHODS,
     connection_tokens,
     field_kind,
+    field_value,
     join_parts,
     without_fields,
 )
@@ -38,6 +39,8 @@ from proxy.upstream import ResponseSink
 # client is paused.
 PENDING_BODY_HIGH_WATER = 256 * 1024
 _CHUNKED_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_EXPECT = frozenset((b"expect",))
 _NO_BODY_STATUSES = frozenset((204, 304))
 # After refusing a request whose bytes were not all read, the proxy half-closes and
 # reads (and drops) what the client still sends for up to this long: closing a socket
@@ -650,6 +653,9 @@ class Exchange(ResponseSink):
             app.leases.admitted(customer, route.facts)
         if route.metered_call is not None and not self.request_complete:
             self.awaiting_body = True       # a metered call is read whole first (request_completed)
+            expect = field_value(self.headers, b"expect")
+            if expect is not None and expect.strip().lower() == b"100-continue" and self.http_11:
+                self.client.write(_CONTINUE)    # the body is asked for here, not by the upstream
             return
         self._forward()
 
@@ -659,7 +665,8 @@ class Exchange(ResponseSink):
         route = self.route
         if route.metered_call is not None:
             self.metered = route.metered_call()
-            body, self.headers = self.metered.forwarded(b"".join(self.pending_body), self.headers)
+            body, headers = self.metered.forwarded(b"".join(self.pending_body), self.headers)
+            self.headers = without_fields(headers, _EXPECT)
             missing = self.metered.missing_feature(self.customer.features)
             if missing is not None:
                 self.customer.add_usage(route.facts.metric, -route.facts.units)

@@ -5,6 +5,7 @@
 # chat call is asked for its usage by the proxy); the request's body reaches the
 # upstream unchanged otherwise; a response without usage is still metered, flagged.
 import json
+import socket
 
 import anthropic
 import openai
@@ -132,3 +133,20 @@ def test_an_answer_without_usage_is_still_metered_and_flagged(openai_proxy):
     events = running.metered()
     assert tokens_metered(events, "chat")[0] == dict.fromkeys(KIND_METRICS, 0)
     assert the_call(events, "chat")["dimensions"] == {"model": "gpt-4o", "usage_flags": "no_usage"}
+
+
+def test_a_client_that_expects_100_continue_is_asked_for_its_body_by_the_proxy(openai_proxy):
+    running, _ = openai_proxy
+    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode()
+    with socket.create_connection(("127.0.0.1", running.worker.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-ai\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")   # asked for, with no upstream yet
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    counts, _ = tokens_metered(running.metered(), "chat")
+    assert counts["input_tokens"] > 0
