@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bench.proxy import free_port
+
 START_TIMEOUT_S = 60.0
 TRIAL_TIMEOUT_S = 10.0
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_settings(folder: Path, customers: int, upstream_port: int):
