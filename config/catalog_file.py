@@ -7,8 +7,10 @@
 #
 #   metrics        {key, aggregation: sum|count|max, unit, unit_cost (COGS per unit),
 #                   priced_by: input_tokens|output_tokens|cached_input_tokens|
-#                              reasoning_tokens|tool_calls (COGS from the price tables)}
-#   model_prices   {key: model, input, output, cached_input, reasoning (per 1M tokens)}
+#                              cache_write_tokens|reasoning_tokens|tool_calls
+#                              (COGS from the price tables)}
+#   model_prices   {key: model, input, output, cached_input, cache_write, reasoning
+#                   (per 1M tokens)}
 #   tool_prices    {key: tool, per_call}
 #   features       {key, description}
 #   plans          {key, tier, period, currency, fixed_fee, fee_allocation, features,
@@ -29,6 +31,7 @@ from config.schema import (
     PATTERN_MEANINGS,
     MeteredMetric,
     Name,
+    PricedName,
     Schema,
 )
 from config.values import Money, Percent, Timestamp
@@ -37,14 +40,10 @@ from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volum
 CATALOG_EXPECTED = ("a mapping with any of `metrics`, `model_prices`, `tool_prices`, `features`, `plans`, "
                     "`customers`, `subscriptions`")
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
-# A model or tool name as upstreams spell them (`gpt-4o-mini`, `claude-sonnet-4@20250514`,
-# `meta-llama/Llama-3.3-70B`); in a REST path a `/` is written `%2F`.
-PRICED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]*$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 CATALOG_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     KEY_PATTERN: "a key (letters, digits, `_`, `.`, `:`, `-`)",
-    PRICED_NAME_PATTERN: "a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`)",
     CURRENCY_PATTERN: "a three-letter currency code like `USD`",
     CUSTOMER_ID_PATTERN: "a customer id (letters, digits, `_`, `.`, `:`, `-`)",
     METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
@@ -57,10 +56,11 @@ PositiveCount = Annotated[int, msgspec.Meta(ge=1)]
 # What a metric can count for pricing, and the price it is priced at: a model price
 # (per million tokens, from the event's `model` dimension) or a tool price (per call,
 # from its `tool` dimension).
-TOKEN_PRICE_OF = {"input_tokens": "input", "output_tokens": "output",
-                  "cached_input_tokens": "cached_input", "reasoning_tokens": "reasoning"}
+TOKEN_PRICE_OF = {"input_tokens": "input", "output_tokens": "output", "cached_input_tokens": "cached_input",
+                  "cache_write_tokens": "cache_write", "reasoning_tokens": "reasoning"}
 TOOL_CALLS = "tool_calls"
-PricedBy = Literal["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens", "tool_calls"]
+PricedBy = Literal["input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
+                   "tool_calls"]
 TOKENS_PER_PRICE = 1_000_000
 
 
@@ -90,21 +90,23 @@ class ModelPrice(Schema):
     """What an AI model costs per million tokens of each kind (each optional; a kind
     without a price is priced as a model missing from the table)."""
 
-    key: Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
+    key: PricedName
     input: Money | None = None
     output: Money | None = None
     cached_input: Money | None = None
+    cache_write: Money | None = None
     reasoning: Money | None = None
 
     def __post_init__(self) -> None:
-        if all(price is None for price in (self.input, self.output, self.cached_input, self.reasoning)):
-            raise ValueError("A model price needs at least one of `input`, `output`, `cached_input`, `reasoning`")
+        if all(getattr(self, kind) is None for kind in TOKEN_PRICE_OF.values()):
+            raise ValueError("A model price needs at least one of `input`, `output`, `cached_input`, `cache_write`, "
+                             "`reasoning`")
 
 
 class ToolPrice(Schema):
     """What one call of an (MCP) tool costs."""
 
-    key: Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
+    key: PricedName
     per_call: Money
 
 

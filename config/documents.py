@@ -157,6 +157,7 @@ def _schema_error(
     unknown = _UNKNOWN_FIELD.fullmatch(message)
     line = document.line_of(path, unknown["key"] if unknown else None)
     message = _explain_pattern(message, document.scalar_at(path), pattern_meanings)
+    message = _explain_choices(message, document.scalar_at(path), schema_type, path)
     return ConfigError(message, file, line, path)
 
 
@@ -169,6 +170,17 @@ def _explain_pattern(message: str, written: str | None, meanings: Mapping[str, s
         if mismatch["pattern"] == repr(pattern):
             return f"Expected {meaning}, got `{written}`"
     return message
+
+
+def _explain_choices(message: str, written: str | None, schema_type: type, path: str | None) -> str:
+    # msgspec says "Invalid enum value 'x'" for a word outside a Literal; name the choices.
+    if not message.startswith("Invalid enum value") or path is None:
+        return message
+    annotation = _unwrap(_annotation_at(schema_type, path))
+    if typing.get_origin(annotation) is not typing.Literal:
+        return message
+    choices = ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
+    return f"Expected one of {choices}, got `{written}`" if written is not None else f"Expected one of {choices}"
 
 
 def _name_mapping_keys(path: str, data: object, schema_type: type) -> str:

@@ -18,16 +18,21 @@ GUARD_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 METRIC_PATTERN = r"^(\*|[A-Za-z0-9][A-Za-z0-9_.:-]*)$"
 # A metric usage is counted in (routes, quotas, usage): a name, never `*`.
 METERED_METRIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+# A model or tool name as upstreams spell them (`gpt-4o-mini`, `claude-sonnet-4@20250514`,
+# `meta-llama/Llama-3.3-70B`); in a REST path a `/` is written `%2F`.
+PRICED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]*$"
 # What each pattern means, for error messages (msgspec would show the regex).
 PATTERN_MEANINGS = {
     GUARD_ID_PATTERN: "a guard id (lowercase letters, digits, `_`, `.`, `-`)",
     METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`), `*` or `overall`",
     METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
+    PRICED_NAME_PATTERN: "a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`)",
 }
 GuardId = Annotated[str, msgspec.Meta(pattern=GUARD_ID_PATTERN)]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_PATTERN)]
 MeteredMetric = Annotated[str, msgspec.Meta(pattern=METERED_METRIC_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1)]
+PricedName = Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
 Mode = Literal["enforce", "shadow"]
 Level3Action = Literal["block_request", "lock_features"]
 
@@ -44,12 +49,20 @@ class Level1(Schema):
 
 
 class Level2(Schema):
-    """Throttle: mark responses and rate-limit the customer to `throttle_rate`."""
+    """Throttle: mark responses and rate-limit the customer to `throttle_rate`.
+    `downgrade_models`: requested model -> a cheaper model the proxy asks for
+    instead on LLM routes (the response says so in `X-Aforo-Downgrade`)."""
 
     threshold: Percent
     throttle_rate: Rate
     burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    downgrade_models: dict[PricedName, PricedName] = msgspec.field(default_factory=dict)
     notify: tuple[Name, ...] = ()
+
+    def __post_init__(self) -> None:
+        for requested, served in self.downgrade_models.items():
+            if requested == served:
+                raise ValueError(f"`downgrade_models` maps `{requested}` to itself")
 
     @property
     def effective_burst(self) -> int:

@@ -2,10 +2,12 @@
 # mistake an operator could write.
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from config import ConfigError
 from config.catalog_file import document_of, load_catalog_file, parse_catalog_file
+from config.proxy_settings import AiMetering
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 
@@ -29,12 +31,24 @@ def test_the_example_prices_models_and_tools():
     assert {"gpt-4o", "gpt-4o-mini"} <= set(models) and any(model.startswith("claude") for model in models)
     assert (models["gpt-4o"].input.nanos, models["gpt-4o"].cached_input.nanos) == (2_500_000_000, 1_250_000_000)
     assert document_of(models["gpt-4o-mini"]) == {"input": "0.15", "output": "0.6", "cached_input": "0.075",
-                                                  "reasoning": None}
+                                                  "cache_write": None, "reasoning": None}
+    assert models["claude-sonnet-4-5"].cache_write.nanos == 3_750_000_000
+    # Reasoning tokens are metered apart from output tokens, so they cost the output rate.
+    assert models["o3-mini"].reasoning == models["o3-mini"].output
     assert {metric.key: metric.priced_by for metric in catalog.metrics if metric.priced_by} == {
-        "ai_input_tokens": "input_tokens", "ai_cached_input_tokens": "cached_input_tokens",
-        "ai_output_tokens": "output_tokens", "ai_reasoning_tokens": "reasoning_tokens",
-        "mcp_tool_calls": "tool_calls"}
+        "ai_input_tokens": "input_tokens", "ai_cached_tokens": "cached_input_tokens",
+        "ai_cache_write_tokens": "cache_write_tokens", "ai_output_tokens": "output_tokens",
+        "ai_reasoning_tokens": "reasoning_tokens", "mcp_tool_calls": "tool_calls"}
     assert {price.key: str(price.per_call) for price in catalog.tool_prices}["web_search"] == "0.01"
+
+
+def test_the_example_prices_every_metric_an_llm_route_meters_by_default():
+    # A route with `ai: {format: ...}` and nothing else meters these metrics.
+    defaults = msgspec.convert({"format": "openai_chat"}, AiMetering)
+    route_metrics = {defaults.input_metric, defaults.cached_metric, defaults.cache_write_metric,
+                     defaults.output_metric, defaults.reasoning_metric}
+    priced = {metric.key for metric in load_catalog_file(EXAMPLE).metrics if metric.priced_by}
+    assert route_metrics <= priced
 
 
 def errors_of(text):
@@ -57,7 +71,7 @@ def errors_of(text):
     ("plans:\n  - key: p\n    tier: t\n    charges:\n      - {metric: a, model: graduated, tiers: [{up_to: 10, price: \"1\"}]}\n",
      ["catalog.yaml:5: Invalid price: the last tier must be unbounded (up_to: null) - at `$.plans[0].charges[0]`"]),
     ("plans:\n  - {key: p, tier: t, period: quarter}\n",
-     ["catalog.yaml:2: Invalid enum value 'quarter' - at `$.plans[0].period`"]),
+     ["catalog.yaml:2: Expected one of `day`, `week`, `month`, `year`, got `quarter` - at `$.plans[0].period`"]),
     ("plans:\n  - {key: p, tier: t, currency: usd}\n",
      ["catalog.yaml:2: Expected a three-letter currency code like `USD`, got `usd` - at `$.plans[0].currency`"]),
     ("customers:\n  - {key: cus_1, nmae: Acme}\n",
@@ -71,8 +85,8 @@ def errors_of(text):
     ("model_prices:\n  - key: gpt-4o\n    input: \"2.50\"\n    output: \"-10\"\n",
      ["catalog.yaml:4: Expected an amount >= 0, got `-10` - at `$.model_prices[0].output`"]),
     ("model_prices:\n  - {key: gpt-4o}\n",
-     ["catalog.yaml:2: A model price needs at least one of `input`, `output`, `cached_input`, `reasoning` "
-      "- at `$.model_prices[0]`"]),
+     ["catalog.yaml:2: A model price needs at least one of `input`, `output`, `cached_input`, `cache_write`, "
+      "`reasoning` - at `$.model_prices[0]`"]),
     ("model_prices:\n  - {key: gpt-4o, input: \"2.50\"}\n  - {key: gpt-4o, output: \"10\"}\n",
      ["catalog.yaml:3: Duplicate model price `gpt-4o`; first used by `$.model_prices[0]` - at `$.model_prices[1].key`"]),
     ("model_prices:\n  - {key: \"gpt 4o\", input: \"2.50\"}\n",
@@ -85,7 +99,8 @@ def errors_of(text):
     ("tool_prices:\n  - {key: web_search, per_call: free}\n",
      ["catalog.yaml:2: Expected an amount like `\"49.00\"`, got `free` - at `$.tool_prices[0].per_call`"]),
     ("metrics:\n  - {key: t, priced_by: tokens}\n",
-     ["catalog.yaml:2: Invalid enum value 'tokens' - at `$.metrics[0].priced_by`"]),
+     ["catalog.yaml:2: Expected one of `input_tokens`, `output_tokens`, `cached_input_tokens`, "
+      "`cache_write_tokens`, `reasoning_tokens`, `tool_calls`, got `tokens` - at `$.metrics[0].priced_by`"]),
     ("metrics:\n  - {key: t, aggregation: max, priced_by: input_tokens}\n",
      ["catalog.yaml:2: `priced_by: input_tokens` prices the quantity of every event; it needs `aggregation: sum`, "
       "not `max` - at `$.metrics[0]`"]),

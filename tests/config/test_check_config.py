@@ -80,7 +80,7 @@ BAD_FIXTURES = [
      "{file}:4: Unknown scope key `plan`; expected exactly one of `tier` or `customer`"
      " - at `$.guards[0].scope`"),
     ("bad_mode.yaml",
-     "{file}:5: Invalid enum value 'dry-run' - at `$.guards[0].mode`"),
+     "{file}:5: Expected one of `enforce`, `shadow`, got `dry-run` - at `$.guards[0].mode`"),
     ("bad_id.yaml",
      "{file}:2: Expected a guard id (lowercase letters, digits, `_`, `.`, `-`), got `API Calls Floor`"
      " - at `$.guards[0].id`"),

@@ -147,7 +147,7 @@ BAD_STATES = [
      f"edge.yaml:13: Expected the sha256 of an API key as 64 lowercase hex characters, got `{KEY_A.upper()}`"
      " - at `$.customers[0].api_keys[0]`"),
     ("unknown-status", "status: trialing", "status: suspended",
-     "edge.yaml:16: Invalid enum value 'suspended' - at `$.customers[1].status`"),
+     "edge.yaml:16: Expected one of `active`, `trialing`, `past_due`, `canceled`, `paused`, `expired`, got `suspended` - at `$.customers[1].status`"),
     ("negative-usage", "usage: {api_calls: 10}", "usage: {ai_tokens: 5, api_calls: -10}",
      "edge.yaml:18: Expected `int` >= 0 - at `$.customers[1].usage.api_calls`"),
     ("negative-limit", "limit: 1000", "limit: -1",

@@ -233,7 +233,7 @@ def test_valid_ladders(actions):
         ),
         (
             "      level_3: {threshold: 0%, action: throttle}",
-            "guards.yaml:6: Invalid enum value 'throttle' - at `$.guards[0].actions.level_3.action`",
+            "guards.yaml:6: Expected one of `block_request`, `lock_features`, got `throttle` - at `$.guards[0].actions.level_3.action`",
         ),
         (
             "      level_1: {threshold: 30%, notify: finance-ops}",

@@ -98,12 +98,13 @@ def test_the_margin_moves_with_every_priced_event_and_a_missing_price_is_flagged
         cogs = 0
         for event, cost in (
                 (usage("e1", "ai_input_tokens", 1_000_000, model="gpt-4o"), 2_500_000_000),
-                (usage("e2", "ai_cached_input_tokens", 1_000_000, model="gpt-4o"), 1_250_000_000),
+                (usage("e2", "ai_cached_tokens", 1_000_000, model="gpt-4o"), 1_250_000_000),
                 (usage("e3", "ai_output_tokens", 200_000, model="gpt-4o-mini"), 120_000_000),
-                (usage("e4", "ai_reasoning_tokens", 50_000, model="o3-mini"), 0),
+                (usage("e4", "ai_reasoning_tokens", 50_000, model="o3-mini"), 220_000_000),
+                (usage("e4w", "ai_cache_write_tokens", 100_000, model="claude-sonnet-4-5"), 375_000_000),
                 (usage("e5", "mcp_tool_calls", 3, tool="web_search"), 30_000_000),
                 (usage("e6", "ai_input_tokens", 1_000, model="mystery-1"), 2_500_000),     # the unit cost
-                (usage("e7", "ai_cached_input_tokens", 1_000, model="mystery-1"), 0)):     # no unit cost
+                (usage("e7", "ai_cached_tokens", 1_000, model="mystery-1"), 0)):     # no unit cost
             status, _, report = await api.call("POST", "/v1/events", [event])
             assert (status, report["accepted"]) == (200, 1)
             cogs += cost
@@ -161,7 +162,7 @@ def test_model_and_tool_prices_round_trip_through_the_api(backend):
         gpt = {"input": "2.50", "cached_input": "1.25", "output": "10.00"}
         status, _, body = await api.call("PUT", "/v1/model_prices/gpt-4o", gpt)
         assert (status, body) == (201, {"key": "gpt-4o", "result": "created", "input": "2.5", "output": "10",
-                                        "cached_input": "1.25", "reasoning": None})
+                                        "cached_input": "1.25", "cache_write": None, "reasoning": None})
         status, _, body = await api.call("PUT", "/v1/model_prices/gpt-4o", gpt)
         assert (status, body["result"]) == (200, "unchanged")
         status, _, body = await api.call("PUT", "/v1/model_prices/meta-llama%2FLlama-3.3-70B", {"input": "0.59"})
@@ -181,7 +182,7 @@ def test_model_and_tool_prices_round_trip_through_the_api(backend):
                  "invalid model_price: Object contains unknown field `cache_read`"),
                 ("/v1/model_prices/gpt-4o", {},
                  "invalid model_price: A model price needs at least one of `input`, `output`, `cached_input`, "
-                 "`reasoning`"),
+                 "`cache_write`, `reasoning`"),
                 ("/v1/tool_prices/web_search", {"per_call": "0.0000000001"},
                  "invalid tool_price: Amount `1E-10` has more than 9 decimal places - at `$.per_call`"),
                 ("/v1/tool_prices/web%20search", {"per_call": "1"},
@@ -200,7 +201,7 @@ def test_model_and_tool_prices_round_trip_through_the_api(backend):
         put = document["paths"]["/v1/model_prices/{key}"]["put"]
         assert put["requestBody"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ModelPrice"}
-        assert {"input", "output", "cached_input", "reasoning"} <= set(
+        assert {"input", "output", "cached_input", "cache_write", "reasoning"} <= set(
             document["components"]["schemas"]["ModelPrice"]["properties"])
         assert set(document["paths"]["/v1/tool_prices/{key}"]) == {"get", "put", "delete"}
         assert "per_call" in document["components"]["schemas"]["ToolPrice"]["required"]
