@@ -43,6 +43,9 @@ class Script:
     # Applied to each request body before it is read, standing in for a proxy that
     # rewrites requests (e.g. proxy.llm_usage.ask_for_usage); None reads it as sent.
     rewrite_request: Callable[[bytes], bytes] | None = None
+    # When given, each streamed answer sends its first event, then waits until this
+    # event (of the upstream's loop) is set before the rest: a call held in flight.
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -122,6 +125,8 @@ class LlmUpstream:
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         for index, data in enumerate(events):
+            if index == 1 and self.script.hold is not None:
+                await self.script.hold.wait()
             if index and self.script.chunk_delay_s:
                 await asyncio.sleep(self.script.chunk_delay_s)
             exchange.sent.append(data)

@@ -6,8 +6,8 @@
 #   plans      name -> {tier, features, quotas: metric -> {limit, hard}}
 #   customers  list of {id, plan, status, api_keys (sha256 hex), usage, levels,
 #              period_end (optional: this customer's period ends elsewhere)}
-#   levels     metric or `overall` -> {guard, level 0..3, mode, throttle_rate and
-#              burst (level 2), locked_features (level 3 lock variant)}
+#   levels     metric or `overall` -> {guard, level 0..3, mode, throttle_rate, burst
+#              and downgrade_models (level 2), locked_features (level 3 lock variant)}
 from __future__ import annotations
 
 from os import PathLike
@@ -22,6 +22,7 @@ from config.schema import (
     MeteredMetric,
     Mode,
     Name,
+    PricedName,
     Schema,
 )
 from config.values import Rate, Timestamp
@@ -84,8 +85,9 @@ class Standing(Schema):
 
     Level 0 (fine) and 1 (warned) do not touch requests; level 2 throttles to
     `throttle_rate` with bursts of `burst` (default: one second of the rate, at
-    least 1); level 3 blocks every request, or with `locked_features` only requests
-    needing one of them. `mode: shadow` reports what would happen and never acts.
+    least 1) and asks LLM upstreams for the models `downgrade_models` maps the
+    requested ones to; level 3 blocks every request, or with `locked_features` only
+    requests needing one of them. `mode: shadow` reports what would happen and never acts.
     """
 
     guard: GuardId
@@ -93,6 +95,7 @@ class Standing(Schema):
     mode: Mode = "enforce"
     throttle_rate: Rate | None = None
     burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    downgrade_models: dict[PricedName, PricedName] = msgspec.field(default_factory=dict)
     locked_features: tuple[Name, ...] = ()
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class Standing(Schema):
             raise ValueError("Level 2 (throttle) needs a `throttle_rate` such as `5req/sec`")
         if self.level != 2 and (self.throttle_rate is not None or self.burst is not None):
             raise ValueError(f"`throttle_rate` and `burst` only apply at level 2, not level {self.level}")
+        if self.level != 2 and self.downgrade_models:
+            raise ValueError(f"`downgrade_models` only apply at level 2, not level {self.level}")
         if self.level != 3 and self.locked_features:
             raise ValueError(f"`locked_features` only apply at level 3, not level {self.level}")
 

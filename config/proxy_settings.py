@@ -112,14 +112,26 @@ class AiMetering(Schema):
     `input_metric` (input at the full rate), `cached_metric` (input read from the
     provider's cache), `cache_write_metric` (input written to it: Anthropic),
     `output_metric` (output other than reasoning) and `reasoning_metric` (reasoning
-    tokens, which OpenAI counts in its output total)."""
+    tokens, which OpenAI counts in its output total).
+
+    Token quotas (a plan's hard quota on any of these metrics): before forwarding,
+    the proxy reserves the request's output limit (`max_tokens` and the like, or
+    `default_max_tokens` when it sets none) and its body size in input tokens (4
+    bytes a token); after the response, it settles each to the count metered."""
 
     format: Annotated[str, msgspec.Meta(pattern=LLM_FORMAT_PATTERN)]
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 4096
     input_metric: MeteredMetric = "ai_input_tokens"
     cached_metric: MeteredMetric = "ai_cached_tokens"
     cache_write_metric: MeteredMetric = "ai_cache_write_tokens"
     output_metric: MeteredMetric = "ai_output_tokens"
     reasoning_metric: MeteredMetric = "ai_reasoning_tokens"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric the route's calls meter tokens in."""
+        return (self.input_metric, self.cached_metric, self.cache_write_metric, self.output_metric,
+                self.reasoning_metric)
 
 
 class McpMetering(Schema):
@@ -134,6 +146,11 @@ class McpMetering(Schema):
     tool_metric: MeteredMetric = "mcp_tool_calls"
     session_metric: MeteredMetric = "agent_sessions"
     tool_features: dict[str, tuple[Name, ...]] = msgspec.field(default_factory=dict)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Every metric the route's exchanges meter calls and sessions in."""
+        return self.tool_metric, self.session_metric
 
 
 class RouteSettings(Schema):

@@ -213,7 +213,8 @@ def _standing(level, guard) -> Standing | None:
         if actions.level_2 is None:
             return None
         return Standing(guard=guard.id, level=2, mode=guard.mode,
-                        throttle_rate=actions.level_2.throttle_rate, burst=actions.level_2.burst)
+                        throttle_rate=actions.level_2.throttle_rate, burst=actions.level_2.burst,
+                        downgrade_models=actions.level_2.downgrade_models)
     if level.level == 3:
         if actions.level_3 is None:
             return None

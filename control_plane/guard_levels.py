@@ -22,8 +22,8 @@ def level_thresholds(guard: Guard) -> LevelThresholds:
 def guard_standing(guard: Guard, level: int, now: float) -> GuardStanding:
     """A customer's standing under `guard` at margin `level` (0..3), built at `now`.
 
-    Level 2 gets a full token bucket at the guard's throttle rate and burst; level 3
-    with `lock_features` suspends just those features. A level the guard does not
+    Level 2 gets a full token bucket at the guard's throttle rate and burst, and its
+    model downgrades; level 3 with `lock_features` suspends just those features. A level the guard does not
     define acts as no level (a standing at 0): only configured actions are enforced.
     """
     actions = guard.actions
@@ -34,7 +34,7 @@ def guard_standing(guard: Guard, level: int, now: float) -> GuardStanding:
     if level == 2 and actions.level_2 is not None:
         rate = actions.level_2.throttle_rate
         bucket = TokenBucket(rate.tokens, rate.per_s, actions.level_2.effective_burst, now)
-        return GuardStanding(guard.id, 2, enforce, bucket)
+        return GuardStanding(guard.id, 2, enforce, bucket, frozenset(), actions.level_2.downgrade_models)
     if level == 1 and actions.level_1 is not None:
         return GuardStanding(guard.id, 1, enforce)
     return GuardStanding(guard.id, 0, enforce)

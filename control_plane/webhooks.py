@@ -104,8 +104,13 @@ def recommended_action(guard: Guard, level_from: int, level_to: int) -> str:
                 f"({actions.level_1.threshold}); requests proceed untouched.")
     if level_to == 2 and actions.level_2 is not None:
         rate = actions.level_2.throttle_rate
+        downgrades = ", ".join(f"{asked} to {served}" for asked, served in actions.level_2.downgrade_models.items())
         if shadow:
-            return f"Would throttle to {rate} (shadow mode: nothing is enforced); review pricing and costs."
+            also = f" and downgrade {downgrades}" if downgrades else ""
+            return f"Would throttle to {rate}{also} (shadow mode: nothing is enforced); review pricing and costs."
+        if downgrades:
+            return (f"Throttled to {rate}, and LLM calls downgraded ({downgrades}): responses carry "
+                    "`X-Aforo-Throttle: true` and `X-Aforo-Downgrade`. Review pricing and costs.")
         return (f"Throttled to {rate}: responses carry `X-Aforo-Throttle: true`. Move the customer to a cheaper "
                 "path or review pricing and costs.")
     if level_to == 3 and actions.level_3 is not None:

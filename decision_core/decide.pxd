@@ -15,6 +15,7 @@ cdef class Decision:
     cdef readonly str quota_status
     cdef readonly str guard_id
     cdef readonly str shadow
+    cdef readonly dict model_map
 
 
 cdef dict _INACTIVE
@@ -23,7 +24,12 @@ cdef str _OVERALL_KEY
 
 @cython.locals(decision=Decision)
 cdef Decision _decision(int outcome, int status, str reason, str detail, long long retry_after_s,
-                        str quota_policy, str quota_status, str guard_id, str shadow)
+                        str quota_policy, str quota_status, str guard_id, str shadow, dict model_map=*)
+
+cdef Decision _quota_exceeded(QuotaLimit quota, long long used, long long reset_s)
+
+@cython.locals(quota=QuotaLimit, slot=cython.int, used=cython.longlong)
+cpdef Decision quota_refusal(CustomerState customer, str metric, long long units, double now)
 
 cdef Decision _not_entitled(str feature)
 
@@ -36,6 +42,6 @@ cdef tuple _margin_action(GuardStanding standing, RequestFacts facts, double now
 cdef str _margin_detail(str reason, GuardStanding standing, RequestFacts facts)
 
 @cython.locals(quota=QuotaLimit, slot=cython.int, used=cython.longlong, reset_s=cython.longlong, retry_after_s=cython.longlong,
-               standing=GuardStanding, outcome=cython.int, levels=dict,
+               standing=GuardStanding, outcome=cython.int, levels=dict, model_map=dict, standings=list,
                quota_policy=str, quota_status=str)
 cpdef Decision decide(CustomerState customer, RequestFacts facts, double now)

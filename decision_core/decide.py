@@ -49,7 +49,9 @@ class Decision:
     acted, if any. shadow: what a shadow-mode guard would have done ("" = nothing).
     The response header values are fields (quota_policy, quota_status: "" when the
     metric has no quota) so the proxy can write them without building containers;
-    `headers` gives them as (name, value) pairs.
+    `headers` gives them as (name, value) pairs. model_map: the model downgrades of
+    the level-2 guard that throttles this request (requested model -> model to
+    serve), None when no acting guard downgrades.
     """
 
     @property
@@ -80,7 +82,8 @@ class Decision:
         )
 
 
-def _decision(outcome, status, reason, detail, retry_after_s, quota_policy, quota_status, guard_id, shadow):
+def _decision(outcome, status, reason, detail, retry_after_s, quota_policy, quota_status, guard_id, shadow,
+              model_map=None):
     decision = Decision.__new__(Decision)
     decision.outcome = outcome
     decision.status = status
@@ -91,6 +94,7 @@ def _decision(outcome, status, reason, detail, retry_after_s, quota_policy, quot
     decision.quota_status = quota_status
     decision.guard_id = guard_id
     decision.shadow = shadow
+    decision.model_map = model_map
     return decision
 
 
@@ -157,9 +161,9 @@ def decide(customer, facts, now):
 
     customer: CustomerState; facts: RequestFacts; now: seconds on the same clock as
     customer.period_end. Returns a Decision (see the rule order at the top of this
-    module). When both the metric's and the overall guard standing apply, every
-    enforcing one acts (blocks before throttles, metric before overall); shadow-mode
-    standings only report in `shadow`. Only level-2 buckets change: decide() never
+    module). The guard standings of the request's metric, of its other metrics
+    (facts.other_metrics) and overall all apply: every enforcing one acts (blocks
+    before throttles, in that order); shadow-mode standings only report in `shadow`. Only level-2 buckets change: decide() never
     counts usage. A period that has ended (now >= period_end) ignores quota and
     margin state. Retry-After is at least 1 second.
     """
@@ -183,12 +187,7 @@ def decide(customer, facts, now):
             # What is left once this request is served.
             quota_status = quota.ratelimit_header(used + facts.units, reset_s)
         else:
-            quota_status = quota.ratelimit_header(used, reset_s)
-            return _decision(
-                REJECT, 429, REASON_QUOTA_EXCEEDED,
-                f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",
-                reset_s, quota_policy, quota_status, "", "",
-            )
+            return _quota_exceeded(quota, used, reset_s)
 
     levels = customer.acting_levels
     if levels is None:
@@ -196,7 +195,11 @@ def decide(customer, facts, now):
             return ALLOWED
         return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_policy, quota_status, "", "")
 
-    standings = (levels.get(facts.metric), levels.get(_OVERALL_KEY))
+    # The guards of the request's metric, of the other metrics it meters, then overall.
+    standings = [levels.get(facts.metric)]
+    for metric in facts.other_metrics:
+        standings.append(levels.get(metric))
+    standings.append(levels.get(_OVERALL_KEY))
     # Blocks first, so a blocked request takes no throttle token.
     for standing in standings:
         if standing is not None and standing.enforce and standing.level == 3:
@@ -208,6 +211,7 @@ def decide(customer, facts, now):
                 )
     outcome = ALLOW
     acting_guard = ""
+    model_map = None
     for standing in standings:
         if standing is not None and standing.enforce and standing.level == 2:
             reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
@@ -218,6 +222,8 @@ def decide(customer, facts, now):
                 )
             outcome = ALLOW_THROTTLED
             acting_guard = standing.guard_id
+            if model_map is None:
+                model_map = standing.model_map      # the metric's guard first
 
     shadow = ""
     for standing in standings:
@@ -230,5 +236,28 @@ def decide(customer, facts, now):
         return ALLOWED
     return _decision(
         outcome, 0, REASON_THROTTLE if outcome == ALLOW_THROTTLED else REASON_ALLOWED,
-        "", 0, quota_policy, quota_status, acting_guard, shadow,
+        "", 0, quota_policy, quota_status, acting_guard, shadow, model_map,
     )
+
+
+def _quota_exceeded(quota, used, reset_s):
+    return _decision(
+        REJECT, 429, REASON_QUOTA_EXCEEDED,
+        f"the hard quota of {quota.limit} {quota.metric} for this billing period is used up",
+        reset_s, quota.policy_header, quota.ratelimit_header(used, reset_s), "", "",
+    )
+
+
+def quota_refusal(customer, metric, units, now):
+    """The 429 Decision when `units` more of `metric` do not fit the customer's hard
+    quota now; None when they fit, the plan sets no quota on `metric`, or the period
+    has ended (its quota no longer applies). Counts nothing. For units known only
+    once a request's body is read (an LLM call's token estimate), after decide()."""
+    slot = customer.quotas.slot(metric)
+    if slot < 0 or now >= customer.period_end:
+        return None
+    quota = customer.quotas.limit_at(slot)
+    used = customer.used[slot]
+    if quota.admits(used, units):
+        return None
+    return _quota_exceeded(quota, used, _ceil_seconds(customer.period_end - now))

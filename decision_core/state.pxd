@@ -11,6 +11,7 @@ cdef class GuardStanding:
     cdef readonly bint enforce
     cdef readonly TokenBucket bucket
     cdef readonly frozenset locked_features
+    cdef readonly dict model_map
     cdef readonly str block_detail
     cdef readonly str throttle_detail
 
@@ -40,3 +41,4 @@ cdef class RequestFacts:
     cdef readonly tuple features
     cdef readonly str metric
     cdef readonly long long units
+    cdef readonly tuple other_metrics

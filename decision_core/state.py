@@ -16,24 +16,29 @@ OVERALL = "overall"
 
 class GuardStanding:
     """A customer's standing under one guard: its margin level (0..3), whether the
-    guard enforces or only shadows, the level-2 throttle bucket, and for the level-3
-    lock variant the features it suspends (empty = block every request).
+    guard enforces or only shadows, the level-2 throttle bucket and model downgrades
+    (`model_map`: requested model -> the model to serve instead, None for none), and
+    for the level-3 lock variant the features it suspends (empty = block every request).
 
-    Raises InvalidStateError for a level outside 0..3 or level 2 without a bucket.
+    Raises InvalidStateError for a level outside 0..3, level 2 without a bucket, or
+    a model map at another level.
     """
 
-    def __init__(self, guard_id, level, enforce=True, bucket=None, locked_features=frozenset()):
+    def __init__(self, guard_id, level, enforce=True, bucket=None, locked_features=frozenset(), model_map=None):
         if level < 0 or level > 3:
             raise InvalidStateError(f"guard {guard_id!r}: margin level must be 0..3, got {level}")
         if level == 2 and bucket is None:
             raise InvalidStateError(f"guard {guard_id!r}: level 2 needs a throttle bucket")
         if bucket is not None and not isinstance(bucket, TokenBucket):
             raise InvalidStateError(f"guard {guard_id!r}: bucket must be a TokenBucket")
+        if model_map and level != 2:
+            raise InvalidStateError(f"guard {guard_id!r}: model downgrades only apply at level 2, not level {level}")
         self.guard_id = guard_id
         self.level = level
         self.enforce = bool(enforce)
         self.bucket = bucket
         self.locked_features = frozenset(locked_features)
+        self.model_map = dict(model_map) if model_map else None
         # Problem details are fixed per standing, so they are built with the snapshot.
         self.block_detail = f"margin guard {guard_id!r} blocks requests until the next billing period"
         self.throttle_detail = f"margin guard {guard_id!r} limits this customer's request rate"
@@ -111,11 +116,14 @@ def _acting(guard_levels):
 
 class RequestFacts:
     """What a request asks for: the features its route requires, the metric it meters
-    and the units it will use (known up front, or an estimate). Routes build it once."""
+    and the units it will use (known up front, or an estimate), and the other metrics
+    it meters once answered (an LLM call's tokens), whose guards act on it too.
+    Routes build it once."""
 
-    def __init__(self, features, metric, units=1):
+    def __init__(self, features, metric, units=1, other_metrics=()):
         if units < 0:
             raise InvalidStateError(f"a request cannot use negative units, got {units}")
         self.features = tuple(features)
         self.metric = metric
         self.units = units
+        self.other_metrics = tuple(other_metrics)

@@ -1,8 +1,8 @@
 # C types for proxy/connection.py (compiled by Cython at install; the .py runs as is
 # when AFORO_PURE_PYTHON=1).
 cimport cython
-from decision_core.decide cimport Decision, decide
-from decision_core.state cimport CustomerState
+from decision_core.decide cimport Decision, decide, quota_refusal
+from decision_core.state cimport CustomerState, RequestFacts
 from proxy.app cimport ProxyApp
 from proxy.edge_snapshot cimport EdgeSnapshot
 from proxy.headers cimport connection_tokens, field_kind, join_parts
@@ -129,6 +129,7 @@ cdef class Exchange(ResponseSink):
     cdef public bint retried
     cdef public object metered
     cdef public bint awaiting_body
+    cdef public list reserved
 
     @cython.locals(kind=int)
     cpdef request_header(self, name, value)
@@ -140,7 +141,14 @@ cdef class Exchange(ResponseSink):
     @cython.locals(pool=UpstreamPool, route=Route, customer=CustomerState, decision=Decision, snapshot=EdgeSnapshot)
     cpdef start(self)
     cpdef lease_settled(self, bint ok)
+    cpdef _refuse(self, Decision decision)
     cpdef _forward(self)
+    @cython.locals(customer=CustomerState)
+    cpdef bint _reserve(self, reservations) except -1
+    @cython.locals(customer=CustomerState)
+    cpdef _refund(self)
+    @cython.locals(customer=CustomerState, used=cython.longlong)
+    cpdef _settle(self, events)
     cpdef _send_body(self, body)
     cpdef check_deadline(self, now)
     cpdef list _response_fields(self)

@@ -10,7 +10,8 @@ import collections
 import cython
 import httptools
 
-from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide
+from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide, quota_refusal
+from decision_core.state import RequestFacts
 from proxy.headers import (
     FIELD_CONNECTION,
     FIELD_CONTENT_LENGTH,
@@ -476,6 +477,7 @@ class Exchange(ResponseSink):
         self.retried = False
         self.metered = None              # an AiCall or McpCall on a route that meters calls
         self.awaiting_body = False       # admitted; forwarded once the whole body is in
+        self.reserved = []               # (metric, units) counted before forwarding, settled after
 
     # -- request, from the parser -------------------------------------------------------
     def request_header(self, name, value):
@@ -640,13 +642,7 @@ class Exchange(ResponseSink):
             if decision.reason == REASON_QUOTA_EXCEEDED and app.leases is not None \
                     and app.leases.wait(self, customer, route.facts):
                 return                  # decided again when the lease comes (lease_settled)
-            headers = []
-            if decision.quota_policy:
-                headers.append((b"ratelimit-policy", decision.quota_policy.encode()))
-                headers.append((b"ratelimit", decision.quota_status.encode()))
-            if decision.retry_after_s:
-                headers.append((b"retry-after", b"%d" % decision.retry_after_s))
-            self.answer(decision.status, decision.title, decision.detail, decision.reason, headers)
+            self._refuse(decision)
             return
         customer.add_usage(route.facts.metric, route.facts.units)
         if app.leases is not None:
@@ -659,20 +655,32 @@ class Exchange(ResponseSink):
             return
         self._forward()
 
+    def _refuse(self, decision):
+        """Answer a refusing Decision from the edge, with its quota and Retry-After fields."""
+        headers = []
+        if decision.quota_policy:
+            headers.append((b"ratelimit-policy", decision.quota_policy.encode()))
+            headers.append((b"ratelimit", decision.quota_status.encode()))
+        if decision.retry_after_s:
+            headers.append((b"retry-after", b"%d" % decision.retry_after_s))
+        self.answer(decision.status, decision.title, decision.detail, decision.reason, headers)
+
     def _forward(self):
         """Send the admitted request upstream (a metered call's body and fields as
-        its AiCall or McpCall says)."""
+        its AiCall or McpCall says, once what it reserves fits the quotas)."""
         route = self.route
         if route.metered_call is not None:
-            self.metered = route.metered_call()
-            body, headers = self.metered.forwarded(b"".join(self.pending_body), self.headers)
-            self.headers = without_fields(headers, _EXPECT)
-            missing = self.metered.missing_feature(self.customer.features)
+            metered = route.metered_call()
+            body, headers = metered.forwarded(b"".join(self.pending_body), self.headers, self.decision.model_map)
+            missing = metered.missing_feature(self.customer.features)
             if missing is not None:
-                self.customer.add_usage(route.facts.metric, -route.facts.units)
-                self.metered = None
+                self._refund()
                 self.answer(403, TITLES[REASON_FEATURE_NOT_ENTITLED], missing, REASON_FEATURE_NOT_ENTITLED)
                 return
+            if not self._reserve(metered.reservations()):
+                return
+            self.metered = metered
+            self.headers = without_fields(headers, _EXPECT)
             self.pending_body = [body] if body else []
             self.pending_bytes = len(body)
             self.content_length = len(body) if body or self.content_length is not None else None
@@ -680,6 +688,52 @@ class Exchange(ResponseSink):
         self.forwarding = True
         pool = self.app.pools[route.upstream]
         pool.acquire(self)
+
+    def _reserve(self, reservations):
+        """Count a metered call's (metric, units) reservations against the customer's
+        quotas (those its plan sets); True when all fit. Otherwise nothing stays
+        counted for the request and it is refused 429, or waits for a lease of the
+        hard quota it lacks (decided again in lease_settled)."""
+        app = self.app
+        customer = self.customer
+        now = app.wall_now()
+        for metric, units in reservations:
+            if customer.quotas.slot(metric) < 0:
+                continue
+            refusal = quota_refusal(customer, metric, units, now)
+            if refusal is not None:
+                self._refund()
+                if app.leases is not None and app.leases.wait(self, customer, RequestFacts((), metric, units)):
+                    return False
+                self._refuse(refusal)
+                return False
+            customer.add_usage(metric, units)
+            self.reserved.append((metric, units))
+            if app.leases is not None:
+                app.leases.admitted(customer, RequestFacts((), metric, units))
+        return True
+
+    def _refund(self):
+        """The request will not be served: give back every unit counted for it."""
+        app = self.app
+        customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
+        customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+        for metric, units in self.reserved:
+            customer.add_usage(metric, -units)
+        self.reserved = []
+
+    def _settle(self, events):
+        """The call was served and metered as `events`: bring each reservation to
+        the units metered."""
+        app = self.app
+        customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
+        for metric, units in self.reserved:
+            used = 0
+            for event in events:
+                if event.metric == metric:
+                    used += event.quantity
+            customer.add_usage(metric, used - units)
+        self.reserved = []
 
     def lease_settled(self, ok):
         """The quota lease this request waited for is settled (ok: granted, refused, or
@@ -770,7 +824,7 @@ class Exchange(ResponseSink):
         """No connection could be had (502 refused / 504 timed out)."""
         if self.finished:
             return
-        self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+        self._refund()
         self.answer(status, "Bad Gateway" if status == 502 else "Gateway Timeout", detail,
                     "error_502" if status == 502 else "error_504")
 
@@ -794,7 +848,7 @@ class Exchange(ResponseSink):
             self.retried = True
             conn.pool.acquire(self)
             return
-        self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+        self._refund()
         self.answer(502, "Bad Gateway", "upstream closed the connection before responding", "error_502")
 
     def upstream_broken(self, detail):
@@ -805,7 +859,7 @@ class Exchange(ResponseSink):
             self.upstream = None
             if conn is not None:
                 conn.pool.release(conn, False)
-            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+            self._refund()
             self.answer(502, "Bad Gateway", detail, "error_502")
 
     def check_deadline(self, now):
@@ -820,7 +874,7 @@ class Exchange(ResponseSink):
             self._abort_client("upstream stopped sending mid-response")
         else:
             # Like every 502/504: the customer is not charged for a response never given.
-            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+            self._refund()
             self.answer(504, "Gateway Timeout", "upstream did not respond in time", "error_504")
 
     # -- response, from the upstream parser ----------------------------------------------
@@ -892,6 +946,8 @@ class Exchange(ResponseSink):
             head.append(b"x-aforo-shadow: ")
             head.append(decision.shadow.encode())
             head.append(b"\r\n")
+        if self.metered is not None:
+            head.extend(self.metered.response_fields())
         no_body = self.method == b"HEAD" or status in _NO_BODY_STATUSES or status == 101
         if status == 101:
             head.append(b"connection: upgrade\r\nupgrade: ")
@@ -988,6 +1044,8 @@ class Exchange(ResponseSink):
                                                      self.request_bytes, self.response_bytes, latency_ms)
             for event in events:
                 app.meter_buffer.record(event)
+            if self.reserved:
+                self._settle(events)
         app.meter_buffer.record(MeterEvent(
             new_event_id(), customer_id, facts.metric, facts.units, now, route.name,
             self.response_status, self.request_bytes, self.response_bytes, latency_ms, dimensions,
@@ -1022,7 +1080,7 @@ class Exchange(ResponseSink):
             self.app.pools[self.route.upstream].cancel(self)
         if self.forwarding and not self.response_started:
             # No response, no meter event: the quota is not charged either.
-            self.customer.add_usage(self.route.facts.metric, -self.route.facts.units)
+            self._refund()
 
     def _abort_client(self, why):
         self.finished = True

@@ -87,6 +87,10 @@ class EdgeSnapshot:
             self._by_key[api_key] = state
         return state
 
+    def counting(self, customer: CustomerState, api_key: bytes) -> CustomerState:
+        """`customer` itself: a snapshot is never replaced (see EdgeState)."""
+        return customer
+
     def customer_by_id(self, customer_id: str) -> CustomerState | None:
         """The customer with `customer_id`, or None (for updates and inspection, not
         the request path: the id index is built on first use)."""
@@ -351,6 +355,7 @@ def _guard_standing(standing: Standing, now: float) -> GuardStanding:
         standing.mode == "enforce",
         bucket,
         frozenset(standing.locked_features),
+        standing.downgrade_models,
     )
 
 

@@ -39,7 +39,9 @@ class EdgeState(Protocol):
     `customer_for_key(api_key)`: the CustomerState for a plain API key (hashed
     inside), or None when the key is unknown. `version`: the version being served.
     `ready`: False until the first complete state has arrived; a proxy that is not
-    ready should answer 503 rather than 401 to every key.
+    ready should answer 503 rather than 401 to every key. `counting(customer, key)`:
+    the CustomerState whose counters now hold the usage counted here for `customer`,
+    found earlier by its API `key` (a refund or a settlement goes there).
     """
 
     snapshot: EdgeSnapshot
@@ -47,6 +49,8 @@ class EdgeState(Protocol):
     ready: bool
 
     def customer_for_key(self, api_key: bytes) -> CustomerState | None: ...
+
+    def counting(self, customer: CustomerState, api_key: bytes) -> CustomerState: ...
 
 
 class FileEdgeState(WatchedFile):
@@ -84,6 +88,10 @@ class FileEdgeState(WatchedFile):
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         """The customer for a plain API key in the snapshot in force, or None."""
         return self.snapshot.customer_for_key(api_key)
+
+    def counting(self, customer: CustomerState, api_key: bytes) -> CustomerState:
+        """`customer` itself: a new file's usage replaces what was counted here."""
+        return customer
 
     def _build_snapshot(self, raw: bytes) -> EdgeSnapshot:
         # ConfigError for anything that keeps the file from becoming a snapshot.

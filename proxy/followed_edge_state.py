@@ -101,6 +101,16 @@ class FollowedEdgeState:
     def customer_for_key(self, api_key: bytes) -> CustomerState | None:
         return self.snapshot.customer_for_key(api_key)
 
+    def counting(self, customer: CustomerState, api_key: bytes) -> CustomerState:
+        """The customer's state in force now (found by `api_key`, as requests find
+        it) when it is in the same period as `customer`: a rebuilt snapshot carried
+        the usage counted here into it. Else `customer` itself."""
+        current = self.snapshot.customer_for_key(api_key)
+        if current is None or current.customer_id != customer.customer_id \
+                or current.period_end != customer.period_end:
+            return customer
+        return current
+
     def recorded_usage(self, customer_id: str, metric: str) -> int:
         """The usage of `metric` the source says was recorded for the customer this
         period (0 for a customer it does not know)."""

@@ -25,12 +25,22 @@ class McpCall:
         self.status = 0
         self.session = None
 
-    def forwarded(self, body: bytes, headers: list) -> tuple[bytes, list]:
+    def forwarded(self, body: bytes, headers: list, downgrades: dict | None = None) -> tuple[bytes, list]:
         """What goes upstream: the client's body and fields, unchanged (a POST's
-        JSON-RPC body is read here)."""
+        JSON-RPC body is read here; model downgrades do not apply to MCP)."""
         if body:
             self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER))
         return body, headers
+
+    def reservations(self) -> tuple[tuple[str, int], ...]:
+        """What to count against quotas before forwarding, as (metric, units): the
+        tool calls in the body, and 0 agent sessions (finish() settles both)."""
+        calls = len(self.request.tool_calls) if self.request is not None else 0
+        return (self.metering.tool_metric, calls), (self.metering.session_metric, 0)
+
+    def response_fields(self) -> list:
+        """Nothing to add to the client's response."""
+        return []
 
     def missing_feature(self, features: frozenset) -> str | None:
         """Why the call may not go on for a customer whose plan has `features`: a

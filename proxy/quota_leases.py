@@ -89,7 +89,10 @@ class QuotaLeases:
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [exchange]
-            self.loop.create_task(self._ask(customer, facts.metric, facts.units))
+            # What this worker lacks: the request's units beyond those it holds.
+            limit = customer.quotas.limit_at(customer.quotas.slot(facts.metric)).limit
+            held = limit - customer.quota_used(facts.metric)
+            self.loop.create_task(self._ask(customer, facts.metric, max(facts.units - max(held, 0), 1)))
         else:
             waiting.append(exchange)
         return True
@@ -106,7 +109,9 @@ class QuotaLeases:
         left = limit - customer.quota_used(facts.metric)
         if left * LOW_WATER_SHARE * CHUNK_SHARE < limit and key not in self._waiting:
             self._waiting[key] = []
-            self.loop.create_task(self._ask(customer, facts.metric, facts.units))
+            # Any units help (none need be whole requests' worth): "nothing left" then
+            # means the ledger has none at all.
+            self.loop.create_task(self._ask(customer, facts.metric, 1))
 
     async def _ask(self, customer, metric, needed) -> None:
         key = (customer.customer_id, metric)

@@ -22,7 +22,8 @@ class Route:
     """One route: `name`, the `upstream` it forwards to (a name from the settings),
     `host` (lower-case bytes without port, or None for any host), `path_prefix`
     (bytes), `methods` (frozenset of upper-case bytes, or None for any), `facts`,
-    the RequestFacts (features, metric, units) decide() gets, built once here,
+    the RequestFacts (features, metric, units, and the `other_metrics` its metered
+    calls count: their guards act on it too) decide() gets, built once here,
     `fail_closed`: refuse while the edge state is stale (else decide from it), and
     `metered_call`: None, or a callable returning a new call object (AiCall,
     McpCall) for each request, whose body is then read whole before forwarding."""
@@ -39,6 +40,7 @@ class Route:
         units: int = 1,
         fail_closed: bool = False,
         metered_call: object = None,
+        other_metrics: Iterable[str] = (),
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -47,7 +49,7 @@ class Route:
         self.host = None if host is None else _host_name(host)
         self.path_prefix = path_prefix
         self.methods = None if methods is None else frozenset(methods)
-        self.facts = RequestFacts(tuple(features), metric, units)
+        self.facts = RequestFacts(tuple(features), metric, units, tuple(other_metrics))
         self.fail_closed = fail_closed
         self.metered_call = metered_call
 
@@ -65,6 +67,8 @@ class Route:
             settings.units,
             settings.when_stale == "closed",
             _metered_call(settings),
+            settings.ai.metrics if settings.ai is not None else settings.mcp.metrics if settings.mcp is not None
+            else (),
         )
 
     def __repr__(self) -> str:

@@ -21,13 +21,14 @@ TIMEOUT_S = 20
 ARGUMENTS = {"search": {"query": "tools"}, "fetch": {"doc_id": "doc-1"}, "add": {"a": 2, "b": 3}}
 
 
-def mcp_proxy(folder, server_url, mcp="{}"):
+def mcp_proxy(folder, server_url, mcp="{}", quotas="{}"):
     """A started proxy with an `mcp` route in front of the MCP server at
-    `server_url` (its `url` is the MCP endpoint through the proxy)."""
+    `server_url` (its `url` is the MCP endpoint through the proxy), the plan's
+    `quotas` as ThreadedProxy takes them."""
     server = urllib.parse.urlsplit(server_url)
     proxy = ThreadedProxy(folder, (f'tools: {{url: "http://{server.netloc}"}}',),
                           (f"{{name: mcp, upstream: tools, path_prefix: {server.path}, mcp: {mcp}}}",),
-                          key="k-agent", features=("lookups",)).start()
+                          key="k-agent", features=("lookups",), quotas=quotas).start()
     proxy.mcp_url = proxy.url + server.path
     return proxy
 
@@ -111,3 +112,34 @@ def test_a_tool_that_needs_a_feature_the_plan_lacks_is_refused_and_not_metered(t
     assert refusal.json()["detail"] == "tool `add` needs feature `arithmetic`, which is not in the customer's plan"
     tools = [event["dimensions"]["tool"] for event in events if event["metric"] == "mcp_tool_calls"]
     assert tools == ["search"]
+
+
+def test_tool_calls_count_against_a_hard_quota_as_they_are_made(tmp_path):
+    # A batch the server refuses gives back the calls it reserved; an agent then
+    # makes exactly what is left, and one more call is refused before the server.
+    batch = [{"jsonrpc": "2.0", "id": n, "method": "tools/call",
+              "params": {"name": "add", "arguments": {"a": 1, "b": n}}} for n in range(3)]
+    with running_mcp_server() as server_url:
+        running = mcp_proxy(tmp_path, server_url, quotas="{mcp_tool_calls: {limit: 4, hard: true}}")
+        try:
+            async def calls():
+                async with httpx.AsyncClient(headers={"Authorization": "Bearer k-agent"}, timeout=TIMEOUT_S) as http:
+                    accept = {"Accept": "application/json, text/event-stream"}
+                    refused_batch = await http.post(running.mcp_url, json=batch, headers=accept)
+                    async with streamable_http_client(running.mcp_url, http_client=http) as (read, write, session_id):
+                        async with ClientSession(read, write) as session:
+                            await session.initialize()
+                            for name in ("search", "fetch", "add", "add"):
+                                assert not (await session.call_tool(name, ARGUMENTS[name])).isError
+                            over = await http.post(running.mcp_url, json=batch[0],
+                                                   headers={"Mcp-Session-Id": session_id(), **accept})
+                    return refused_batch, over
+            refused_batch, over = asyncio.run(asyncio.wait_for(calls(), TIMEOUT_S))
+            events = running.metered()
+        finally:
+            running.close()
+    assert refused_batch.status_code == 400
+    assert over.status_code == 429 and over.json()["title"] == "Quota Exceeded"
+    assert over.headers["ratelimit"].startswith('"mcp_tool_calls";r=0;')
+    tools = [event["dimensions"]["tool"] for event in events if event["metric"] == "mcp_tool_calls"]
+    assert sorted(tools) == ["add", "add", "fetch", "search"]

@@ -10,10 +10,10 @@ import socket
 import anthropic
 import openai
 import pytest
+from llm_proxy import LlmProxy
 from sdk_usage import anthropic_counts, openai_chat_counts, openai_responses_counts
-from threaded_proxy import ThreadedProxy
 
-from bench.llm_upstream import LlmUpstream, Script
+from bench.llm_upstream import Script
 
 TIMEOUT_S = 10
 MESSAGES = [{"role": "user", "content": "How are margins kept?"}]
@@ -22,31 +22,9 @@ KIND_METRICS = {"input_tokens": "ai_input_tokens", "cached_tokens": "ai_cached_t
                 "reasoning_tokens": "ai_reasoning_tokens"}
 
 
-ROUTES = ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, features: [large_models], "
-          "ai: {format: openai_chat}}",
-          "{name: responses, upstream: main, path_prefix: /v1/responses, ai: {format: openai_responses}}",
-          "{name: messages, upstream: main, path_prefix: /v1/messages, ai: {format: anthropic_messages}}")
-
-
-class Running(ThreadedProxy):
-    """The LLM upstream and a proxy with LLM routes in front of it."""
-
-    def __init__(self, folder, api_key_header):
-        self.upstream = LlmUpstream()
-        super().__init__(folder, (), ROUTES, key="k-ai", features=("large_models",), api_key_header=api_key_header)
-        self.run(self.upstream.start())
-        self.upstreams = (f'main: {{url: "{self.upstream.url}"}}',)
-        self.start()
-
-    def close(self):
-        self.close_worker()
-        self.run(self.upstream.stop())
-        super().close()
-
-
 @pytest.fixture
 def openai_proxy(tmp_path):
-    running = Running(tmp_path, "authorization")
+    running = LlmProxy(tmp_path, "authorization")
     with openai.OpenAI(base_url=f"{running.url}/v1", api_key="k-ai", max_retries=0, timeout=TIMEOUT_S) as client:
         yield running, client
     running.close()
@@ -54,7 +32,7 @@ def openai_proxy(tmp_path):
 
 @pytest.fixture
 def anthropic_proxy(tmp_path):
-    running = Running(tmp_path, "x-api-key")
+    running = LlmProxy(tmp_path, "x-api-key")
     with anthropic.Anthropic(base_url=running.url, api_key="k-ai", max_retries=0, timeout=TIMEOUT_S) as client:
         yield running, client
     running.close()

@@ -16,16 +16,20 @@ TIMEOUT_S = 20
 
 class ThreadedProxy:
     """`upstreams` and `routes`: settings lines (YAML flow mappings, one per line,
-    under `upstreams:` and `routes:`); `api_key_header` as in the settings. `url` is
-    where it listens; `loop` runs it (other servers may share it through run())."""
+    under `upstreams:` and `routes:`); `api_key_header` as in the settings; `quotas`
+    and `levels`: the plan's quotas and the customer's margin standings, as YAML flow
+    mappings. `url` is where it listens; `loop` runs it (other servers may share it
+    through run())."""
 
-    def __init__(self, folder, upstreams, routes, *, key="k-test", features=(), api_key_header="authorization"):
+    def __init__(self, folder, upstreams, routes, *, key="k-test", features=(), api_key_header="authorization",
+                 quotas="{}", levels="{}"):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.folder = folder
         self.key = key
         self.upstreams, self.routes, self.features, self.api_key_header = upstreams, routes, features, api_key_header
+        self.quotas, self.levels = quotas, levels
         self.meter_path = folder / "meter-events.ndjson"
         self.worker = None
 
@@ -35,9 +39,9 @@ class ThreadedProxy:
         (self.folder / "edge_state.yaml").write_text(textwrap.dedent(f"""\
             period: {{start: "2026-01-01T00:00:00+00:00", end: "2099-01-01T00:00:00+00:00"}}
             plans:
-              pro: {{tier: pro, features: [{", ".join(self.features)}]}}
+              pro: {{tier: pro, features: [{", ".join(self.features)}], quotas: {self.quotas}}}
             customers:
-              - {{id: cus_test, plan: pro, status: active, api_keys: [{digest}]}}
+              - {{id: cus_test, plan: pro, status: active, api_keys: [{digest}], levels: {self.levels}}}
             """))
         (self.folder / "proxy.yaml").write_text(textwrap.dedent(f"""\
             listen: 127.0.0.1:0

@@ -227,13 +227,23 @@ def test_valid_ladders(actions):
             "guards.yaml:6: Expected `int` >= 1 - at `$.guards[0].actions.level_2.burst`",
         ),
         (
+            "      level_2: {threshold: 20%, throttle_rate: 5req/sec, downgrade_models: {gpt-4o: gpt-4o}}",
+            "guards.yaml:6: `downgrade_models` maps `gpt-4o` to itself - at `$.guards[0].actions.level_2`",
+        ),
+        (
+            "      level_2: {threshold: 20%, throttle_rate: 5req/sec, downgrade_models: {gpt-4o: 'gpt 4o mini'}}",
+            "guards.yaml:6: Expected a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`), got "
+            "`gpt 4o mini` - at `$.guards[0].actions.level_2.downgrade_models['gpt-4o']`",
+        ),
+        (
             "      level_3: {threshold: 0%, action: lock_features, features: []}",
             "guards.yaml:6: `action: lock_features` needs a non-empty `features` list"
             " - at `$.guards[0].actions.level_3`",
         ),
         (
             "      level_3: {threshold: 0%, action: throttle}",
-            "guards.yaml:6: Expected one of `block_request`, `lock_features`, got `throttle` - at `$.guards[0].actions.level_3.action`",
+            "guards.yaml:6: Expected one of `block_request`, `lock_features`, got `throttle`"
+            " - at `$.guards[0].actions.level_3.action`",
         ),
         (
             "      level_1: {threshold: 30%, notify: finance-ops}",
@@ -251,6 +261,8 @@ def test_valid_ladders(actions):
         "no-level",
         "throttle-without-rate",
         "zero-burst",
+        "downgrade-to-itself",
+        "downgrade-to-a-bad-name",
         "lock-empty-features",
         "unknown-level-3-action",
         "notify-not-a-list",

@@ -25,13 +25,13 @@ def test_applying_twice_changes_nothing_and_a_change_updates_only_itself(backend
         store = await open_store()
         first = await apply_catalog(store, catalog, "catalog.yaml")
         assert {kind: dict(outcomes) for kind, outcomes in first.items()} == {
-            "metric": {"created": 7}, "model_price": {"created": 6}, "tool_price": {"created": 3},
+            "metric": {"created": 8}, "model_price": {"created": 6}, "tool_price": {"created": 3},
             "feature": {"created": 2}, "plan": {"created": 3}, "customer": {"created": 3},
             "subscription": {"created": 3}}
         version = await store.catalog_version()
         again = await apply_catalog(store, catalog, "catalog.yaml")
         assert {kind: dict(outcomes) for kind, outcomes in again.items()} == {
-            "metric": {"unchanged": 7}, "model_price": {"unchanged": 6}, "tool_price": {"unchanged": 3},
+            "metric": {"unchanged": 8}, "model_price": {"unchanged": 6}, "tool_price": {"unchanged": 3},
             "feature": {"unchanged": 2}, "plan": {"unchanged": 3}, "customer": {"unchanged": 3},
             "subscription": {"unchanged": 3}}
         assert await store.catalog_version() == version        # nothing for a rater to reload
@@ -41,7 +41,7 @@ def test_applying_twice_changes_nothing_and_a_change_updates_only_itself(backend
         assert await store.catalog_version() != version
         assert (await store.get_catalog("plan", "pro"))["fixed_fee"] == "59"
         assert await store.get_catalog("model_price", "gpt-4o") == {
-            "input": "2.75", "cached_input": "1.25", "output": "10", "reasoning": None}
+            "input": "2.75", "cached_input": "1.25", "output": "10", "cache_write": None, "reasoning": None}
         assert await store.get_catalog("tool_price", "web_search") == {"per_call": "0.01"}
     backend.run(scenario)
 

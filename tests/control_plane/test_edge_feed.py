@@ -20,7 +20,7 @@ guards:
     min_margin: 50%
     actions:
       level_1: {threshold: 40%}
-      level_2: {threshold: 20%, throttle_rate: 2req/sec, burst: 3}
+      level_2: {threshold: 20%, throttle_rate: 2req/sec, burst: 3, downgrade_models: {gpt-4o: gpt-4o-mini}}
       level_3: {threshold: 0%}
 """
 
@@ -77,7 +77,8 @@ def test_a_proxy_gets_each_customers_plan_status_keys_usage_and_standing(backend
         assert a["api_keys"] == [hashlib.sha256(kept["key"].encode()).hexdigest()]
         assert a["usage"] == {"api_calls": 7}
         assert a["levels"] == {"overall": {"guard": "floor", "level": 3, "mode": "enforce",
-                                           "throttle_rate": None, "burst": None, "locked_features": []}}
+                                           "throttle_rate": None, "burst": None, "downgrade_models": {},
+                                           "locked_features": []}}
         assert a["period_end"] == "2027-02-05T08:00:00Z"           # monthly from 2027-01-05T08:00Z
         assert customers["cus_b"]["status"] == "past_due"
         assert customers["cus_b"]["period_end"] == "2027-02-12T08:00:00Z"
@@ -94,6 +95,7 @@ def test_a_standing_from_an_earlier_period_is_not_served(backend, tmp_path):
         assert levels["cus_a"] == {}
         assert levels["cus_b"]["overall"]["throttle_rate"] == "2req/sec"
         assert levels["cus_b"]["overall"]["burst"] == 3
+        assert levels["cus_b"]["overall"]["downgrade_models"] == {"gpt-4o": "gpt-4o-mini"}
     guarded_api(backend, tmp_path, scenario)
 
 

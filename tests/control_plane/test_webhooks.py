@@ -64,8 +64,13 @@ guards:
     min_margin: 10%
     actions:
       level_3: {threshold: 0%}
+  - id: cheaper-models
+    metric: overall
+    min_margin: 30%
+    actions:
+      level_2: {threshold: 20%, throttle_rate: 50req/sec, downgrade_models: {gpt-4o: gpt-4o-mini, o3: o3-mini}}
 """, "guards.yaml")
-TOKENS_FLOOR, FREE_TRIAL, QUIET = GUARDS.guards
+TOKENS_FLOOR, FREE_TRIAL, QUIET, CHEAPER_MODELS = GUARDS.guards
 
 
 class Clock:
@@ -198,6 +203,9 @@ def test_a_levels_channels_hear_of_every_transition_touching_it_or_a_worse_level
                             "is enforced); review pricing.")),
         (FREE_TRIAL, 0, 2, ("Would throttle to 1000req/hour (shadow mode: nothing is enforced); review pricing "
                             "and costs.")),
+        (CHEAPER_MODELS, 0, 2, ("Throttled to 50req/sec, and LLM calls downgraded (gpt-4o to gpt-4o-mini, o3 to "
+                                "o3-mini): responses carry `X-Aforo-Throttle: true` and `X-Aforo-Downgrade`. Review "
+                                "pricing and costs.")),
     ],
 )
 def test_the_recommended_action_says_what_happens_and_what_to_do(guard, level_from, level_to, sentence):

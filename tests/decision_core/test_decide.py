@@ -16,6 +16,7 @@ from decision_core import (
     TokenBucket,
     decide,
 )
+from decision_core.decide import quota_refusal
 
 NOW = 1_700_000_000.0
 PERIOD_END = NOW + 3600.5  # Retry-After to the period end: 3601 s
@@ -195,6 +196,7 @@ def test_decide_does_not_count_usage():
         lambda: customer(status="unknown"),
         lambda: GuardStanding("g", 4),
         lambda: GuardStanding("g", 2),                # level 2 needs a bucket
+        lambda: GuardStanding("g", 3, model_map={"gpt-4o": "gpt-4o-mini"}),   # downgrades are level 2's
         lambda: RequestFacts((), "ai_tokens", -1),
     ],
 )
@@ -211,3 +213,55 @@ def test_admitted_usage_never_exceeds_a_hard_quota(limit, sizes):
         if decide(state, RequestFacts(("large_models",), "ai_tokens", units), NOW).outcome != REJECT:
             state.add_usage("ai_tokens", units)
     assert state.quota_used("ai_tokens") <= limit
+
+
+def downgrading(models, enforce=True, guard_id="g-tokens"):
+    return GuardStanding(guard_id, 2, enforce, TokenBucket(5, 1, 5, NOW), model_map=models)
+
+
+def test_a_throttled_request_carries_the_model_downgrades_of_its_guard():
+    assert decide(customer(), FACTS, NOW).model_map is None
+    assert decide(customer(levels={"ai_tokens": standing(2)}), FACTS, NOW).model_map is None
+    state = customer(levels={"ai_tokens": downgrading({"gpt-4o": "gpt-4o-mini"}),
+                             OVERALL: downgrading({"gpt-4o": "gpt-3.5", "o3": "o3-mini"}, guard_id="g-all")})
+    # The metric's guard speaks first.
+    assert decide(state, FACTS, NOW).model_map == {"gpt-4o": "gpt-4o-mini"}
+    state = customer(levels={OVERALL: downgrading({"o3": "o3-mini"}, guard_id="g-all")})
+    assert decide(state, FACTS, NOW).model_map == {"o3": "o3-mini"}
+    # A shadow guard downgrades nothing, and neither does a refusal.
+    assert decide(customer(levels={OVERALL: downgrading({"o3": "o3-mini"}, enforce=False)}), FACTS, NOW).model_map \
+        is None
+    throttled = customer(levels={OVERALL: GuardStanding("g", 2, True, TokenBucket(1, 1, 1, NOW), model_map={"a": "b"})})
+    decide(throttled, FACTS, NOW)
+    refused = decide(throttled, FACTS, NOW)
+    assert (refused.outcome, refused.model_map) == (REJECT, None)
+
+
+def test_a_quota_refusal_for_units_known_after_the_decision():
+    state = customer(quota=hard_quota(990))
+    assert quota_refusal(state, "ai_tokens", 10, NOW) is None
+    refusal = quota_refusal(state, "ai_tokens", 11, NOW)
+    assert (refusal.outcome, refusal.status, refusal.reason, refusal.retry_after_s) == (REJECT, 429, "quota_exceeded",
+                                                                                      3601)
+    assert headers(refusal) == {"RateLimit-Policy": '"ai_tokens";q=1000;w=2592000',
+                                "RateLimit": '"ai_tokens";r=10;t=3601', "Retry-After": "3601"}
+    assert refusal.detail == decide(customer(quota=hard_quota(995)), FACTS, NOW).detail
+    # No quota on the metric, a soft quota, or a period that has ended: nothing to refuse.
+    assert quota_refusal(state, "ai_output_tokens", 10**9, NOW) is None
+    assert quota_refusal(customer(quota=(QuotaLimit("ai_tokens", 10, False, MONTH_S), 50)), "ai_tokens", 5, NOW) is None
+    assert quota_refusal(state, "ai_tokens", 11, PERIOD_END) is None
+    assert state.quota_used("ai_tokens") == 990                 # it counts nothing
+
+
+def test_the_guards_of_the_other_metrics_a_request_meters_act_on_it_too():
+    # An LLM call counts api_calls up front and its tokens once answered.
+    call = RequestFacts(("large_models",), "api_calls", 1, ("ai_input_tokens", "ai_output_tokens"))
+    blocked = customer(levels={"ai_output_tokens": standing(3, guard_id="g-output")})
+    decision = decide(blocked, call, NOW)
+    assert (decision.outcome, decision.reason, decision.guard_id) == (REJECT, "margin_blocked", "g-output")
+    throttled = customer(levels={"ai_input_tokens": downgrading({"gpt-4o": "gpt-4o-mini"}, guard_id="g-input")})
+    decision = decide(throttled, call, NOW)
+    assert (decision.outcome, decision.guard_id, decision.model_map) == (ALLOW_THROTTLED, "g-input",
+                                                                          {"gpt-4o": "gpt-4o-mini"})
+    # A guard on a metric the request does not meter leaves it alone.
+    assert decide(customer(levels={"ai_reasoning_tokens": standing(3)}), call, NOW).outcome == ALLOW

@@ -1,7 +1,8 @@
 # A proxy fed by a running control plane, over real sockets: it serves the control
 # plane's customers, follows their changes (new keys, guard levels, a canceled
 # subscription), sends its meter events there exactly once, and keeps the usage it
-# counted itself when its snapshot is rebuilt.
+# counted itself when its snapshot is rebuilt. Hard quotas, token quotas too, are
+# leased so that workers together never admit more than the limit.
 import concurrent.futures
 import datetime
 import json
@@ -14,12 +15,14 @@ import pytest
 from aiohttp import web
 from conftest import SOCKET_TIMEOUT_S, request, wait_until
 
+from bench.llm_upstream import LlmUpstream
 from config.guards import watch_guards
 from config.proxy_settings import load_proxy_settings
 from control_plane.api import create_admin_token, create_app
 from control_plane.periods import period_bounds
 from control_plane.sqlite_store import SqliteStore
 from control_plane.store import USAGE
+from proxy import quota_leases
 from proxy.server import ProxyWorker
 
 GUARDS = """\
@@ -271,6 +274,50 @@ def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread
         admitted += 1
     assert (admitted, status) == (40, 429)
     assert request(second.port, "GET", "/echo", key=key)[0] == 429
+
+
+def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_thread, tmp_path, control_plane,
+                                                                            monkeypatch):
+    # Each call reserves its max_tokens (30) of ai_output_tokens and uses 17: with a
+    # quota of 100, exactly 5 calls fit (85 used; a 6th would need 115), whichever
+    # worker serves them.
+    llm = LlmUpstream(keep_exchanges=False)
+    loop_thread.run(llm.start())
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+    control_plane.catalog()
+    control_plane.call("PUT", "/v1/metrics/ai_output_tokens", {"aggregation": "sum"})
+    control_plane.call("PUT", "/v1/plans/pro", {
+        "tier": "pro", "quotas": {"api_calls": {"limit": 1000}, "ai_output_tokens": {"limit": 100}},
+        "charges": [{"metric": "api_calls", "model": "per_unit", "price": "0.01"}]})
+    key = control_plane.new_key()
+
+    def settings_text(index):
+        return fed_settings(llm.port, following(control_plane.url),
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}",
+                            ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, "
+                             "ai: {format: openai_chat}}",))
+    workers = started_workers(loop_thread, tmp_path, settings_text)
+    start_worker = next(workers)
+    try:
+        first, second = start_worker(), start_worker()
+        body = json.dumps({"model": "gpt-4o", "max_tokens": 30, "messages": [{"role": "user", "content": "hi"}]})
+
+        def call(worker):
+            return request(worker.port, "POST", "/v1/chat/completions", key=key, body=body.encode(),
+                           headers={"Content-Type": "application/json"})[0]
+        with concurrent.futures.ThreadPoolExecutor(8) as clients:
+            statuses = list(clients.map(lambda n: call((first, second)[n % 2]), range(12)))
+        admitted = statuses.count(200)
+        assert admitted <= 5 and set(statuses) <= {200, 429}
+        for worker in (first, second):
+            loop_thread.run(worker.leases.give_back())
+        time.sleep(quota_leases.DENIED_RETRY_S)      # a worker told "nothing left" asks again after this
+        while (status := call(first)) == 200:
+            admitted += 1
+        assert (admitted, status, call(second)) == (5, 429, 429)
+    finally:
+        next(workers, None)
+        loop_thread.run(llm.stop())
 
 
 def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_thread, control_plane, fed_proxy):
