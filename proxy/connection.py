@@ -477,7 +477,7 @@ class Exchange(ResponseSink):
         self.retried = False
         self.metered = None              # an AiCall or McpCall on a route that meters calls
         self.awaiting_body = False       # admitted; forwarded once the whole body is in
-        self.reserved = []               # (metric, units) counted before forwarding, settled after
+        self.reserved = None             # (metric, units) counted before forwarding, settled after
 
     # -- request, from the parser -------------------------------------------------------
     def request_header(self, name, value):
@@ -708,6 +708,8 @@ class Exchange(ResponseSink):
                 self._refuse(refusal)
                 return False
             customer.add_usage(metric, units)
+            if self.reserved is None:
+                self.reserved = []
             self.reserved.append((metric, units))
             if app.leases is not None:
                 app.leases.admitted(customer, RequestFacts((), metric, units))
@@ -718,9 +720,10 @@ class Exchange(ResponseSink):
         app = self.app
         customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
         customer.add_usage(self.route.facts.metric, -self.route.facts.units)
-        for metric, units in self.reserved:
-            customer.add_usage(metric, -units)
-        self.reserved = []
+        if self.reserved:
+            for metric, units in self.reserved:
+                customer.add_usage(metric, -units)
+            self.reserved = None
 
     def _settle(self, events):
         """The call was served and metered as `events`: bring each reservation to
@@ -733,7 +736,7 @@ class Exchange(ResponseSink):
                 if event.metric == metric:
                     used += event.quantity
             customer.add_usage(metric, used - units)
-        self.reserved = []
+        self.reserved = None
 
     def lease_settled(self, ok):
         """The quota lease this request waited for is settled (ok: granted, refused, or
