@@ -3,11 +3,12 @@
 import ipaddress
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from config import ConfigError
 from config.network import HostPort
-from config.proxy_settings import load_proxy_settings, parse_proxy_settings
+from config.proxy_settings import AiMetering, McpMetering, load_proxy_settings, parse_proxy_settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 
@@ -49,7 +50,9 @@ def test_the_example_is_valid_and_points_at_the_example_edge_state():
     assert Path(settings.edge_state.file) == EXAMPLES / "edge_state.yaml"
     assert Path(settings.metering.path) == EXAMPLES / "meter-events.ndjson"
     assert Path(settings.metering.spool_dir) == EXAMPLES / "meter-spool"
-    assert [route.name for route in settings.routes] == ["chat", "reasoning", "render", "core"]
+    assert [route.name for route in settings.routes] == ["chat", "tools", "render", "core"]
+    assert (settings.routes[0].ai.format, settings.routes[1].mcp.tool_features) == (
+        "openai_chat", {"web_search": ("premium_compute",)})
     assert settings.upstreams["llm-api"].url.port == 8001
 
 
@@ -65,6 +68,8 @@ def test_the_example_writes_out_every_default():
     assert example.edge_state.reload_interval_s == defaults.edge_state.reload_interval_s
     assert (example.redis, example.degraded) == (defaults.redis, defaults.degraded)
     assert example.routes[-1].when_stale == defaults.routes[0].when_stale
+    assert example.routes[0].ai == msgspec.convert({"format": "openai_chat"}, AiMetering)
+    assert msgspec.structs.replace(example.routes[1].mcp, tool_features={}) == McpMetering()
     example_upstream = example.upstreams["core-api"]
     default_upstream = defaults.upstreams["search"]
     assert (example_upstream.pool_size, example_upstream.connect_timeout_s, example_upstream.read_timeout_s) == (
