@@ -695,7 +695,9 @@ class Exchange(ResponseSink):
         counted for the request and it is refused 429, or waits for a lease of the
         hard quota it lacks (decided again in lease_settled)."""
         app = self.app
-        customer = self.customer
+        # The state in force now: the body may have taken a while, and a snapshot
+        # rebuilt meanwhile carried this request's units into it.
+        customer = self.customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
         now = app.wall_now()
         for metric, units in reservations:
             if customer.quotas.slot(metric) < 0:
