@@ -30,7 +30,8 @@ CHUNK_SHARE = 20
 # Topped up when what is left falls below this share of a chunk.
 LOW_WATER_SHARE = 4
 LEASE_IDLE_S = 1.0
-# After "nothing left", a worker asks again at most this often (others may give back).
+# After "not enough left" for some units, a worker asks again for as many at most
+# this often (others may give back); fewer units are asked for at once.
 DENIED_RETRY_S = 0.5
 
 
@@ -68,7 +69,8 @@ class QuotaLeases:
         self.clock = clock
         self._waiting: dict[tuple[str, str], list] = {}     # asked for: exchanges waiting on it
         self._held: dict[tuple[str, str], _Held] = {}
-        self._denied_until: dict[tuple[str, str], float] = {}
+        # Told "not enough left": until when, and for how many units (fewer may fit).
+        self._denied: dict[tuple[str, str], tuple[float, int]] = {}
         self._unledgered: dict[tuple[str, str], _Unledgered] = {}
         self.unledgered_total = 0
         self._sweeper = None
@@ -82,17 +84,20 @@ class QuotaLeases:
     def wait(self, exchange, customer, facts) -> bool:
         """A request refused for quota: ask for a lease and `exchange.lease_settled(ok)`
         when the answer comes. False when the refusal stands (no hard quota, or this
-        worker was told just now that nothing is left)."""
+        worker was told just now that no more than it lacks is left)."""
         key = (customer.customer_id, facts.metric)
-        if not self.leased(customer, facts.metric) or self._denied_until.get(key, 0.0) > self.clock():
+        if not self.leased(customer, facts.metric):
+            return False
+        # What this worker lacks: the request's units beyond those it holds.
+        limit = customer.quotas.limit_at(customer.quotas.slot(facts.metric)).limit
+        needed = max(facts.units - max(limit - customer.quota_used(facts.metric), 0), 1)
+        denied = self._denied.get(key)
+        if denied is not None and denied[0] > self.clock() and needed >= denied[1]:
             return False
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [exchange]
-            # What this worker lacks: the request's units beyond those it holds.
-            limit = customer.quotas.limit_at(customer.quotas.slot(facts.metric)).limit
-            held = limit - customer.quota_used(facts.metric)
-            self.loop.create_task(self._ask(customer, facts.metric, max(facts.units - max(held, 0), 1)))
+            self.loop.create_task(self._ask(customer, facts.metric, needed))
         else:
             waiting.append(exchange)
         return True
@@ -156,13 +161,13 @@ class QuotaLeases:
         # Into the customer's state in force now (a new snapshot may have come meanwhile).
         current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
         if not granted:
-            self._denied_until[key] = self.clock() + DENIED_RETRY_S
+            self._denied[key] = (self.clock() + DENIED_RETRY_S, needed)
             return True
         current.add_usage(metric, -granted)
         held = self._held.get(key)
         if held is None or held.period_end != current.period_end or (held.period is None and period is not None):
             self._held[key] = _Held(customer.customer_id, metric, period, current.period_end, self.clock())
-        self._denied_until.pop(key, None)
+        self._denied.pop(key, None)
         return True
 
     def schedule_returns(self) -> None:
