@@ -12,7 +12,7 @@ from collections import Counter
 
 from proxy.headers import field_value
 from proxy.mcp_answers import AnswerReader
-from proxy.mcp_calls import MCP_SESSION_ID_HEADER, read_mcp_request, session_started
+from proxy.mcp_calls import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER, read_mcp_request, session_started
 from proxy.meter_event import MeterEvent, new_event_id
 
 ACCEPTED_BELOW = 400
@@ -36,7 +36,8 @@ class McpCall:
         """What goes upstream: the client's body and fields, unchanged (a POST's
         JSON-RPC body is read here; model downgrades do not apply to MCP)."""
         if body:
-            self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER))
+            self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER),
+                                            field_value(headers, MCP_PROTOCOL_VERSION_HEADER))
         return body, headers
 
     def reservations(self) -> tuple[tuple[str, int], ...]:

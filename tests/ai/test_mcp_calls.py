@@ -58,6 +58,17 @@ def _body(value):
     (_body(_msg("notifications/initialized")), [], {"notifications/initialized": 1}, {}),
     (_body(_msg(request_id=5, result={"content": []})), [], {RESPONSE: 1}, {}),
     (_body(_msg(request_id=None, error={"code": -32700, "message": "x"}, id=None)), [], {RESPONSE: 1}, {}),
+    # 2026-07-28: each request carries its protocol in `_meta`; a call sent again with
+    # the user's answers and the server's state is a request like any other
+    (_body(_msg("tools/call", 1, {"name": "add", "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}})),
+     [("add", 1)], {}, {}),
+    (_body(_msg("tools/call", "r2", {"name": "archive", "inputResponses": {"k": {"action": "accept"}},
+                                     "requestState": "v1.x"})), [("archive", "r2")], {}, {}),
+    (_body(_msg("server/discover", 1, {"_meta": {}})), [], {"server/discover": 1}, {}),
+    (_body(_msg("tools/list", 2)), [], {"tools/list": 1}, {}),
+    (_body(_msg("notifications/initialized")), [], {"notifications/initialized": 1}, {}),
+    (_body(_msg(request_id=5, result={"content": []})), [], {RESPONSE: 1}, {}),
+    (_body(_msg(request_id=None, error={"code": -32700, "message": "x"}, id=None)), [], {RESPONSE: 1}, {}),
     # batches: each element stands alone
     (_body([_call("add", 1), _call("add", 2), _call("search", 3), _msg("notifications/progress")]),
      [("add", 1), ("add", 2), ("search", 3)], {"notifications/progress": 1}, {"batch": True}),
@@ -136,6 +147,27 @@ def test_the_session_id_is_visible_ascii_or_flagged(header, session_id, invalid)
     request = read_mcp_request(_body(_call("add", 1)), header)
     assert (request.session_id, request.invalid_session_id) == (session_id, invalid)
     assert request.tool_calls == (ToolCall("add", 1),)
+
+
+@pytest.mark.parametrize("protocol_version, sessionless", [
+    (None, False),                    # 2025-03-26 and earlier send no version
+    (b"2024-11-05", False),
+    (b"2025-03-26", False),
+    (b"2025-06-18", False),
+    (b"2025-11-25", False),
+    (b"2026-07-28", True),
+    (b"2027-01-01", True),            # unknown: servers answer it as a newer protocol
+    (b"nonsense", True),
+])
+def test_a_request_of_a_protocol_without_sessions_has_none(protocol_version, sessionless):
+    initialize = _body(_msg("initialize", 0, {"protocolVersion": "2025-11-25"}))
+    request = read_mcp_request(initialize, b"s-1", protocol_version)
+    assert request.sessionless == sessionless
+    assert request.session_id == (None if sessionless else "s-1")
+    assert not request.flagged
+    assert session_started(request, b"s-2") == (None if sessionless else "s-2")
+    bad = read_mcp_request(_body(_call("add", 1)), b"bad id", protocol_version)
+    assert (bad.invalid_session_id, bad.tool_calls) == (not sessionless, (ToolCall("add", 1),))
 
 
 _INITIALIZE = _body(_msg("initialize", 0, {"protocolVersion": "2025-06-18"}))
