@@ -1,5 +1,7 @@
-# A real MCP server (the `mcp` package's FastMCP) over streamable HTTP on 127.0.0.1,
-# stateful: `initialize` gets an Mcp-Session-Id that every later request carries.
+# A real MCP server (the `mcp` package's MCPServer) over streamable HTTP on 127.0.0.1,
+# serving both protocol generations on one endpoint: a 2026-07-28 client's requests
+# each stand alone (no session), while an `initialize` (protocol 2025-11-25 and
+# earlier) gets an Mcp-Session-Id that every later request of that session carries.
 # Tests run it in a thread (`running_mcp_server`); a benchmark can run it as a process:
 #   python -m bench.mcp_server [--port N] [--json-response]
 # which prints one line, the endpoint URL, once it accepts connections.
@@ -10,9 +12,11 @@ import contextlib
 import sys
 import threading
 import time
+from typing import Annotated
 
 import uvicorn
-from mcp.server.fastmcp import FastMCP
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
+from pydantic import BaseModel
 
 MCP_PATH = "/mcp"
 START_TIMEOUT_S = 10.0
@@ -21,13 +25,27 @@ DOCUMENTS = {
     "doc-2": "Agents call tools; tools cost money.",
 }
 TOOL_NAMES = ("search", "fetch", "add")
+# A tool that asks the user to confirm before it runs (elicitation): at 2026-07-28 the
+# first `tools/call` is answered `input_required` and the client calls again with the
+# answer; before, the server asks mid-call on the same POST.
+CONFIRMED_TOOL = "archive"
 
 
-def build_mcp_server(*, json_response: bool = False) -> FastMCP:
-    """A FastMCP server with the tools `search`, `fetch` and `add`. With
-    `json_response` the server answers each POST with one JSON body instead of an
-    SSE stream."""
-    server = FastMCP("aforo-test-tools", json_response=json_response, stateless_http=False)
+class Confirmation(BaseModel):
+    confirm: bool
+
+
+async def _ask_to_archive(doc_id: str, context: Context) -> Elicit[Confirmation]:
+    # Progress first, for a client that asked for it: an SSE answer then carries the
+    # progress and the `input_required` result (JSON when there is nothing to stream).
+    await context.report_progress(0, 1, f"asking to archive {doc_id}")
+    return Elicit(f"Archive {doc_id}?", Confirmation)
+
+
+def build_mcp_server() -> MCPServer:
+    """An MCPServer with the tools `search`, `fetch`, `add` and `archive` (which
+    elicits a confirmation first)."""
+    server = MCPServer("aforo-test-tools")
 
     @server.tool()
     def search(query: str) -> list[str]:
@@ -44,15 +62,23 @@ def build_mcp_server(*, json_response: bool = False) -> FastMCP:
         """a + b."""
         return a + b
 
+    @server.tool()
+    def archive(doc_id: str, answer: Annotated[Confirmation, Resolve(_ask_to_archive)]) -> str:
+        """Archives one document once the user confirms."""
+        return f"archived {doc_id}" if answer.confirm else f"kept {doc_id}"
+
     return server
 
 
 class McpServerThread:
     """A uvicorn server for `build_mcp_server()` in a thread of its own, on a free
-    port of 127.0.0.1; `url` is the MCP endpoint once `start()` returned."""
+    port of 127.0.0.1; `url` is the MCP endpoint once `start()` returned. With
+    `json_response` the server answers each POST with one JSON body instead of an SSE
+    stream; it keeps sessions for `initialize` (stateful)."""
 
     def __init__(self, *, port: int = 0, json_response: bool = False) -> None:
-        app = build_mcp_server(json_response=json_response).streamable_http_app()
+        app = build_mcp_server().streamable_http_app(streamable_http_path=MCP_PATH, json_response=json_response,
+                                                     stateless_http=False)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="mcp-server", daemon=True)

@@ -1,7 +1,9 @@
 # What an MCP client asks for in one streamable-HTTP POST: JSON-RPC 2.0, a single
-# message or a batch array. Each `tools/call` request is one billable call of its tool;
-# every other message is counted by method, never billed. Nothing here raises on what
-# a client sends: bad input becomes flags on the result, and the body is forwarded as is.
+# message or (before protocol 2026-07-28) a batch array. Each `tools/call` request is
+# one billable call of its tool; every other message is counted by method, never billed.
+# Nothing here raises on what a client sends: bad input becomes flags on the result,
+# and the body is forwarded as is. Sessions exist only in the handshake protocols (up
+# to 2025-11-25): an `initialize` answered with an Mcp-Session-Id.
 from __future__ import annotations
 
 from typing import Any
@@ -17,6 +19,11 @@ TOOL_NAME_MAX_CHARS = 128
 # Session ids are visible ASCII (0x21-0x7E); a UUID or a signed token fits easily.
 SESSION_ID_MAX_BYTES = 1024
 MCP_SESSION_ID_HEADER = b"mcp-session-id"
+MCP_PROTOCOL_VERSION_HEADER = b"mcp-protocol-version"
+# The revisions with the `initialize` handshake and sessions. A request naming any other
+# in MCP-Protocol-Version (2026-07-28 on) has no session: servers ignore its
+# Mcp-Session-Id, and so does metering (servers route on this field, as here).
+HANDSHAKE_PROTOCOL_VERSIONS = frozenset((b"2024-11-05", b"2025-03-26", b"2025-06-18", b"2025-11-25"))
 
 TOOLS_CALL = "tools/call"
 INITIALIZE = "initialize"
@@ -39,7 +46,9 @@ class McpRequest(msgspec.Struct, frozen=True):
     `tool_calls`: each well-formed `tools/call` request, in body order.
     `method_counts`: every other message by method (`initialize`, `tools/list`,
     `notifications/initialized`, ...; client responses under RESPONSE, "").
-    `session_id`: the request's Mcp-Session-Id, None when absent or not a valid id.
+    `session_id`: the request's Mcp-Session-Id, None when absent, not a valid id, or
+    the request is `sessionless`.
+    `sessionless`: the request names a protocol without sessions (2026-07-28 on).
     Flags: `malformed` (not UTF-8 JSON), `oversized` (over MCP_BODY_MAX_BYTES, not
     parsed), `batch` (the body was an array), `invalid_messages` (messages that are no
     JSON-RPC 2.0 request, notification or response, e.g. a `tools/call` without an
@@ -50,6 +59,7 @@ class McpRequest(msgspec.Struct, frozen=True):
     tool_calls: tuple[ToolCall, ...] = ()
     method_counts: dict[str, int] = {}
     session_id: str | None = None
+    sessionless: bool = False
     malformed: bool = False
     oversized: bool = False
     batch: bool = False
@@ -89,9 +99,9 @@ _MESSAGE = msgspec.json.Decoder(_Message)
 _TOOL_CALL_PARAMS = msgspec.json.Decoder(_ToolCallParams)
 
 
-def read_mcp_request(body: bytes, session_id: bytes | None) -> McpRequest:
-    """The calls in one MCP POST body, with `session_id` the raw Mcp-Session-Id header
-    value (None when the request has none).
+def read_mcp_request(body: bytes, session_id: bytes | None, protocol_version: bytes | None = None) -> McpRequest:
+    """The calls in one MCP POST body, with `session_id` and `protocol_version` the raw
+    Mcp-Session-Id and MCP-Protocol-Version header values (None when absent).
 
     Edge cases: an empty body or anything not UTF-8 JSON is `malformed`; valid JSON that is
     not an object or array (`"x"`, `3`) is one invalid message; an empty batch `[]` is
@@ -100,23 +110,30 @@ def read_mcp_request(body: bytes, session_id: bytes | None) -> McpRequest:
     id of null, true or 1.5 is invalid (MCP ids are strings or integers), which makes
     a `tools/call` with such an id invalid rather than a call; a body over
     MCP_BODY_MAX_BYTES is `oversized` and not parsed; nesting too deep to follow is
-    `malformed`. Never raises.
+    `malformed`; a protocol version other than HANDSHAKE_PROTOCOL_VERSIONS (2026-07-28,
+    or one unknown) makes the request `sessionless`, its session id ignored; no protocol
+    version is the handshake era's (2025-03-26 defined none). Never raises.
     """
-    session, session_invalid = _session_id(session_id)
+    sessionless = protocol_version is not None and protocol_version.strip() not in HANDSHAKE_PROTOCOL_VERSIONS
+    session, session_invalid = _session_id(None if sessionless else session_id)
     if len(body) > MCP_BODY_MAX_BYTES:
-        return McpRequest(session_id=session, oversized=True, invalid_session_id=session_invalid)
+        return McpRequest(session_id=session, sessionless=sessionless, oversized=True,
+                          invalid_session_id=session_invalid)
     try:
         # Validated up front: msgspec skips what it does not read (tool arguments)
         # without checking its UTF-8, and a server rejects such a body whole.
         decoded = _BODY.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError):
         # RecursionError: nesting deeper than msgspec follows, e.g. 100,000 `[`.
-        return McpRequest(session_id=session, malformed=True, invalid_session_id=session_invalid)
+        return McpRequest(session_id=session, sessionless=sessionless, malformed=True,
+                          invalid_session_id=session_invalid)
     except msgspec.ValidationError:
         # JSON, but neither an object nor an array at the top.
-        return McpRequest(session_id=session, invalid_messages=1, invalid_session_id=session_invalid)
+        return McpRequest(session_id=session, sessionless=sessionless, invalid_messages=1,
+                          invalid_session_id=session_invalid)
     except msgspec.DecodeError:
-        return McpRequest(session_id=session, malformed=True, invalid_session_id=session_invalid)
+        return McpRequest(session_id=session, sessionless=sessionless, malformed=True,
+                          invalid_session_id=session_invalid)
 
     tally = _Tally()
     if isinstance(decoded, list):
@@ -131,7 +148,7 @@ def read_mcp_request(body: bytes, session_id: bytes | None) -> McpRequest:
         tally.add(decoded)
     return McpRequest(
         tool_calls=tuple(tally.tool_calls), method_counts=tally.method_counts,
-        session_id=session, batch=isinstance(decoded, list),
+        session_id=session, sessionless=sessionless, batch=isinstance(decoded, list),
         invalid_messages=tally.invalid_messages, nameless_tool_calls=tally.nameless_tool_calls,
         invalid_session_id=session_invalid,
     )
@@ -144,9 +161,10 @@ def session_started(request: McpRequest, response_session_id: bytes | None) -> s
 
     Edge cases: a response to anything but `initialize` never starts a session (servers
     echo the id on every response); an initialize answered without the header (a
-    stateless server) starts none; an invalid id in the response starts none.
+    stateless server) starts none; an invalid id in the response starts none; a
+    `sessionless` request (2026-07-28 on, which has no `initialize`) starts none.
     """
-    if not request.initializes or response_session_id is None:
+    if not request.initializes or request.sessionless or response_session_id is None:
         return None
     session, invalid = _session_id(response_session_id)
     if invalid or session == request.session_id:

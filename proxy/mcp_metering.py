@@ -1,35 +1,43 @@
-# Metering of one MCP exchange (a route with `mcp`): the POST body is read whole
-# before it is forwarded, unchanged; its `tools/call` requests count one call per
-# tool once the server accepted the POST (a server refusing a batch runs none of
-# it), and an `initialize` answered with a new Mcp-Session-Id counts one agent
-# session. A body that is not MCP is forwarded as it is and flagged.
+# Metering of one MCP exchange (a route with `mcp`), for clients and servers of either
+# protocol generation: the POST body is read whole before it is forwarded, unchanged;
+# its `tools/call` requests count one call per tool once the server accepted the POST
+# (a server refusing a batch runs none of it), except a call the server answered
+# `input_required` (2026-07-28 multi round-trip: the client's retry is the call). An
+# `initialize` answered with a new Mcp-Session-Id counts one agent session; requests
+# of protocol 2026-07-28 have no session, so they count none. A body that is not MCP
+# is forwarded as it is and flagged.
 from __future__ import annotations
 
 from collections import Counter
 
 from proxy.headers import field_value
-from proxy.mcp_calls import MCP_SESSION_ID_HEADER, read_mcp_request, session_started
+from proxy.mcp_answers import AnswerReader
+from proxy.mcp_calls import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER, read_mcp_request, session_started
 from proxy.meter_event import MeterEvent, new_event_id
 
 ACCEPTED_BELOW = 400
+_CONTENT_TYPE = b"content-type"
+_CONTENT_ENCODING = b"content-encoding"
 
 
 class McpCall:
     """One exchange on a route whose MCP metering is `metering` (config McpMetering)."""
 
-    __slots__ = ("metering", "request", "status", "session")
+    __slots__ = ("metering", "request", "status", "session", "answer")
 
     def __init__(self, metering) -> None:
         self.metering = metering
         self.request = None
         self.status = 0
         self.session = None
+        self.answer = None       # an AnswerReader while the response to tool calls passes
 
     def forwarded(self, body: bytes, headers: list, downgrades: dict | None = None) -> tuple[bytes, list]:
         """What goes upstream: the client's body and fields, unchanged (a POST's
         JSON-RPC body is read here; model downgrades do not apply to MCP)."""
         if body:
-            self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER))
+            self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER),
+                                            field_value(headers, MCP_PROTOCOL_VERSION_HEADER))
         return body, headers
 
     def reservations(self) -> tuple[tuple[str, int], ...]:
@@ -58,17 +66,25 @@ class McpCall:
     def response_started(self, status: int, headers: list) -> None:
         """The response head arrived: its `status` and header field parts."""
         self.status = status
-        if self.request is not None and status < ACCEPTED_BELOW:
-            self.session = session_started(self.request, field_value(headers, MCP_SESSION_ID_HEADER))
+        request = self.request
+        if request is not None and status < ACCEPTED_BELOW:
+            self.session = session_started(request, field_value(headers, MCP_SESSION_ID_HEADER))
+            if request.tool_calls:
+                self.answer = AnswerReader(field_value(headers, _CONTENT_TYPE),
+                                           field_value(headers, _CONTENT_ENCODING))
 
     def response_chunk(self, chunk: bytes) -> None:
-        """Responses carry nothing metered."""
+        """A chunk of the response body: read only for tool calls answered
+        `input_required`."""
+        if self.answer is not None:
+            self.answer.feed(chunk)
 
     def finish(self, customer_id: str, timestamp: float, route: str, status: int, request_bytes: int,
                response_bytes: int, latency_ms: float) -> tuple[dict[str, str] | None, list[MeterEvent]]:
-        """The exchange is complete: the dimensions of its own meter event (the
-        `mcp_session`, and `mcp_flags` when the body was not all MCP) and one event
-        per tool called (quantity: its calls), plus one for a session it opened."""
+        """The exchange is complete (or cut: what was answered so far counts): the
+        dimensions of its own meter event (the `mcp_session`, and `mcp_flags` when the
+        body was not all MCP) and one event per tool called (quantity: its calls, less
+        those answered `input_required`), plus one for a session it opened."""
         request = self.request
         if request is None:
             return None, []
@@ -81,7 +97,9 @@ class McpCall:
             dimensions["mcp_flags"] = ",".join(flags)
         events = []
         if self.status and self.status < ACCEPTED_BELOW:
-            for tool, calls in Counter(call.name for call in request.tool_calls).items():
+            deferred = self.answer.input_required_ids() if self.answer is not None else ()
+            made = (call.name for call in request.tool_calls if call.request_id not in deferred)
+            for tool, calls in Counter(made).items():
                 events.append(MeterEvent(new_event_id(), customer_id, self.metering.tool_metric, calls, timestamp,
                                          route, status, request_bytes, response_bytes, latency_ms,
                                          {**dimensions, "tool": tool}))
