@@ -389,6 +389,35 @@ _ANTHROPIC_USAGE_EVENTS = frozenset((b"message_start", b"message_delta"))
 _EVENT_NAME_MARKER = re.compile(rb'"type"\s*:\s*"([a-z_.]+)"')
 
 
+# What an SSE event must contain to matter, per format (see UsageReader._markers): an
+# event without any of these leaves the reader as it was, so it need not be read.
+# OpenAI chat (once the model is known): usage, an error, the end. Responses: the
+# final events and errors. Anthropic: the events with usage, the end, errors.
+_CHAT_MARKERS = (b'"prompt_tokens"', b'"error"', b"[DONE]")
+_RESPONSES_MARKERS = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
+_ANTHROPIC_MARKERS = (b"message_start", b"message_delta", b"message_stop", b"error")
+
+
+def _event_end(chunk: bytes, at: int, end: int) -> int:
+    """Index just past the first empty line (the end of an SSE event) found in
+    chunk[at:end], else `end`. `at` need not be at a line start."""
+    lf = chunk.find(b"\n\n", at, end)
+    crlf = chunk.find(b"\n\r\n", at, end)
+    if lf < 0:
+        return end if crlf < 0 else crlf + 3
+    if crlf < 0 or lf < crlf:
+        return lf + 2
+    return crlf + 3
+
+
+def _last_event_end(chunk: bytes, at: int, end: int) -> int:
+    """Index just past the last empty line found in chunk[at:end], else `at`; `at` is
+    at a line start."""
+    lf = chunk.rfind(b"\n\n", at, end)
+    crlf = chunk.rfind(b"\n\r\n", at, end)
+    return max(at, lf + 2 if lf >= 0 else at, crlf + 3 if crlf >= 0 else at)
+
+
 def _is_event_stream(content_type: str | None) -> bool:
     if not content_type:
         return False
@@ -464,12 +493,59 @@ class UsageReader:
         self._parts.append(chunk)
 
     def _feed_sse(self, chunk: bytes) -> None:
+        # Whole events that cannot change what is read (no marker of this format in
+        # them, see _markers) are stepped over with a few bytes.find calls; the rest
+        # is read line by line. Only a chunk that starts between events may be
+        # stepped over, and never past the event a marker is in, so what is read
+        # is exactly what reading every line would give.
         at = 0
         end = len(chunk)
+        if end > MAX_BODY_BYTES:  # an event this long must be read to be found too large
+            self._feed_lines(chunk, 0, end)
+            return
         while at < end:
-            newline = chunk.find(b"\n", at)
+            if self._line or self._data or self._event:
+                # Inside an event: read it to its end first.
+                stop = _event_end(chunk, at, end)
+                self._feed_lines(chunk, at, stop)
+                at = stop
+                continue
+            markers = self._markers()
+            if markers is None:
+                # Every event may matter: read the next one.
+                stop = _event_end(chunk, at, end)
+                self._feed_lines(chunk, at, stop)
+                at = stop
+                continue
+            first = end
+            for marker in markers:
+                found = chunk.find(marker, at, first)
+                if found >= 0:
+                    first = found
+            skip = _last_event_end(chunk, at, first)
+            if first == end:
+                self._feed_lines(chunk, skip, end)
+                return
+            stop = _event_end(chunk, first, end)
+            self._feed_lines(chunk, skip, stop)
+            at = stop
+
+    def _markers(self) -> tuple[bytes, ...] | None:
+        """Bytes without which an event changes nothing for this reader now (None:
+        any event may change something, so each is read)."""
+        if self._format == OPENAI_CHAT:
+            # As _chat_event: once the model is known, only usage, errors and the end.
+            return None if self._model is None else _CHAT_MARKERS
+        if self._format == OPENAI_RESPONSES:
+            return _RESPONSES_MARKERS
+        return _ANTHROPIC_MARKERS
+
+    def _feed_lines(self, chunk: bytes, at: int, end: int) -> None:
+        # Reads chunk[at:end] line by line; an unfinished last line is kept.
+        while at < end:
+            newline = chunk.find(b"\n", at, end)
             if newline < 0:
-                self._line.append(chunk[at:] if at else chunk)
+                self._line.append(chunk[at:end] if at or end < len(chunk) else chunk)
                 self._line_bytes += end - at
                 if self._line_bytes > MAX_BODY_BYTES:
                     self._flags.add(TOO_LARGE)
