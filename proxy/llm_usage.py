@@ -260,6 +260,14 @@ def with_model(body: bytes, model: str) -> bytes | None:
 _INCLUDE_USAGE = b'"include_usage":true'
 
 
+class _StreamFields(msgspec.Struct):
+    stream: Any = None
+    stream_options: Any = msgspec.UNSET  # UNSET: the key is absent (null reads as None)
+
+
+_STREAM_DECODER = msgspec.json.Decoder(_StreamFields)
+
+
 def ask_for_usage(wire_format: str, body: bytes) -> bytes:
     """For a streamed OpenAI chat request, the body with
     `stream_options.include_usage = true` set, so that the stream ends with its
@@ -278,17 +286,20 @@ def ask_for_usage(wire_format: str, body: bytes) -> bytes:
     """
     if wire_format != OPENAI_CHAT:
         return body
-    members = _top_level_members(bytes(body))
-    if members is None:
-        return body
     data = bytes(body)
-    streamed = [data[start:end] == b"true" for key, start, end in members if key == "stream"]
-    if not streamed or not streamed[-1]:
+    try:
+        fields = _STREAM_DECODER.decode(data)  # validates the whole body
+    except (msgspec.DecodeError, TypeError):
         return body
-    options = [(start, end) for key, start, end in members if key == "stream_options"]
-    if not options:
+    # A repeated key reads as its last occurrence, as a JSON parser takes it.
+    if fields.stream is not True:
+        return body
+    if fields.stream_options is msgspec.UNSET:
+        # The usual request: no stream options yet, so no member needs finding.
         opening = _skip_ws(data, 0)
         return _splice(data, [(opening + 1, opening + 1, b'"stream_options":{%s},' % _INCLUDE_USAGE)])
+    members = _members(data, _skip_ws(data, 0))
+    options = [(start, end) for key, start, end in members if key == "stream_options"]
     edits = []
     for start, end in options:
         value = data[start:end]
