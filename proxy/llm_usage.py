@@ -1,6 +1,9 @@
+# cython: annotation_typing=False
 # Token usage of LLM API calls, read from request and response bodies as they pass.
 # Rules: no I/O and no exception for anything a client or an upstream sent (a problem
 # becomes a flag on the result); response chunks are observed, never changed or held.
+# Compiled by Cython at install (llm_usage.pxd types the response reader); the
+# annotations here are for readers, not C types, so a bytearray is still accepted.
 """Request facts, two request rewrites and response usage for three LLM wire formats.
 
 Wire formats (`WIRE_FORMATS`): `openai_chat` (POST /v1/chat/completions),
@@ -32,6 +35,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import cython
 import msgspec
 
 OPENAI_CHAT = "openai_chat"
@@ -409,9 +413,35 @@ _RESPONSES_MARKERS = (b"response.completed", b"response.incomplete", b"response.
 _ANTHROPIC_MARKERS = (b"message_start", b"message_delta", b"message_stop", b"error")
 
 
+def _find(chunk: bytes, marker: bytes, at: int, end: int) -> int:
+    """chunk.find(marker, at, end) (compiled: memmem, without boxing the indexes)."""
+    if cython.compiled:                                 # C names from llm_usage.pxd
+        size = len(marker)
+        if end - at < size:
+            return -1
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        found = memmem(data + at, end - at, PyBytes_AS_STRING(marker), size)  # noqa: F821
+        return -1 if found == cython.NULL else cython.cast(cython.p_char, found) - data
+    return chunk.find(marker, at, end)
+
+
 def _event_end(chunk: bytes, at: int, end: int) -> int:
     """Index just past the first empty line (the end of an SSE event) found in
     chunk[at:end], else `end`. `at` need not be at a line start."""
+    if cython.compiled:
+        # Each line end in turn: the first followed by "\n" or "\r\n" ends the event.
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        while at < end:
+            found = memchr(data + at, 10, end - at)  # noqa: F821
+            if found == cython.NULL:
+                return end
+            at = cython.cast(cython.p_char, found) - data
+            if at + 1 < end and data[at + 1] == 10:
+                return at + 2
+            if at + 2 < end and data[at + 1] == 13 and data[at + 2] == 10:
+                return at + 3
+            at += 1
+        return end
     lf = chunk.find(b"\n\n", at, end)
     crlf = chunk.find(b"\n\r\n", at, end)
     if lf < 0:
@@ -424,6 +454,20 @@ def _event_end(chunk: bytes, at: int, end: int) -> int:
 def _last_event_end(chunk: bytes, at: int, end: int) -> int:
     """Index just past the last empty line found in chunk[at:end], else `at`; `at` is
     at a line start."""
+    if cython.compiled:
+        # Each line end from the last back: the first that closes "\n\n" or "\n\r\n".
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        last = end
+        while last > at:
+            found = memrchr(data + at, 10, last - at)  # noqa: F821
+            if found == cython.NULL:
+                return at
+            last = cython.cast(cython.p_char, found) - data
+            if last - 1 >= at and data[last - 1] == 10:
+                return last + 1
+            if last - 2 >= at and data[last - 1] == 13 and data[last - 2] == 10:
+                return last + 1
+        return at
     lf = chunk.rfind(b"\n\n", at, end)
     crlf = chunk.rfind(b"\n\r\n", at, end)
     return max(at, lf + 2 if lf >= 0 else at, crlf + 3 if crlf >= 0 else at)
@@ -448,7 +492,8 @@ class UsageReader:
     for SSE, at most the current unfinished line and event; for JSON, the body up to
     `MAX_BODY_BYTES` (beyond, it stops keeping and flags `too_large`). SSE events are
     JSON-decoded only when they can carry usage or a model (told by event name or a
-    substring), so the cost per chunk is a scan for line ends.
+    substring), and runs of events that cannot are stepped over whole, so the cost
+    per chunk is a few byte searches.
     """
 
     __slots__ = ("_format", "_sse", "_flags", "_parts", "_kept", "_line", "_line_bytes",
@@ -530,7 +575,7 @@ class UsageReader:
                 continue
             first = end
             for marker in markers:
-                found = chunk.find(marker, at, first)
+                found = _find(chunk, marker, at, first)
                 if found >= 0:
                     first = found
             skip = _last_event_end(chunk, at, first)
@@ -554,7 +599,7 @@ class UsageReader:
     def _feed_lines(self, chunk: bytes, at: int, end: int) -> None:
         # Reads chunk[at:end] line by line; an unfinished last line is kept.
         while at < end:
-            newline = chunk.find(b"\n", at, end)
+            newline = _find(chunk, b"\n", at, end)
             if newline < 0:
                 self._line.append(chunk[at:end] if at or end < len(chunk) else chunk)
                 self._line_bytes += end - at
