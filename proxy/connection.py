@@ -24,6 +24,7 @@ from proxy.headers import (
     FIELD_UPGRADE,
     HOP_BY_HOP,
     IDEMPOTENT_METHODS,
+    chunk_frame,
     connection_tokens,
     field_kind,
     field_value,
@@ -929,7 +930,7 @@ class Exchange(ResponseSink):
         if self.metered is not None:
             self.metered.response_chunk(body)
         if self.response_chunked_out:
-            self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+            self.client.write(chunk_frame(body))
         else:
             self.client.write(body)
 
