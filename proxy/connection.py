@@ -742,12 +742,17 @@ class Exchange(ResponseSink):
         elif self.content_length is not None:
             head.append(b"\r\ncontent-length: %d" % self.content_length)
         head.append(b"\r\n\r\n")
-        conn.transport.write(join_parts(head))
+        if self.pending_body and self.transfer_encoding is None:
+            # The body read so far leaves with the head: one system call, and the
+            # upstream is woken once for both.
+            conn.transport.writelines([join_parts(head)] + self.pending_body)
+        else:
+            conn.transport.write(join_parts(head))
+            for body in self.pending_body:
+                self._send_body(body)
         self.upstream_sent_at = app.now()
         self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
         if self.pending_body:
-            for body in self.pending_body:
-                self._send_body(body)
             self.pending_body = []
             self.pending_bytes = 0
             self.client.resume_reading(_PENDING_BODY)
