@@ -10,7 +10,8 @@ from setuptools import Extension, setup
 COMPILED_MODULES = {
     "decision_core": (("bucket", "quota", "margin", "rating", "state", "decide"),
                       {"boundscheck": False, "wraparound": False, "initializedcheck": False}),
-    "proxy": (("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection"), {}),
+    "proxy": (("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
+               "llm_usage"), {}),
 }
 
 extensions = []

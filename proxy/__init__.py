@@ -5,7 +5,8 @@ import os
 
 from decision_core import compiled, use_sources_when_pure
 
-COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection")
+COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
+                    "llm_usage")
 use_sources_when_pure(__name__, os.path.dirname(__file__), COMPILED_MODULES)
 
 from proxy import (  # noqa: E402,F401
@@ -13,6 +14,7 @@ from proxy import (  # noqa: E402,F401
     connection,
     edge_snapshot,
     headers,
+    llm_usage,
     meter_event,
     metering,
     metrics,

@@ -25,6 +25,7 @@ from proxy.headers import (
     FIELD_UPGRADE,
     HOP_BY_HOP,
     IDEMPOTENT_METHODS,
+    chunk_frame,
     connection_tokens,
     field_kind,
     field_value,
@@ -800,12 +801,17 @@ class Exchange(ResponseSink):
         elif self.content_length is not None:
             head.append(b"\r\ncontent-length: %d" % self.content_length)
         head.append(b"\r\n\r\n")
-        conn.transport.write(join_parts(head))
+        if self.pending_body and self.transfer_encoding is None:
+            # The body read so far leaves with the head: one system call, and the
+            # upstream is woken once for both.
+            conn.transport.writelines([join_parts(head)] + self.pending_body)
+        else:
+            conn.transport.write(join_parts(head))
+            for body in self.pending_body:
+                self._send_body(body)
         self.upstream_sent_at = app.now()
         self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
         if self.pending_body:
-            for body in self.pending_body:
-                self._send_body(body)
             self.pending_body = []
             self.pending_bytes = 0
             self.client.resume_reading(_PENDING_BODY)
@@ -990,7 +996,7 @@ class Exchange(ResponseSink):
         if self.metered is not None:
             self.metered.response_chunk(body)
         if self.response_chunked_out:
-            self.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+            self.client.write(chunk_frame(body))
         else:
             self.client.write(body)
 

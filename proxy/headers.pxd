@@ -32,3 +32,9 @@ cpdef int field_kind(bytes name) except -1
 cpdef bint starts_ignoring_case(bytes value, bytes lower)
 
 cpdef frozenset connection_tokens(bytes value)
+
+cdef bytes _HEX_DIGITS
+
+@cython.locals(size=Py_ssize_t, digits=Py_ssize_t, rest=Py_ssize_t, index=Py_ssize_t, framed=bytes,
+               out=cython.p_char, hex_digits=cython.p_char)
+cpdef bytes chunk_frame(bytes body)

@@ -1,6 +1,9 @@
+# cython: annotation_typing=False
 # Token usage of LLM API calls, read from request and response bodies as they pass.
 # Rules: no I/O and no exception for anything a client or an upstream sent (a problem
 # becomes a flag on the result); response chunks are observed, never changed or held.
+# Compiled by Cython at install (llm_usage.pxd types the response reader); the
+# annotations here are for readers, not C types, so a bytearray is still accepted.
 """Request facts, two request rewrites and response usage for three LLM wire formats.
 
 Wire formats (`WIRE_FORMATS`): `openai_chat` (POST /v1/chat/completions),
@@ -32,6 +35,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import cython
 import msgspec
 
 OPENAI_CHAT = "openai_chat"
@@ -260,6 +264,14 @@ def with_model(body: bytes, model: str) -> bytes | None:
 _INCLUDE_USAGE = b'"include_usage":true'
 
 
+class _StreamFields(msgspec.Struct):
+    stream: Any = None
+    stream_options: Any = msgspec.UNSET  # UNSET: the key is absent (null reads as None)
+
+
+_STREAM_DECODER = msgspec.json.Decoder(_StreamFields)
+
+
 def ask_for_usage(wire_format: str, body: bytes) -> bytes:
     """For a streamed OpenAI chat request, the body with
     `stream_options.include_usage = true` set, so that the stream ends with its
@@ -278,17 +290,20 @@ def ask_for_usage(wire_format: str, body: bytes) -> bytes:
     """
     if wire_format != OPENAI_CHAT:
         return body
-    members = _top_level_members(bytes(body))
-    if members is None:
-        return body
     data = bytes(body)
-    streamed = [data[start:end] == b"true" for key, start, end in members if key == "stream"]
-    if not streamed or not streamed[-1]:
+    try:
+        fields = _STREAM_DECODER.decode(data)  # validates the whole body
+    except (msgspec.DecodeError, TypeError):
         return body
-    options = [(start, end) for key, start, end in members if key == "stream_options"]
-    if not options:
+    # A repeated key reads as its last occurrence, as a JSON parser takes it.
+    if fields.stream is not True:
+        return body
+    if fields.stream_options is msgspec.UNSET:
+        # The usual request: no stream options yet, so no member needs finding.
         opening = _skip_ws(data, 0)
         return _splice(data, [(opening + 1, opening + 1, b'"stream_options":{%s},' % _INCLUDE_USAGE)])
+    members = _members(data, _skip_ws(data, 0))
+    options = [(start, end) for key, start, end in members if key == "stream_options"]
     edits = []
     for start, end in options:
         value = data[start:end]
@@ -389,6 +404,75 @@ _ANTHROPIC_USAGE_EVENTS = frozenset((b"message_start", b"message_delta"))
 _EVENT_NAME_MARKER = re.compile(rb'"type"\s*:\s*"([a-z_.]+)"')
 
 
+# What an SSE event must contain to matter, per format (see UsageReader._markers): an
+# event without any of these leaves the reader as it was, so it need not be read.
+# OpenAI chat (once the model is known): usage, an error, the end. Responses: the
+# final events and errors. Anthropic: the events with usage, the end, errors.
+_CHAT_MARKERS = (b'"prompt_tokens"', b'"error"', b"[DONE]")
+_RESPONSES_MARKERS = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
+_ANTHROPIC_MARKERS = (b"message_start", b"message_delta", b"message_stop", b"error")
+
+
+def _find(chunk: bytes, marker: bytes, at: int, end: int) -> int:
+    """chunk.find(marker, at, end) (compiled: memmem, without boxing the indexes)."""
+    if cython.compiled:                                 # C names from llm_usage.pxd
+        size = len(marker)
+        if end - at < size:
+            return -1
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        found = memmem(data + at, end - at, PyBytes_AS_STRING(marker), size)  # noqa: F821
+        return -1 if found == cython.NULL else cython.cast(cython.p_char, found) - data
+    return chunk.find(marker, at, end)
+
+
+def _event_end(chunk: bytes, at: int, end: int) -> int:
+    """Index just past the first empty line (the end of an SSE event) found in
+    chunk[at:end], else `end`. `at` need not be at a line start."""
+    if cython.compiled:
+        # Each line end in turn: the first followed by "\n" or "\r\n" ends the event.
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        while at < end:
+            found = memchr(data + at, 10, end - at)  # noqa: F821
+            if found == cython.NULL:
+                return end
+            at = cython.cast(cython.p_char, found) - data
+            if at + 1 < end and data[at + 1] == 10:
+                return at + 2
+            if at + 2 < end and data[at + 1] == 13 and data[at + 2] == 10:
+                return at + 3
+            at += 1
+        return end
+    lf = chunk.find(b"\n\n", at, end)
+    crlf = chunk.find(b"\n\r\n", at, end)
+    if lf < 0:
+        return end if crlf < 0 else crlf + 3
+    if crlf < 0 or lf < crlf:
+        return lf + 2
+    return crlf + 3
+
+
+def _last_event_end(chunk: bytes, at: int, end: int) -> int:
+    """Index just past the last empty line found in chunk[at:end], else `at`; `at` is
+    at a line start."""
+    if cython.compiled:
+        # Each line end from the last back: the first that closes "\n\n" or "\n\r\n".
+        data = PyBytes_AS_STRING(chunk)  # noqa: F821
+        last = end
+        while last > at:
+            found = memrchr(data + at, 10, last - at)  # noqa: F821
+            if found == cython.NULL:
+                return at
+            last = cython.cast(cython.p_char, found) - data
+            if last - 1 >= at and data[last - 1] == 10:
+                return last + 1
+            if last - 2 >= at and data[last - 1] == 13 and data[last - 2] == 10:
+                return last + 1
+        return at
+    lf = chunk.rfind(b"\n\n", at, end)
+    crlf = chunk.rfind(b"\n\r\n", at, end)
+    return max(at, lf + 2 if lf >= 0 else at, crlf + 3 if crlf >= 0 else at)
+
+
 def _is_event_stream(content_type: str | None) -> bool:
     if not content_type:
         return False
@@ -408,7 +492,8 @@ class UsageReader:
     for SSE, at most the current unfinished line and event; for JSON, the body up to
     `MAX_BODY_BYTES` (beyond, it stops keeping and flags `too_large`). SSE events are
     JSON-decoded only when they can carry usage or a model (told by event name or a
-    substring), so the cost per chunk is a scan for line ends.
+    substring), and runs of events that cannot are stepped over whole, so the cost
+    per chunk is a few byte searches.
     """
 
     __slots__ = ("_format", "_sse", "_flags", "_parts", "_kept", "_line", "_line_bytes",
@@ -464,12 +549,59 @@ class UsageReader:
         self._parts.append(chunk)
 
     def _feed_sse(self, chunk: bytes) -> None:
+        # Whole events that cannot change what is read (no marker of this format in
+        # them, see _markers) are stepped over with a few bytes.find calls; the rest
+        # is read line by line. Only a chunk that starts between events may be
+        # stepped over, and never past the event a marker is in, so what is read
+        # is exactly what reading every line would give.
         at = 0
         end = len(chunk)
+        if end > MAX_BODY_BYTES:  # an event this long must be read to be found too large
+            self._feed_lines(chunk, 0, end)
+            return
         while at < end:
-            newline = chunk.find(b"\n", at)
+            if self._line or self._data or self._event:
+                # Inside an event: read it to its end first.
+                stop = _event_end(chunk, at, end)
+                self._feed_lines(chunk, at, stop)
+                at = stop
+                continue
+            markers = self._markers()
+            if markers is None:
+                # Every event may matter: read the next one.
+                stop = _event_end(chunk, at, end)
+                self._feed_lines(chunk, at, stop)
+                at = stop
+                continue
+            first = end
+            for marker in markers:
+                found = _find(chunk, marker, at, first)
+                if found >= 0:
+                    first = found
+            skip = _last_event_end(chunk, at, first)
+            if first == end:
+                self._feed_lines(chunk, skip, end)
+                return
+            stop = _event_end(chunk, first, end)
+            self._feed_lines(chunk, skip, stop)
+            at = stop
+
+    def _markers(self) -> tuple[bytes, ...] | None:
+        """Bytes without which an event changes nothing for this reader now (None:
+        any event may change something, so each is read)."""
+        if self._format == OPENAI_CHAT:
+            # As _chat_event: once the model is known, only usage, errors and the end.
+            return None if self._model is None else _CHAT_MARKERS
+        if self._format == OPENAI_RESPONSES:
+            return _RESPONSES_MARKERS
+        return _ANTHROPIC_MARKERS
+
+    def _feed_lines(self, chunk: bytes, at: int, end: int) -> None:
+        # Reads chunk[at:end] line by line; an unfinished last line is kept.
+        while at < end:
+            newline = _find(chunk, b"\n", at, end)
             if newline < 0:
-                self._line.append(chunk[at:] if at else chunk)
+                self._line.append(chunk[at:end] if at or end < len(chunk) else chunk)
                 self._line_bytes += end - at
                 if self._line_bytes > MAX_BODY_BYTES:
                     self._flags.add(TOO_LARGE)
