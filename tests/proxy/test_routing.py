@@ -95,13 +95,19 @@ def test_a_prefix_must_start_with_a_slash():
 
 def test_routes_from_the_example_settings():
     router = Router.from_settings(load_proxy_settings(EXAMPLE).routes)
-    chat = router.match(b"api.example.com", b"/v1/chat", b"POST")
+    chat = router.match(b"api.example.com", b"/v1/chat/completions", b"POST")
     assert (chat.name, chat.upstream, chat.host, chat.path_prefix, chat.methods) == (
-        "chat", "llm-api", b"api.example.com", b"/v1/chat", frozenset({b"POST"})
+        "chat", "llm-api", b"api.example.com", b"/v1/chat/completions", frozenset({b"POST"})
     )
-    assert (chat.facts.features, chat.facts.metric, chat.facts.units) == (("large_models",), "ai_tokens", 1000)
+    assert (chat.facts.features, chat.facts.metric, chat.facts.units) == (("large_models",), "api_calls", 1)
+    # An LLM route's token metrics are its calls' other metrics: their guards act on it.
+    assert chat.facts.other_metrics == ("ai_input_tokens", "ai_cached_tokens", "ai_cache_write_tokens",
+                                        "ai_output_tokens", "ai_reasoning_tokens")
+    assert chat.metered_call is not None
     # The chat route is bound to its host; elsewhere the catch-all takes the path.
-    assert router.match(b"localhost:8080", b"/v1/chat", b"POST").name == "core"
+    assert router.match(b"localhost:8080", b"/v1/chat/completions", b"POST").name == "core"
+    tools = router.match(None, b"/mcp", b"POST")
+    assert (tools.name, tools.facts.other_metrics) == ("tools", ("mcp_tool_calls", "agent_sessions"))
     render = router.match(None, b"/v1/render/scene", b"PUT")
     assert (render.name, render.methods, render.facts.features, render.facts.units) == (
         "render", None, ("premium_compute",), 10
