@@ -9,7 +9,7 @@
 import json
 
 import anthropic
-import httpx
+import httpx2
 import openai
 import pytest
 from llm_proxy import LlmProxy
@@ -40,7 +40,7 @@ class SentBodies:
         self.bodies = []
 
     def client(self):
-        return httpx.Client(event_hooks={"request": [lambda request: self.bodies.append(request.read())]})
+        return httpx2.Client(event_hooks={"request": [lambda request: self.bodies.append(request.read())]})
 
 
 def test_a_downgraded_call_is_asked_for_the_cheaper_model_and_nothing_else_changes(running):
