@@ -179,6 +179,9 @@ def serve_proxy(settings_path, customers, ready_file):
         loop = asyncio.get_running_loop()
         worker = ProxyWorker(settings, loop=loop, edge_state=edge_state)
         await worker.start()
+        # A proxy following a control plane finds customers by id at its first change
+        # (and a leasing one at its first lease): that table counts too.
+        edge_state.customer_by_id("cus_0000000")
         Path(ready_file).write_text(str(rss_mib()))
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)

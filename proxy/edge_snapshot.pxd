@@ -9,7 +9,6 @@ cdef class EdgeSnapshot:
     cdef object _store
     cdef dict _by_key
     cdef dict _by_index
-    cdef dict _by_id
     cdef readonly str version
     cdef readonly double period_end
     cdef bint _sealed
@@ -18,3 +17,13 @@ cdef class EdgeSnapshot:
     cpdef CustomerState customer_for_key(self, bytes api_key)
     @cython.locals(state=CustomerState)
     cpdef CustomerState _state_of(self, index)
+
+
+cdef unsigned long long _FNV_OFFSET, _FNV_PRIME
+
+@cython.locals(value=cython.ulonglong, at=Py_ssize_t)
+cdef unsigned long long _id_hash(const unsigned char[:] data, Py_ssize_t start, Py_ssize_t end) noexcept
+
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, index=Py_ssize_t, slot=cython.ulonglong)
+cdef void _fill_id_slots(const unsigned char[:] ids, const unsigned int[:] id_ends, unsigned int[:] slots,
+                         unsigned long long mask) except *

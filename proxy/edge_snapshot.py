@@ -62,7 +62,6 @@ class EdgeSnapshot:
         self._store = store
         self._by_key: dict[bytes, CustomerState] = {}     # hot path: recent keys, as sent
         self._by_index: dict[int, CustomerState] = {}     # made states, by customer
-        self._by_id: dict[str, int] = {}                   # filled on first use
         self.version = version
         self.period_end = period_end
         self._sealed = True
@@ -93,11 +92,9 @@ class EdgeSnapshot:
 
     def customer_by_id(self, customer_id: str) -> CustomerState | None:
         """The customer with `customer_id`, or None (for updates and inspection, not
-        the request path: the id index is built on first use)."""
-        if not self._by_id:
-            self._by_id.update((self._store.customer_id(index), index) for index in range(len(self._store)))
-        index = self._by_id.get(customer_id)
-        return None if index is None else self._state_of(index)
+        the request path: the id table is built on first use)."""
+        index = self._store.find_id(customer_id)
+        return None if index < 0 else self._state_of(index)
 
     def _state_of(self, index) -> CustomerState:
         state = self._by_index.get(index)
@@ -118,10 +115,8 @@ class EdgeSnapshot:
         Returns False, changing nothing, for a customer this snapshot does not hold.
         Its plan and keys must be as built (a change there needs a new snapshot).
         Raises InvalidStateError as build_snapshot does."""
-        if not self._by_id:
-            self._by_id.update((self._store.customer_id(index), index) for index in range(len(self._store)))
-        index = self._by_id.get(customer.id)
-        if index is None:
+        index = self._store.find_id(customer.id)
+        if index < 0:
             return False
         status_number = _STATUS_NUMBERS.get(customer.status)
         if status_number is None:
@@ -178,6 +173,9 @@ class _CustomerStore:
 
     The table has a power-of-two number of slots, at most half full; a slot holds
     key number + 1 (0 = empty) and probing is linear, comparing whole digests.
+    Customers are found by id through a table of the same shape over the ids
+    (customer number + 1 per slot, 4 bytes each), built on first use: a million
+    customers cost 8 MiB there, not a dict of a million strings.
     """
 
     def __init__(self, plans: list[_PlanState], period_end: float) -> None:
@@ -195,6 +193,8 @@ class _CustomerStore:
         self.key_owner = array("I")      # customer of each key
         self.slots = array("I")
         self.mask = 0
+        self.id_slots = None             # the id table, once a customer is looked up by id
+        self.id_mask = 0
 
     def __len__(self) -> int:
         return len(self.plan_of)
@@ -257,6 +257,32 @@ class _CustomerStore:
                 return self.key_owner[key]
             slot = (slot + 1) & self.mask
 
+    def find_id(self, customer_id: str) -> int:
+        """The customer whose id is `customer_id`, or -1."""
+        if self.id_slots is None:
+            self._index_ids()
+        wanted = customer_id.encode()
+        slot = _id_hash(wanted, 0, len(wanted)) & self.id_mask
+        while True:
+            index = self.id_slots[slot]
+            if not index:
+                return -1
+            index -= 1
+            start = self.id_ends[index - 1] if index else 0
+            if self.ids[start:self.id_ends[index]] == wanted:
+                return index
+            slot = (slot + 1) & self.id_mask
+
+    def _index_ids(self) -> None:
+        count = len(self.plan_of)
+        size = 8
+        while size < count * 2:
+            size *= 2
+        slots = array("I", bytes(4 * size))
+        _fill_id_slots(self.ids, self.id_ends, slots, size - 1)
+        self.id_slots = slots
+        self.id_mask = size - 1
+
     def customer_id(self, index: int) -> str:
         start = self.id_ends[index - 1] if index else 0
         return self.ids[start:self.id_ends[index]].decode()
@@ -275,6 +301,32 @@ class _CustomerStore:
             self.standings.get(index, _NO_STANDINGS),
             self.period_end if self.period_ends is None else self.period_ends[index],
         )
+
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+
+
+def _id_hash(data, start, end):
+    # FNV-1a (64 bits) of data[start:end]: the same in C and in Python.
+    value = _FNV_OFFSET
+    for at in range(start, end):
+        value = (value ^ data[at]) * _FNV_PRIME
+        if not cython.compiled:
+            value &= 0xFFFFFFFFFFFFFFFF     # C arithmetic on 64 bits wraps by itself
+    return value
+
+
+def _fill_id_slots(ids, id_ends, slots, mask):
+    # Each customer number + 1 into the id table, probing linearly.
+    start = 0
+    for index in range(len(id_ends)):
+        end = id_ends[index]
+        slot = _id_hash(ids, start, end) & mask
+        while slots[slot]:
+            slot = (slot + 1) & mask
+        slots[slot] = index + 1
+        start = end
 
 
 def build_snapshot(

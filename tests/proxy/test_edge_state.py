@@ -203,6 +203,18 @@ def test_build_snapshot_from_plain_values():
         snapshot.version = "other"
 
 
+def test_every_customer_is_found_by_id_and_no_other_id_finds_one():
+    # Ids of every length, sharing prefixes, non-ASCII: each finds its own customer
+    # through the snapshot's id table, and ids it does not hold find none.
+    ids = [f"cus_{n}" for n in range(3000)] + ["c", "cus", "cus_", "cus_0_", "ç-client", "x" * 300]
+    customers = [Customer(id=customer_id, plan="free", status="active") for customer_id in ids]
+    snapshot = build_snapshot({"free": Plan(tier="free")}, customers, PERIOD_START, PERIOD_END, NOW)
+    for customer_id in ids:
+        assert snapshot.customer_by_id(customer_id).customer_id == customer_id
+    for missing in ("", "cus_3000", "cus_00", "CUS_1", "x" * 299, "ç"):
+        assert snapshot.customer_by_id(missing) is None
+
+
 @pytest.mark.parametrize(
     ("customers", "message"),
     [
