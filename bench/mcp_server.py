@@ -15,6 +15,7 @@ import time
 from typing import Annotated
 
 import uvicorn
+from starlette.middleware.gzip import GZipMiddleware
 from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from pydantic import BaseModel
 
@@ -74,11 +75,14 @@ class McpServerThread:
     """A uvicorn server for `build_mcp_server()` in a thread of its own, on a free
     port of 127.0.0.1; `url` is the MCP endpoint once `start()` returned. With
     `json_response` the server answers each POST with one JSON body instead of an SSE
-    stream; it keeps sessions for `initialize` (stateful)."""
+    stream; it keeps sessions for `initialize` (stateful). With `compress` it gzips
+    its answers for clients that accept it."""
 
-    def __init__(self, *, port: int = 0, json_response: bool = False) -> None:
+    def __init__(self, *, port: int = 0, json_response: bool = False, compress: bool = False) -> None:
         app = build_mcp_server().streamable_http_app(streamable_http_path=MCP_PATH, json_response=json_response,
                                                      stateless_http=False)
+        if compress:
+            app.add_middleware(GZipMiddleware, minimum_size=0)
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="mcp-server", daemon=True)
@@ -101,9 +105,9 @@ class McpServerThread:
 
 
 @contextlib.contextmanager
-def running_mcp_server(*, json_response: bool = False):
+def running_mcp_server(*, json_response: bool = False, compress: bool = False):
     """Context manager yielding the endpoint URL of a running MCP server thread."""
-    server = McpServerThread(json_response=json_response)
+    server = McpServerThread(json_response=json_response, compress=compress)
     try:
         yield server.start()
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from proxy.headers import field_value
+from proxy.headers import field_value, without_fields
 from proxy.mcp_answers import AnswerReader
 from proxy.mcp_calls import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER, read_mcp_request, session_started
 from proxy.meter_event import MeterEvent, new_event_id
@@ -18,6 +18,7 @@ from proxy.meter_event import MeterEvent, new_event_id
 ACCEPTED_BELOW = 400
 _CONTENT_TYPE = b"content-type"
 _CONTENT_ENCODING = b"content-encoding"
+_ENCODINGS = frozenset((b"accept-encoding",))
 
 
 class McpCall:
@@ -33,11 +34,14 @@ class McpCall:
         self.answer = None       # an AnswerReader while the response to tool calls passes
 
     def forwarded(self, body: bytes, headers: list, downgrades: dict | None = None) -> tuple[bytes, list]:
-        """What goes upstream: the client's body and fields, unchanged (a POST's
-        JSON-RPC body is read here; model downgrades do not apply to MCP)."""
+        """What goes upstream: the client's body, unchanged (a POST's JSON-RPC body is
+        read here; model downgrades do not apply to MCP), and its fields, without
+        Accept-Encoding when the body calls tools (their answer is read as it passes)."""
         if body:
             self.request = read_mcp_request(body, field_value(headers, MCP_SESSION_ID_HEADER),
                                             field_value(headers, MCP_PROTOCOL_VERSION_HEADER))
+            if self.request.tool_calls:
+                headers = without_fields(headers, _ENCODINGS)
         return body, headers
 
     def reservations(self) -> tuple[tuple[str, int], ...]:

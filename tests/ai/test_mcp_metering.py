@@ -232,10 +232,13 @@ def test_tool_calls_count_against_a_hard_quota_as_they_are_made(tmp_path, protoc
     assert sorted(tools) == sorted(["add", "add", CONFIRMED_TOOL, "search"])
 
 
-def test_a_call_answered_input_required_is_metered_when_the_client_calls_again(tmp_path):
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip-server"])
+def test_a_call_answered_input_required_is_metered_when_the_client_calls_again(tmp_path, compress):
     # What the SDK client does, by hand: the first POST is answered `input_required`
-    # (no call yet), the second carries the user's answer and the server's state.
-    with running_mcp_server(json_response=True) as server_url:
+    # (no call yet), the second carries the user's answer and the server's state. A
+    # server that compresses what its clients accept is not asked to for tool calls,
+    # so the proxy can read the answer.
+    with running_mcp_server(json_response=True, compress=compress) as server_url:
         running = mcp_proxy(tmp_path, server_url)
         try:
             async def rounds():
