@@ -1089,8 +1089,9 @@ class Exchange(ResponseSink):
                 self._meter()
         elif self.forwarding and self.route is not None:
             self.app.pools[self.route.upstream].cancel(self)
-        if self.forwarding and not self.response_started:
-            # No response, no meter event: the quota is not charged either.
+        if (self.forwarding or self.awaiting_body) and not self.response_started:
+            # No response, no meter event: the quota is not charged either (nor for a
+            # metered call admitted while its body was still being read).
             self._refund()
 
     def _abort_client(self, why):

@@ -6,6 +6,8 @@
 # so what is left is what was really used. Reservations also hold while a call is
 # still streaming.
 import asyncio
+import socket
+import time
 
 import anthropic
 import openai
@@ -116,3 +118,23 @@ def test_anthropic_max_tokens_are_reserved_and_settled(running):
         assert caught.value.response.json()["title"] == "Quota Exceeded"
         message(100 - OUTPUT_TOKENS)
     assert len(running.upstream.exchanges) == 2
+
+
+@pytest.mark.parametrize("running", [{"quotas": "{api_calls: {limit: 1, hard: true}}"}], indirect=True)
+def test_a_client_gone_before_its_body_is_in_is_not_charged(running):
+    # Admitted (the proxy asks for the body), then the client leaves: nothing was
+    # forwarded or metered, so the one call the quota allows is still there.
+    with socket.create_connection(("127.0.0.1", running.worker.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-ai\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 500\r\n\r\n{")
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+    with openai_client(running) as client:
+        deadline = time.monotonic() + TIMEOUT_S        # the proxy hears of the close on its own loop
+        while True:
+            try:
+                chat(client, max_tokens=10)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the call of a client that left was still charged"
+                time.sleep(0.05)
+    assert len(running.upstream.exchanges) == 1
