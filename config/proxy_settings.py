@@ -129,7 +129,8 @@ class AiMetering(Schema):
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """Every metric the route's calls meter tokens in."""
+        """Every metric the route's calls meter tokens in: input, cached, cache write,
+        output, reasoning (in this order)."""
         return (self.input_metric, self.cached_metric, self.cache_write_metric, self.output_metric,
                 self.reasoning_metric)
 

@@ -60,9 +60,8 @@ class AiCall:
         request = self.request
         limit = request.max_tokens if request is not None and request.max_tokens is not None \
             else metering.default_max_tokens
-        return ((metering.input_metric, -(-self.body_bytes // BYTES_PER_INPUT_TOKEN)),
-                (metering.cached_metric, 0), (metering.cache_write_metric, 0),
-                (metering.output_metric, limit), (metering.reasoning_metric, 0))
+        estimates = (-(-self.body_bytes // BYTES_PER_INPUT_TOKEN), 0, 0, limit, 0)
+        return tuple(zip(metering.metrics, estimates))     # input, cached, cache write, output, reasoning
 
     def response_fields(self) -> list:
         """Header field parts to add to the client's response: `X-Aforo-Downgrade:
@@ -108,10 +107,8 @@ class AiCall:
             dimensions["usage_flags"] = ",".join(sorted(flags))
         if usage is None:
             return dimensions, []
-        metering = self.metering
-        counts = ((metering.input_metric, usage.input_tokens), (metering.cached_metric, usage.cached_tokens),
-                  (metering.cache_write_metric, usage.cache_write_tokens),
-                  (metering.output_metric, usage.output_tokens), (metering.reasoning_metric, usage.reasoning_tokens))
+        counts = zip(self.metering.metrics, (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens,
+                                             usage.output_tokens, usage.reasoning_tokens))
         return dimensions, [MeterEvent(new_event_id(), customer_id, metric, count, timestamp, route, status,
                                        request_bytes, response_bytes, latency_ms, dimensions)
                             for metric, count in counts if count]

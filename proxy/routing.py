@@ -66,24 +66,23 @@ class Route:
             settings.metric,
             settings.units,
             settings.when_stale == "closed",
-            _metered_call(settings),
-            settings.ai.metrics if settings.ai is not None else settings.mcp.metrics if settings.mcp is not None
-            else (),
+            *_metering(settings),
         )
 
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, host={self.host!r}, path_prefix={self.path_prefix!r})"
 
 
-def _metered_call(settings: RouteSettings):
-    # Imported only for routes that need them.
+def _metering(settings: RouteSettings):
+    # (metered_call, other_metrics) of a route; the call classes are imported only
+    # for routes that need them.
     if settings.ai is not None:
         from proxy.ai_metering import AiCall
-        return functools.partial(AiCall, settings.ai)
+        return functools.partial(AiCall, settings.ai), settings.ai.metrics
     if settings.mcp is not None:
         from proxy.mcp_metering import McpCall
-        return functools.partial(McpCall, settings.mcp)
-    return None
+        return functools.partial(McpCall, settings.mcp), settings.mcp.metrics
+    return None, ()
 
 
 class Router:
