@@ -192,7 +192,7 @@ class ProxyProcess:
 
     def worker_pids(self):
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return [int(pid) for pid in children if b"spawn_main" in _cmdline(pid)]
 
     def output(self):
         self.log.flush()
@@ -312,3 +312,11 @@ def test_a_bad_edge_state_file_is_reported_once_before_any_worker_starts(upstrea
     assert status == 1, output
     assert "edge_state.yaml" in output
     assert "worker" not in output          # no worker was started, none restarted
+
+
+def _cmdline(pid):
+    # A child may exit between being listed and being read: it is no worker then.
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
