@@ -81,6 +81,14 @@ class Limits(Schema):
     receive a request's headers (408 after), an idle keep-alive connection is kept,
     and in-flight requests get to finish on shutdown. `max_connections` open client
     connections per worker; a connection beyond that is answered 503 and closed.
+
+    A request body is answered 408 (and nothing of it reaches the upstream whole)
+    when no byte of it comes for `body_timeout_s`, or when it falls below
+    `min_body_bytes_per_s`: by then it must have sent that many bytes for every
+    second past `body_timeout_s`. Time the proxy itself is not reading (the upstream
+    takes no more) does not count. Bodies of up to `buffered_body_bytes` (and chunked
+    ones until they outgrow it) are read whole before an upstream connection is
+    taken, so slow clients cannot hold the upstream pool; larger ones stream.
     """
 
     max_request_line_bytes: Count = 8192
@@ -88,6 +96,9 @@ class Limits(Schema):
     max_headers: Count = 100
     max_body_bytes: Units = 10 * MIB
     header_timeout_s: Seconds = 10.0
+    body_timeout_s: Seconds = 10.0
+    min_body_bytes_per_s: Count = 1024
+    buffered_body_bytes: Units = 64 * 1024
     keepalive_timeout_s: Seconds = 75.0
     max_connections: Count = 10000
     shutdown_grace_s: GraceSeconds = 30.0

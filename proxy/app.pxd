@@ -17,6 +17,9 @@ cdef class ProxyApp:
     cdef public long long max_headers
     cdef public long long max_body_bytes
     cdef public double header_timeout_s
+    cdef public double body_timeout_s
+    cdef public double body_s_per_byte
+    cdef public long long buffered_body_bytes
     cdef public Router router
     cdef public object edge_state
     cdef public MeterBuffer meter_buffer
@@ -31,6 +34,7 @@ cdef class ProxyApp:
     cdef public tuple trusted_networks
     cdef public dict pools
     cdef public set connections
+    cdef public object deadlines
     cdef public bint closing
     cdef public object sweeper
     cdef public object leases
@@ -38,6 +42,7 @@ cdef class ProxyApp:
     cdef public double staleness_budget_s
     cdef public bytes stale_retry_after
     cdef public bint stale
+    cdef public double staleness_checked_at
 
     cpdef admit_connection(self, connection)
     cpdef forget_connection(self, connection)

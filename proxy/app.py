@@ -1,7 +1,9 @@
 # What every connection of one proxy worker shares: limits, router, edge state,
 # upstream pools, the meter buffer and metrics, plus the clocks. Timeouts are checked
-# by one sweep per second over all connections instead of a timer per request, so the
-# hot path allocates no timer handles; tests call sweep() with a fake clock.
+# by a sweep every deadlines.TICK_S over the connections whose deadline is due (filed
+# in `deadlines`), instead of a timer per request, so the hot path allocates no timer
+# handles and a timeout fires within a tick of its setting; tests call sweep() with a
+# fake clock.
 import ipaddress
 import logging
 import time
@@ -9,12 +11,15 @@ import urllib.parse
 
 import cython
 
+from proxy.deadlines import TICK_S, Deadlines
 from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("aforo.proxy")
 
-SWEEP_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = TICK_S
+# Whether the edge state is stale is asked this often (it changes in seconds).
+STALENESS_CHECK_S = 1.0
 _BEARER = b"bearer "
 
 
@@ -32,6 +37,9 @@ class ProxyApp:
         self.max_headers = settings.limits.max_headers
         self.max_body_bytes = settings.limits.max_body_bytes
         self.header_timeout_s = settings.limits.header_timeout_s
+        self.body_timeout_s = settings.limits.body_timeout_s
+        self.body_s_per_byte = 1.0 / settings.limits.min_body_bytes_per_s
+        self.buffered_body_bytes = settings.limits.buffered_body_bytes
         self.router = router
         self.edge_state = edge_state
         self.meter_buffer = meter
@@ -54,6 +62,7 @@ class ProxyApp:
                 upstream.connect_timeout_s, upstream.read_timeout_s, loop, clock,
             )
         self.connections = set()
+        self.deadlines = Deadlines()
         self.closing = False
         self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
         self.leases = None            # QuotaLeases when hard quotas are leased (control plane or Redis)
@@ -63,6 +72,7 @@ class ProxyApp:
         self.staleness_budget_s = settings.degraded.staleness_budget_s
         self.stale_retry_after = b"%d" % settings.degraded.retry_after_s
         self.stale = False
+        self.staleness_checked_at = float("-inf")
 
     # -- connections ----------------------------------------------------------------
     def is_trusted(self, ip):
@@ -130,10 +140,11 @@ class ProxyApp:
         return self.wall_clock()
 
     def sweep(self, now=None):
-        """Enforce header, idle, connect and read timeouts as of `now` (default: clock()),
-        and say whether a followed edge state is stale (older than its budget)."""
+        """Enforce header, body, idle, connect and read timeouts due at `now` (default:
+        clock()), and say whether a followed edge state is stale (older than its budget)."""
         now = self.clock() if now is None else now
-        if self.edge_state_age is not None:
+        if self.edge_state_age is not None and now - self.staleness_checked_at >= STALENESS_CHECK_S:
+            self.staleness_checked_at = now
             age_s = self.edge_state_age()
             stale = age_s > self.staleness_budget_s
             if stale != self.stale:
@@ -143,8 +154,7 @@ class ProxyApp:
                 else:
                     log.warning("edge state is fresh again: no longer degraded")
                 self.stale = stale
-        for connection in list(self.connections):
-            connection.check_deadline(now)
+        self.deadlines.check(now)
         for pool in self.pools.values():
             pool.sweep(now)
 

@@ -37,9 +37,10 @@ cdef class ClientConnection:
     cdef public bint writing_paused
     cdef public int reading_paused_by
     cdef public double deadline
+    cdef public double filed_at
     cdef public bint idle
     cdef public object tunnel
-    cdef public bint tunnel_moved
+    cdef public double tunnel_active_at
     cdef public object upgrading
     cdef public bint corked
     cdef public bint lingering
@@ -70,7 +71,11 @@ cdef class ClientConnection:
     cpdef refuse(self, status, title, detail, reason=*)
     cpdef _linger(self)
     cpdef exchange_done(self, exchange, keep_alive)
+    cpdef set_deadline(self, double at)
+    cpdef due_at(self, double at)
     cpdef check_deadline(self, now)
+    cpdef _deadline_passed(self, double now)
+    cpdef tunnel_moved(self)
     cpdef close_when_idle(self)
     cpdef start_tunnel(self, upstream_conn)
     cpdef upstream_full(self)
@@ -130,12 +135,17 @@ cdef class Exchange(ResponseSink):
     cdef public object metered
     cdef public bint awaiting_body
     cdef public list reserved
+    cdef public double body_started_at
 
     @cython.locals(kind=int)
     cpdef request_header(self, name, value)
     cpdef request_headers_complete(self, method, version)
     cpdef _absolute_form(self)
     cpdef request_body(self, body)
+    cpdef double _rate_deadline(self)
+    cpdef bint body_too_slow(self, double now)
+    cpdef body_forgiven(self, double now)
+    cpdef bint _body_held(self)
     cpdef upgrade_data(self, data)
     cpdef request_completed(self)
     @cython.locals(pool=UpstreamPool, route=Route, customer=CustomerState, decision=Decision, snapshot=EdgeSnapshot)
@@ -150,6 +160,7 @@ cdef class Exchange(ResponseSink):
     @cython.locals(customer=CustomerState, used=cython.longlong)
     cpdef _settle(self, events)
     cpdef _send_body(self, body)
+    cpdef upstream_due(self, double at)
     cpdef check_deadline(self, now)
     cpdef list _response_fields(self)
     @cython.locals(route=Route)

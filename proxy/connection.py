@@ -12,6 +12,7 @@ import httptools
 
 from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide, quota_refusal
 from decision_core.state import RequestFacts
+from proxy.deadlines import TICK_S
 from proxy.headers import (
     FIELD_CONNECTION,
     FIELD_CONTENT_LENGTH,
@@ -44,6 +45,7 @@ _CHUNKED_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _EXPECT = frozenset((b"expect",))
 _NO_BODY_STATUSES = frozenset((204, 304))
+_NEVER = float("inf")
 # After refusing a request whose bytes were not all read, the proxy half-closes and
 # reads (and drops) what the client still sends for up to this long: closing a socket
 # with unread input sends a reset, which can destroy the refusal before it is read.
@@ -71,10 +73,11 @@ class ClientConnection:
         self.refusal = None                     # a refusal waiting for the requests before it
         self.writing_paused = False
         self.reading_paused_by = 0              # reasons reading is paused (bit set)
-        self.deadline = 0.0                     # header / idle timeout, checked by the sweeper
+        self.deadline = _NEVER                  # header / body / idle / linger / tunnel timeout
+        self.filed_at = _NEVER                  # when app.deadlines checks this connection next
         self.idle = True
         self.tunnel = None                      # the upstream connection once a 101 switched protocols
-        self.tunnel_moved = False               # bytes crossed the tunnel since the last sweep
+        self.tunnel_active_at = 0.0             # when a byte last crossed the tunnel
         self.upgrading = None                   # the exchange waiting for 101, if any
         self.corked = False                     # hold writes until the current read is done
         self.lingering = False                  # refused and half-closed: draining input
@@ -95,7 +98,7 @@ class ClientConnection:
             self.peer_trusted = app.is_trusted(peer[0])
         # (uvloop sets TCP_NODELAY on every TCP transport: small writes leave at once.)
         # A new connection owes its first request's headers within the header timeout.
-        self.deadline = app.now() + app.header_timeout_s
+        self.set_deadline(app.now() + app.header_timeout_s)
         if not app.admit_connection(self):
             app.metrics.count_request("", DECISION_TOO_MANY_CONNECTIONS)
             transport.write(problem_response(503, "Service Unavailable", "too many connections", close=True))
@@ -105,7 +108,7 @@ class ClientConnection:
         if self.lingering:
             return
         if self.tunnel is not None:
-            self.tunnel_moved = True
+            self.tunnel_moved()
             self.tunnel.transport.write(data)
             return
         if self.upgrading is not None:
@@ -183,7 +186,7 @@ class ClientConnection:
         exchange = Exchange(self)
         self.parsing = exchange
         self.exchanges.append(exchange)
-        self.deadline = exchange.started_at + self.app.header_timeout_s
+        self.set_deadline(exchange.started_at + self.app.header_timeout_s)
         if len(self.exchanges) > 1:
             # Pipelined: answer in order; stop reading until the earlier ones are done.
             self.pause_reading(_PIPELINE)
@@ -293,7 +296,7 @@ class ClientConnection:
         self.flush()
         self.closing = True
         self.lingering = True
-        self.deadline = self.app.now() + LINGER_S
+        self.set_deadline(self.app.now() + LINGER_S)
         transport = self.transport
         try:
             transport.resume_reading()
@@ -330,28 +333,72 @@ class ClientConnection:
                 head.start()
         else:
             self.idle = True
-            self.deadline = self.app.now() + self.app.limits.keepalive_timeout_s
+            self.set_deadline(self.app.now() + self.app.limits.keepalive_timeout_s)
+
+    def set_deadline(self, at):
+        """The connection's own timeout (header, body, idle keep-alive, linger or
+        tunnel, by its state) is now at `at`."""
+        self.deadline = at
+        if at < self.filed_at:
+            self.app.deadlines.file(self, at)
+
+    def due_at(self, at):
+        """Check this connection's timeouts at `at` at the latest (an exchange's
+        upstream read timeout)."""
+        if at < self.filed_at:
+            self.app.deadlines.file(self, at)
 
     def check_deadline(self, now):
-        """Header timeout (408) for a request still being received, idle keep-alive
-        close for a connection with nothing in flight, upstream read timeout for the
-        exchange being answered."""
+        """Called by app.deadlines once a timeout may be due: the header (408) or
+        body (408) timeout of a request still being received, idle keep-alive close,
+        the linger and tunnel timeouts, and the upstream read timeout of the exchange
+        being answered; then filed again for the next one."""
+        if self.transport is None or self.transport.is_closing() and not self.lingering:
+            return
         if self.lingering:
             if now >= self.deadline:
                 self.transport.close()
+            else:
+                self.due_at(self.deadline)
             return
         if self.tunnel is not None:
             self._check_tunnel(now)
             return
         if self.exchanges:
             self.exchanges[0].check_deadline(now)
-        if self.closing or now < self.deadline:
+        if not self.closing and now >= self.deadline:
+            self._deadline_passed(now)
+        if self.closing and not self.lingering:
             return
+        at = self.deadline
+        if self.exchanges:
+            head = self.exchanges[0]
+            if head.upstream is not None and not head.finished and head.upstream_deadline < at:
+                at = head.upstream_deadline
+        if at < _NEVER:
+            # Never filed for a time already checked: that would be checked again at once.
+            self.due_at(at if at > now else now + TICK_S)
+
+    def _deadline_passed(self, now):
+        # The connection's own timeout is due: what it means depends on its state.
+        parsing = self.parsing
         if self.idle:
             self.closing = True
             self._close()
-        elif self.parsing is not None and not self.parsing.headers_done:
+        elif parsing is None:
+            return
+        elif not parsing.headers_done:
             self.refuse(408, "Request Timeout", "the request headers did not arrive in time")
+        elif not parsing.request_complete:
+            if self.reading_paused_by:
+                # The proxy is not reading (the upstream or an earlier request is
+                # behind): that time does not count against the client's body.
+                parsing.body_forgiven(now)
+            elif parsing.body_too_slow(now):
+                self.refuse(408, "Request Timeout", "the request body arrived slower than the proxy accepts "
+                            f"(at least {self.app.limits.min_body_bytes_per_s} bytes/s)")
+            else:
+                self.refuse(408, "Request Timeout", "the request body did not arrive in time")
 
     def close_when_idle(self):
         """At shutdown: close at once when idle, else after the current response."""
@@ -366,7 +413,8 @@ class ClientConnection:
         self.upgrading = None
         self.tunnel = upstream_conn
         upstream_conn.tunnel = self
-        self.deadline = self.app.now() + upstream_conn.pool.read_timeout_s
+        self.tunnel_active_at = self.app.now()
+        self.set_deadline(self.tunnel_active_at + upstream_conn.pool.read_timeout_s)
         if upstream_conn.writing_paused:
             self.upstream_full()
         if self.writing_paused:
@@ -380,12 +428,16 @@ class ClientConnection:
     def upstream_drained(self):
         self.resume_reading(_UPSTREAM_FULL)
 
+    def tunnel_moved(self):
+        """A byte crossed the tunnel (either way): its idle clock starts over."""
+        self.tunnel_active_at = self.app.now()
+
     def _check_tunnel(self, now):
-        # The sweep's view of a tunnel: idle since the last sweep and past its deadline -> closed.
-        if self.tunnel_moved:
-            self.tunnel_moved = False
-            self.deadline = now + self.tunnel.pool.read_timeout_s
-        elif now >= self.deadline and not self.closing:
+        # Idle for the upstream's read timeout -> closed; else checked again when it would be.
+        deadline = self.tunnel_active_at + self.tunnel.pool.read_timeout_s
+        if now < deadline:
+            self.set_deadline(deadline)
+        elif not self.closing:
             self.closing = True
             if self.writing_paused:
                 self.transport.abort()   # what is held cannot be delivered: nothing moves
@@ -478,6 +530,7 @@ class Exchange(ResponseSink):
         self.retried = False
         self.metered = None              # an AiCall or McpCall on a route that meters calls
         self.awaiting_body = False       # admitted; forwarded once the whole body is in
+        self.body_started_at = 0.0       # when the request head was in (the body's clock)
         self.reserved = None             # (metric, units) counted before forwarding, settled after
 
     # -- request, from the parser -------------------------------------------------------
@@ -563,7 +616,13 @@ class Exchange(ResponseSink):
             # Only WebSocket is relayed: behind any other switch (h2c) later requests
             # would bypass every decision. The request goes on as plain HTTP/1.1.
             self.upgrade = None
-        self.client.deadline = float("inf")
+        if (self.content_length is not None and self.content_length > 0) or self.transfer_encoding is not None:
+            # The body is owed: each piece within the body timeout, and all of it at
+            # the minimum rate (see request_body).
+            self.body_started_at = self.app.now()
+            self.client.set_deadline(self.body_started_at + self.app.body_timeout_s)
+        else:
+            self.client.deadline = _NEVER
 
     def _absolute_form(self):
         # `GET http://host/path HTTP/1.1`: the target's authority replaces Host.
@@ -580,9 +639,14 @@ class Exchange(ResponseSink):
         self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
 
     def request_body(self, body):
+        app = self.app
         self.request_bytes += len(body)
-        if self.request_bytes > self.app.max_body_bytes:
+        if self.request_bytes > app.max_body_bytes:
             raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
+        # Moves only later (both terms grow): filed already.
+        silence_deadline = app.now() + app.body_timeout_s
+        rate_deadline = self._rate_deadline()
+        self.client.deadline = silence_deadline if silence_deadline < rate_deadline else rate_deadline
         if self.finished:
             return
         if self.forwarding and self.upstream is not None:
@@ -590,10 +654,30 @@ class Exchange(ResponseSink):
         else:
             self.pending_body.append(body)
             self.pending_bytes += len(body)
-            # A call read whole before it is forwarded is bounded by max_body_bytes.
-            if (self.pending_bytes > PENDING_BODY_HIGH_WATER and self.route is not None
-                    and self.route.metered_call is None):
+            if self.awaiting_body:
+                # Read whole before any upstream connection is taken: a metered call
+                # (bounded by max_body_bytes), or a body small enough to hold; a
+                # chunked one that outgrows that is forwarded, the rest streamed.
+                if self.pending_bytes > app.buffered_body_bytes and self.route.metered_call is None:
+                    self.awaiting_body = False
+                    self._forward()
+            elif self.pending_bytes > PENDING_BODY_HIGH_WATER and self.route is not None:
                 self.client.pause_reading(_PENDING_BODY)
+
+    def _rate_deadline(self):
+        # When the body read so far would fall below the minimum rate: the body
+        # timeout, plus a second for every min_body_bytes_per_s bytes received.
+        app = self.app
+        return self.body_started_at + app.body_timeout_s + self.request_bytes * app.body_s_per_byte
+
+    def body_too_slow(self, now):
+        """Whether the body's timeout at `now` is for its rate (not for silence)."""
+        return self._rate_deadline() <= now
+
+    def body_forgiven(self, now):
+        """The proxy was not reading this body until `now`: its timeouts start over."""
+        self.body_started_at = now - self.request_bytes * self.app.body_s_per_byte
+        self.client.set_deadline(now + self.app.body_timeout_s)
 
     def upgrade_data(self, data):
         """Raw bytes that followed an upgrade request: held until the tunnel opens."""
@@ -606,12 +690,17 @@ class Exchange(ResponseSink):
 
     def request_completed(self):
         self.request_complete = True
+        if self.finished:
+            return
+        self.client.deadline = _NEVER       # the body is in: nothing more is owed
         if self.awaiting_body:
             self.awaiting_body = False
-            if not self.finished:
-                self._forward()
-        elif self.forwarding and self.upstream is not None and self.transfer_encoding is not None:
-            self.upstream.transport.write(_CHUNKED_END)
+            self._forward()
+        elif self.forwarding and self.upstream is not None:
+            if self.transfer_encoding is not None:
+                self.upstream.transport.write(_CHUNKED_END)
+            # The request is sent: the upstream's silence counts from now.
+            self.upstream_due(self.app.now() + self.upstream.pool.read_timeout_s)
 
     # -- decision -----------------------------------------------------------------------
     def start(self):
@@ -648,13 +737,24 @@ class Exchange(ResponseSink):
         customer.add_usage(route.facts.metric, route.facts.units)
         if app.leases is not None:
             app.leases.admitted(customer, route.facts)
-        if route.metered_call is not None and not self.request_complete:
-            self.awaiting_body = True       # a metered call is read whole first (request_completed)
+        if not self.request_complete and (route.metered_call is not None or self._body_held()):
+            # Read whole first (request_completed), holding no upstream connection.
+            self.awaiting_body = True
             expect = field_value(self.headers, b"expect")
-            if expect is not None and expect.strip().lower() == b"100-continue" and self.http_11:
-                self.client.write(_CONTINUE)    # the body is asked for here, not by the upstream
+            if expect is not None and expect.strip().lower() == b"100-continue":
+                self.headers = without_fields(self.headers, _EXPECT)
+                if self.http_11:
+                    self.client.write(_CONTINUE)    # the body is asked for here, not by the upstream
             return
         self._forward()
+
+    def _body_held(self):
+        # Whether the request has a body the proxy reads before taking an upstream
+        # connection: one of at most buffered_body_bytes, or a chunked one (until it
+        # outgrows that).
+        if self.transfer_encoding is not None:
+            return self.app.buffered_body_bytes > 0
+        return self.content_length is not None and 0 < self.content_length <= self.app.buffered_body_bytes
 
     def _refuse(self, decision):
         """Answer a refusing Decision from the edge, with its quota and Retry-After fields."""
@@ -810,7 +910,10 @@ class Exchange(ResponseSink):
             for body in self.pending_body:
                 self._send_body(body)
         self.upstream_sent_at = app.now()
-        self.upstream_deadline = self.upstream_sent_at + conn.pool.read_timeout_s
+        if self.request_complete:
+            self.upstream_due(self.upstream_sent_at + conn.pool.read_timeout_s)
+        else:
+            self.upstream_deadline = _NEVER     # from when the body is sent (request_completed)
         if self.pending_body:
             self.pending_body = []
             self.pending_bytes = 0
@@ -873,6 +976,11 @@ class Exchange(ResponseSink):
             self._refund()
             self.answer(502, "Bad Gateway", detail, "error_502")
 
+    def upstream_due(self, at):
+        """The upstream read timeout is now at `at`."""
+        self.upstream_deadline = at
+        self.client.due_at(at)
+
     def check_deadline(self, now):
         """Upstream read timeout: 504 before the response starts, abort after."""
         if self.upstream is None or self.finished or now < self.upstream_deadline:
@@ -915,7 +1023,7 @@ class Exchange(ResponseSink):
 
     def response_headers_complete(self, status, upstream_keep_alive):
         now = self.app.now()
-        self.upstream_deadline = now + self.upstream.pool.read_timeout_s
+        self.upstream_due(now + self.upstream.pool.read_timeout_s)
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): relay it with its fields,
             # the real one follows. An HTTP/1.0 client would take it for the answer.
@@ -1070,9 +1178,14 @@ class Exchange(ResponseSink):
 
     def upstream_full(self):
         self.client.upstream_full()
+        if not self.request_complete and not self.response_started:
+            # The upstream takes no more of the body: its silence counts from now.
+            self.upstream_due(self.app.now() + self.upstream.pool.read_timeout_s)
 
     def upstream_drained(self):
         self.client.upstream_drained()
+        if not self.request_complete and not self.response_started:
+            self.upstream_deadline = _NEVER
 
     # -- teardown ---------------------------------------------------------------------------
     def client_gone(self):

@@ -78,7 +78,7 @@ class UpstreamConnection:
 
     def data_received(self, data):
         if self.tunnel is not None:
-            self.tunnel.tunnel_moved = True
+            self.tunnel.tunnel_moved()
             self.tunnel.transport.write(data)
             return
         exchange = self.exchange

@@ -59,7 +59,8 @@ HEAD = "POST {path} HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-pro\r\
 # -- request bodies ----------------------------------------------------------------------------
 
 def test_a_chunked_upload_streams_to_the_upstream_piece_by_piece(proxy, upstream, loop_thread):
-    pieces = [bytes([index]) * (1000 * (index + 1)) for index in range(5)]
+    # The first piece is past what the proxy holds before forwarding (buffered_body_bytes).
+    pieces = [b"\xff" * (64 * 1024 + 1)] + [bytes([index]) * (1000 * (index + 1)) for index in range(5)]
     with connect(proxy.port) as sock:
         sock.sendall(HEAD.format(path="/collect", framing="Transfer-Encoding: chunked\r\n").encode())
         sent = 0
