@@ -223,10 +223,12 @@ def rss_mib(pid="self"):
     return float("nan")
 
 
-def start_proxy(folder, port, upstream_port, customers):
+def start_proxy(folder, port, upstream_port, customers, settings_text=None):
+    """A proxy worker process serving `customers` bench customers on `port` (with
+    `settings_text`, default settings_yaml()); returns (process, RSS MiB when ready)."""
     folder = Path(folder)
     settings = folder / "aforo-proxy.yaml"
-    settings.write_text(settings_yaml(port, free_port(), upstream_port, folder))
+    settings.write_text(settings_text or settings_yaml(port, free_port(), upstream_port, folder))
     ready = folder / f"ready-{customers}"
     process = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.proxy", "--serve-proxy",
                                                    str(settings), str(customers), str(ready)]))

@@ -35,6 +35,8 @@ cdef class ProxyApp:
     cdef public dict pools
     cdef public set connections
     cdef public object deadlines
+    cdef public object wake_timer
+    cdef public double wake_timer_at
     cdef public bint closing
     cdef public object sweeper
     cdef public object leases
@@ -55,5 +57,7 @@ cdef class ProxyApp:
     cpdef double now(self)
     @cython.locals(reading=timespec)
     cpdef double wall_now(self)
+    cpdef _wake_at(self, double at)
+    cpdef _woken(self)
     cpdef stop_sweeps(self)
     cpdef begin_shutdown(self)

@@ -1,9 +1,9 @@
 # What every connection of one proxy worker shares: limits, router, edge state,
-# upstream pools, the meter buffer and metrics, plus the clocks. Timeouts are checked
-# by a sweep every deadlines.TICK_S over the connections whose deadline is due (filed
-# in `deadlines`), instead of a timer per request, so the hot path allocates no timer
-# handles and a timeout fires within a tick of its setting; tests call sweep() with a
-# fake clock.
+# upstream pools, the meter buffer and metrics, plus the clocks. A connection's
+# timeouts (header, body, idle, upstream read) are filed in `deadlines`, and one loop
+# timer wakes the worker when the earliest is due, so they fire on time without a
+# timer handle per request; upstream connect timeouts and the edge state's staleness
+# are checked by a sweep every SWEEP_INTERVAL_S. Tests call sweep() with a fake clock.
 import ipaddress
 import logging
 import time
@@ -11,15 +11,16 @@ import urllib.parse
 
 import cython
 
-from proxy.deadlines import TICK_S, Deadlines
+from proxy.deadlines import Deadlines
 from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("aforo.proxy")
 
-SWEEP_INTERVAL_S = TICK_S
+SWEEP_INTERVAL_S = 0.1
 # Whether the edge state is stale is asked this often (it changes in seconds).
 STALENESS_CHECK_S = 1.0
+_NEVER = float("inf")
 _BEARER = b"bearer "
 
 
@@ -62,7 +63,9 @@ class ProxyApp:
                 upstream.connect_timeout_s, upstream.read_timeout_s, loop, clock,
             )
         self.connections = set()
-        self.deadlines = Deadlines()
+        self.deadlines = Deadlines(self._wake_at)
+        self.wake_timer = None        # the loop timer for the earliest filed deadline
+        self.wake_timer_at = _NEVER
         self.closing = False
         self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
         self.leases = None            # QuotaLeases when hard quotas are leased (control plane or Redis)
@@ -158,12 +161,29 @@ class ProxyApp:
         for pool in self.pools.values():
             pool.sweep(now)
 
+    def _wake_at(self, at):
+        # The earliest connection deadline is now `at`: the loop wakes then.
+        if at >= self.wake_timer_at or self.sweeper is None:
+            return
+        if self.wake_timer is not None:
+            self.wake_timer.cancel()
+        self.wake_timer_at = at
+        delay = at - self.now()
+        self.wake_timer = self.loop.call_later(delay if delay > 0.0 else 0.0, self._woken)
+
+    def _woken(self):
+        self.wake_timer = None
+        self.wake_timer_at = _NEVER
+        self.deadlines.check(self.now())
+        self._wake_at(self.deadlines.next_at)
+
     def schedule_sweeps(self):
         """Sweep every SWEEP_INTERVAL_S on the loop until stop_sweeps()."""
         def tick():
             self.sweep()
             self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
         self.sweeper = self.loop.call_later(SWEEP_INTERVAL_S, tick)
+        self._wake_at(self.deadlines.next_at)
 
     def stop_sweeps(self):
         """Cancel the scheduled sweeps (the worker has stopped): nothing on the loop
@@ -171,6 +191,10 @@ class ProxyApp:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
+        if self.wake_timer is not None:
+            self.wake_timer.cancel()
+            self.wake_timer = None
+            self.wake_timer_at = _NEVER
 
     def begin_shutdown(self):
         """Stop keeping connections alive: idle ones close now, busy ones after their

@@ -12,7 +12,6 @@ import httptools
 
 from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide, quota_refusal
 from decision_core.state import RequestFacts
-from proxy.deadlines import TICK_S
 from proxy.headers import (
     FIELD_CONNECTION,
     FIELD_CONTENT_LENGTH,
@@ -46,6 +45,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _EXPECT = frozenset((b"expect",))
 _NO_BODY_STATUSES = frozenset((204, 304))
 _NEVER = float("inf")
+# A deadline a check left due (nothing could act on it yet) is checked again this much later.
+_RECHECK_S = 0.01
 # After refusing a request whose bytes were not all read, the proxy half-closes and
 # reads (and drops) what the client still sends for up to this long: closing a socket
 # with unread input sends a reset, which can destroy the refusal before it is read.
@@ -377,7 +378,7 @@ class ClientConnection:
                 at = head.upstream_deadline
         if at < _NEVER:
             # Never filed for a time already checked: that would be checked again at once.
-            self.due_at(at if at > now else now + TICK_S)
+            self.due_at(at if at > now else now + _RECHECK_S)
 
     def _deadline_passed(self, now):
         # The connection's own timeout is due: what it means depends on its state.

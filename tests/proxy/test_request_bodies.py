@@ -200,3 +200,14 @@ def _send_ignoring_errors(sock, data):
         sock.sendall(data)
     except OSError:
         pass
+
+
+def test_timeouts_fire_by_themselves_without_a_sweep(upstream, make_proxy):
+    # The worker's own timer, not a test's sweep: short settings, and the answers come.
+    proxy = make_proxy(upstream.port, limits="  header_timeout_s: 0.2\n  body_timeout_s: 0.2\n")
+    with connect(proxy.port) as headers_late, connect(proxy.port) as body_late:
+        headers_late.sendall(b"GET /echo HTTP/1.1\r\nHost: api.te")
+        body_late.sendall(post_head("/echo/late", 10) + b"12345")
+        refused_408(headers_late, "headers did not arrive in time")
+        refused_408(body_late, "body did not arrive in time")
+    assert upstream.requests == []
