@@ -88,6 +88,7 @@ def test_defaults():
     assert (limits.max_request_line_bytes, limits.max_header_bytes, limits.max_headers) == (8192, 32768, 100)
     assert (limits.max_body_bytes, limits.max_connections) == (10 * 1024 * 1024, 10000)
     assert (limits.header_timeout_s, limits.keepalive_timeout_s, limits.shutdown_grace_s) == (10.0, 75.0, 30.0)
+    assert (limits.body_timeout_s, limits.min_body_bytes_per_s, limits.buffered_body_bytes) == (10.0, 1024, 65536)
     upstream = settings.upstreams["search"]
     assert (upstream.pool_size, upstream.connect_timeout_s, upstream.read_timeout_s) == (64, 2.0, 60.0)
     (route,) = settings.routes
@@ -189,6 +190,11 @@ BAD_SETTINGS = [
      " - at `$.trusted_proxies[0]`"),
     ("", "trusted_proxies: 10.0.0.0/8\n", "proxy.yaml:8: Expected `array`, got `str` - at `$.trusted_proxies`"),
     ("", "limits: {header_timeout_s: 0}\n", "proxy.yaml:8: Expected `float` > 0.0 - at `$.limits.header_timeout_s`"),
+    ("", "limits: {body_timeout_s: 0}\n", "proxy.yaml:8: Expected `float` > 0.0 - at `$.limits.body_timeout_s`"),
+    ("", "limits: {min_body_bytes_per_s: 0}\n",
+     "proxy.yaml:8: Expected `int` >= 1 - at `$.limits.min_body_bytes_per_s`"),
+    ("", "limits: {buffered_body_bytes: -1}\n",
+     "proxy.yaml:8: Expected `int` >= 0 - at `$.limits.buffered_body_bytes`"),
     ("", "limits: {max_body_byte: 1}\n", "proxy.yaml:8: Object contains unknown field `max_body_byte` - at `$.limits`"),
     ("", "limits:\n  max_headers: -1\n", "proxy.yaml:9: Expected `int` >= 1 - at `$.limits.max_headers`"),
     ("", "metering: {buffer_events: 10, batch_events: 100}\n",
