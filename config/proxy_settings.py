@@ -11,6 +11,8 @@
 #                              `Bearer <key>`; in any other header, the whole value
 #   trusted_proxies ([])       CIDRs of load balancers whose X-Forwarded-* headers are
 #                              believed; from any other peer they are replaced
+#   shadow_report ("upstream") where a shadow guard's verdict (X-Aforo-Shadow) goes:
+#                              `upstream` only, or `client_and_upstream`
 #   limits                     request and connection limits (see Limits)
 #   upstreams                  name -> Upstream (url, pool_size, timeouts); at least one
 #   routes                     list of Route, at least one (see RouteSettings)
@@ -57,12 +59,14 @@ BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
 STALE_POLICY_PATTERN = r"^(open|closed)$"
+SHADOW_REPORT_PATTERN = r"^(upstream|client_and_upstream)$"
 LLM_FORMAT_PATTERN = r"^(openai_chat|openai_responses|anthropic_messages)$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
     STALE_POLICY_PATTERN: "`open` or `closed`",
+    SHADOW_REPORT_PATTERN: "`upstream` or `client_and_upstream`",
     LLM_FORMAT_PATTERN: "an LLM wire format: `openai_chat`, `openai_responses` or `anthropic_messages`",
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -280,6 +284,7 @@ class ProxySettings(Schema):
     admin: HostPort = HostPort("127.0.0.1", 9090)
     api_key_header: HeaderName = HeaderName(BEARER_HEADER)
     trusted_proxies: tuple[TrustedNetwork, ...] = ()
+    shadow_report: Annotated[str, msgspec.Meta(pattern=SHADOW_REPORT_PATTERN)] = "upstream"
     limits: Limits = msgspec.field(default_factory=Limits)
     metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
     redis: RedisCalls = msgspec.field(default_factory=RedisCalls)

@@ -32,6 +32,7 @@ cdef class ProxyApp:
     cdef public bytes api_key_header
     cdef public bint bearer
     cdef public tuple trusted_networks
+    cdef public bint shadow_to_client
     cdef public dict pools
     cdef public set connections
     cdef public object deadlines

@@ -54,6 +54,7 @@ class ProxyApp:
         header = settings.api_key_header.lower().encode()
         self.api_key_header = header
         self.bearer = header == b"authorization"
+        self.shadow_to_client = settings.shadow_report == "client_and_upstream"
         self.trusted_networks = tuple(ipaddress.ip_network(cidr) for cidr in settings.trusted_proxies)
         self.pools = {}
         for name, upstream in settings.upstreams.items():

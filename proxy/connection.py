@@ -894,6 +894,14 @@ class Exchange(ResponseSink):
             head.append(conn.pool.authority)
         head.append(b"\r\nx-aforo-customer: ")
         head.append(self.customer.customer_id.encode())
+        decision = self.decision
+        if decision.outcome != 0:
+            # Level 2: the application may switch to a cheaper path.
+            head.append(b"\r\nx-aforo-throttle: true\r\nx-aforo-guard-level: 2\r\nx-aforo-guard: ")
+            head.append(decision.guard_id.encode())
+        if decision.shadow:
+            head.append(b"\r\nx-aforo-shadow: ")
+            head.append(decision.shadow.encode())
         if self.upgrade is not None:
             head.append(b"\r\nconnection: upgrade\r\nupgrade: ")
             head.append(self.upgrade)
@@ -1062,7 +1070,7 @@ class Exchange(ResponseSink):
             head.append(b"\r\n")
         if decision.outcome != 0:
             head.append(b"x-aforo-throttle: true\r\n")
-        if decision.shadow:
+        if decision.shadow and self.app.shadow_to_client:
             head.append(b"x-aforo-shadow: ")
             head.append(decision.shadow.encode())
             head.append(b"\r\n")

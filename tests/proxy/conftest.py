@@ -375,14 +375,14 @@ def make_proxy(loop_thread, tmp_path):
     started = []
 
     def make(upstream_port, *, routes=DEFAULT_ROUTES, limits="", pool_size=8, read_timeout_s=30,
-             api_key_header="authorization", trusted="[]", edge_state=None, extra_upstreams=""):
+             api_key_header="authorization", trusted="[]", edge_state=None, extra_upstreams="", extra_settings=""):
         (tmp_path / "edge_state.yaml").write_text(edge_state or edge_state_yaml())
         settings_text = textwrap.dedent(f"""\
             listen: 127.0.0.1:0
             admin: 127.0.0.1:0
             api_key_header: {api_key_header}
             trusted_proxies: {trusted}
-            """) + (f"limits:\n{limits}" if limits else "") + textwrap.dedent(f"""\
+            """) + extra_settings + (f"limits:\n{limits}" if limits else "") + textwrap.dedent(f"""\
             upstreams:
               main: {{url: "http://127.0.0.1:{upstream_port}", pool_size: {pool_size}, connect_timeout_s: 2, read_timeout_s: {read_timeout_s}}}
             """) + extra_upstreams + "routes:\n" + routes + textwrap.dedent("""\

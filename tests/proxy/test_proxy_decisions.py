@@ -97,15 +97,37 @@ def test_level_2_marks_responses_then_limits_the_rate(proxy, upstream):
     assert [r[0] for r in responses] == [200, 200, 429]
     assert responses[0][1]["x-aforo-throttle"] == "true"
     assert responses[1][1]["x-aforo-throttle"] == "true"
+    # The upstream learns it too, with the level and the guard, to switch to a cheaper path.
+    forwarded = json.loads(responses[0][2])["headers"]
+    assert (forwarded["x-aforo-throttle"], forwarded["x-aforo-guard-level"], forwarded["x-aforo-guard"]) == \
+        ("true", "2", "g-throttle")
     assert problem(responses[2][2])["reason"] == "throttled"
     assert 1 <= int(responses[2][1]["retry-after"]) <= 60
 
 
-def test_a_shadow_guard_only_adds_a_header(proxy, upstream):
-    status, headers, _ = request(proxy.port, "GET", "/echo", key="k-shadow")
+def test_a_shadow_guard_only_tells_the_upstream(proxy, upstream):
+    status, headers, body = request(proxy.port, "GET", "/echo", key="k-shadow")
+    assert status == 200
+    assert "x-aforo-shadow" not in headers and "x-aforo-throttle" not in headers
+    forwarded = json.loads(body)["headers"]
+    assert forwarded["x-aforo-shadow"] == "margin_blocked; guard=g-shadow"
+    assert "x-aforo-throttle" not in forwarded
+
+
+def test_a_shadow_guard_can_tell_the_client_too(upstream, make_proxy):
+    proxy = make_proxy(upstream.port, extra_settings="shadow_report: client_and_upstream\n")
+    status, headers, body = request(proxy.port, "GET", "/echo", key="k-shadow")
     assert status == 200
     assert headers["x-aforo-shadow"] == "margin_blocked; guard=g-shadow"
-    assert "x-aforo-throttle" not in headers
+    assert json.loads(body)["headers"]["x-aforo-shadow"] == "margin_blocked; guard=g-shadow"
+
+
+def test_a_client_cannot_claim_a_decision(proxy, upstream):
+    status, _, body = request(proxy.port, "GET", "/echo", key="k-pro",
+                              headers={"X-Aforo-Throttle": "true", "X-Aforo-Guard-Level": "3", "X-Aforo-Shadow": "x"})
+    assert status == 200
+    forwarded = json.loads(body)["headers"]
+    assert not {"x-aforo-throttle", "x-aforo-guard-level", "x-aforo-shadow"} & set(forwarded)
 
 
 def test_an_upstream_cannot_forge_the_proxys_headers(proxy, upstream):
