@@ -73,13 +73,18 @@ class HostPort(ConfigValue):
         return f"{_bracketed(self.host)}:{self.port}"
 
 
-class UpstreamUrl(str):
-    """Where an upstream listens: `http://host[:port]` (port 80 when left out), kept
-    as the normalised string `http://host:port` (so `urlsplit` reads it as well).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
-    Only plain `http` for now; no path, query, fragment or user info, since the
-    request's own path is sent unchanged. `host` (IPv6 without brackets), `port`, and
-    `authority`, the `host[:port]` form for a Host header (port left out when 80).
+
+class UpstreamUrl(str):
+    """Where an upstream listens: `http://host[:port]` or `https://host[:port]` (port
+    80 or 443 when left out), kept as the normalised string `scheme://host:port` (so
+    `urlsplit` reads it as well).
+
+    No path, query, fragment or user info, since the request's own path is sent
+    unchanged. `scheme`, `host` (IPv6 without brackets), `port`, `tls` (https), and
+    `authority`, the `host[:port]` form for a Host header (port left out when it is
+    the scheme's default).
     """
 
     @classmethod
@@ -93,11 +98,12 @@ class UpstreamUrl(str):
             parts = None
         if parts is None:
             raise ValueError(f"Expected an upstream URL like `http://127.0.0.1:8000`, got `{show(raw)}`")
-        if parts.scheme.lower() != "http":
-            raise ValueError(f"Only `http://` upstream URLs are supported, got `{written}`")
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise ValueError(f"Only `http://` and `https://` upstream URLs are supported, got `{written}`")
         if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError(
-                f"An upstream URL is `http://host:port` without path, query or user info, got `{written}`"
+                f"An upstream URL is `{scheme}://host:port` without path, query or user info, got `{written}`"
             )
         netloc = parts.netloc
         if netloc.startswith("["):
@@ -110,8 +116,18 @@ class UpstreamUrl(str):
             port_text = port_text if colon else ""
         if host is None or port_text is None:
             raise ValueError(f"Expected an upstream URL like `http://127.0.0.1:8000`, got `{written}`")
-        port = _port(port_text, written) if port_text else 80
-        return cls(f"http://{_bracketed(host)}:{port}")
+        port = _port(port_text, written) if port_text else _DEFAULT_PORTS[scheme]
+        return cls(f"{scheme}://{_bracketed(host)}:{port}")
+
+    @property
+    def scheme(self) -> str:
+        """`http` or `https`."""
+        return self[:self.index(":")]
+
+    @property
+    def tls(self) -> bool:
+        """Whether the upstream is reached over TLS (`https`)."""
+        return self.scheme == "https"
 
     @property
     def host(self) -> str:
@@ -120,14 +136,15 @@ class UpstreamUrl(str):
 
     @property
     def port(self) -> int:
-        """The TCP port (80 when the URL gave none)."""
-        return urlsplit(self).port or 80
+        """The TCP port (the scheme's default when the URL gave none)."""
+        return urlsplit(self).port or _DEFAULT_PORTS[self.scheme]
 
     @property
     def authority(self) -> str:
-        """`host:port` for a Host header; just `host` on port 80; IPv6 in brackets."""
+        """`host:port` for a Host header; just `host` on the scheme's default port;
+        IPv6 in brackets."""
         host = _bracketed(self.host)
-        return host if self.port == 80 else f"{host}:{self.port}"
+        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
 
 class WebhookUrl(str):

@@ -109,13 +109,23 @@ class Limits(Schema):
 
 
 class Upstream(Schema):
-    """A backend the proxy forwards to: `url` (`http://host:port`), up to `pool_size`
-    keep-alive connections, seconds to connect and to wait for each read."""
+    """A backend the proxy forwards to: `url` (`http://host:port` or
+    `https://host:port`), up to `pool_size` keep-alive connections, seconds to connect
+    (TLS handshake included) and to wait for each read once the request is sent.
+
+    Over `https` the proxy sends the URL's host name (SNI) and verifies the
+    upstream's certificate against the system's CAs, or only against those in
+    `ca_file` (PEM; relative to the settings file) for a private CA."""
 
     url: UpstreamUrl
     pool_size: Count = 64
     connect_timeout_s: Seconds = 2.0
     read_timeout_s: Seconds = 60.0
+    ca_file: FilePath | None = None
+
+    def __post_init__(self) -> None:
+        if self.ca_file is not None and not self.url.tls:
+            raise ValueError(f"`ca_file` is for `https://` upstreams; `{self.url}` is plain HTTP")
 
 
 class AiMetering(Schema):
@@ -353,12 +363,16 @@ def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) 
     edge_state = settings.edge_state
     if edge_state is not None and edge_state.file is not None:
         edge_state = msgspec.structs.replace(edge_state, file=resolve(edge_state.file))
+    upstreams = {
+        name: upstream if upstream.ca_file is None else msgspec.structs.replace(upstream, ca_file=resolve(upstream.ca_file))
+        for name, upstream in settings.upstreams.items()
+    }
     metering = msgspec.structs.replace(
         settings.metering,
         path=resolve(settings.metering.path),
         spool_dir=resolve(settings.metering.spool_dir),
     )
-    return msgspec.structs.replace(settings, edge_state=edge_state, metering=metering)
+    return msgspec.structs.replace(settings, edge_state=edge_state, metering=metering, upstreams=upstreams)
 
 
 def proxy_problems(settings: ProxySettings) -> list[Problem]:

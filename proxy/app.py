@@ -6,11 +6,12 @@
 # are checked by a sweep every SWEEP_INTERVAL_S. Tests call sweep() with a fake clock.
 import ipaddress
 import logging
+import ssl
 import time
-import urllib.parse
 
 import cython
 
+from config.errors import ConfigError
 from proxy.deadlines import Deadlines
 from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
@@ -22,6 +23,17 @@ SWEEP_INTERVAL_S = 0.1
 STALENESS_CHECK_S = 1.0
 _NEVER = float("inf")
 _BEARER = b"bearer "
+
+
+def tls_context(name, upstream):
+    """The TLS client context of an https upstream, built once: certificates verified
+    (against `ca_file` only when given, else the system's CAs) and host names checked.
+    Raises ConfigError when the CA file cannot be read."""
+    try:
+        return ssl.create_default_context(cafile=upstream.ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"upstream `{name}`: the CA file {upstream.ca_file} cannot be used: "
+                          f"{error.strerror or error}") from error
 
 
 class ProxyApp:
@@ -58,10 +70,10 @@ class ProxyApp:
         self.trusted_networks = tuple(ipaddress.ip_network(cidr) for cidr in settings.trusted_proxies)
         self.pools = {}
         for name, upstream in settings.upstreams.items():
-            url = urllib.parse.urlsplit(upstream.url)
             self.pools[name] = UpstreamPool(
-                name, url.hostname, url.port or 80, upstream.pool_size,
+                name, upstream.url.host, upstream.url.port, upstream.pool_size,
                 upstream.connect_timeout_s, upstream.read_timeout_s, loop, clock,
+                tls_context(name, upstream) if upstream.url.tls else None,
             )
         self.connections = set()
         self.deadlines = Deadlines(self._wake_at)

@@ -58,6 +58,7 @@ cdef class UpstreamPool:
     cdef public object host
     cdef public int port
     cdef public bytes authority
+    cdef public object tls
     cdef public int size
     cdef public double connect_timeout_s
     cdef public double read_timeout_s

@@ -3,8 +3,12 @@
 # owns the connection. A pool never holds more than `size` connections (idle, busy or
 # connecting); requests beyond that wait in order. Only idle connections are reused.
 import collections
+import ssl
 
 import httptools
+
+# How long past the connect timeout the loop would end a TLS handshake itself.
+TLS_HANDSHAKE_BACKSTOP_S = 1.0
 
 
 class ResponseSink:
@@ -188,10 +192,11 @@ class UpstreamPool:
     sweep(now) after connect_timeout_s.
     """
 
-    def __init__(self, name, host, port, size, connect_timeout_s, read_timeout_s, loop, clock):
+    def __init__(self, name, host, port, size, connect_timeout_s, read_timeout_s, loop, clock, tls=None):
         self.name = name
         self.host = host
         self.port = port
+        self.tls = tls                # an ssl.SSLContext for an https upstream, else None
         # The Host of requests that came without one (HTTP/1.0).
         self.authority = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.size = size
@@ -284,11 +289,29 @@ class UpstreamPool:
 
     def _connect(self, exchange):
         self.connects_total += 1
-        task = self.loop.create_task(
-            self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
-        )
+        if self.tls is None:
+            connecting = self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
+        else:
+            # The handshake is bounded by the connect timeout (the sweep cancels it, 504);
+            # the loop's own bound is only a backstop behind it.
+            connecting = self.loop.create_connection(
+                lambda: UpstreamConnection(self), self.host, self.port, ssl=self.tls, server_hostname=self.host,
+                ssl_handshake_timeout=self.connect_timeout_s + TLS_HANDSHAKE_BACKSTOP_S)
+        task = self.loop.create_task(connecting)
         self.connecting[task] = (exchange, self.clock() + self.connect_timeout_s)
         task.add_done_callback(self._connected)
+
+    def _failure(self, error):
+        # What a 502 says of a connection that could not be had.
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS handshake with upstream {self.name!r} failed: certificate verify failed: {error.verify_message}"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS handshake with upstream {self.name!r} failed: {error.reason or error}"
+        if self.tls is not None and isinstance(error, (ConnectionResetError, ConnectionAbortedError)):
+            return f"TLS handshake with upstream {self.name!r} failed: {error}"
+        if isinstance(error, OSError):
+            return f"upstream {self.name!r} is unreachable: {error.strerror or error}"
+        return f"upstream {self.name!r} failed: {error}"
 
     def _connected(self, task):
         exchange, _ = self.connecting.pop(task)
@@ -300,8 +323,7 @@ class UpstreamPool:
         error = task.exception()
         if error is not None:
             if exchange is not None:
-                exchange.upstream_failed(502, f"upstream {self.name!r} is unreachable: {error.strerror or error}"
-                                         if isinstance(error, OSError) else f"upstream {self.name!r} failed: {error}")
+                exchange.upstream_failed(502, self._failure(error))
             self._serve_waiter()
             return
         _, conn = task.result()

@@ -139,6 +139,8 @@ def test_trusted_networks_contain_their_peers():
         ("http://Backend.Internal", "backend.internal", 80, "backend.internal", "http://backend.internal:80"),
         ("HTTP://backend:8080/", "backend", 8080, "backend:8080", "http://backend:8080"),
         ("http://[::1]:9000", "::1", 9000, "[::1]:9000", "http://[::1]:9000"),
+        ("https://API.OpenAI.com", "api.openai.com", 443, "api.openai.com", "https://api.openai.com:443"),
+        ("https://10.0.0.5:8443", "10.0.0.5", 8443, "10.0.0.5:8443", "https://10.0.0.5:8443"),
     ],
 )
 def test_upstream_urls(written, host, port, authority, normalised):
@@ -240,8 +242,8 @@ def test_bad_settings(route_extra, extra, message):
 @pytest.mark.parametrize(
     ("replace", "by", "message"),
     [
-        ("http://127.0.0.1:9000", "https://127.0.0.1:9000",
-         "proxy.yaml:4: Only `http://` upstream URLs are supported, got `https://127.0.0.1:9000` - at `$.upstreams.search.url`"),
+        ("http://127.0.0.1:9000", "ftp://127.0.0.1:9000",
+         "proxy.yaml:4: Only `http://` and `https://` upstream URLs are supported, got `ftp://127.0.0.1:9000` - at `$.upstreams.search.url`"),
         ("http://127.0.0.1:9000", "http://127.0.0.1:9000/api",
          "proxy.yaml:4: An upstream URL is `http://host:port` without path, query or user info, "
          "got `http://127.0.0.1:9000/api` - at `$.upstreams.search.url`"),
