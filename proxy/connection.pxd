@@ -6,6 +6,7 @@ from decision_core.state cimport CustomerState, RequestFacts
 from proxy.app cimport ProxyApp
 from proxy.edge_snapshot cimport EdgeSnapshot
 from proxy.headers cimport chunk_frame, connection_tokens, field_kind, join_parts
+from proxy.paths cimport normal_target
 from proxy.problem cimport status_line
 from proxy.meter_event cimport new_event_id
 from proxy.routing cimport Route

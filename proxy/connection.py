@@ -32,8 +32,10 @@ from proxy.headers import (
     join_parts,
     without_fields,
 )
+from proxy.errors import UnsafePathError
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
+from proxy.paths import normal_target
 from proxy.problem import problem_response, status_line
 from proxy.upstream import ResponseSink
 
@@ -556,6 +558,11 @@ class Exchange(ResponseSink):
             raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
         if not self.url.startswith(b"/"):
             self._absolute_form()
+        try:
+            # Routed on and forwarded with the normal path: one route for every spelling.
+            self.url = normal_target(self.url)
+        except UnsafePathError as unsafe:
+            raise _Refusal(400, "Bad Request", f"the request path cannot be routed safely: {unsafe}") from None
         if self.connection:
             self.headers = without_fields(self.headers, self.connection)
         if self.upgrade is not None and (b"upgrade" not in self.connection

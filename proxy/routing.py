@@ -1,7 +1,8 @@
 # Which route a request takes. Routes bound to the request's host are tried before
 # routes for any host; within each group the longest path prefix wins, matched on a
 # segment boundary (`/v1/chat` takes `/v1/chat`, `/v1/chat/x`, `/v1/chat?x`, never
-# `/v1/chatty`). A route whose methods exclude the request's is skipped, not fatal.
+# `/v1/chatty`), on the normalized path (proxy.paths). A route whose methods exclude
+# the request's is skipped, not fatal.
 from __future__ import annotations
 
 import functools
@@ -111,7 +112,8 @@ class Router:
         """The route for a request, or None when no route takes it.
 
         `host`: the Host header (any case, with or without port; None when absent).
-        `path`: the request target in origin form, query string included.
+        `path`: the request target in origin form, query string included, its path
+        normalized (proxy.paths.normal_target: what is routed is what is forwarded).
         `method`: as sent (methods are case-sensitive). Routes for `host` are tried
         first, then routes for any host; within each, the longest matching prefix
         whose methods allow `method`; equal prefixes keep settings order.
