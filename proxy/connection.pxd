@@ -97,6 +97,7 @@ cdef class Exchange(ResponseSink):
     cdef public object transfer_encoding
     cdef public object connection
     cdef public object upgrade
+    cdef public list key_values
     cdef public object api_key
     cdef public object client_forwarded_for
     cdef public object client_forwarded_proto
@@ -132,8 +133,9 @@ cdef class Exchange(ResponseSink):
     cdef public bint awaiting_body
     cdef public list reserved
 
-    @cython.locals(kind=int)
+    @cython.locals(app=ProxyApp, kind=int, key_fields=tuple, slot=Py_ssize_t)
     cpdef request_header(self, name, value)
+    cpdef _key_field(self, Py_ssize_t slot, bytes name, value)
     cpdef request_headers_complete(self, method, version)
     cpdef _absolute_form(self)
     cpdef request_body(self, body)
