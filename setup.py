@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 COMPILED_MODULES = {
     "decision_core": (("bucket", "quota", "margin", "rating", "state", "decide"),
                       {"boundscheck": False, "wraparound": False, "initializedcheck": False}),
-    "proxy": (("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
+    "proxy": (("headers", "paths", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
                "llm_usage"), {}),
 }
 

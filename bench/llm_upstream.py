@@ -51,14 +51,16 @@ class Script:
 @dataclass
 class Exchange:
     """One call answered: the request path, its body as read (after any rewrite),
-    the response's Content-Type and status, and the response body bytes exactly as
-    written, one entry a write."""
+    the response's Content-Type and status, the response body bytes exactly as
+    written, one entry a write, and the request's header fields as received
+    (lower-case names, repeats kept, in order)."""
 
     path: str
     request_body: bytes
     content_type: str
     status: int = 200
     sent: list[bytes] = field(default_factory=list)
+    request_headers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def response_body(self) -> bytes:
@@ -107,7 +109,8 @@ class LlmUpstream:
         body = await request.read()
         if self.script.rewrite_request is not None:
             body = self.script.rewrite_request(body)
-        exchange = Exchange(request.path, body, "")
+        exchange = Exchange(request.path, body, "", request_headers=[
+            (name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in request.raw_headers])
         if self.keep_exchanges:
             self.exchanges.append(exchange)
         return json.loads(body), exchange

@@ -9,12 +9,16 @@
 #   admin ("127.0.0.1:9090")   health and Prometheus metrics, `host:port`
 #   api_key_header ("authorization")  where the API key is: in `authorization` as
 #                              `Bearer <key>`; in any other header, the whole value
+#                              (a route may read it from another: its own
+#                              `api_key_header`); never forwarded upstream
 #   trusted_proxies ([])       CIDRs of load balancers whose X-Forwarded-* headers are
 #                              believed; from any other peer they are replaced
 #   shadow_report ("upstream") where a shadow guard's verdict (X-Aforo-Shadow) goes:
 #                              `upstream` only, or `client_and_upstream`
 #   limits                     request and connection limits (see Limits)
-#   upstreams                  name -> Upstream (url, pool_size, timeouts); at least one
+#   upstreams                  name -> Upstream (url, pool_size, timeouts, headers it
+#                              is sent, e.g. a provider key from the environment);
+#                              at least one
 #   routes                     list of Route, at least one (see RouteSettings)
 #   edge_state                 the customers' edge state file and how often it is checked
 #   control_plane              or: the control plane that feeds edge state and takes
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Annotated
@@ -39,7 +44,7 @@ import msgspec
 
 from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
 from config.documents import Problem, duplicate_names, parse_document, read_document
-from config.errors import ConfigError
+from config.errors import ConfigError, raise_if_any
 from config.network import (
     HeaderName,
     HostName,
@@ -49,6 +54,7 @@ from config.network import (
     UpstreamUrl,
 )
 from config.schema import PATTERN_MEANINGS, MeteredMetric, Name, Schema
+from config.yaml_source import child_path_of
 
 PROXY_SETTINGS_EXPECTED = (
     "a mapping of proxy settings with `upstreams`, `routes` and `edge_state` or `control_plane`"
@@ -75,6 +81,17 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 GraceSeconds = Annotated[float, msgspec.Meta(ge=0)]
 PathPrefix = Annotated[str, msgspec.Meta(pattern=PATH_PREFIX_PATTERN)]
 FilePath = Annotated[str, msgspec.Meta(min_length=1)]
+# `${NAME}` in an upstream's header value: the environment variable NAME's value.
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Fields the proxy frames or sets itself on every forwarded request (and its own
+# `x-aforo-*`): an upstream's `headers` cannot set them.
+PROXY_SET_HEADERS = frozenset((
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
+    "trailer", "upgrade", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+))
 
 
 class Limits(Schema):
@@ -115,12 +132,19 @@ class Upstream(Schema):
 
     Over `https` the proxy sends the URL's host name (SNI) and verifies the
     upstream's certificate against the system's CAs, or only against those in
-    `ca_file` (PEM; relative to the settings file) for a private CA."""
+    `ca_file` (PEM; relative to the settings file) for a private CA.
+
+    `headers`: field name -> value the proxy sets on every request to it, replacing
+    any the client sent, e.g. a provider's key: `authorization: "Bearer
+    ${OPENAI_API_KEY}"`. Each `${NAME}` is the environment variable NAME, read when
+    the proxy starts (unset or empty is a configuration error); the values read are
+    never logged, counted or kept in the settings."""
 
     url: UpstreamUrl
     pool_size: Count = 64
     connect_timeout_s: Seconds = 2.0
     read_timeout_s: Seconds = 60.0
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     ca_file: FilePath | None = None
 
     def __post_init__(self) -> None:
@@ -193,11 +217,18 @@ class RouteSettings(Schema):
 
     `ai`: the route serves an LLM API whose token usage is metered (see AiMetering);
     `mcp`: an MCP server whose tool calls and sessions are (see McpMetering).
+
+    `api_key_header`: where the route reads the customer's key (as the settings'
+    `api_key_header`, which it defaults to): `authorization` for OpenAI-style SDKs
+    (`Bearer <key>`), `x-api-key` for Anthropic's. Every field any route reads a
+    key from is held back from every upstream, and a request that repeats one is
+    refused with 400.
     """
 
     name: Name
     upstream: Name
     host: HostName | None = None
+    api_key_header: HeaderName | None = None
     path_prefix: PathPrefix = "/"
     methods: tuple[HttpMethod, ...] | None = None
     features: tuple[Name, ...] = ()
@@ -308,34 +339,39 @@ class ProxySettings(Schema):
 
 
 def parse_proxy_settings(
-    text: str, file: str = "<string>", base_dir: str | PathLike[str] | None = None
+    text: str, file: str = "<string>", base_dir: str | PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> ProxySettings:
     """Validate proxy settings YAML `text`; `file` names it in errors.
 
     Relative `edge_state.file`, `metering.path` and `metering.spool_dir` are joined
     to `base_dir` (left as written when None; absolute paths are never changed).
-    Raises ConfigError (ConfigErrors for several cross-field problems) naming the
-    file, line and path: YAML and schema errors, a route naming an unknown upstream,
-    duplicate route names, and a route that an earlier one always wins over.
+    `environ` (default os.environ) must hold every variable an upstream's `headers`
+    name. Raises ConfigError (ConfigErrors for several cross-field problems) naming
+    the file, line and path: YAML and schema errors, a route naming an unknown
+    upstream, duplicate route names, a route that an earlier one always wins over,
+    and upstream headers that cannot be sent (see upstream_header_problems).
     """
+    environ = os.environ if environ is None else environ
     settings = parse_document(
         text,
         file,
         ProxySettings,
         expected=PROXY_SETTINGS_EXPECTED,
         pattern_meanings=SETTINGS_PATTERN_MEANINGS,
-        cross_check=proxy_problems,
+        cross_check=lambda value: proxy_problems(value, environ),
     )
     return settings if base_dir is None else resolve_proxy_paths(settings, base_dir)
 
 
-def load_proxy_settings(path: str | PathLike[str], redis_url: str | None = None) -> ProxySettings:
+def load_proxy_settings(path: str | PathLike[str], redis_url: str | None = None,
+                        environ: Mapping[str, str] | None = None) -> ProxySettings:
     """Read and validate the settings file at `path`; relative paths inside it are
     resolved against its directory. With `redis_url` the proxy is on that Redis edge
     bus (see on_the_bus). Raises OSError when it cannot be read and ConfigError as
     parse_proxy_settings does (and for text that is not UTF-8)."""
     text, _ = read_document(path)
-    settings = parse_proxy_settings(text, str(path), Path(path).parent)
+    settings = parse_proxy_settings(text, str(path), Path(path).parent, environ)
     return settings if redis_url is None else on_the_bus(settings, redis_url, str(path))
 
 
@@ -375,11 +411,14 @@ def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) 
     return msgspec.structs.replace(settings, edge_state=edge_state, metering=metering, upstreams=upstreams)
 
 
-def proxy_problems(settings: ProxySettings) -> list[Problem]:
+def proxy_problems(settings: ProxySettings, environ: Mapping[str, str] | None = None) -> list[Problem]:
     """No upstream or no route at all; routes that name no upstream, share a name, or
     can never be chosen because an earlier route with the same host and prefix takes
-    all of their methods."""
+    all of their methods; an API key header the proxy drops; upstream headers that
+    cannot be sent with `environ` (default os.environ; see upstream_header_problems)."""
+    environ = os.environ if environ is None else environ
     problems: list[Problem] = []
+    problems += _underscored_key_header(settings.api_key_header, "$.api_key_header")
     if (settings.edge_state is None) == (settings.control_plane is None):
         problems.append(Problem("$", "Set exactly one of `edge_state` (a file) and `control_plane` (a URL): "
                                      "where the customers' edge state comes from"))
@@ -389,7 +428,10 @@ def proxy_problems(settings: ProxySettings) -> list[Problem]:
         problems.append(Problem("$.routes", "At least one route is required"))
     known = ", ".join(f"`{name}`" for name in settings.upstreams)
     problems += duplicate_names((route.name for route in settings.routes), "$.routes", "name", "route name")
+    problems += upstream_header_problems(settings, environ)
     for index, route in enumerate(settings.routes):
+        if route.api_key_header is not None:
+            problems += _underscored_key_header(route.api_key_header, f"$.routes[{index}].api_key_header")
         if route.upstream not in settings.upstreams and settings.upstreams:
             problems.append(
                 Problem(
@@ -409,6 +451,79 @@ def proxy_problems(settings: ProxySettings) -> list[Problem]:
                 )
                 break
     return problems
+
+
+def _underscored_key_header(header: str, path: str) -> list[Problem]:
+    # The proxy drops request fields whose name has `_` (proxy.headers.FIELD_UNDERSCORED).
+    if "_" not in header:
+        return []
+    return [Problem(path, f"The proxy drops request headers whose name has `_` (as nginx does), so no key "
+                          f"would ever be read from `{header}`; use `{header.replace('_', '-')}`")]
+
+
+def upstream_header_problems(settings: ProxySettings, environ: Mapping[str, str], at: str = "$") -> list[Problem]:
+    """For settings found at path `at` of their file: an upstream header whose name
+    is not a field name, repeats another (names are case-insensitive) or is one the
+    proxy sets itself; whose value holds a control character or a `${` that is not
+    `${NAME}`; or that names an environment variable unset or empty in `environ`, or
+    holding a control character (a value is never shown: it may be a secret)."""
+    problems = []
+    for upstream_name, upstream in settings.upstreams.items():
+        at_headers = child_path_of(f"{at}.upstreams", upstream_name) + ".headers"
+        seen: set[str] = set()
+        for name, template in upstream.headers.items():
+            path = child_path_of(at_headers, name)
+            field = name.lower()
+            problem = None
+            if not _HEADER_NAME.fullmatch(name):
+                problem = f"Expected a header name like `x-api-key`, got `{name}`"
+            elif field in seen:
+                problem = f"Header `{field}` is set twice (header names are case-insensitive)"
+            elif field in PROXY_SET_HEADERS or field.startswith("x-aforo-"):
+                problem = f"The proxy sets `{field}` itself; an upstream's `headers` cannot"
+            elif _CONTROL.search(_REFERENCE.sub("", template)):
+                problem = "A header value cannot hold a line break or another control character"
+            elif "${" in _REFERENCE.sub("", template):
+                problem = "A `${` in a header value must be a reference like `${OPENAI_API_KEY}`, closed by `}`"
+            else:
+                problem = _variable_problem(template, environ, field, upstream_name)
+            seen.add(field)
+            if problem is not None:
+                problems.append(Problem(path, problem))
+    return problems
+
+
+def _variable_problem(template: str, environ: Mapping[str, str], field: str, upstream: str) -> str | None:
+    for variable in _REFERENCE.findall(template):
+        if not _ENV_NAME.fullmatch(variable):
+            return (f"Expected `${{NAME}}` with an environment variable's name (letters, digits, `_`; not "
+                    f"starting with a digit), got `${{{variable}}}`")
+        value = environ.get(variable)
+        if not value:
+            state = "is empty" if variable in environ else "is not set"
+            return (f"Environment variable `{variable}` {state}; the proxy sends it in header `{field}` to "
+                    f"upstream `{upstream}`")
+        if _CONTROL.search(value):
+            return (f"Environment variable `{variable}` holds a line break or another control character, "
+                    f"which header `{field}` cannot carry")
+    return None
+
+
+def upstream_headers(settings: ProxySettings, environ: Mapping[str, str] | None = None,
+                     file: str = "<settings>") -> dict[str, tuple[tuple[bytes, bytes], ...]]:
+    """upstream name -> the (name, value) fields the proxy sets on every request to
+    it: names lower-cased, each `${NAME}` replaced by `environ`'s (default
+    os.environ) value, UTF-8; upstreams without `headers` are left out. Read once
+    when the proxy starts. Raises ConfigError(s) as the loader does (`file` names
+    the settings in them)."""
+    environ = os.environ if environ is None else environ
+    raise_if_any([ConfigError(problem.message, file, path=problem.path)
+                  for problem in upstream_header_problems(settings, environ)])
+    return {
+        name: tuple((field.lower().encode(), _REFERENCE.sub(lambda found: environ[found[1]], template).encode())
+                    for field, template in upstream.headers.items())
+        for name, upstream in settings.upstreams.items() if upstream.headers
+    }
 
 
 def _always_wins_over(earlier: RouteSettings, later: RouteSettings) -> bool:

@@ -106,6 +106,6 @@ def _problems(settings: UpSettings, environ: Mapping[str, str]) -> list[Problem]
                                                           "(the proxies connect to it)"))
     linked = msgspec.structs.replace(proxy, edge_state=None,
                                      control_plane=ControlPlaneSource(url=settings.control_plane_url))
-    problems += [Problem("$.proxy" + problem.path[1:], problem.message) for problem in proxy_problems(linked)]
+    problems += [Problem("$.proxy" + problem.path[1:], problem.message) for problem in proxy_problems(linked, environ)]
     problems += control_plane_problems(settings.control_plane, environ, "$.control_plane")
     return problems

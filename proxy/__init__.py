@@ -5,7 +5,7 @@ import os
 
 from decision_core import compiled, use_sources_when_pure
 
-COMPILED_MODULES = ("headers", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
+COMPILED_MODULES = ("headers", "paths", "problem", "routing", "edge_snapshot", "metrics", "meter_event", "metering", "upstream", "app", "connection",
                     "llm_usage")
 use_sources_when_pure(__name__, os.path.dirname(__file__), COMPILED_MODULES)
 
@@ -18,6 +18,7 @@ from proxy import (  # noqa: E402,F401
     meter_event,
     metering,
     metrics,
+    paths,
     problem,
     routing,
     upstream,

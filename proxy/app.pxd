@@ -29,8 +29,7 @@ cdef class ProxyApp:
     cdef readonly object wall_clock
     cdef readonly bint system_clock
     cdef readonly bint system_wall_clock
-    cdef public bytes api_key_header
-    cdef public bint bearer
+    cdef public dict upstream_fields
     cdef public tuple trusted_networks
     cdef public bint shadow_to_client
     cdef public dict pools
@@ -50,7 +49,7 @@ cdef class ProxyApp:
     cpdef admit_connection(self, connection)
     cpdef forget_connection(self, connection)
     @cython.locals(start=Py_ssize_t, end=Py_ssize_t)
-    cpdef api_key(self, bytes raw)
+    cpdef api_key(self, bytes raw, bint bearer)
     cpdef count_refusal(self, status)
     cpdef log_error(self, message, error)
     cpdef sweep(self, now=*)

@@ -12,6 +12,7 @@ import time
 import cython
 
 from config.errors import ConfigError
+from config.proxy_settings import upstream_headers
 from proxy.deadlines import Deadlines
 from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
@@ -63,10 +64,13 @@ class ProxyApp:
         # With the system clocks, compiled code reads them directly (no Python call).
         self.system_clock = clock is time.monotonic
         self.system_wall_clock = wall_clock is time.time
-        header = settings.api_key_header.lower().encode()
-        self.api_key_header = header
-        self.bearer = header == b"authorization"
         self.shadow_to_client = settings.shadow_report == "client_and_upstream"
+        # upstream name -> (the field names it sets, those fields in wire form): the
+        # upstream's values (a provider key, from the environment) replace the client's.
+        self.upstream_fields = {
+            name: (frozenset(field for field, _ in fields), b"".join(b"%s: %s\r\n" % field for field in fields))
+            for name, fields in upstream_headers(settings).items()
+        }
         self.trusted_networks = tuple(ipaddress.ip_network(cidr) for cidr in settings.trusted_proxies)
         self.pools = {}
         for name, upstream in settings.upstreams.items():
@@ -112,15 +116,15 @@ class ProxyApp:
     def forget_connection(self, connection):
         self.connections.discard(connection)
 
-    def api_key(self, raw):
-        """The API key from the configured header's value: `Bearer <key>` for
-        Authorization, the whole value otherwise, without surrounding whitespace;
-        None when absent or malformed."""
+    def api_key(self, raw, bearer):
+        """The API key from the value `raw` of a route's key field: `Bearer <key>`
+        when `bearer` (Authorization), the whole value otherwise, without
+        surrounding whitespace; None when absent or malformed."""
         if raw is None:
             return None
         start = 0
         end = len(raw)
-        if self.bearer:
+        if bearer:
             if end < len(_BEARER) or not starts_ignoring_case(raw, _BEARER):
                 return None
             start = len(_BEARER)

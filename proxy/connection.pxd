@@ -6,6 +6,7 @@ from decision_core.state cimport CustomerState, RequestFacts
 from proxy.app cimport ProxyApp
 from proxy.edge_snapshot cimport EdgeSnapshot
 from proxy.headers cimport chunk_frame, connection_tokens, field_kind, join_parts
+from proxy.paths cimport normal_target
 from proxy.problem cimport status_line
 from proxy.meter_event cimport new_event_id
 from proxy.routing cimport Route
@@ -101,6 +102,7 @@ cdef class Exchange(ResponseSink):
     cdef public object transfer_encoding
     cdef public object connection
     cdef public object upgrade
+    cdef public list key_values
     cdef public object api_key
     cdef public object client_forwarded_for
     cdef public object client_forwarded_proto
@@ -137,8 +139,9 @@ cdef class Exchange(ResponseSink):
     cdef public list reserved
     cdef public double body_started_at
 
-    @cython.locals(kind=int)
+    @cython.locals(app=ProxyApp, kind=int, key_fields=tuple, slot=Py_ssize_t)
     cpdef request_header(self, name, value)
+    cpdef _key_field(self, Py_ssize_t slot, bytes name, value)
     cpdef request_headers_complete(self, method, version)
     cpdef _absolute_form(self)
     cpdef request_body(self, body)

@@ -32,8 +32,10 @@ from proxy.headers import (
     join_parts,
     without_fields,
 )
+from proxy.errors import UnsafePathError
 from proxy.meter_event import MeterEvent, new_event_id
 from proxy.metrics import DECISION_TOO_MANY_CONNECTIONS
+from proxy.paths import normal_target
 from proxy.problem import problem_response, status_line
 from proxy.upstream import ResponseSink
 
@@ -498,7 +500,8 @@ class Exchange(ResponseSink):
         self.transfer_encoding = None
         self.connection = frozenset()
         self.upgrade = None
-        self.api_key = None
+        self.key_values = None         # the value of each of the router's key_fields, once read
+        self.api_key = None            # the customer's key, as the route reads it
         self.client_forwarded_for = None
         self.client_forwarded_proto = None
         self.client_forwarded_host = None
@@ -547,8 +550,12 @@ class Exchange(ResponseSink):
         kind = field_kind(name)
         if kind == FIELD_OTHER:
             lower = name.lower()
-            if lower == app.api_key_header:
-                self.api_key = value
+            key_fields = app.router.key_fields
+            for slot in range(len(key_fields)):
+                if lower == key_fields[slot]:
+                    # The customer's key: held for the decision, never forwarded.
+                    self._key_field(slot, lower, value)
+                    return
             headers = self.headers
             headers.append(lower)
             headers.append(b": ")
@@ -587,7 +594,16 @@ class Exchange(ResponseSink):
             self.client_forwarded_proto = value
         elif kind == FIELD_FORWARDED_HOST:
             self.client_forwarded_host = value
-        # FIELD_FORWARDED (set by the proxy) and FIELD_DROPPED: never forwarded.
+        # FIELD_FORWARDED (set by the proxy), FIELD_DROPPED and FIELD_UNDERSCORED: never forwarded.
+
+    def _key_field(self, slot, name, value):
+        # One key per request: with two, the proxy and the upstream could each read another.
+        values = self.key_values
+        if values is None:
+            values = self.key_values = [None] * len(self.app.router.key_fields)
+        elif values[slot] is not None:
+            raise _Refusal(400, "Bad Request", f"more than one {name.decode()} header: a request carries one API key")
+        values[slot] = value
 
     def request_headers_complete(self, method, version):
         self.headers_done = True
@@ -610,6 +626,11 @@ class Exchange(ResponseSink):
             raise _Refusal(413, "Content Too Large", "the request body is larger than the proxy accepts")
         if not self.url.startswith(b"/"):
             self._absolute_form()
+        try:
+            # Routed on and forwarded with the normal path: one route for every spelling.
+            self.url = normal_target(self.url)
+        except UnsafePathError as unsafe:
+            raise _Refusal(400, "Bad Request", f"the request path cannot be routed safely: {unsafe}") from None
         if self.connection:
             self.headers = without_fields(self.headers, self.connection)
         if self.upgrade is not None and (b"upgrade" not in self.connection
@@ -717,7 +738,8 @@ class Exchange(ResponseSink):
                         "this route fails closed until it is fresh again", "state_stale",
                         ((b"retry-after", app.stale_retry_after),))
             return
-        key = app.api_key(self.api_key)
+        values = self.key_values
+        key = self.api_key = app.api_key(None if values is None else values[route.key_slot], route.key_bearer)
         snapshot = app.edge_state.snapshot
         customer = snapshot.customer_for_key(key) if key else None
         if customer is None:
@@ -799,7 +821,7 @@ class Exchange(ResponseSink):
         app = self.app
         # The state in force now: the body may have taken a while, and a snapshot
         # rebuilt meanwhile carried this request's units into it.
-        customer = self.customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
+        customer = self.customer = app.edge_state.counting(self.customer, self.api_key)
         now = app.wall_now()
         for metric, units in reservations:
             if customer.quotas.slot(metric) < 0:
@@ -822,7 +844,7 @@ class Exchange(ResponseSink):
     def _refund(self):
         """The request will not be served: give back every unit counted for it."""
         app = self.app
-        customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
+        customer = app.edge_state.counting(self.customer, self.api_key)
         customer.add_usage(self.route.facts.metric, -self.route.facts.units)
         if self.reserved:
             for metric, units in self.reserved:
@@ -833,7 +855,7 @@ class Exchange(ResponseSink):
         """The call was served and metered as `events`: bring each reservation to
         the units metered."""
         app = self.app
-        customer = app.edge_state.counting(self.customer, app.api_key(self.api_key))
+        customer = app.edge_state.counting(self.customer, self.api_key)
         for metric, units in self.reserved:
             used = 0
             for event in events:
@@ -874,7 +896,13 @@ class Exchange(ResponseSink):
         app = self.app
         # One list of parts, joined once (appending is far cheaper than concatenating).
         head = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
-        head.extend(self.headers)
+        set_fields = app.upstream_fields.get(self.route.upstream) if app.upstream_fields else None
+        if set_fields is None:
+            head.extend(self.headers)
+        else:
+            # The fields the upstream is sent from the settings (a provider key) replace the client's.
+            head.extend(without_fields(self.headers, set_fields[0]))
+            head.append(set_fields[1])
         client = self.client
         trusted = client.peer_trusted
         head.append(b"x-forwarded-for: ")

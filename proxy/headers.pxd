@@ -3,7 +3,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 
 cdef extern from "<strings.h>":
@@ -30,6 +30,8 @@ cpdef bytes join_parts(list parts)
 cpdef int field_kind(bytes name) except -1
 
 cpdef bint starts_ignoring_case(bytes value, bytes lower)
+
+cpdef bint has_underscore(bytes name)
 
 cpdef frozenset connection_tokens(bytes value)
 

@@ -50,6 +50,10 @@ FIELD_FORWARDED_PROTO = 7
 FIELD_FORWARDED_HOST = 8
 FIELD_FORWARDED = 9
 FIELD_DROPPED = 10             # hop-by-hop (other than the above), or the proxy's own namespace
+# A name with `_`: CGI/WSGI-style servers read `X_Forwarded_For` and `X_Aforo_Customer`
+# as the proxy's own fields (both become HTTP_X_FORWARDED_FOR), so a request's are
+# dropped, as nginx does by default (underscores_in_headers off).
+FIELD_UNDERSCORED = 11
 
 
 def field_kind(name):
@@ -98,9 +102,19 @@ def field_kind(name):
     elif size == 19:
         if starts_ignoring_case(name, b"proxy-authorization"):
             kind = FIELD_DROPPED
-    if kind == FIELD_OTHER and size >= 8 and starts_ignoring_case(name, OWN_PREFIX):
-        kind = FIELD_DROPPED
+    if kind == FIELD_OTHER:
+        if size >= 8 and starts_ignoring_case(name, OWN_PREFIX):
+            kind = FIELD_DROPPED
+        elif has_underscore(name):
+            kind = FIELD_UNDERSCORED
     return kind
+
+
+def has_underscore(name):
+    """Whether the field name `name` holds a `_`."""
+    if cython.compiled:                                 # C names from headers.pxd
+        return memchr(PyBytes_AS_STRING(name), 95, len(name)) != cython.NULL  # noqa: F821
+    return b"_" in name
 
 
 def starts_ignoring_case(value, lower):

@@ -14,11 +14,15 @@ cdef class Route:
     cdef readonly RequestFacts facts
     cdef readonly bint fail_closed
     cdef readonly object metered_call
+    cdef readonly bytes api_key_header
+    cdef readonly bint key_bearer
+    cdef readonly Py_ssize_t key_slot
 
 
 @cython.final
 cdef class Router:
     cdef readonly tuple routes
+    cdef readonly tuple key_fields
     cdef dict _by_host
     cdef tuple _any_host
     cdef dict _host_cache
@@ -28,3 +32,7 @@ cdef class Router:
 
 @cython.locals(size=Py_ssize_t, ends_in_slash=bint, route=Route)
 cdef Route _first_match(tuple candidates, bytes path, bytes method)
+
+
+@cython.locals(route=Route, fields=list)
+cdef tuple _key_fields(tuple routes)

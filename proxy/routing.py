@@ -1,15 +1,19 @@
 # Which route a request takes. Routes bound to the request's host are tried before
 # routes for any host; within each group the longest path prefix wins, matched on a
 # segment boundary (`/v1/chat` takes `/v1/chat`, `/v1/chat/x`, `/v1/chat?x`, never
-# `/v1/chatty`). A route whose methods exclude the request's is skipped, not fatal.
+# `/v1/chatty`), on the normalized path (proxy.paths). A route whose methods exclude
+# the request's is skipped, not fatal.
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
 
-from config.proxy_settings import RouteSettings
+from config.network import HeaderName
+from config.proxy_settings import BEARER_HEADER, RouteSettings
 from decision_core.state import RequestFacts
 
+_BEARER = HeaderName(BEARER_HEADER)
+_BEARER_HEADER = _BEARER.encode()
 _SLASH = ord("/")
 _QUERY = ord("?")
 # Host header values seen as sent -> that host's routes, so a repeated Host skips
@@ -26,7 +30,10 @@ class Route:
     calls count: their guards act on it too) decide() gets, built once here,
     `fail_closed`: refuse while the edge state is stale (else decide from it), and
     `metered_call`: None, or a callable returning a new call object (AiCall,
-    McpCall) for each request, whose body is then read whole before forwarding."""
+    McpCall) for each request, whose body is then read whole before forwarding.
+    `api_key_header`: the (lower-case) field the customer's key is read from, as
+    `Bearer <key>` when it is `authorization` (`key_bearer`), else the whole value;
+    `key_slot`: its index in its Router's `key_fields`."""
 
     def __init__(
         self,
@@ -41,6 +48,7 @@ class Route:
         fail_closed: bool = False,
         metered_call: object = None,
         other_metrics: Iterable[str] = (),
+        api_key_header: bytes = b"authorization",
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -52,10 +60,14 @@ class Route:
         self.facts = RequestFacts(tuple(features), metric, units, tuple(other_metrics))
         self.fail_closed = fail_closed
         self.metered_call = metered_call
+        self.api_key_header = api_key_header.lower()
+        self.key_bearer = self.api_key_header == _BEARER_HEADER
+        self.key_slot = 0
 
     @classmethod
-    def from_settings(cls, settings: RouteSettings) -> Route:
-        """The route a validated settings entry describes."""
+    def from_settings(cls, settings: RouteSettings, api_key_header: HeaderName = _BEARER) -> Route:
+        """The route a validated settings entry describes; its key is read from the
+        route's `api_key_header`, else from `api_key_header` (the settings' own)."""
         return cls(
             settings.name,
             settings.upstream,
@@ -67,6 +79,7 @@ class Route:
             settings.units,
             settings.when_stale == "closed",
             *_metering(settings),
+            (settings.api_key_header or api_key_header).encode(),
         )
 
     def __repr__(self) -> str:
@@ -87,10 +100,14 @@ def _metering(settings: RouteSettings):
 
 class Router:
     """Matches requests to routes; built once per route table. Only a bounded cache
-    of normalised Host values changes after that (one worker, one event loop)."""
+    of normalised Host values changes after that (one worker, one event loop).
+    `key_fields`: every field any route reads the customer's key from (lower-case,
+    each once; a route's `key_slot` indexes it): a request's are held for the
+    decision and never forwarded, whichever route takes it."""
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = tuple(routes)
+        self.key_fields = _key_fields(self.routes)
         by_host: dict[bytes, list[Route]] = {}
         any_host: list[Route] = []
         for route in self.routes:
@@ -103,15 +120,17 @@ class Router:
         self._host_cache: dict[bytes, object] = {}
 
     @classmethod
-    def from_settings(cls, routes: Iterable[RouteSettings]) -> Router:
-        """The router for the `routes` of validated proxy settings."""
-        return cls(Route.from_settings(route) for route in routes)
+    def from_settings(cls, routes: Iterable[RouteSettings], api_key_header: HeaderName = _BEARER) -> Router:
+        """The router for the `routes` of validated proxy settings, whose own
+        `api_key_header` is `api_key_header`."""
+        return cls(Route.from_settings(route, api_key_header) for route in routes)
 
     def match(self, host: bytes | None, path: bytes, method: bytes) -> Route | None:
         """The route for a request, or None when no route takes it.
 
         `host`: the Host header (any case, with or without port; None when absent).
-        `path`: the request target in origin form, query string included.
+        `path`: the request target in origin form, query string included, its path
+        normalized (proxy.paths.normal_target: what is routed is what is forwarded).
         `method`: as sent (methods are case-sensitive). Routes for `host` are tried
         first, then routes for any host; within each, the longest matching prefix
         whose methods allow `method`; equal prefixes keep settings order.
@@ -127,6 +146,16 @@ class Router:
                 if route is not None:
                     return route
         return _first_match(self._any_host, path, method)
+
+
+def _key_fields(routes: tuple) -> tuple:
+    # Each route's key field, each once in settings order; sets each route's key_slot.
+    fields: list[bytes] = []
+    for route in routes:
+        if route.api_key_header not in fields:
+            fields.append(route.api_key_header)
+        route.key_slot = fields.index(route.api_key_header)
+    return tuple(fields)
 
 
 def _candidates(routes: list[Route]) -> tuple[tuple[bytes, int, bool, frozenset[bytes] | None, Route], ...]:

@@ -161,7 +161,7 @@ class ProxyWorker:
             loop=self.loop,
             clock=self.clock,
         )
-        router = Router.from_settings(settings.routes)
+        router = Router.from_settings(settings.routes, settings.api_key_header)
         self.app = ProxyApp(settings, router, self.edge_state, self.meter, metrics, self.loop,
                             clock=self.clock, wall_clock=self.wall_clock)
         if self.leases is not None:

@@ -203,3 +203,28 @@ def test_cli_accepts_every_example_as_the_kind_it_is(capsys, monkeypatch):
     assert len(lines) == len(examples)
     for path, line in zip(examples, lines):
         assert line.startswith(f"ok: {path} ({EXAMPLE_KINDS[path.name]}, ")
+
+
+PROVIDER_SETTINGS = """\
+upstreams:
+  openai:
+    url: http://127.0.0.1:8001
+    headers: {authorization: "Bearer ${AFORO_TEST_PROVIDER_KEY}"}
+routes:
+  - {name: chat, upstream: openai}
+edge_state: {file: edge_state.yaml}
+"""
+
+
+def test_cli_reports_a_provider_key_missing_from_the_environment(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(PROVIDER_SETTINGS)
+    monkeypatch.delenv("AFORO_TEST_PROVIDER_KEY", raising=False)
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}:4: Environment variable `AFORO_TEST_PROVIDER_KEY` is not set; the proxy sends it in header "
+        "`authorization` to upstream `openai` - at `$.upstreams.openai.headers.authorization`\n")
+    monkeypatch.setenv("AFORO_TEST_PROVIDER_KEY", "sk-provider-1")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == f"ok: {path} (proxy settings, 1 routes, 1 upstreams)\n" and "sk-provider-1" not in out

@@ -8,7 +8,7 @@ import pytest
 
 from config import ConfigError
 from config.network import HostPort
-from config.proxy_settings import AiMetering, McpMetering, load_proxy_settings, parse_proxy_settings
+from config.proxy_settings import AiMetering, McpMetering, load_proxy_settings, parse_proxy_settings, upstream_headers
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 
@@ -359,3 +359,86 @@ def test_a_redis_url_that_cannot_be_used(tmp_path, text, redis_url, message):
     with pytest.raises(ConfigError) as caught:
         load_proxy_settings(path, redis_url=redis_url)
     assert str(caught.value).replace(str(tmp_path) + "/", "") == message
+
+
+# -- headers an upstream is sent, from the environment ---------------------------------------
+
+def with_headers(headers: str) -> str:
+    # The chat-api upstream (line 2) with `headers: {headers}`.
+    return settings_text().replace('chat-api: {url: "http://127.0.0.1:8000"}',
+                                   f'chat-api: {{url: "http://127.0.0.1:8000", headers: {headers}}}')
+
+
+PROVIDER_ENV = {"OPENAI_API_KEY": "sk-provider-1", "EMPTY_KEY": "", "BROKEN_KEY": "sk-1\r\nx-evil: 1"}
+
+
+def test_an_upstreams_headers_are_read_from_the_environment_and_never_shown():
+    settings = parse_proxy_settings(
+        with_headers('{Authorization: "Bearer ${OPENAI_API_KEY}", OpenAI-Beta: "assistants=v2"}'), "proxy.yaml",
+        environ=PROVIDER_ENV)
+    assert upstream_headers(settings, PROVIDER_ENV) == {
+        "chat-api": ((b"authorization", b"Bearer sk-provider-1"), (b"openai-beta", b"assistants=v2"))}
+    assert "sk-provider-1" not in repr(settings) and "sk-provider-1" not in str(settings)
+    assert upstream_headers(parse_proxy_settings(settings_text(), "proxy.yaml")) == {}
+
+
+def test_a_variable_unset_when_the_proxy_starts_is_a_config_error_naming_it():
+    settings = parse_proxy_settings(with_headers('{x-api-key: "${OPENAI_API_KEY}"}'), "proxy.yaml",
+                                    environ=PROVIDER_ENV)
+    with pytest.raises(ConfigError) as caught:
+        upstream_headers(settings, {}, "proxy.yaml")
+    assert str(caught.value) == (
+        "proxy.yaml: Environment variable `OPENAI_API_KEY` is not set; the proxy sends it in header `x-api-key` "
+        "to upstream `chat-api` - at `$.upstreams['chat-api'].headers['x-api-key']`")
+
+
+HEADERS_AT = "- at `$.upstreams['chat-api'].headers"
+
+
+@pytest.mark.parametrize(("headers", "message"), [
+    ('{authorization: "Bearer ${MISSING_KEY}"}',
+     "Environment variable `MISSING_KEY` is not set; the proxy sends it in header `authorization` to upstream "
+     f"`chat-api` {HEADERS_AT}.authorization`"),
+    ('{authorization: "Bearer ${EMPTY_KEY}"}',
+     "Environment variable `EMPTY_KEY` is empty; the proxy sends it in header `authorization` to upstream "
+     f"`chat-api` {HEADERS_AT}.authorization`"),
+    ('{authorization: "Bearer ${BROKEN_KEY}"}',
+     "Environment variable `BROKEN_KEY` holds a line break or another control character, which header "
+     f"`authorization` cannot carry {HEADERS_AT}.authorization`"),
+    ('{authorization: "Bearer ${1KEY}"}',
+     "Expected `${NAME}` with an environment variable's name (letters, digits, `_`; not starting with a digit), "
+     f"got `${{1KEY}}` {HEADERS_AT}.authorization`"),
+    ('{authorization: "Bearer ${OPENAI_API_KEY"}',
+     f"A `${{` in a header value must be a reference like `${{OPENAI_API_KEY}}`, closed by `}}` {HEADERS_AT}.authorization`"),
+    ('{x-note: "a\\nb"}', f"A header value cannot hold a line break or another control character {HEADERS_AT}['x-note']`"),
+    ('{"x api": v}', f"Expected a header name like `x-api-key`, got `x api` {HEADERS_AT}['x api']`"),
+    ('{X-Key: a, x-key: b}', f"Header `x-key` is set twice (header names are case-insensitive) {HEADERS_AT}['x-key']`"),
+    ('{Host: api.openai.com}', f"The proxy sets `host` itself; an upstream's `headers` cannot {HEADERS_AT}.Host`"),
+    ('{x-aforo-customer: c}',
+     f"The proxy sets `x-aforo-customer` itself; an upstream's `headers` cannot {HEADERS_AT}['x-aforo-customer']`"),
+    ('{content-length: "0"}',
+     f"The proxy sets `content-length` itself; an upstream's `headers` cannot {HEADERS_AT}['content-length']`"),
+])
+def test_bad_upstream_headers(headers, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_proxy_settings(with_headers(headers), "proxy.yaml", environ=PROVIDER_ENV)
+    assert str(caught.value) == f"proxy.yaml:2: {message}"
+
+
+def test_each_route_reads_the_key_from_its_own_header_or_the_settings_one():
+    settings = parse_proxy_settings(settings_text(", api_key_header: X-Api-Key", "api_key_header: x-key\n"),
+                                    "proxy.yaml")
+    assert settings.routes[0].api_key_header == "x-api-key"
+    assert parse_proxy_settings(settings_text(), "proxy.yaml").routes[0].api_key_header is None
+
+
+@pytest.mark.parametrize(("route_extra", "extra", "message"), [
+    (", api_key_header: x_api_key", "",
+     "proxy.yaml:6: The proxy drops request headers whose name has `_` (as nginx does), so no key would ever be "
+     f"read from `x_api_key`; use `x-api-key` {ROUTE_AT}.api_key_header`"),
+    ("", "api_key_header: X_Api_Key\n",
+     "proxy.yaml:8: The proxy drops request headers whose name has `_` (as nginx does), so no key would ever be "
+     "read from `x_api_key`; use `x-api-key` - at `$.api_key_header`"),
+])
+def test_a_key_header_the_proxy_drops_is_refused(route_extra, extra, message):
+    assert error_of(settings_text(route_extra, extra)) == message

@@ -8,6 +8,7 @@ from proxy.headers import (
     FIELD_FORWARDED_FOR,
     FIELD_HOST,
     FIELD_OTHER,
+    FIELD_UNDERSCORED,
     HOP_BY_HOP,
     field_kind,
     join_parts,
@@ -20,6 +21,9 @@ from proxy.headers import (
     (b"Keep-Alive", FIELD_DROPPED), (b"TE", FIELD_DROPPED), (b"X-AFORO-Customer", FIELD_DROPPED),
     (b"Content-Type", FIELD_OTHER), (b"X-Aforo", FIELD_OTHER), (b"Hosts", FIELD_OTHER), (b"", FIELD_OTHER),
     (b"X-Forwarded-Fox", FIELD_OTHER), (b"Proxy-Connection", FIELD_DROPPED), (b"x-aforo-", FIELD_DROPPED),
+    # `_` would read as `-` on CGI/WSGI-style servers: never the proxy's or forwarding fields
+    (b"X_Forwarded_For", FIELD_UNDERSCORED), (b"X_Aforo_Customer", FIELD_UNDERSCORED), (b"_", FIELD_UNDERSCORED),
+    (b"x-api_key", FIELD_UNDERSCORED), (b"X-Aforo-Foo_Bar", FIELD_DROPPED), (b"Host_", FIELD_UNDERSCORED),
 ])
 def test_a_field_name_is_classified_case_insensitively(name, kind):
     assert field_kind(name) == kind

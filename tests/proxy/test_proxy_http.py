@@ -46,7 +46,7 @@ def fields(seen, name):
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 def test_method_target_and_body_reach_the_upstream_unchanged(proxy, method):
     body = None if method in ("GET", "OPTIONS") else bytes(range(256)) * 40 + b"\r\n0\r\n\r\n"
-    target = "/inspect/a%20b/%2Fc;p=1?q=1&r=%2F&s=a+b&empty=&t"
+    target = "/inspect/a%20b/%3Bc/%C3%A9?q=1&r=%2F&s=a+b&empty=&t;p=../..//x"
     status, _, seen = inspected(proxy.port, method, target, body=body)
     assert status == 200
     assert seen["method"] == method
@@ -72,7 +72,7 @@ def test_end_to_end_headers_are_forwarded_with_their_values_and_repeats(proxy):
     assert fields(seen, "x-custom") == ["one", "two"]
     assert fields(seen, "cookie") == ["a=1; b=2"]
     assert fields(seen, "user-agent") == ["tester/1.0"]
-    assert fields(seen, "authorization") == ["Bearer k-pro"]
+    assert fields(seen, "authorization") == []       # the customer's key stays at the edge
     assert fields(seen, "host") == ["api.test"]
 
 

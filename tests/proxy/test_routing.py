@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from config.network import HeaderName
 from config.proxy_settings import load_proxy_settings
 from proxy.routing import Route, Router
 
@@ -172,3 +173,21 @@ def test_router_agrees_with_the_rules_spelled_out(table, request_parts):
     host, path, suffix, method = request_parts
     target = (path + suffix).replace("//", "/").encode()
     assert Router(routes).match(host, target, method) is reference_match(routes, host, target, method)
+
+
+def test_each_route_reads_the_key_from_its_field_and_the_router_knows_them_all():
+    routes = [
+        Route("chat", "llm", b"/v1/chat"),
+        Route("messages", "llm", b"/v1/messages", api_key_header=b"X-Api-Key"),
+        Route("other", "core", b"/other", api_key_header=b"authorization"),
+    ]
+    router = Router(routes)
+    assert router.key_fields == (b"authorization", b"x-api-key")
+    assert [(route.key_slot, route.key_bearer) for route in routes] == [(0, True), (1, False), (0, True)]
+
+
+def test_a_route_without_its_own_key_header_reads_the_settings_one():
+    routes = load_proxy_settings(EXAMPLE).routes
+    router = Router.from_settings(routes, HeaderName("x-api-key"))
+    assert router.key_fields == (b"authorization", b"x-api-key")       # the chat route names authorization
+    assert [route.api_key_header for route in router.routes] == [b"authorization"] + [b"x-api-key"] * 3
