@@ -342,8 +342,7 @@ class ClientConnection:
         """The connection's own timeout (header, body, idle keep-alive, linger or
         tunnel, by its state) is now at `at`."""
         self.deadline = at
-        if at < self.filed_at:
-            self.app.deadlines.file(self, at)
+        self.due_at(at)
 
     def due_at(self, at):
         """Check this connection's timeouts at `at` at the latest (an exchange's

@@ -203,9 +203,11 @@ def _send_ignoring_errors(sock, data):
 
 
 def test_timeouts_fire_by_themselves_without_a_sweep(upstream, make_proxy):
-    # The worker's own timer, not a test's sweep: short settings, and the answers come.
-    proxy = make_proxy(upstream.port, limits="  header_timeout_s: 0.2\n  body_timeout_s: 0.2\n")
-    with connect(proxy.port) as headers_late, connect(proxy.port) as body_late:
+    # The worker's own timer, not a test's sweep: a short setting, and the answer comes.
+    # Each proxy has only one timeout short, so nothing else can fire first.
+    headers_proxy = make_proxy(upstream.port, limits="  header_timeout_s: 0.2\n")
+    body_proxy = make_proxy(upstream.port, limits="  body_timeout_s: 0.2\n")
+    with connect(headers_proxy.port) as headers_late, connect(body_proxy.port) as body_late:
         headers_late.sendall(b"GET /echo HTTP/1.1\r\nHost: api.te")
         body_late.sendall(post_head("/echo/late", 10) + b"12345")
         refused_408(headers_late, "headers did not arrive in time")
