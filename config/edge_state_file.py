@@ -7,7 +7,8 @@
 #   customers  list of {id, plan, status, api_keys (sha256 hex), usage, levels,
 #              period_end (optional: this customer's period ends elsewhere)}
 #   levels     metric or `overall` -> {guard, level 0..3, mode, throttle_rate, burst
-#              and downgrade_models (level 2), locked_features (level 3 lock variant)}
+#              and downgrade_models (level 2), locked_features (level 3 lock variant)},
+#              or a list of two such standings: the enforcing guard's and a shadow one's
 from __future__ import annotations
 
 from os import PathLike
@@ -120,7 +121,8 @@ class Standing(Schema):
 class Customer(Schema):
     """One customer: its plan, subscription `status` (only `active` and `trialing`
     send traffic), the sha256 digests of its API keys, units used so far this
-    period per metric, and margin standings per metric (or `overall`).
+    period per metric, and margin standings per metric (or `overall`): one, or
+    the enforcing guard's and a shadow guard's beside it.
     `period_end`: when this customer's billing period ends, if not at the file's
     `period.end` (subscriptions anchored on different days)."""
 
@@ -129,7 +131,7 @@ class Customer(Schema):
     status: SubscriptionStatus
     api_keys: tuple[KeyDigest, ...] = ()
     usage: dict[MeteredMetric, Units] = msgspec.field(default_factory=dict)
-    levels: dict[MeteredMetric, Standing] = msgspec.field(default_factory=dict)
+    levels: dict[MeteredMetric, Standing | tuple[Standing, ...]] = msgspec.field(default_factory=dict)
     period_end: Timestamp | None = None
 
 
@@ -168,8 +170,9 @@ def load_edge_state_file(path: str | PathLike[str]) -> EdgeStateFile:
 
 
 def _customer_problems(state: EdgeStateFile) -> list[Problem]:
-    """Unknown plans, duplicate customer ids, and key digests listed twice: a key
-    that identified two customers would bill one for the other's traffic."""
+    """Unknown plans, duplicate customer ids, key digests listed twice (a key that
+    identified two customers would bill one for the other's traffic), and two
+    standings of one guard mode for a metric."""
     problems: list[Problem] = []
     known = ", ".join(f"`{name}`" for name in state.plans) or "none"
     problems += duplicate_names((customer.id for customer in state.customers), "$.customers", "id", "customer id")
@@ -180,6 +183,14 @@ def _customer_problems(state: EdgeStateFile) -> list[Problem]:
             problems.append(
                 Problem(f"{path}.plan", f"Unknown plan `{customer.plan}`; the plans are {known}")
             )
+        for metric, standings in customer.levels.items():
+            if isinstance(standings, tuple) and (
+                    not standings or len({standing.mode for standing in standings}) != len(standings)):
+                modes = f" ({', '.join(standing.mode for standing in standings)})" if standings else ""
+                problems.append(Problem(
+                    f"{path}.levels.{metric}",
+                    f"The standings of `{metric}` are one per guard mode: at most one `enforce` and one "
+                    f"`shadow`, got {len(standings)}{modes}"))
         for key_index, digest in enumerate(customer.api_keys):
             key_path = f"{path}.api_keys[{key_index}]"
             owner, first_path = first_by_digest.setdefault(digest, (customer.id, key_path))

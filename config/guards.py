@@ -1,6 +1,8 @@
 # Guard files -> an immutable GuardSet. Precedence when resolving a guard for
 # (customer, tier, metric): customer scope > tier scope > global; within one scope an
 # exact metric guard > a `*` guard. `overall` is matched only exactly, never by `*`.
+# Enforcing and shadow guards resolve apart: a shadow guard is judged beside the
+# enforcing guard that applies, never in its place.
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,6 +17,7 @@ from config.documents import (
     read_document,
 )
 from config.schema import (
+    MODES,
     OVERALL_METRIC,
     PATTERN_MEANINGS,
     WILDCARD_METRIC,
@@ -33,18 +36,20 @@ class GuardSet:
     the file bytes: equal files, equal versions), `source` (the file name).
     `resolve` precedence: customer scope > tier scope > global; within one scope an
     exact metric guard > a `*` guard; `overall` is only matched by an `overall` guard.
-    Construction raises ValueError for two guards with one scope and metric
-    (`parse_guards` reports that as a ConfigError before building the set).
+    Guards of each mode resolve among themselves (MODES), so a shadow guard never
+    hides an enforcing one. Construction raises ValueError for two guards with one
+    scope, metric and mode (`parse_guards` reports that as a ConfigError before
+    building the set).
     """
 
-    __slots__ = ("guards", "version", "source", "_by_customer", "_by_tier", "_global")
+    __slots__ = ("guards", "version", "source", "_by_mode")
 
     def __init__(self, guards: Iterable[Guard], version: str, source: str) -> None:
-        by_customer: dict[str, dict[str, Guard]] = {}
-        by_tier: dict[str, dict[str, Guard]] = {}
-        by_global: dict[str, Guard] = {}
+        # mode -> (by customer, by tier, global), each metric -> guard.
+        by_mode: dict[str, tuple[dict, dict, dict]] = {mode: ({}, {}, {}) for mode in MODES}
         frozen = tuple(guards)
         for guard in frozen:
+            by_customer, by_tier, by_global = by_mode[guard.mode]
             if guard.scope.kind == "customer":
                 by_metric = by_customer.setdefault(guard.scope.name, {})
             elif guard.scope.kind == "tier":
@@ -52,31 +57,31 @@ class GuardSet:
             else:
                 by_metric = by_global
             if guard.metric in by_metric:
-                raise ValueError(f"two guards for scope {guard.scope} and metric {guard.metric}")
+                raise ValueError(f"two {guard.mode} guards for scope {guard.scope} and metric {guard.metric}")
             by_metric[guard.metric] = guard
         for name, value in (
             ("guards", frozen),
             ("version", version),
             ("source", source),
-            ("_by_customer", by_customer),
-            ("_by_tier", by_tier),
-            ("_global", by_global),
+            ("_by_mode", by_mode),
         ):
             object.__setattr__(self, name, value)
 
-    def resolve(self, customer_id: str, tier: str, metric: str) -> Guard | None:
-        """The guard that applies to `customer_id` (on plan `tier`) for `metric`.
+    def resolve(self, customer_id: str, tier: str, metric: str, mode: str = "enforce") -> Guard | None:
+        """The guard of `mode` ("enforce" or "shadow") that applies to
+        `customer_id` (on plan `tier`) for `metric`.
 
         Tried in order: customer exact, customer `*`, tier exact, tier `*`, global
         exact, global `*`; the first hit wins. For metric == "overall" (the
         customer's margin across all metrics) only `overall` guards are tried.
-        Returns None when no guard applies.
+        Returns None when no guard of that mode applies.
         """
         wildcard_applies = metric != OVERALL_METRIC
+        by_customer, by_tier, by_global = self._by_mode[mode]
         for by_metric in (
-            self._by_customer.get(customer_id),
-            self._by_tier.get(tier),
-            self._global,
+            by_customer.get(customer_id),
+            by_tier.get(tier),
+            by_global,
         ):
             if by_metric:
                 guard = by_metric.get(metric)
@@ -143,21 +148,22 @@ def _build(text: str, file: str, version: str) -> GuardSet:
 
 
 def _ambiguities(guard_file: GuardFile) -> list[Problem]:
-    """Duplicate ids, and two guards with one (scope, metric): either would make
-    `resolve` or a reported transition depend on file order."""
+    """Duplicate ids, and two guards with one (scope, metric, mode): either would
+    make `resolve` or a reported transition depend on file order. (An enforcing and
+    a shadow guard may share a scope and metric: the shadow one is judged beside.)"""
     guards = guard_file.guards
     problems: list[Problem] = []
     problems += duplicate_names((guard.id for guard in guards), "$.guards", "id", "guard id")
-    index_of_target: dict[tuple[object, str], int] = {}
+    index_of_target: dict[tuple[object, str, str], int] = {}
     for index, guard in enumerate(guards):
-        first = index_of_target.setdefault((guard.scope, guard.metric), index)
+        first = index_of_target.setdefault((guard.scope, guard.metric, guard.mode), index)
         if first != index:
             problems.append(
                 Problem(
                     f"$.guards[{index}]",
-                    f"Guard `{guard.id}` has the same scope `{guard.scope}` and metric "
-                    f"`{guard.metric}` as guard `{guards[first].id}` (`$.guards[{first}]`); "
-                    "which one applies would be ambiguous",
+                    f"Guard `{guard.id}` has the same scope `{guard.scope}`, metric "
+                    f"`{guard.metric}` and mode `{guard.mode}` as guard `{guards[first].id}` "
+                    f"(`$.guards[{first}]`); which one applies would be ambiguous",
                 )
             )
     return problems

@@ -34,6 +34,7 @@ MeteredMetric = Annotated[str, msgspec.Meta(pattern=METERED_METRIC_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1)]
 PricedName = Annotated[str, msgspec.Meta(pattern=PRICED_NAME_PATTERN)]
 Mode = Literal["enforce", "shadow"]
+MODES: tuple[str, ...] = ("enforce", "shadow")
 Level3Action = Literal["block_request", "lock_features"]
 
 

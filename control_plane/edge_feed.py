@@ -6,7 +6,8 @@
 # something changed for every customer: the catalog, the guard file, a new period).
 #
 # What a proxy gets per customer: the plan and status of the subscription in force,
-# the digests of its live API keys, its usage this period, and its guard standings.
+# the digests of its live API keys, its usage this period, and its guard standings
+# (per metric the enforcing guard's and a shadow guard's beside it).
 # A standing belongs to the billing period it was reached in; a new period starts at
 # level 0. Usage is what the control plane has ingested; a proxy counts its own
 # traffic on top between pulls.
@@ -166,11 +167,12 @@ class EdgeFeed:
             start, end = rater.period_of(subscription, at)
             earliest_end = min(earliest_end, end.timestamp())
             quotas = plans[subscription.plan].quotas
-            standings = {}
+            standings: dict[str, Standing | tuple[Standing, ...]] = {}
             for level in levels.get(customer_id, ()):
                 standing = _standing(level, guards.get(level.guard_id)) if level.changed_at >= start.timestamp() else None
                 if standing is not None:
-                    standings[level.metric] = standing
+                    beside = standings.get(level.metric)        # the other mode's, at most one
+                    standings[level.metric] = standing if beside is None else (beside, standing)
             customers.append(Customer(
                 id=customer_id, plan=subscription.plan, status=subscription.status,
                 api_keys=tuple(keys.get(customer_id, ())),
@@ -204,9 +206,10 @@ class EdgeFeed:
 
 
 def _standing(level, guard) -> Standing | None:
-    # A level under a guard that is no longer in the file is not enforced (the next
-    # evaluation judges the customer under the guard that applies now).
-    if guard is None or level.level == 0:
+    # A level under a guard that is no longer in the file, or no longer in the mode
+    # the level was reached in, is not enforced (the next evaluation judges the
+    # customer under the guard that applies now).
+    if guard is None or level.level == 0 or guard.mode != level.mode:
         return None
     actions = guard.actions
     if level.level == 2:

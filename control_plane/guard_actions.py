@@ -1,15 +1,18 @@
 # Guard evaluation: after margins move, each (customer, metric) and each customer
-# overall is judged by the guard that applies to it (customer > tier > global scope),
-# its new level computed from its margin and current level (with the guard's
+# overall is judged by the enforcing guard that applies to it (customer > tier >
+# global scope) and, beside it, by the shadow guard that applies, each with a level
+# of its own; its new level computed from its margin and current level (with the guard's
 # recovery band), and every change recorded once in the actions trail, with its
 # webhooks put in the outbox in the same transaction. A level reached in an earlier
 # billing period is first recorded as back to 0: each period starts clean.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 
 from config.guards import GuardSet
+from config.schema import MODES
 from control_plane.guard_levels import level_thresholds
 from control_plane.margins import customer_margins, margins_of
 from control_plane.rating import Rater
@@ -39,17 +42,17 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
         # Two reads for the batch's customers, however many: their levels and totals.
         levels = await store.guard_levels_of(customers)
         margins = await margins_of(store, now, customers, rater)
-    levels = {(level.customer_id, level.metric): level for level in levels}
+    levels = {(level.customer_id, level.metric, level.mode): level for level in levels}
     recorded = []
     for margin in margins:
         tier = rater.plans[margin.plan].plan.tier
         period_start = datetime.datetime.fromisoformat(margin.period_start).timestamp()
         judged = [(row.metric, row.margin_pct) for row in margin.metrics] + [(OVERALL, margin.margin_pct)]
-        for metric, pct in judged:
-            guard = guards.resolve(margin.customer_id, tier, metric)
+        for (metric, pct), mode in itertools.product(judged, MODES):
+            guard = guards.resolve(margin.customer_id, tier, metric, mode)
             if guard is None:
                 continue
-            stored = levels.get((margin.customer_id, metric))
+            stored = levels.get((margin.customer_id, metric, mode))
             current = stored.level if stored is not None else 0
             if current and stored.changed_at < period_start:
                 # A level belongs to the period it was reached in: a new period starts

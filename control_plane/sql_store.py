@@ -153,6 +153,26 @@ MIGRATIONS = (
             leased BIGINT NOT NULL,
             PRIMARY KEY (customer_id, metric, period_start))""",
     )),
+    (8, "a standing per guard mode: a shadow guard is judged beside the enforcing one", (
+        """CREATE TABLE guard_standings (
+            customer_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            guard_id TEXT NOT NULL,
+            level INTEGER NOT NULL,
+            margin_pct DOUBLE PRECISION,
+            changed_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (customer_id, metric, mode))""",
+        # A level kept so far was reached under the mode of its last transition.
+        """INSERT INTO guard_standings (customer_id, metric, mode, guard_id, level, margin_pct, changed_at)
+            SELECT g.customer_id, g.metric,
+                   COALESCE((SELECT a.mode FROM actions a WHERE a.customer_id = g.customer_id
+                             AND a.metric = g.metric ORDER BY a.seq DESC LIMIT 1), 'enforce'),
+                   g.guard_id, g.level, g.margin_pct, g.changed_at
+            FROM guard_levels g""",
+        "DROP TABLE guard_levels",
+        "ALTER TABLE guard_standings RENAME TO guard_levels",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -458,32 +478,33 @@ class SqlStore:
     # -- guard levels ----------------------------------------------------------------
     async def guard_levels(self, customer_id=None):
         where, args = ("WHERE customer_id = ?", (customer_id,)) if customer_id is not None else ("", ())
-        rows = await self._fetch("SELECT customer_id, metric, guard_id, level, margin_pct, changed_at FROM guard_levels "
-                                 f"{where} ORDER BY customer_id, metric", args)
+        rows = await self._fetch("SELECT customer_id, metric, guard_id, level, margin_pct, changed_at, mode FROM guard_levels "
+                                 f"{where} ORDER BY customer_id, metric, mode", args)
         return [GuardLevel(*row) for row in rows]
 
     async def guard_levels_of(self, customer_ids):
         rows = []
         for part in _parts(sorted(set(customer_ids))):
             rows += await self._fetch(
-                "SELECT customer_id, metric, guard_id, level, margin_pct, changed_at FROM guard_levels "
-                f"WHERE customer_id IN ({', '.join(['?'] * len(part))}) ORDER BY customer_id, metric", tuple(part))
+                "SELECT customer_id, metric, guard_id, level, margin_pct, changed_at, mode FROM guard_levels "
+                f"WHERE customer_id IN ({', '.join(['?'] * len(part))}) ORDER BY customer_id, metric, mode", tuple(part))
         return [GuardLevel(*row) for row in rows]
 
     async def transition_level(self, action: Action, webhooks=()) -> bool:
         async with self._transaction():
+            key = (action.customer_id, action.metric, action.mode)
             await self._execute(
-                "INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, changed_at) "
-                "VALUES (?, ?, ?, 0, NULL, ?) ON CONFLICT (customer_id, metric) DO NOTHING",
-                (action.customer_id, action.metric, action.guard_id, action.at))
-            rows = await self._fetch("SELECT level FROM guard_levels WHERE customer_id = ? AND metric = ?"
-                                     + self.ROW_LOCK_SQL, (action.customer_id, action.metric))
+                "INSERT INTO guard_levels (customer_id, metric, mode, guard_id, level, margin_pct, changed_at) "
+                "VALUES (?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (customer_id, metric, mode) DO NOTHING",
+                (*key, action.guard_id, action.at))
+            rows = await self._fetch("SELECT level FROM guard_levels WHERE customer_id = ? AND metric = ? AND mode = ?"
+                                     + self.ROW_LOCK_SQL, key)
             if rows[0][0] != action.level_from:
                 return False                    # someone else moved it first
             await self._execute(
                 "UPDATE guard_levels SET guard_id = ?, level = ?, margin_pct = ?, changed_at = ? "
-                "WHERE customer_id = ? AND metric = ?",
-                (action.guard_id, action.level_to, action.margin_pct, action.at, action.customer_id, action.metric))
+                "WHERE customer_id = ? AND metric = ? AND mode = ?",
+                (action.guard_id, action.level_to, action.margin_pct, action.at, *key))
             [(action_seq,)] = await self._fetch(
                 "INSERT INTO actions (customer_id, metric, guard_id, level_from, level_to, margin_pct, "
                 "min_margin_pct, mode, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",

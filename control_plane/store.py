@@ -79,7 +79,9 @@ OVERALL = "overall"
 
 
 class GuardLevel(NamedTuple):
-    """A customer's margin level (0..3) for one metric (or OVERALL) under a guard."""
+    """A customer's margin level (0..3) for one metric (or OVERALL) under a guard.
+    One per (customer, metric, mode): the enforcing guard's and, beside it, the
+    shadow guard's (see GuardSet.resolve)."""
 
     customer_id: str
     metric: str
@@ -87,6 +89,7 @@ class GuardLevel(NamedTuple):
     level: int
     margin_pct: float | None
     changed_at: float
+    mode: str = "enforce"
 
 
 class Action(NamedTuple):

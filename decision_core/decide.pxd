@@ -41,7 +41,10 @@ cdef tuple _margin_action(GuardStanding standing, RequestFacts facts, double now
 
 cdef str _margin_detail(str reason, GuardStanding standing, RequestFacts facts)
 
+@cython.locals(standings=list)
+cdef list _standings(dict levels, RequestFacts facts)
+
 @cython.locals(quota=QuotaLimit, slot=cython.int, used=cython.longlong, reset_s=cython.longlong, retry_after_s=cython.longlong,
-               standing=GuardStanding, outcome=cython.int, levels=dict, model_map=dict, standings=list,
+               standing=GuardStanding, outcome=cython.int, levels=dict, shadows=dict, model_map=dict, standings=list,
                quota_policy=str, quota_status=str)
 cpdef Decision decide(CustomerState customer, RequestFacts facts, double now)

@@ -156,6 +156,18 @@ def _margin_detail(reason, standing, facts):
     return standing.throttle_detail
 
 
+def _standings(levels, facts):
+    # The standings of the request's metric, of the other metrics it meters, then
+    # overall (None where there is none); empty for no standings at all.
+    if levels is None:
+        return []
+    standings = [levels.get(facts.metric)]
+    for metric in facts.other_metrics:
+        standings.append(levels.get(metric))
+    standings.append(levels.get(_OVERALL_KEY))
+    return standings
+
+
 def decide(customer, facts, now):
     """Decide one request.
 
@@ -163,7 +175,8 @@ def decide(customer, facts, now):
     customer.period_end. Returns a Decision (see the rule order at the top of this
     module). The guard standings of the request's metric, of its other metrics
     (facts.other_metrics) and overall all apply: every enforcing one acts (blocks
-    before throttles, in that order); shadow-mode standings only report in `shadow`. Only level-2 buckets change: decide() never
+    before throttles, in that order); shadow-mode standings, held beside the
+    enforcing ones, only report in `shadow`. Only level-2 buckets change: decide() never
     counts usage. A period that has ended (now >= period_end) ignores quota and
     margin state. Retry-After is at least 1 second.
     """
@@ -190,19 +203,16 @@ def decide(customer, facts, now):
             return _quota_exceeded(quota, used, reset_s)
 
     levels = customer.acting_levels
-    if levels is None:
+    shadows = customer.shadow_levels
+    if levels is None and shadows is None:
         if slot < 0:
             return ALLOWED
         return _decision(ALLOW, 0, REASON_ALLOWED, "", 0, quota_policy, quota_status, "", "")
 
-    # The guards of the request's metric, of the other metrics it meters, then overall.
-    standings = [levels.get(facts.metric)]
-    for metric in facts.other_metrics:
-        standings.append(levels.get(metric))
-    standings.append(levels.get(_OVERALL_KEY))
+    standings = _standings(levels, facts)
     # Blocks first, so a blocked request takes no throttle token.
     for standing in standings:
-        if standing is not None and standing.enforce and standing.level == 3:
+        if standing is not None and standing.level == 3:
             reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
             if reason:
                 return _decision(
@@ -213,7 +223,7 @@ def decide(customer, facts, now):
     acting_guard = ""
     model_map = None
     for standing in standings:
-        if standing is not None and standing.enforce and standing.level == 2:
+        if standing is not None and standing.level == 2:
             reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
             if reason == REASON_THROTTLED:
                 return _decision(
@@ -225,9 +235,11 @@ def decide(customer, facts, now):
             if model_map is None:
                 model_map = standing.model_map      # the metric's guard first
 
+    # Shadow guards are judged beside the enforcing ones (their own buckets move) and
+    # only report what they would have done.
     shadow = ""
-    for standing in standings:
-        if standing is not None and not standing.enforce and standing.level >= 2:
+    for standing in _standings(shadows, facts):
+        if standing is not None:
             reason, retry_after_s = _margin_action(standing, facts, now, reset_s)
             if reason and not shadow:
                 shadow = f"{reason}; guard={standing.guard_id}"

@@ -28,6 +28,7 @@ cdef class CustomerState:
     cdef readonly dict guard_levels
     cdef readonly double period_end
     cdef readonly dict acting_levels
+    cdef readonly dict shadow_levels
 
     @cython.locals(slot=cython.int)
     cpdef long long quota_used(self, str metric)

@@ -51,7 +51,8 @@ class CustomerState:
     - features: the plan's entitlements (share one frozenset per plan).
     - quotas: the plan's PlanQuotas (shared per plan); usage: metric -> units used
       this period (metrics without a quota are not counted).
-    - guard_levels: metric (or OVERALL) -> GuardStanding, already resolved per metric.
+    - guard_levels: metric (or OVERALL) -> GuardStanding, already resolved per metric,
+      or a tuple of two: the enforcing guard's and a shadow guard's standing beside it.
     - period_end: end of the current billing period, seconds on the caller's clock.
     Raises InvalidStateError for an unknown subscription status or negative usage.
     """
@@ -81,8 +82,9 @@ class CustomerState:
         self.period_end = float(period_end)
         self.guard_levels = dict(guard_levels)
         # The hot path only looks at standings that can act on a request (level 2 or 3;
-        # level 1 warns by webhook, not here), and finds None when there are none.
-        self.acting_levels = _acting(self.guard_levels)
+        # level 1 warns by webhook, not here), and finds None when there are none:
+        # enforcing ones in acting_levels, shadow ones (which only report) apart.
+        self.acting_levels, self.shadow_levels = _acting(self.guard_levels)
 
     def restate(self, subscription_status, guard_levels):
         """Take a new subscription status and guard standings (the control plane
@@ -95,7 +97,7 @@ class CustomerState:
         self.subscription_status = subscription_status
         self.subscription_open = subscription_status in OPEN_STATUSES
         self.guard_levels = dict(guard_levels)
-        self.acting_levels = _acting(self.guard_levels)
+        self.acting_levels, self.shadow_levels = _acting(self.guard_levels)
 
     def quota_used(self, metric):
         """Units of `metric` counted this period (0 for a metric without a quota)."""
@@ -111,7 +113,21 @@ class CustomerState:
 
 
 def _acting(guard_levels):
-    return {metric: standing for metric, standing in guard_levels.items() if standing.level >= 2} or None
+    # (enforcing, shadow): metric -> the standing at level 2 or 3, or None for none.
+    acting = {}
+    shadows = {}
+    for metric, standings in guard_levels.items():
+        for standing in standings if isinstance(standings, tuple) else (standings,):
+            if not isinstance(standing, GuardStanding):
+                raise InvalidStateError(f"the standing of {metric!r} must be a GuardStanding, got {standing!r}")
+            if standing.level >= 2:
+                into = acting if standing.enforce else shadows
+                if metric in into:
+                    raise InvalidStateError(
+                        f"{metric!r} has two {'enforcing' if standing.enforce else 'shadow'} standings "
+                        f"({into[metric].guard_id!r}, {standing.guard_id!r}); one per mode")
+                into[metric] = standing
+    return acting or None, shadows or None
 
 
 class RequestFacts:

@@ -127,7 +127,7 @@ class EdgeSnapshot:
         try:
             standings = {
                 metric: kept[metric] if metric in kept and unchanged.get(metric) == standing
-                else _guard_standing(standing, now)
+                else _guard_standings(standing, now)
                 for metric, standing in customer.levels.items()
             }
         except DecisionCoreError as err:
@@ -369,7 +369,7 @@ def build_snapshot(
         if any(units < 0 for units in customer.usage.values()):
             raise InvalidStateError(f"customer {customer.id!r}: negative usage")
         try:
-            standings = {metric: _guard_standing(standing, now) for metric, standing in customer.levels.items()}
+            standings = {metric: _guard_standings(standing, now) for metric, standing in customer.levels.items()}
             digests = [_digest(hex_digest)[:INDEX_DIGEST_BYTES] for hex_digest in customer.api_keys]
         except DecisionCoreError as err:
             raise InvalidStateError(f"customer {customer.id!r}: {err}") from err
@@ -394,6 +394,13 @@ def snapshot_from_file(state: EdgeStateFile, version: str, now: float) -> EdgeSn
     return build_snapshot(
         state.plans, state.customers, period.start.epoch_s, period.end.epoch_s, now, version
     )
+
+
+def _guard_standings(standings: Standing | tuple[Standing, ...], now: float) -> GuardStanding | tuple:
+    # One standing, or the enforcing and the shadow guard's beside it.
+    if isinstance(standings, tuple):
+        return tuple(_guard_standing(standing, now) for standing in standings)
+    return _guard_standing(standings, now)
 
 
 def _guard_standing(standing: Standing, now: float) -> GuardStanding:

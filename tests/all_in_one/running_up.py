@@ -45,13 +45,14 @@ def _free(port):
 
 
 class Backend(http.server.ThreadingHTTPServer):
-    """The API behind the proxy (counts what reaches it) and the webhook receiver
+    """The API behind the proxy (counts what reaches it, keeps its headers) and the webhook receiver
     (keeps every delivery with whether its signature verifies)."""
 
     daemon_threads = True
 
     def __init__(self):
         self.api_requests = 0
+        self.api_headers = []        # the request headers of each API call, in order
         self.webhooks = []
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -69,6 +70,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         with self.server.lock:
             self.server.api_requests += 1
+            self.server.api_headers.append({name.lower(): value for name, value in self.headers.items()})
         body = b'{"ok": true}'
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

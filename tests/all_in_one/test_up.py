@@ -8,7 +8,7 @@ import datetime
 import json
 
 import pytest
-from running_up import ANCHOR, Backend, Up, eventually, rfc3339_now
+from running_up import ANCHOR, GUARDS, Backend, Up, eventually, rfc3339_now
 
 from control_plane.periods import period_bounds
 from control_plane.store import USAGE, open_store
@@ -76,6 +76,41 @@ def test_a_customer_walks_the_guard_ladder_and_recovers(up, backend):
     assert up.through_proxy(key)[1].get("X-Aforo-Throttle") is None
     levels = [(action["level_from"], action["level_to"]) for action in up.admin("GET", "/v1/actions")["items"]]
     assert levels == [(0, 1), (1, 2), (2, 3), (3, 0)]
+
+
+SHADOW_BESIDE = GUARDS + """\
+  - id: cus-1-stricter-trial
+    metric: overall
+    scope: {customer: cus_1}
+    mode: shadow
+    min_margin: 90%
+    actions:
+      level_2: {threshold: 85%, throttle_rate: 1req/hour, burst: 1}
+      level_3: {threshold: 50%}
+"""
+
+
+def test_a_shadow_guard_is_judged_beside_the_enforcing_one_and_never_lifts_its_block(tmp_path, backend):
+    up = Up(tmp_path, backend, guards=SHADOW_BESIDE)
+    try:
+        key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+        eventually(lambda: up.through_proxy(key)[0] == 200)
+        # 20 %: the enforcing guard throttles, the customer's trial guard would block.
+        cost_to_reach(up, 20, 1)
+        eventually(lambda: up.through_proxy(key)[1].get("X-Aforo-Throttle") == "true")
+        assert backend.api_headers[-1]["x-aforo-throttle"] == "true"
+        assert backend.api_headers[-1]["x-aforo-guard"] == "margin"
+        assert backend.api_headers[-1]["x-aforo-shadow"] == "margin_blocked; guard=cus-1-stricter-trial"
+        # Below 0 %: the enforcing guard blocks, whatever the shadow guard says.
+        cost_to_reach(up, -10, 2)
+        eventually(lambda: b"Margin Limit Exceeded" in up.through_proxy(key)[2])
+        forwarded = backend.api_requests
+        assert up.through_proxy(key)[0] == 429
+        assert backend.api_requests == forwarded
+        trail = {(action["guard_id"], action["mode"], action["level_to"]) for action in up.admin("GET", "/v1/actions")["items"]}
+        assert {("margin", "enforce", 2), ("margin", "enforce", 3), ("cus-1-stricter-trial", "shadow", 3)} <= trail
+    finally:
+        up.stop()
 
 
 def test_ctrl_c_stops_everything_and_keeps_every_meter_event(up, backend):

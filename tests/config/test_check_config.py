@@ -30,8 +30,8 @@ BAD_FIXTURES = [
     ("duplicate_id.yaml",
      "{file}:12: Duplicate guard id `token-floor`; first used by `$.guards[0]` - at `$.guards[2].id`"),
     ("duplicate_scope_metric.yaml",
-     "{file}:8: Guard `pro-calls-strict` has the same scope `tier: pro` and metric `api_calls` as "
-     "guard `pro-calls` (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[1]`"),
+     "{file}:8: Guard `pro-calls-strict` has the same scope `tier: pro`, metric `api_calls` and "
+     "mode `enforce` as guard `pro-calls` (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[1]`"),
     ("duplicate_yaml_key.yaml",
      "{file}:7: Duplicate key `min_margin` (first at line 4) - at `$.guards[0].min_margin`"),
     ("several_duplicates.yaml",

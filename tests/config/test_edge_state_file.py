@@ -63,13 +63,24 @@ def test_a_state_reads_as_written():
     assert (standing.throttle_rate, standing.effective_burst) == (Rate(5, 1), 5)
 
 
+def test_a_shadow_standing_can_sit_beside_the_enforcing_one():
+    state = parse_edge_state_file(STATE.replace(LEVEL_LINE, (
+        "      ai_tokens:\n"
+        "        - {guard: tokens-floor, level: 3}\n"
+        "        - {guard: tokens-trial, level: 2, mode: shadow, throttle_rate: 5req/sec}")), "edge.yaml")
+    enforcing, shadow = state.customers[1].levels["ai_tokens"]
+    assert (enforcing.guard, enforcing.mode, shadow.guard, shadow.mode) == ("tokens-floor", "enforce", "tokens-trial", "shadow")
+
+
 def test_the_example_is_valid():
     state = load_edge_state_file(EXAMPLE)
     assert {customer.status for customer in state.customers} == {
         "active", "trialing", "past_due", "canceled", "paused", "expired"
     }
-    levels = {standing.level for customer in state.customers for standing in customer.levels.values()}
-    assert levels == {0, 1, 2, 3}
+    standings = [standing for customer in state.customers for value in customer.levels.values()
+                 for standing in (value if isinstance(value, tuple) else (value,))]
+    assert {standing.level for standing in standings} == {0, 1, 2, 3}
+    assert {standing.mode for standing in standings} == {"enforce", "shadow"}
 
 
 def test_the_example_lists_the_digests_of_its_demo_keys():
@@ -128,6 +139,13 @@ BAD_STATES = [
     ("downgrades-at-level-3", LEVEL_LINE,
      "      ai_tokens: {guard: tokens-floor, level: 3, downgrade_models: {gpt-4o: gpt-4o-mini}}",
      "edge.yaml:20: `downgrade_models` only apply at level 2, not level 3 - at `$.customers[1].levels.ai_tokens`"),
+    ("two-enforcing-standings", LEVEL_LINE,
+     "      ai_tokens: [{guard: a, level: 2, throttle_rate: 5req/sec}, {guard: b, level: 1}]",
+     "edge.yaml:20: The standings of `ai_tokens` are one per guard mode: at most one `enforce` and one `shadow`,"
+     " got 2 (enforce, enforce) - at `$.customers[1].levels.ai_tokens`"),
+    ("no-standing-in-a-list", LEVEL_LINE, "      ai_tokens: []",
+     "edge.yaml:20: The standings of `ai_tokens` are one per guard mode: at most one `enforce` and one `shadow`,"
+     " got 0 - at `$.customers[1].levels.ai_tokens`"),
     ("level-4", LEVEL_LINE, "      ai_tokens: {guard: tokens-floor, level: 4}",
      "edge.yaml:20: Expected `int` <= 3 - at `$.customers[1].levels.ai_tokens.level`"),
     ("bad-rate", "5req/sec", "5 per second",

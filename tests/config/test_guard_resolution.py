@@ -9,12 +9,13 @@ from config import ConfigError, GuardSet, load_guards, parse_guards
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "guards.yaml"
 
 
-def guard(guard_id: str, metric: str, scope: str = "global") -> str:
+def guard(guard_id: str, metric: str, scope: str = "global", mode: str = "enforce") -> str:
     return (
         f"  - id: {guard_id}\n"
         f'    metric: "{metric}"\n'
         f"    scope: {scope}\n"
-        "    min_margin: 20%\n"
+        + (f"    mode: {mode}\n" if mode != "enforce" else "")
+        + "    min_margin: 20%\n"
         "    actions: {level_1: {threshold: 15%}}\n"
     )
 
@@ -67,6 +68,20 @@ def test_resolution_precedence(guards, customer, tier, metric, expected):
     assert (found.id if found else None) == expected
 
 
+def test_a_shadow_guard_is_resolved_beside_the_enforcing_one_never_in_its_place():
+    # A customer-scope shadow guard must not switch off the tier's enforcing guard.
+    guards = parse_guards(
+        "guards:\n"
+        + guard("pro-calls", "api_calls", "{tier: pro}")
+        + guard("acme-trial", "api_calls", "{customer: cus_acme}", "shadow")
+        + guard("pro-calls-stricter", "api_calls", "{tier: pro}", "shadow")      # same scope, other mode
+    )
+    assert guards.resolve("cus_acme", "pro", "api_calls").id == "pro-calls"
+    assert guards.resolve("cus_acme", "pro", "api_calls", "shadow").id == "acme-trial"
+    assert guards.resolve("cus_other", "pro", "api_calls", "shadow").id == "pro-calls-stricter"
+    assert guards.resolve("cus_other", "free", "api_calls", "shadow") is None
+
+
 def test_tier_names_and_customer_ids_live_in_separate_namespaces():
     # A customer whose id equals a tier name must not pick up that tier's guards.
     guards = parse_guards("guards:\n" + guard("pro-tokens", "ai_tokens", "{tier: pro}"))
@@ -90,8 +105,10 @@ def test_example_file_resolves_as_its_comments_say():
         ("cus_acme", "pro", "overall"): "overall-margin",
         ("cus_1", "pro", "ai_reasoning_tokens"): "reasoning-token-safety",
         ("cus_1", "pro", "api_calls"): "default-margin-floor",
-        ("cus_1", "free", "ai_tokens"): "free-tier-tokens-trial",
+        ("cus_1", "free", "ai_tokens"): "default-margin-floor",     # the trial runs beside it
     }
+    assert guards.resolve("cus_1", "free", "ai_tokens", "shadow").id == "free-tier-tokens-trial"
+    assert guards.resolve("cus_1", "pro", "ai_tokens", "shadow") is None
 
 
 def test_version_follows_file_content():
@@ -121,7 +138,7 @@ def test_a_loaded_guard_set_cannot_be_changed_in_place():
 
 def test_building_an_ambiguous_set_directly_is_refused():
     guards = GUARDS.guards
-    with pytest.raises(ValueError, match="two guards for scope global and metric api_calls"):
+    with pytest.raises(ValueError, match="two enforce guards for scope global and metric api_calls"):
         GuardSet([guards[1], guards[1]], "0" * 16, "<test>")
 
 
@@ -130,8 +147,8 @@ def test_ambiguity_is_reported_for_every_repeat():
     with pytest.raises(ConfigError) as caught:
         parse_guards(text, "g.yaml")
     assert [str(error) for error in caught.value.errors] == [
-        "g.yaml:7: Guard `b` has the same scope `global` and metric `api_calls` as guard `a`"
-        " (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[1]`",
-        "g.yaml:12: Guard `c` has the same scope `global` and metric `api_calls` as guard `a`"
-        " (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[2]`",
+        "g.yaml:7: Guard `b` has the same scope `global`, metric `api_calls` and mode `enforce` as"
+        " guard `a` (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[1]`",
+        "g.yaml:12: Guard `c` has the same scope `global`, metric `api_calls` and mode `enforce` as"
+        " guard `a` (`$.guards[0]`); which one applies would be ambiguous - at `$.guards[2]`",
     ]

@@ -94,11 +94,25 @@ def test_a_lock_suspends_only_the_named_features(guards):
 
 
 def test_a_shadow_guard_reports_and_never_acts(guards):
-    guard = guards.resolve("cus_2", "free", "ai_tokens")
+    guard = guards.resolve("cus_2", "free", "ai_tokens", "shadow")
     assert guard.mode == "shadow"
     state = pro_customer("ai_tokens", guard_standing(guard, 3, NOW))
     decision = decide(state, RequestFacts((), "ai_tokens", 1), NOW)
     assert decision.outcome == ALLOW
+    assert decision.shadow == "margin_blocked; guard=free-tier-tokens-trial"
+
+
+def test_a_shadow_guard_beside_an_enforcing_one_leaves_its_block_in_force(guards):
+    enforcing = guards.resolve("cus_2", "free", "ai_tokens")
+    shadow = guards.resolve("cus_2", "free", "ai_tokens", "shadow")
+    state = pro_customer("ai_tokens", (guard_standing(enforcing, 3, NOW), guard_standing(shadow, 2, NOW)))
+    decision = decide(state, RequestFacts((), "ai_tokens", 1), NOW)
+    assert (decision.status, decision.guard_id) == (429, "default-margin-floor")
+    # Enforcing at 2, shadow at 3: throttled for real, the block only reported.
+    state = pro_customer("ai_tokens", (guard_standing(guards.resolve("cus_1", "pro", "ai_reasoning_tokens"), 2, NOW),
+                                       guard_standing(shadow, 3, NOW)))
+    decision = decide(state, RequestFacts((), "ai_tokens", 1), NOW)
+    assert (decision.outcome, decision.guard_id) == (ALLOW_THROTTLED, "reasoning-token-safety")
     assert decision.shadow == "margin_blocked; guard=free-tier-tokens-trial"
 
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from control_plane import sql_store
 from control_plane.postgres_store import PostgresStore
 from control_plane.sql_store import SCHEMA_VERSION
 from control_plane.sqlite_store import SqliteStore
@@ -303,6 +304,41 @@ def test_a_transition_enqueues_its_webhooks_with_it_and_a_lost_race_enqueues_non
         with pytest.raises(StoreError):       # one webhook per transition and channel, whoever writes it
             await store.transition_level(transition(1, 2), [webhook("whk_d"), webhook("whk_e")])
         assert (await store.guard_levels("cus_1"))[0].level == 1     # and nothing of that transition kept
+    backend.run(scenario)
+
+
+def test_the_enforcing_and_the_shadow_level_of_a_metric_move_apart(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        shadow = Action("cus_1", "ai_tokens", "tokens-trial", 0, 3, 27.5, 40.0, "shadow", NOW)
+        assert await store.transition_level(transition(0, 2))
+        assert await store.transition_level(shadow)
+        assert not await store.transition_level(transition(0, 1))      # the enforcing level is at 2
+        levels = await store.guard_levels("cus_1")
+        assert [(level.metric, level.mode, level.guard_id, level.level) for level in levels] == [
+            ("ai_tokens", "enforce", "tokens-floor", 2), ("ai_tokens", "shadow", "tokens-trial", 3)]
+        assert await store.guard_levels_of(["cus_1"]) == levels
+    backend.run(scenario)
+
+
+def test_levels_kept_before_shadow_levels_existed_keep_the_mode_they_were_reached_in(backend, monkeypatch):
+    async def scenario(open_store):
+        store = await open_store(migrate=False)
+        with monkeypatch.context() as earlier:          # the store as the release before this one left it
+            earlier.setattr(sql_store, "MIGRATIONS", sql_store.MIGRATIONS[:-1])
+            earlier.setattr(sql_store, "SCHEMA_VERSION", sql_store.MIGRATIONS[-2][0])
+            await store.migrate()
+        for customer, mode in (("cus_1", "shadow"), ("cus_2", "enforce")):
+            await store._execute("INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, "
+                                 "changed_at) VALUES (?, 'overall', 'g', 2, 10.0, ?)", (customer, NOW))
+            await store._execute("INSERT INTO actions (customer_id, metric, guard_id, level_from, level_to, "
+                                 "margin_pct, min_margin_pct, mode, at) VALUES (?, 'overall', 'g', 0, 2, 10.0, 50.0, "
+                                 "?, ?)", (customer, mode, NOW))
+        await store._execute("INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, "
+                             "changed_at) VALUES ('cus_3', 'overall', 'g', 1, 40.0, ?)", (NOW,))   # no trail
+        assert await store.migrate() == SCHEMA_VERSION
+        assert [(level.customer_id, level.mode, level.level) for level in await store.guard_levels()] == [
+            ("cus_1", "shadow", 2), ("cus_2", "enforce", 2), ("cus_3", "enforce", 1)]
     backend.run(scenario)
 
 
