@@ -374,6 +374,7 @@ class Cluster:
     guard_customers: int = 20
     proxy_metering: str = ""
     meter_claim_idle_s: float = 30.0
+    guards: str = GUARDS
     upstream_port: int | None = None
     proxy_cpu: str | None = None
     redis: PrivateRedis | None = None
@@ -393,7 +394,7 @@ class Cluster:
                 self.upstream = CountingUpstream(self.folder, self.proxy_cpu)
                 self.upstream_port = self.upstream.port
             self._apply_catalog()
-            (self.folder / "guards.yaml").write_text(GUARDS)
+            (self.folder / "guards.yaml").write_text(self.guards)
             for _ in range(self.control_planes):
                 self.start_control_plane()
             # Keys made before any proxy starts, the probe's last: a proxy that serves

@@ -33,3 +33,14 @@ def quota_ledger_key(customer_id: str, metric: str, period_end: float) -> str:
     """The ledger key of `customer_id`'s leases of `metric` in the period ending at
     `period_end`."""
     return f"{QUOTA_LEDGER}:{int(period_end)}:{len(metric)}:{metric}:{customer_id}"
+
+# Level-2 throttles: one string per customer, guard and metric holding the shared bucket's
+# state (the time its tokens are spent up to, epoch microseconds; see
+# decision_core.bucket.shared_take); it expires once the bucket would be full again.
+THROTTLE_BUCKET = "{aforo}:throttle"
+
+
+def throttle_bucket_key(customer_id: str, guard_id: str, metric: str) -> str:
+    """The shared throttle bucket of `customer_id` under the guard `guard_id` for
+    `metric` (or `overall`)."""
+    return f"{THROTTLE_BUCKET}:{len(guard_id)}:{guard_id}:{len(metric)}:{metric}:{customer_id}"

@@ -29,7 +29,7 @@ from control_plane.ingest import (
 )
 from control_plane.intake import Intake
 from control_plane.margins import customer_margins
-from control_plane.quota_leases import LeaseRequest, LeaseReturn
+from control_plane.quota_leases import LeaseRequest, LeaseReturn, ThrottleRequest
 from control_plane.rating import CurrentRater
 from control_plane.store import (
     COST,
@@ -333,6 +333,14 @@ async def _return_quota(request):
     return web.Response(status=204)
 
 
+async def _take_throttle_tokens(request):
+    try:
+        asked = msgspec.json.decode(await request.read(), type=ThrottleRequest)
+    except msgspec.DecodeError as error:
+        return problem(422, f"invalid throttle request: {error}")
+    return json_response(await quota_leases.take_tokens(request.app[STORE], asked, request.app[CLOCK]()))
+
+
 async def _release_long_polls(app):
     app[FEED].close()
 
@@ -404,6 +412,8 @@ ROUTES = (
     ("POST", "/v1/edge/leases", _lease_quota,
      "Lease units of a customer's hard quota to a proxy worker (chunks shrink near the limit)"),
     ("POST", "/v1/edge/leases/return", _return_quota, "Give unused leased units back"),
+    ("POST", "/v1/edge/throttles", _take_throttle_tokens,
+     "Take tokens of a throttled customer's level-2 bucket, shared by every proxy worker"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,
      "The webhook outbox: each delivery's status, attempts and last error (`status`, `after` seq, `limit`)"),

@@ -2,16 +2,24 @@
 # units the control plane has leased to it, so the units admitted by all workers
 # together never exceed what was leased, and what was leased never exceeds the
 # limit. Leases come in chunks while much is left and shrink to what one request
-# needs near the limit; a worker gives back what it does not use.
+# needs near the limit; a worker gives back what it does not use. A throttled
+# customer's level-2 tokens come from one bucket per customer, guard and metric the same way,
+# so the throttle rate holds across every worker.
 from __future__ import annotations
 
 import datetime
+from typing import Annotated
 
 import msgspec
 
 from control_plane.rating import Rater
 from control_plane.store import Store
+from decision_core.bucket import US_PER_S, shared_interval_us, shared_take
 from decision_core.quota import grant_size
+
+
+# A worker asks for the tokens of the requests waiting on it, never more than this.
+MAX_WANTED_TOKENS = 1000
 
 
 class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -63,3 +71,37 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
         asked.customer_id, asked.metric, period_start,
         lambda leased: debt + grant_size(quota.limit, leased + debt, asked.needed, max(asked.wanted, asked.needed)))
     return Lease(taken - debt, period_start, quota.limit)
+
+
+class ThrottleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Up to `wanted` tokens of `customer_id`'s level-2 throttle under `guard_id` for
+    `metric` (or `overall`): `tokens` per `per_s` seconds with bursts of `burst`, as
+    the guard's standing says."""
+
+    customer_id: str
+    guard_id: str
+    metric: str
+    tokens: Annotated[int, msgspec.Meta(ge=1)]
+    per_s: Annotated[float, msgspec.Meta(gt=0)]
+    burst: Annotated[int, msgspec.Meta(ge=1)]
+    wanted: Annotated[int, msgspec.Meta(ge=1, le=MAX_WANTED_TOKENS)] = 1
+
+
+class ThrottleTokens(msgspec.Struct):
+    """`granted` tokens; with none, `wait_s` until one is there."""
+
+    granted: int
+    wait_s: float
+
+
+async def take_tokens(store: Store, asked: ThrottleRequest, now: float) -> ThrottleTokens:
+    """Take tokens from the customer's shared throttle bucket at `now` (the control
+    plane's clock: every worker asking it shares one)."""
+    interval_us = shared_interval_us(asked.tokens, asked.per_s)
+    now_us = int(now * US_PER_S)
+
+    def take(spent_until_us):
+        granted, spent_until_us, wait_us = shared_take(spent_until_us, now_us, interval_us, asked.burst, asked.wanted)
+        return spent_until_us, ThrottleTokens(granted, wait_us / US_PER_S)
+
+    return await store.take_throttle(asked.customer_id, asked.guard_id, asked.metric, take)

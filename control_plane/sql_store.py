@@ -173,6 +173,14 @@ MIGRATIONS = (
         "DROP TABLE guard_levels",
         "ALTER TABLE guard_standings RENAME TO guard_levels",
     )),
+    (9, "level-2 throttle buckets shared by proxy workers, per customer, guard and metric", (
+        """CREATE TABLE throttle_buckets (
+            customer_id TEXT NOT NULL,
+            guard_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            spent_until_us BIGINT NOT NULL,
+            PRIMARY KEY (customer_id, guard_id, metric))""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -426,6 +434,20 @@ class SqlStore:
         await self._execute("UPDATE quota_leases SET leased = CASE WHEN leased > ? THEN leased - ? ELSE 0 END "
                             "WHERE customer_id = ? AND metric = ? AND period_start = ?",
                             (units, units, customer_id, metric, period_start))
+
+    async def take_throttle(self, customer_id, guard_id, metric, take):
+        key = (customer_id, guard_id, metric)
+        async with self._transaction():
+            await self._execute(
+                "INSERT INTO throttle_buckets (customer_id, guard_id, metric, spent_until_us) VALUES (?, ?, ?, 0) "
+                "ON CONFLICT (customer_id, guard_id, metric) DO NOTHING", key)
+            rows = await self._fetch("SELECT spent_until_us FROM throttle_buckets WHERE customer_id = ? "
+                                     "AND guard_id = ? AND metric = ?" + self.ROW_LOCK_SQL, key)
+            state, result = take(rows[0][0])
+            if state != rows[0][0]:
+                await self._execute("UPDATE throttle_buckets SET spent_until_us = ? WHERE customer_id = ? "
+                                    "AND guard_id = ? AND metric = ?", (state, *key))
+            return result
 
     # Whether an event found new may since have been kept by another writer whose
     # totals rows we have just locked (not on a store that locks all writers out for

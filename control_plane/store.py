@@ -215,6 +215,11 @@ class Store(Protocol):
     that holds the ledger row, adds what it returns, and returns it (concurrent
     leases are serialized: their sum never exceeds what `grant` allows);
     `return_quota(customer_id, metric, period_start, units)` gives unused units back.
+    `take_throttle(customer_id, guard_id, metric, take)` calls `take(state)` on the
+    shared level-2 bucket of a customer under a guard for a metric (its state: the time its tokens are
+    spent up to, epoch microseconds, 0 for a full bucket) inside a transaction that
+    holds its row, keeps the new state `take` returns with its result, and returns
+    that result (concurrent takes are serialized).
     """
 
     async def migrate(self) -> int: ...
@@ -249,6 +254,8 @@ class Store(Protocol):
     async def lease_quota(self, customer_id: str, metric: str, period_start: float,
                           grant: Callable[[int], int]) -> int: ...
     async def return_quota(self, customer_id: str, metric: str, period_start: float, units: int) -> None: ...
+    async def take_throttle(self, customer_id: str, guard_id: str, metric: str,
+                            take: Callable[[int], tuple[int, object]]) -> object: ...
     async def actions(self, customer_id: str | None = None, after_seq: int = 0,
                       limit: int = 100) -> list[tuple[int, Action]]: ...
     async def events(self, kind: str, customer_id: str) -> list[StoredEvent]: ...

@@ -13,6 +13,7 @@ cdef class TokenBucket:
     cdef readonly long long burst
     cdef long long credit
     cdef long long updated_ns
+    cdef readonly bint fed
 
     @cython.locals(elapsed_ns=cython.longlong, missing=cython.longlong)
     cdef void _refill(self, long long now_ns)
@@ -21,3 +22,6 @@ cdef class TokenBucket:
     cpdef double take(self, double now)
 
     cpdef double available(self, double now)
+    cpdef void feed(self, long long tokens)
+    cpdef void drain(self)
+    cpdef void run_on_time(self, double now, bint fed)

@@ -40,6 +40,7 @@ cdef class ProxyApp:
     cdef public bint closing
     cdef public object sweeper
     cdef public object leases
+    cdef public object throttles
     cdef public object edge_state_age
     cdef public double staleness_budget_s
     cdef public bytes stale_retry_after

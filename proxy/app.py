@@ -86,6 +86,7 @@ class ProxyApp:
         self.closing = False
         self.sweeper = None           # the timer of the next sweep, while sweeps are scheduled
         self.leases = None            # QuotaLeases when hard quotas are leased (control plane or Redis)
+        self.throttles = None         # ThrottleLeases then too: level-2 throttles shared by every worker
         # Degraded mode: a followed state older than the budget is stale, and routes
         # that fail closed refuse while it is (checked at each sweep, not per request).
         self.edge_state_age = getattr(edge_state, "age_s", None)

@@ -10,7 +10,16 @@ import collections
 import cython
 import httptools
 
-from decision_core.decide import REASON_FEATURE_NOT_ENTITLED, REASON_QUOTA_EXCEEDED, REJECT, TITLES, decide, quota_refusal
+from decision_core.decide import (
+    ALLOW_THROTTLED,
+    REASON_FEATURE_NOT_ENTITLED,
+    REASON_QUOTA_EXCEEDED,
+    REASON_THROTTLED,
+    REJECT,
+    TITLES,
+    decide,
+    quota_refusal,
+)
 from decision_core.state import RequestFacts
 from proxy.headers import (
     FIELD_CONNECTION,
@@ -751,14 +760,17 @@ class Exchange(ResponseSink):
         app.metrics.observe_decision(app.now() - started)
         self.decision = decision
         if decision.outcome == REJECT:
-            if decision.reason == REASON_QUOTA_EXCEEDED and app.leases is not None \
-                    and app.leases.wait(self, customer, route.facts):
-                return                  # decided again when the lease comes (lease_settled)
+            if app.leases is not None and (
+                    decision.reason == REASON_QUOTA_EXCEEDED and app.leases.wait(self, customer, route.facts)
+                    or decision.reason == REASON_THROTTLED and app.throttles.wait(self, customer, decision)):
+                return                  # decided again when the lease or token comes (lease_settled)
             self._refuse(decision)
             return
         customer.add_usage(route.facts.metric, route.facts.units)
         if app.leases is not None:
             app.leases.admitted(customer, route.facts)
+            if decision.outcome == ALLOW_THROTTLED:
+                app.throttles.admitted(customer, decision)
         if not self.request_complete and (route.metered_call is not None or self._body_held()):
             # Read whole first (request_completed), holding no upstream connection.
             self.awaiting_body = True
@@ -864,9 +876,9 @@ class Exchange(ResponseSink):
         self.reserved = None
 
     def lease_settled(self, ok):
-        """The quota lease this request waited for is settled (ok: granted, refused, or
-        decided from the last state): decide again; else (an unexpected failure)
-        answer 503."""
+        """The quota lease or throttle token this request waited for is settled (ok:
+        granted, refused, or decided from the last state): decide again; else (an
+        unexpected failure) answer 503."""
         if self.finished:
             return
         if ok:

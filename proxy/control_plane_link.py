@@ -151,10 +151,16 @@ class _Granted(msgspec.Struct):
     period_start: float
 
 
+class _Tokens(msgspec.Struct):
+    granted: int
+    wait_s: float
+
+
 class ControlPlaneLedger:
     """A QuotaLedger (proxy.quota_leases) kept by the control plane at `client`
     (POST /v1/edge/leases and /v1/edge/leases/return), which counts leases per billing
-    period in its store. A period is named by its start."""
+    period in its store. A period is named by its start. Throttle tokens come from
+    POST /v1/edge/throttles."""
 
     def __init__(self, client: ControlPlaneClient) -> None:
         self.client = client
@@ -175,6 +181,16 @@ class ControlPlaneLedger:
                 "customer_id": customer_id, "metric": metric, "period_start": period, "units": units})
         except ControlPlaneUnavailable as error:
             raise LedgerUnavailable(f"control plane at {self.where}: {error}") from error
+
+    async def take_tokens(self, customer_id, guard_id, metric, *, tokens, per_s, burst, wanted):
+        try:
+            body = await self.client.call("POST", "/v1/edge/throttles", json={
+                "customer_id": customer_id, "guard_id": guard_id, "metric": metric, "tokens": tokens, "per_s": per_s,
+                "burst": burst, "wanted": max(wanted, 1)})
+            taken = msgspec.json.decode(body, type=_Tokens)
+        except (ControlPlaneUnavailable, msgspec.DecodeError) as error:
+            raise LedgerUnavailable(f"control plane at {self.where}: {error}") from error
+        return taken.granted, taken.wait_s
 
     async def close(self) -> None:
         await self.client.close()

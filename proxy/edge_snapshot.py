@@ -127,7 +127,7 @@ class EdgeSnapshot:
         try:
             standings = {
                 metric: kept[metric] if metric in kept and unchanged.get(metric) == standing
-                else _guard_standings(standing, now)
+                else _guard_standings(standing, now, self._store.fed_throttles)
                 for metric, standing in customer.levels.items()
             }
         except DecisionCoreError as err:
@@ -178,9 +178,10 @@ class _CustomerStore:
     customers cost 8 MiB there, not a dict of a million strings.
     """
 
-    def __init__(self, plans: list[_PlanState], period_end: float) -> None:
+    def __init__(self, plans: list[_PlanState], period_end: float, fed_throttles: bool = False) -> None:
         self.plans = plans
         self.period_end = period_end
+        self.fed_throttles = fed_throttles
         self.ids = bytearray()
         self.id_ends = array("I")
         self.plan_of = array("H")
@@ -336,6 +337,7 @@ def build_snapshot(
     period_end: float,
     now: float,
     version: str = "built",
+    fed_throttles: bool = False,
 ) -> EdgeSnapshot:
     """Build a snapshot from plans (name -> Plan) and customers (Customer values as
     in the edge state file, which need not come from one; a generator keeps memory
@@ -343,7 +345,8 @@ def build_snapshot(
 
     `period_start`/`period_end` are epoch seconds (the quota window is their
     difference; a customer's own `period_end` overrides the end for it); `now`
-    starts every level-2 throttle bucket full. Usage of a metric
+    starts every level-2 throttle bucket full, or with `fed_throttles` every
+    enforcing one empty, fed from the deployment's shared bucket. Usage of a metric
     without a quota in the plan is not counted. Raises InvalidStateError for an
     unknown plan, a duplicate customer id or key digest, a digest that is not 64
     hex characters, a period that does not end after it starts, and (naming the
@@ -354,7 +357,7 @@ def build_snapshot(
     if window_s <= 0:
         raise InvalidStateError(f"the billing period must end after it starts, got {period_start}..{period_end}")
     plan_numbers = {name: number for number, name in enumerate(plans)}
-    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()], float(period_end))
+    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()], float(period_end), fed_throttles)
     seen_ids: set[str] = set()
     for customer in customers:
         plan_number = plan_numbers.get(customer.plan)
@@ -369,7 +372,8 @@ def build_snapshot(
         if any(units < 0 for units in customer.usage.values()):
             raise InvalidStateError(f"customer {customer.id!r}: negative usage")
         try:
-            standings = {metric: _guard_standings(standing, now) for metric, standing in customer.levels.items()}
+            standings = {metric: _guard_standings(standing, now, fed_throttles)
+                         for metric, standing in customer.levels.items()}
             digests = [_digest(hex_digest)[:INDEX_DIGEST_BYTES] for hex_digest in customer.api_keys]
         except DecisionCoreError as err:
             raise InvalidStateError(f"customer {customer.id!r}: {err}") from err
@@ -396,18 +400,21 @@ def snapshot_from_file(state: EdgeStateFile, version: str, now: float) -> EdgeSn
     )
 
 
-def _guard_standings(standings: Standing | tuple[Standing, ...], now: float) -> GuardStanding | tuple:
+def _guard_standings(standings: Standing | tuple[Standing, ...], now: float, fed: bool) -> GuardStanding | tuple:
     # One standing, or the enforcing and the shadow guard's beside it.
     if isinstance(standings, tuple):
-        return tuple(_guard_standing(standing, now) for standing in standings)
-    return _guard_standing(standings, now)
+        return tuple(_guard_standing(standing, now, fed) for standing in standings)
+    return _guard_standing(standings, now, fed)
 
 
-def _guard_standing(standing: Standing, now: float) -> GuardStanding:
+def _guard_standing(standing: Standing, now: float, fed: bool) -> GuardStanding:
+    # `fed`: an enforcing throttle's bucket gets its tokens from the deployment's
+    # shared bucket (proxy.throttle_leases); a shadow one's refills here.
     bucket = None
     if standing.level == 2 and standing.throttle_rate is not None:
         rate = standing.throttle_rate
-        bucket = TokenBucket(rate.tokens, rate.per_s, standing.effective_burst, now)
+        bucket = TokenBucket(rate.tokens, rate.per_s, standing.effective_burst, now,
+                             fed and standing.mode == "enforce")
     return GuardStanding(
         standing.guard,
         standing.level,

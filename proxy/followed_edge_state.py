@@ -78,7 +78,8 @@ class FollowedEdgeState:
 
     With `leased_quotas`, hard quotas are admitted against leases (see
     proxy.quota_leases): their counters start at the limit (nothing leased yet) and
-    are carried into a new snapshot exactly as they stand.
+    are carried into a new snapshot exactly as they stand; and enforcing level-2
+    throttles are fed from the deployment's shared buckets (proxy.throttle_leases).
 
     Each wait for changes lasts at most `wait_s`, so while the source is there
     `age_s()` stays below it.
@@ -203,7 +204,7 @@ class FollowedEdgeState:
             customers = (_unleased(customer, state.plans[customer.plan]) if customer.plan in state.plans else customer
                          for customer in customers)
         new = build_snapshot(state.plans, customers, state.period.start.epoch_s, state.period.end.epoch_s,
-                             self.clock(), version)
+                             self.clock(), version, fed_throttles=self.leased_quotas)
         for seen in old.seen_customers():
             carried = new.customer_by_id(seen.customer_id)
             if carried is None or carried.period_end != seen.period_end:

@@ -1,6 +1,7 @@
 # Where a proxy's hard-quota leases are counted: a QuotaLedger grants units of a
 # customer's limit for a billing period, atomically across every worker of every
-# proxy, and takes unused units back. The control plane keeps one in its store
+# proxy, and takes unused units back. It also keeps each throttled customer's
+# level-2 token bucket, shared the same way. The control plane keeps one in its store
 # (proxy.control_plane_link.ControlPlaneLedger); the Redis edge bus keeps one in Lua
 # (proxy.redis_quota_ledger.RedisQuotaLedger).
 from __future__ import annotations
@@ -19,7 +20,14 @@ class QuotaLedger(Protocol):
     period; `recorded` is the usage the proxy's state says was stored this period (a
     ledger that starts counting mid-period starts there); `debt` is units admitted
     while the ledger could not be asked, counted as leased before granting. Both
-    methods raise LedgerUnavailable."""
+    methods raise LedgerUnavailable.
+
+    `take_tokens(...)` takes up to `wanted` tokens (at least 1) from the customer's
+    level-2 throttle bucket under the guard `guard_id` for `metric` (or `overall`),
+    shared by every worker of
+    every proxy (`tokens` per `per_s` seconds, bursts of `burst`; the rule is
+    decision_core.bucket.shared_take): returns (tokens granted, seconds until one is
+    there when none was granted). It raises LedgerUnavailable too."""
 
     where: str
 
@@ -27,5 +35,8 @@ class QuotaLedger(Protocol):
                     period_end: float, recorded: int, debt: int) -> tuple[int, float]: ...
 
     async def give_back(self, customer_id: str, metric: str, period: float, units: int) -> None: ...
+
+    async def take_tokens(self, customer_id: str, guard_id: str, metric: str, *, tokens: int, per_s: float,
+                          burst: int, wanted: int) -> tuple[int, float]: ...
 
     async def close(self) -> None: ...

@@ -4,10 +4,12 @@
 # from the same count and together they never lease more than the limit. A ledger
 # that does not exist yet (the period's first lease, or a Redis that lost its data)
 # starts at the usage the proxy's state says was recorded; it expires a day after
-# the period ends.
+# the period ends. Level-2 throttle buckets shared by all proxies live beside them,
+# one key per customer, guard and metric, spent by another script on Redis's own clock.
 from __future__ import annotations
 
-from config.bus import quota_ledger_key
+from config.bus import quota_ledger_key, throttle_bucket_key
+from decision_core.bucket import US_PER_S, shared_interval_us
 from decision_core.quota import LEASE_SPREAD
 from proxy.quota_ledger import LedgerUnavailable
 from proxy.redis_bus import BusUnavailable, RedisBus
@@ -34,6 +36,28 @@ if leased then
 end
 return 0
 """
+# KEYS: the throttle bucket. ARGV: interval (us), burst, wanted.
+# decision_core.bucket.shared_take on Redis's own clock, shared by every proxy.
+# Returns {granted, wait in us}.
+_TAKE_TOKENS = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local base = math.max(tat, now)
+local there = math.floor((now + burst * interval - base) / interval)
+if there < 1 then
+  return {0, base + interval - burst * interval - now}
+end
+local granted = math.min(tonumber(ARGV[3]), there)
+if granted < 1 then
+  return {0, 0}
+end
+tat = base + granted * interval
+redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+return {granted, 0}
+"""
 
 
 class RedisQuotaLedger:
@@ -45,6 +69,7 @@ class RedisQuotaLedger:
         self.where = bus.where
         self._lease = bus.client.register_script(_LEASE)
         self._give_back = bus.client.register_script(_GIVE_BACK)
+        self._take_tokens = bus.client.register_script(_TAKE_TOKENS)
 
     async def lease(self, customer_id, metric, *, needed, wanted, limit, period_end, recorded, debt):
         key = quota_ledger_key(customer_id, metric, period_end)
@@ -63,6 +88,16 @@ class RedisQuotaLedger:
                                 lambda client: self._give_back(keys=[key], args=[units], client=client))
         except BusUnavailable as error:
             raise LedgerUnavailable(str(error)) from error
+
+    async def take_tokens(self, customer_id, guard_id, metric, *, tokens, per_s, burst, wanted):
+        key = throttle_bucket_key(customer_id, guard_id, metric)
+        interval_us = shared_interval_us(tokens, per_s)
+        try:
+            granted, wait_us = await self.bus.call("throttle tokens", lambda client: self._take_tokens(
+                keys=[key], args=[interval_us, burst, max(wanted, 1)], client=client))
+        except BusUnavailable as error:
+            raise LedgerUnavailable(str(error)) from error
+        return int(granted), int(wait_us) / US_PER_S
 
     async def close(self) -> None:
         pass

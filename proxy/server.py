@@ -26,6 +26,7 @@ from proxy.followed_edge_state import WAIT_FOR_CHANGES_S, FollowedEdgeState
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
 from proxy.quota_leases import QuotaLeases
+from proxy.throttle_leases import ThrottleLeases
 from proxy.routing import Router
 
 log = logging.getLogger("aforo.proxy")
@@ -81,6 +82,7 @@ class ProxyWorker:
         self.meter = None
         self.sink = None
         self.leases = None
+        self.throttles = None
         self.edge_state = None
         self.buses = []
         self.meter_task = None
@@ -149,6 +151,7 @@ class ProxyWorker:
             if not self.edge_state.ready:
                 await self.edge_state.start(start_timeout_s)
             self.leases = QuotaLeases(ledger, self.edge_state, self.loop)
+            self.throttles = ThrottleLeases(ledger, self.loop, wall_clock=self.wall_clock)
         self.buses = list(buses.values())
         sink = sink or NdjsonFileSink(_per_worker(metering.path, self.worker_index, workers))
         self.sink = sink
@@ -166,6 +169,7 @@ class ProxyWorker:
                             clock=self.clock, wall_clock=self.wall_clock)
         if self.leases is not None:
             self.app.leases = self.leases
+            self.app.throttles = self.throttles
             self.leases.schedule_returns()
         metrics.watch(self.app, self.meter, self.edge_state)
         app, leases, buses = self.app, self.leases, self.buses

@@ -78,6 +78,40 @@ def test_a_customer_walks_the_guard_ladder_and_recovers(up, backend):
     assert levels == [(0, 1), (1, 2), (2, 3), (3, 0)]
 
 
+HOURLY_THROTTLE = """\
+guards:
+  - id: margin
+    metric: overall
+    min_margin: 60%
+    actions:
+      level_2: {threshold: 30%, throttle_rate: 1req/hour, burst: 3}
+"""
+
+
+def test_a_throttle_holds_for_the_customer_across_every_worker(tmp_path, backend):
+    # Two workers, each on its own bucket, would admit the burst twice over; sharing
+    # the customer's bucket (through the control plane), they admit it once.
+    up = Up(tmp_path, backend, guards=HOURLY_THROTTLE)
+    try:
+        key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+        eventually(lambda: up.through_proxy(key)[0] == 200)
+        cost_to_reach(up, 20, 1)
+        answers = []
+
+        def throttled():
+            answers.append(up.through_proxy(key))        # a new connection each: both workers serve
+            return answers[-1][0] == 429
+        eventually(throttled)
+        answers += [up.through_proxy(key) for _ in range(24)]
+        admitted = [headers for status, headers, _ in answers if status == 200 and headers.get("X-Aforo-Throttle")]
+        refused = [(headers, json.loads(body)) for status, headers, body in answers if status == 429]
+        assert len(admitted) == 3                       # the burst, once, for the whole proxy
+        assert {problem["reason"] for _, problem in refused} == {"throttled"}
+        assert all(int(headers["Retry-After"]) >= 1 for headers, _ in refused)
+    finally:
+        up.stop()
+
+
 SHADOW_BESIDE = GUARDS + """\
   - id: cus-1-stricter-trial
     metric: overall

@@ -15,6 +15,7 @@ import pytest
 from conftest import _service_missing
 
 from bench.cluster_setup import (
+    GUARDS,
     MARGIN_BLOCK_TITLE,
     QUOTA_CUSTOMER,
     Cluster,
@@ -33,6 +34,18 @@ from config.proxy_settings import RedisCalls
 
 QUOTA_LIMIT = 1000
 LOAD_CUSTOMERS = 12
+# One guard customer is throttled instead of blocked: 1 request an hour, bursts of
+# THROTTLE_BURST, for that customer across every proxy.
+THROTTLED = guard_customer(2)
+THROTTLE_BURST = 4
+GUARDS_WITH_A_THROTTLE = GUARDS + f"""\
+  - id: throttle-floor
+    metric: overall
+    scope: {{customer: {THROTTLED}}}
+    min_margin: 90%
+    actions:
+      level_2: {{threshold: 85%, throttle_rate: 1req/hour, burst: {THROTTLE_BURST}}}
+"""
 # Small enough that a Redis outage of a few seconds under load spills meter events
 # to the disk spool instead of memory.
 PROXY_METERING = "buffer_events: 2000, batch_events: 500"
@@ -53,7 +66,8 @@ def cluster(postgres_url, redis_url, tmp_path_factory):
     running = Cluster(tmp_path_factory.mktemp("cluster"), scoped_database_url(postgres_url, schema),
                       proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=2,
                       load_customers=LOAD_CUSTOMERS,
-                      guard_customers=2, proxy_metering=PROXY_METERING, meter_claim_idle_s=CLAIM_IDLE_S)
+                      guard_customers=3, proxy_metering=PROXY_METERING, meter_claim_idle_s=CLAIM_IDLE_S,
+                      guards=GUARDS_WITH_A_THROTTLE)
     try:
         running.start()
         yield running
@@ -124,6 +138,25 @@ def test_a_guard_level_change_reaches_every_proxy(cluster, report_logs):
         assert problem["title"] == MARGIN_BLOCK_TITLE
     # Another customer is untouched.
     assert http_get(cluster.running_proxies[0].url + "/v1/resource", cluster.keys[guard_customer(1)])[0] == 200
+
+
+def test_a_throttle_admits_its_rate_for_the_customer_across_every_proxy(cluster, report_logs):
+    key = cluster.keys[THROTTLED]
+    admitted_throttled = 'aforo_requests_total{decision="throttle",route="api"}'
+
+    def throttled_admits():
+        return sum(proxy.metric(admitted_throttled) for proxy in cluster.running_proxies)
+    before = throttled_admits()
+    cluster.post_cost(THROTTLED, "5", "throttle-bill-1")        # margin about 50 %: level 2
+    # Each proxy admits until the customer's shared bucket is empty, then refuses.
+    for proxy in cluster.running_proxies:
+        problem = wait_for(lambda proxy=proxy: refusal(proxy, key), 10, f"proxy :{proxy.port} throttling")
+        assert problem["reason"] == "throttled"
+    for _ in range(5):
+        for proxy in cluster.running_proxies:
+            assert refusal(proxy, key)["reason"] == "throttled"
+    # Three proxies on buckets of their own would have admitted the burst three times.
+    assert throttled_admits() - before == THROTTLE_BURST
 
 
 def test_a_hard_quota_stays_exact_across_a_redis_restart(cluster, report_logs):

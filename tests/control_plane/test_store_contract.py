@@ -321,12 +321,16 @@ def test_the_enforcing_and_the_shadow_level_of_a_metric_move_apart(backend):
     backend.run(scenario)
 
 
+SHADOW_LEVELS_MIGRATION = 8
+
+
 def test_levels_kept_before_shadow_levels_existed_keep_the_mode_they_were_reached_in(backend, monkeypatch):
     async def scenario(open_store):
         store = await open_store(migrate=False)
         with monkeypatch.context() as earlier:          # the store as the release before this one left it
-            earlier.setattr(sql_store, "MIGRATIONS", sql_store.MIGRATIONS[:-1])
-            earlier.setattr(sql_store, "SCHEMA_VERSION", sql_store.MIGRATIONS[-2][0])
+            before = tuple(migration for migration in sql_store.MIGRATIONS if migration[0] < SHADOW_LEVELS_MIGRATION)
+            earlier.setattr(sql_store, "MIGRATIONS", before)
+            earlier.setattr(sql_store, "SCHEMA_VERSION", before[-1][0])
             await store.migrate()
         for customer, mode in (("cus_1", "shadow"), ("cus_2", "enforce")):
             await store._execute("INSERT INTO guard_levels (customer_id, metric, guard_id, level, margin_pct, "

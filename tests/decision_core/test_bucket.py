@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decision_core import RateError, TokenBucket
+from decision_core.bucket import shared_interval_us, shared_take
 
 T0 = 1_700_000_000.0
 
@@ -96,3 +97,55 @@ def test_a_bucket_never_exceeds_its_burst_nor_its_rate(tokens, period_s, burst, 
     # Over any run: at most the burst plus what the rate refilled (time quantised to ns).
     elapsed = now - T0
     assert admitted <= burst + math.floor(elapsed * tokens / period_s + 1e-6)
+
+
+# -- fed buckets and the bucket shared by every worker ------------------------------------
+
+def test_a_fed_bucket_admits_only_what_it_was_fed():
+    bucket = TokenBucket(2, 1, 4, T0, fed=True)
+    assert bucket.take(T0 + 3600) > 0                   # time adds nothing
+    bucket.feed(3)
+    assert [bucket.take(T0) for _ in range(4)][:3] == [0.0, 0.0, 0.0]
+    bucket.feed(100)
+    assert bucket.available(T0) == 4                    # never beyond the burst
+    bucket.drain()
+    assert bucket.take(T0) > 0
+    bucket.run_on_time(T0, fed=False)                   # the shared bucket cannot be asked
+    assert drain(bucket, T0) == 4 and bucket.take(T0 + 0.5) == 0.0
+
+
+def test_the_shared_bucket_grants_its_burst_then_one_token_per_interval():
+    interval = shared_interval_us(2, 1)                 # 2 per second
+    assert interval == 500_000
+    granted, tat, wait = shared_take(0, 10_000_000, interval, 3, 5)
+    assert (granted, wait) == (3, 0)
+    assert shared_take(tat, 10_000_000, interval, 3, 1) == (0, tat, 500_000)
+    assert shared_take(tat, 10_400_000, interval, 3, 1) == (0, tat, 100_000)
+    assert shared_take(tat, 10_500_000, interval, 3, 2)[:1] == (1,)
+    assert shared_interval_us(3, 1) == 333_334           # rounded up: never above the rate
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.integers(1, 100),
+    per_s=st.sampled_from([1, 60]),
+    burst=st.integers(1, 20),
+    asks=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3_000_000), st.integers(1, 10)),
+                  min_size=1, max_size=200),
+)
+def test_workers_sharing_a_bucket_never_get_more_than_the_burst_plus_the_rate(tokens, per_s, burst, asks):
+    # Any number of workers asking at any moments for any numbers of tokens: in every
+    # span of time, the tokens granted are at most the burst plus the rate's worth.
+    interval = shared_interval_us(tokens, per_s)
+    tat, now = 0, 1_700_000_000_000_000
+    grants = []
+    for _worker, gap_us, wanted in asks:
+        now += gap_us
+        granted, tat, wait = shared_take(tat, now, interval, burst, wanted)
+        assert 0 <= granted <= wanted and (granted > 0 or wait > 0)
+        grants.append((now, granted))
+    for first in range(len(grants)):
+        total = 0
+        for at, granted in grants[first:]:
+            total += granted
+            assert total <= burst + (at - grants[first][0]) // interval

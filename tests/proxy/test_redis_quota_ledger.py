@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from config.bus import quota_ledger_key
+from config.bus import quota_ledger_key, throttle_bucket_key
 from decision_core.quota import grant_size
 from proxy.redis_bus import RedisBus
 from proxy.redis_quota_ledger import KEPT_AFTER_PERIOD_S, RedisQuotaLedger
@@ -71,4 +71,22 @@ def test_a_new_ledger_starts_at_the_recorded_usage_and_debt_is_counted_first(red
         assert await lease(1, recorded=0) == 0              # the ledger exists: what the state says is moot
         await ledger.give_back(customer, "api_calls", period_end, 3)
         assert await lease(1, debt=3) == 0                  # 3 admitted meanwhile without a lease
+    ledger_test(redis_url, scenario)
+
+
+def test_workers_share_one_throttle_bucket_per_customer_guard_and_metric(redis_url):
+    # 1 token an hour, bursts of 3: however many workers ask, however concurrently,
+    # three tokens in all, then a wait of about an hour (the test takes far less).
+    async def scenario(ledger, client, customer):
+        rate = {"tokens": 1, "per_s": 3600.0, "burst": 3}
+        answers = await asyncio.gather(*(ledger.take_tokens(customer, "floor", "overall", wanted=2, **rate)
+                                         for _ in range(6)))
+        assert sum(granted for granted, _ in answers) == 3
+        granted, wait_s = await ledger.take_tokens(customer, "floor", "overall", wanted=1, **rate)
+        assert granted == 0 and 3500 < wait_s <= 3600
+        # Another metric's standing under the same guard has a bucket of its own.
+        assert (await ledger.take_tokens(customer, "floor", "api_calls", wanted=5, **rate))[0] == 3
+        key = throttle_bucket_key(customer, "floor", "overall")
+        assert 3 * 3600 * 1000 - 60_000 < await client.pttl(key) <= 3 * 3600 * 1000 + 1000
+        await client.delete(key, throttle_bucket_key(customer, "floor", "api_calls"))
     ledger_test(redis_url, scenario)
