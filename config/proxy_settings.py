@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -138,7 +139,12 @@ class Upstream(Schema):
     any the client sent, e.g. a provider's key: `authorization: "Bearer
     ${OPENAI_API_KEY}"`. Each `${NAME}` is the environment variable NAME, read when
     the proxy starts (unset or empty is a configuration error); the values read are
-    never logged, counted or kept in the settings."""
+    never logged, counted or kept in the settings.
+
+    `host_header`: the Host it is sent, `upstream` (the URL's host, as a provider
+    needs to route the request and match its certificate) or `client` (the one the
+    client sent, as your own backend may route on it). Default: `upstream` for
+    `https://`, `client` for `http://`. The client's always goes in X-Forwarded-Host."""
 
     url: UpstreamUrl
     pool_size: Count = 64
@@ -146,10 +152,16 @@ class Upstream(Schema):
     read_timeout_s: Seconds = 60.0
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     ca_file: FilePath | None = None
+    host_header: Literal["client", "upstream"] | None = None
 
     def __post_init__(self) -> None:
         if self.ca_file is not None and not self.url.tls:
             raise ValueError(f"`ca_file` is for `https://` upstreams; `{self.url}` is plain HTTP")
+
+    @property
+    def sends_own_host(self) -> bool:
+        """Whether requests to it carry its own host (not the client's) in Host."""
+        return self.host_header == "upstream" or (self.host_header is None and self.url.tls)
 
 
 class AiMetering(Schema):
@@ -361,7 +373,11 @@ def parse_proxy_settings(
         pattern_meanings=SETTINGS_PATTERN_MEANINGS,
         cross_check=lambda value: proxy_problems(value, environ),
     )
-    return settings if base_dir is None else resolve_proxy_paths(settings, base_dir)
+    if base_dir is None:
+        return settings
+    settings = resolve_proxy_paths(settings, base_dir)
+    _check_ca_files(settings, file)
+    return settings
 
 
 def load_proxy_settings(path: str | PathLike[str], redis_url: str | None = None,
@@ -389,6 +405,29 @@ def on_the_bus(settings: ProxySettings, redis_url: str, file: str = "<settings>"
     return msgspec.structs.replace(
         settings, edge_state=EdgeStateSource(redis_url=redis_url, start_timeout_s=start_timeout_s),
         metering=msgspec.structs.replace(settings.metering, redis_url=redis_url))
+
+
+def upstream_tls_context(name: str, upstream: Upstream) -> ssl.SSLContext:
+    """The TLS client context of an https upstream: certificates verified (against
+    `ca_file` only when given, else the system's CAs) and host names checked. Raises
+    ConfigError when the CA file cannot be read or holds no certificate."""
+    try:
+        return ssl.create_default_context(cafile=upstream.ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"upstream `{name}`: the CA file {upstream.ca_file} cannot be used: "
+                          f"{error.strerror or error}", path=f"$.upstreams.{name}.ca_file") from error
+
+
+def _check_ca_files(settings: ProxySettings, file: str) -> None:
+    # A CA file is read when the settings are, so check-config finds a missing one.
+    errors = []
+    for name, upstream in settings.upstreams.items():
+        if upstream.ca_file is not None:
+            try:
+                upstream_tls_context(name, upstream)
+            except ConfigError as error:
+                errors.append(ConfigError(error.message, file, path=error.path))
+    raise_if_any(errors)
 
 
 def resolve_proxy_paths(settings: ProxySettings, base_dir: str | PathLike[str]) -> ProxySettings:

@@ -6,13 +6,11 @@
 # are checked by a sweep every SWEEP_INTERVAL_S. Tests call sweep() with a fake clock.
 import ipaddress
 import logging
-import ssl
 import time
 
 import cython
 
-from config.errors import ConfigError
-from config.proxy_settings import upstream_headers
+from config.proxy_settings import upstream_headers, upstream_tls_context
 from proxy.deadlines import Deadlines
 from proxy.headers import starts_ignoring_case
 from proxy.upstream import UpstreamPool
@@ -24,17 +22,6 @@ SWEEP_INTERVAL_S = 0.1
 STALENESS_CHECK_S = 1.0
 _NEVER = float("inf")
 _BEARER = b"bearer "
-
-
-def tls_context(name, upstream):
-    """The TLS client context of an https upstream, built once: certificates verified
-    (against `ca_file` only when given, else the system's CAs) and host names checked.
-    Raises ConfigError when the CA file cannot be read."""
-    try:
-        return ssl.create_default_context(cafile=upstream.ca_file)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"upstream `{name}`: the CA file {upstream.ca_file} cannot be used: "
-                          f"{error.strerror or error}") from error
 
 
 class ProxyApp:
@@ -66,10 +53,15 @@ class ProxyApp:
         self.system_wall_clock = wall_clock is time.time
         self.shadow_to_client = settings.shadow_report == "client_and_upstream"
         # upstream name -> (the field names it sets, those fields in wire form): the
-        # upstream's values (a provider key, from the environment) replace the client's.
+        # upstream's values (a provider key, from the environment; its own Host)
+        # replace the client's.
+        set_fields = upstream_headers(settings)
+        for name, upstream in settings.upstreams.items():
+            if upstream.sends_own_host:
+                set_fields[name] = ((b"host", upstream.url.authority.encode()), *set_fields.get(name, ()))
         self.upstream_fields = {
             name: (frozenset(field for field, _ in fields), b"".join(b"%s: %s\r\n" % field for field in fields))
-            for name, fields in upstream_headers(settings).items()
+            for name, fields in set_fields.items()
         }
         self.trusted_networks = tuple(ipaddress.ip_network(cidr) for cidr in settings.trusted_proxies)
         self.pools = {}
@@ -77,7 +69,7 @@ class ProxyApp:
             self.pools[name] = UpstreamPool(
                 name, upstream.url.host, upstream.url.port, upstream.pool_size,
                 upstream.connect_timeout_s, upstream.read_timeout_s, loop, clock,
-                tls_context(name, upstream) if upstream.url.tls else None,
+                upstream_tls_context(name, upstream) if upstream.url.tls else None,
             )
         self.connections = set()
         self.deadlines = Deadlines(self._wake_at)

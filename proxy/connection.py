@@ -927,7 +927,7 @@ class Exchange(ResponseSink):
         if forwarded_host:
             head.append(b"\r\nx-forwarded-host: ")
             head.append(forwarded_host)
-        if self.host is None:
+        if self.host is None and (set_fields is None or b"host" not in set_fields[0]):
             # An HTTP/1.0 request may lack Host; what is forwarded is HTTP/1.1, which needs one.
             head.append(b"\r\nhost: ")
             head.append(conn.pool.authority)

@@ -105,6 +105,25 @@ def test_requests_reach_an_https_upstream_verified_with_the_ca_file_over_one_poo
     assert proxy.pool("api").connects_total == 1
 
 
+def test_an_https_upstream_is_sent_its_own_host_and_the_clients_goes_in_x_forwarded_host(
+        make_proxy, tls_upstream, certificates):
+    # A provider routes by Host and checks it against its certificate's name.
+    proxy = tls_proxy(make_proxy, tls_upstream.port, certificates / "ca.pem")
+    status, _, body = request(proxy.port, "GET", "/inspect", host="gateway.example.com")
+    assert status == 200
+    fields = json.loads(body)["raw_headers"]
+    assert [value for name, value in fields if name == "host"] == [f"127.0.0.1:{tls_upstream.port}"]
+    assert [value for name, value in fields if name == "x-forwarded-host"] == ["gateway.example.com"]
+
+
+def test_host_header_client_keeps_the_clients_host_for_an_https_upstream(make_proxy, tls_upstream, certificates):
+    proxy = make_proxy(1, extra_upstreams=f'  api: {{url: "https://127.0.0.1:{tls_upstream.port}", '
+                                          f'ca_file: {certificates / "ca.pem"}, host_header: client}}\n',
+                       routes="  - {name: everything, upstream: api, path_prefix: /}\n")
+    _, _, body = request(proxy.port, "GET", "/inspect", host="gateway.example.com")
+    assert [value for name, value in json.loads(body)["raw_headers"] if name == "host"] == ["gateway.example.com"]
+
+
 def problem_detail(answer):
     status, headers, body = answer
     assert headers["content-type"] == "application/problem+json"
@@ -165,3 +184,20 @@ def test_a_ca_file_for_a_plain_http_upstream_is_a_settings_error():
         parse_proxy_settings(text, "proxy.yaml")
     assert str(error.value) == ("proxy.yaml:2: `ca_file` is for `https://` upstreams; `http://127.0.0.1:9000` is "
                                 "plain HTTP - at `$.upstreams.api`")
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"], ids=["missing", "not-pem"])
+def test_a_ca_file_that_cannot_be_used_is_found_when_the_settings_are_read(tmp_path, content):
+    # So `aforo check-config` reports it, not the first worker to start.
+    from config.errors import ConfigError
+    from config.proxy_settings import load_proxy_settings
+    if content is not None:
+        (tmp_path / "ca.pem").write_bytes(content)
+    (tmp_path / "proxy.yaml").write_text(
+        "upstreams:\n  api: {url: 'https://127.0.0.1:9443', ca_file: ca.pem}\n"
+        "routes:\n  - {name: all, upstream: api}\nedge_state: {file: e.yaml}\n")
+    with pytest.raises(ConfigError) as error:
+        load_proxy_settings(tmp_path / "proxy.yaml")
+    assert str(error.value).startswith(f"{tmp_path / 'proxy.yaml'}: upstream `api`: the CA file "
+                                       f"{tmp_path / 'ca.pem'} cannot be used: ")
+    assert str(error.value).endswith(" - at `$.upstreams.api.ca_file`")
