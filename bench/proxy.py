@@ -1,6 +1,7 @@
 """Proxy throughput and latency against nginx, side by side, plus memory at 1M customers.
 
     python -m bench.proxy [--duration 4] [--rounds 5] [--connections 16,64] [--customers 10000]
+                          [--baseline DIR]
 
 Starts a local upstream (nginx answering a small fixed body, or a Python server when
 nginx is missing), nginx as a plain reverse proxy with upstream keep-alive, and this
@@ -13,7 +14,10 @@ loaded reports its resident memory. The last line is a JSON object with the figu
 (medians over rounds), including rps_ratio_vs_nginx and p99_ratio_vs_nginx at 64
 connections (the median of each round's aforo/nginx ratio, every round's ratio
 listed beside it) and rss_mib_1m_customers. Everything listens on 127.0.0.1 and
-stops by itself.
+stops by itself. With `--baseline DIR` (another checkout of Aforo Edge, installed in
+its own `.venv`, e.g. `git worktree add DIR <commit>`), that checkout's proxy runs as
+a third target taking turns with the others, and rps_ratio_vs_baseline and
+p99_ratio_vs_baseline compare this checkout's proxy with it, round by round.
 """
 
 import argparse
@@ -223,15 +227,19 @@ def rss_mib(pid="self"):
     return float("nan")
 
 
-def start_proxy(folder, port, upstream_port, customers, settings_text=None):
+def start_proxy(folder, port, upstream_port, customers, settings_text=None, checkout=None):
     """A proxy worker process serving `customers` bench customers on `port` (with
-    `settings_text`, default settings_yaml()); returns (process, RSS MiB when ready)."""
+    `settings_text`, default settings_yaml()), of `checkout` (a directory with its own
+    `.venv`; default this one); returns (process, RSS MiB when ready)."""
     folder = Path(folder)
-    settings = folder / "aforo-proxy.yaml"
-    settings.write_text(settings_text or settings_yaml(port, free_port(), upstream_port, folder))
-    ready = folder / f"ready-{customers}"
-    process = subprocess.Popen(pinned(SERVER_CPU, [sys.executable, "-m", "bench.proxy", "--serve-proxy",
-                                                   str(settings), str(customers), str(ready)]))
+    name = "aforo" if checkout is None else "baseline"
+    (folder / name).mkdir(exist_ok=True)
+    settings = folder / f"{name}-proxy.yaml"
+    settings.write_text(settings_text or settings_yaml(port, free_port(), upstream_port, folder / name))
+    ready = folder / f"ready-{name}-{customers}"
+    python = sys.executable if checkout is None else str(Path(checkout) / ".venv" / "bin" / "python")
+    process = subprocess.Popen(pinned(SERVER_CPU, [python, "-m", "bench.proxy", "--serve-proxy",
+                                                   str(settings), str(customers), str(ready)]), cwd=checkout)
     for _ in range(READY_ATTEMPTS * 10):
         if ready.exists() and ready.read_text():
             break
@@ -307,6 +315,7 @@ def main(argv=None):
     parser.add_argument("--connections", default="16,64")
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--rss-customers", type=int, default=1_000_000)
+    parser.add_argument("--baseline", help="another checkout whose proxy runs beside this one")
     parser.add_argument("--serve-proxy", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,6 +342,10 @@ def main(argv=None):
                 processes["nginx"] = start_nginx_proxy(folder, ports["nginx"], upstream_port)
             ports["aforo"] = free_port()
             processes["aforo"], _ = start_proxy(folder, ports["aforo"], upstream_port, args.customers)
+            if args.baseline:
+                ports["baseline"] = free_port()
+                processes["baseline"], _ = start_proxy(folder, ports["baseline"], upstream_port, args.customers,
+                                                       checkout=args.baseline)
             targets = list(ports)
             for target in targets:
                 run_wrk(ports[target], connection_counts[0], 2, script)    # warm-up
@@ -352,10 +365,10 @@ def main(argv=None):
         rss_process, rss_1m = start_proxy(folder, free_port(), free_port(), args.rss_customers)
         stop(rss_process)
 
-    print(f"{'target':<8}{'conns':>6}{'round':>6}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    print(f"{'target':<9}{'conns':>6}{'round':>6}{'req/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
     for (target, connections), rounds in runs.items():
         for number, run in enumerate(rounds, 1):
-            print(f"{target:<8}{connections:>6}{number:>6}{run['rps']:>12,.0f}{run['p50_ms']:>10.2f}"
+            print(f"{target:<9}{connections:>6}{number:>6}{run['rps']:>12,.0f}{run['p50_ms']:>10.2f}"
                   f"{run['p99_ms']:>10.2f}{run['non_2xx']:>9}  {run['socket_errors']}")
     print(f"aforo worker RSS after load ({args.customers:,} customers): {rss_after_load:.0f} MiB")
     print(f"aforo worker RSS with {args.rss_customers:,} customers loaded: {rss_1m:.0f} MiB (target <= 200)")
@@ -370,6 +383,14 @@ def main(argv=None):
     aforo_high = runs[("aforo", high)]
     rps_ratios = [a["rps"] / n["rps"] for a, n in zip(aforo_high, nginx_high)] if nginx_high else []
     p99_ratios = [a["p99_ms"] / n["p99_ms"] for a, n in zip(aforo_high, nginx_high)] if nginx_high else []
+    baseline_high = runs.get(("baseline", high))
+    if baseline_high:
+        versus = [(a["rps"] / b["rps"], a["p99_ms"] / b["p99_ms"]) for a, b in zip(aforo_high, baseline_high)]
+        summary.update({
+            "rps_ratio_vs_baseline": round(median([rps for rps, _ in versus]), 3),
+            "p99_ratio_vs_baseline": round(median([p99 for _, p99 in versus]), 3),
+            "rps_ratios_vs_baseline_by_round": [round(rps, 3) for rps, _ in versus],
+        })
     summary.update({
         "rps_ratio_vs_nginx": round(median(rps_ratios), 3) if rps_ratios else None,
         "p99_ratio_vs_nginx": round(median(p99_ratios), 3) if p99_ratios else None,
