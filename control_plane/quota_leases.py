@@ -36,11 +36,13 @@ class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class Lease(msgspec.Struct):
     """`granted` units of `metric` for the billing period starting at `period_start`
-    (epoch seconds), under the plan's `limit`. 0 granted: nothing is left."""
+    (epoch seconds), under the plan's `limit`; `leased`: units leased in all this
+    period, to every worker, this grant included. 0 granted: nothing is left."""
 
     granted: int
     period_start: float
     limit: int
+    leased: int
 
 
 class LeaseReturn(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,10 +69,14 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
     start, _ = rater.period_of(subscription, at)
     period_start = start.timestamp()
     debt = max(asked.debt, 0)
-    taken = await store.lease_quota(
-        asked.customer_id, asked.metric, period_start,
-        lambda leased: debt + grant_size(quota.limit, leased + debt, asked.needed, max(asked.wanted, asked.needed)))
-    return Lease(taken - debt, period_start, quota.limit)
+    before = []
+
+    def grant(leased):
+        before.append(leased)
+        return debt + grant_size(quota.limit, leased + debt, asked.needed, max(asked.wanted, asked.needed))
+
+    taken = await store.lease_quota(asked.customer_id, asked.metric, period_start, grant)
+    return Lease(taken - debt, period_start, quota.limit, before[-1] + taken)
 
 
 class ThrottleRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -28,8 +28,13 @@ cdef Decision _decision(int outcome, int status, str reason, str detail, long lo
 
 cdef Decision _quota_exceeded(QuotaLimit quota, long long used, long long reset_s)
 
+cdef str _unserved_status(CustomerState customer, int slot, long long reset_s)
+
 @cython.locals(quota=QuotaLimit, slot=cython.int, used=cython.longlong)
 cpdef Decision quota_refusal(CustomerState customer, str metric, long long units, double now)
+
+@cython.locals(quota=QuotaLimit, slot=cython.int, reset_s=cython.longlong, policies=list, statuses=list)
+cpdef tuple ratelimit_fields(CustomerState customer, tuple metrics, double now)
 
 cdef Decision _not_entitled(str feature)
 

@@ -197,10 +197,10 @@ def decide(customer, facts, now):
         used = customer.used[slot]
         quota_policy = quota.policy_header
         if quota.admits(used, facts.units):
-            # What is left once this request is served.
-            quota_status = quota.ratelimit_header(used + facts.units, reset_s)
+            # What the customer has left once this request is served.
+            quota_status = quota.ratelimit_header(used + customer.report_offset[slot] + facts.units, reset_s)
         else:
-            return _quota_exceeded(quota, used, reset_s)
+            return _quota_exceeded(quota, used + customer.report_offset[slot], reset_s)
 
     levels = customer.acting_levels
     shadows = customer.shadow_levels
@@ -217,7 +217,7 @@ def decide(customer, facts, now):
             if reason:
                 return _decision(
                     REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
-                    quota_policy, quota_status, standing.guard_id, "",
+                    quota_policy, _unserved_status(customer, slot, reset_s), standing.guard_id, "",
                 )
     outcome = ALLOW
     acting_guard = ""
@@ -228,7 +228,7 @@ def decide(customer, facts, now):
             if reason == REASON_THROTTLED:
                 return _decision(
                     REJECT, 429, reason, _margin_detail(reason, standing, facts), retry_after_s,
-                    quota_policy, quota_status, standing.guard_id, "",
+                    quota_policy, _unserved_status(customer, slot, reset_s), standing.guard_id, "",
                 )
             outcome = ALLOW_THROTTLED
             acting_guard = standing.guard_id
@@ -252,6 +252,14 @@ def decide(customer, facts, now):
     )
 
 
+def _unserved_status(customer, slot, reset_s):
+    # The RateLimit value for a request refused after its quota admitted it: what is
+    # left without it ("" for a metric without a quota).
+    if slot < 0:
+        return ""
+    return customer.quotas.limit_at(slot).ratelimit_header(customer.used[slot] + customer.report_offset[slot], reset_s)
+
+
 def _quota_exceeded(quota, used, reset_s):
     return _decision(
         REJECT, 429, REASON_QUOTA_EXCEEDED,
@@ -272,4 +280,23 @@ def quota_refusal(customer, metric, units, now):
     used = customer.used[slot]
     if quota.admits(used, units):
         return None
-    return _quota_exceeded(quota, used, _ceil_seconds(customer.period_end - now))
+    return _quota_exceeded(quota, used + customer.report_offset[slot], _ceil_seconds(customer.period_end - now))
+
+
+def ratelimit_fields(customer, metrics, now):
+    """The `RateLimit-Policy` and `RateLimit` field values for those of `metrics`
+    the customer's plan sets a quota on, in that order (a list, as the draft
+    writes several policies), from what the customer has used now; ("", "") for
+    none, or once the period has ended."""
+    if now >= customer.period_end:
+        return "", ""
+    reset_s = _ceil_seconds(customer.period_end - now)
+    policies = []
+    statuses = []
+    for metric in metrics:
+        slot = customer.quotas.slot(metric)
+        if slot >= 0:
+            quota = customer.quotas.limit_at(slot)
+            policies.append(quota.policy_header)
+            statuses.append(quota.ratelimit_header(customer.used[slot] + customer.report_offset[slot], reset_s))
+    return ", ".join(policies), ", ".join(statuses)

@@ -25,6 +25,7 @@ cdef class CustomerState:
     cdef readonly frozenset features
     cdef readonly PlanQuotas quotas
     cdef long long used[8]
+    cdef long long report_offset[8]
     cdef readonly dict guard_levels
     cdef readonly double period_end
     cdef readonly dict acting_levels
@@ -34,6 +35,10 @@ cdef class CustomerState:
     cpdef long long quota_used(self, str metric)
     @cython.locals(slot=cython.int)
     cpdef void add_usage(self, str metric, long long units)
+    @cython.locals(slot=cython.int)
+    cpdef long long reported_usage(self, str metric)
+    @cython.locals(slot=cython.int)
+    cpdef void report_usage(self, str metric, long long units)
     cpdef void restate(self, str subscription_status, dict guard_levels) except *
 
 

@@ -73,6 +73,9 @@ class CustomerState:
         # Counters inline in this object (a C array of MAX_QUOTA_METRICS when compiled,
         # spelled out for Cython): a quota check reads no other per-customer memory.
         self.used = [0, 0, 0, 0, 0, 0, 0, 0]
+        # What the RateLimit header reports minus `used`: 0 unless the quota is leased
+        # (then `used` counts what this worker holds, not what the customer used).
+        self.report_offset = [0, 0, 0, 0, 0, 0, 0, 0]
         for metric, units in usage.items():
             if units < 0:
                 raise InvalidStateError(f"customer {customer_id!r}: negative usage {units} of {metric!r}")
@@ -110,6 +113,20 @@ class CustomerState:
         slot = self.quotas.slot(metric)
         if slot >= 0:
             self.used[slot] += units
+
+    def reported_usage(self, metric):
+        """The usage of `metric` the customer is told of (RateLimit): the counter,
+        unless report_usage() said otherwise since (0 for a metric without a quota)."""
+        slot = self.quotas.slot(metric)
+        return self.used[slot] + self.report_offset[slot] if slot >= 0 else 0
+
+    def report_usage(self, metric, units):
+        """From now on tell the customer it used `units` of `metric`, plus what is
+        counted from here on: for a leased quota, whose counter holds what this
+        worker has left of its leases rather than the customer's usage."""
+        slot = self.quotas.slot(metric)
+        if slot >= 0:
+            self.report_offset[slot] = units - self.used[slot]
 
 
 def _acting(guard_levels):

@@ -19,6 +19,7 @@ from decision_core.decide import (
     TITLES,
     decide,
     quota_refusal,
+    ratelimit_fields,
 )
 from decision_core.state import RequestFacts
 from proxy.headers import (
@@ -791,14 +792,25 @@ class Exchange(ResponseSink):
         return self.content_length is not None and 0 < self.content_length <= self.app.buffered_body_bytes
 
     def _refuse(self, decision):
-        """Answer a refusing Decision from the edge, with its quota and Retry-After fields."""
-        headers = []
-        if decision.quota_policy:
-            headers.append((b"ratelimit-policy", decision.quota_policy.encode()))
-            headers.append((b"ratelimit", decision.quota_status.encode()))
-        if decision.retry_after_s:
-            headers.append((b"retry-after", b"%d" % decision.retry_after_s))
+        """Answer a refusing Decision from the edge, with its Retry-After (and, as
+        every answer after a decision, the quota fields)."""
+        headers = ((b"retry-after", b"%d" % decision.retry_after_s),) if decision.retry_after_s else ()
         self.answer(decision.status, decision.title, decision.detail, decision.reason, headers)
+
+    def _quota_fields(self):
+        """(RateLimit-Policy, RateLimit) values for this response: "" when the
+        request was not decided, was refused for its subscription or features, or its
+        metrics have no quota in the customer's plan. A route metering more metrics
+        (LLM tokens) speaks of each, and any answer after an admission counts what
+        the customer has used now; a plain refusal says what decide() found."""
+        decision = self.decision
+        if decision is None or decision.status == 403:
+            return "", ""
+        route = self.route
+        if decision.outcome == REJECT and not route.facts.other_metrics:
+            return decision.quota_policy, decision.quota_status
+        customer = self.app.edge_state.counting(self.customer, self.api_key)
+        return ratelimit_fields(customer, route.quota_metrics, self.app.wall_now())
 
     def _forward(self):
         """Send the admitted request upstream (a metered call's body and fields as
@@ -892,6 +904,9 @@ class Exchange(ResponseSink):
         the request had no body left unread."""
         self.finished = True
         self.app.metrics.count_request(self.route.name if self.route is not None else "", reason)
+        policy, status_field = self._quota_fields()
+        if policy:
+            headers = (*headers, (b"ratelimit-policy", policy.encode()), (b"ratelimit", status_field.encode()))
         body_pending = not self.request_complete and (self.content_length or self.transfer_encoding is not None)
         keep_alive = self.keep_alive and not body_pending and not self.client.closing
         self.client.write(problem_response(status, title, detail, reason=reason, headers=headers, close=not keep_alive))
@@ -1101,11 +1116,15 @@ class Exchange(ResponseSink):
         head = [status_line(status, self.response_status_phrase or None)]
         head.extend(self._response_fields())
         decision = self.decision
-        if decision.quota_policy:
+        if self.route.facts.other_metrics:
+            policy, quota_status = self._quota_fields()     # tokens too, as reserved now
+        else:
+            policy, quota_status = decision.quota_policy, decision.quota_status
+        if policy:
             head.append(b"ratelimit-policy: ")
-            head.append(decision.quota_policy.encode())
+            head.append(policy.encode())
             head.append(b"\r\nratelimit: ")
-            head.append(decision.quota_status.encode())
+            head.append(quota_status.encode())
             head.append(b"\r\n")
         if decision.outcome != 0:
             head.append(b"x-aforo-throttle: true\r\n")

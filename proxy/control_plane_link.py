@@ -149,6 +149,7 @@ class ControlPlaneSink:
 class _Granted(msgspec.Struct):
     granted: int
     period_start: float
+    leased: int
 
 
 class _Tokens(msgspec.Struct):
@@ -173,7 +174,7 @@ class ControlPlaneLedger:
             granted = msgspec.json.decode(body, type=_Granted)
         except (ControlPlaneUnavailable, msgspec.DecodeError) as error:
             raise LedgerUnavailable(f"control plane at {self.where}: {error}") from error
-        return granted.granted, granted.period_start
+        return granted.granted, granted.period_start, granted.leased
 
     async def give_back(self, customer_id, metric, period, units):
         try:

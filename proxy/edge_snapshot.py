@@ -127,7 +127,7 @@ class EdgeSnapshot:
         try:
             standings = {
                 metric: kept[metric] if metric in kept and unchanged.get(metric) == standing
-                else _guard_standings(standing, now, self._store.fed_throttles)
+                else _guard_standings(standing, now, self._store.shared)
                 for metric, standing in customer.levels.items()
             }
         except DecisionCoreError as err:
@@ -156,12 +156,13 @@ class EdgeSnapshot:
 
 class _PlanState:
     # What all customers of one plan share.
-    __slots__ = ("tier", "features", "quotas", "quota_metrics")
+    __slots__ = ("tier", "features", "quotas", "quota_metrics", "hard_metrics")
 
     def __init__(self, plan: Plan, window_s: int) -> None:
         self.tier = plan.tier
         self.features = frozenset(plan.features)
         self.quota_metrics = tuple(plan.quotas)
+        self.hard_metrics = tuple(metric for metric, quota in plan.quotas.items() if quota.hard)
         self.quotas = PlanQuotas(
             [QuotaLimit(metric, quota.limit, quota.hard, window_s) for metric, quota in plan.quotas.items()]
         )
@@ -178,10 +179,10 @@ class _CustomerStore:
     customers cost 8 MiB there, not a dict of a million strings.
     """
 
-    def __init__(self, plans: list[_PlanState], period_end: float, fed_throttles: bool = False) -> None:
+    def __init__(self, plans: list[_PlanState], period_end: float, shared: bool = False) -> None:
         self.plans = plans
         self.period_end = period_end
-        self.fed_throttles = fed_throttles
+        self.shared = shared
         self.ids = bytearray()
         self.id_ends = array("I")
         self.plan_of = array("H")
@@ -292,7 +293,7 @@ class _CustomerStore:
         plan = self.plans[self.plan_of[index]]
         start = self.usage_start[index]
         usage = {metric: self.usage[start + offset] for offset, metric in enumerate(plan.quota_metrics)}
-        return CustomerState(
+        state = CustomerState(
             self.customer_id(index),
             plan.tier,
             _STATUSES[self.status_of[index]],
@@ -302,6 +303,12 @@ class _CustomerStore:
             self.standings.get(index, _NO_STANDINGS),
             self.period_end if self.period_ends is None else self.period_ends[index],
         )
+        if self.shared:
+            for metric in plan.hard_metrics:
+                # Nothing leased here yet: used up, as far as this worker may admit.
+                state.add_usage(metric, plan.quotas.limit_at(plan.quotas.slot(metric)).limit - usage[metric])
+                state.report_usage(metric, usage[metric])
+        return state
 
 
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -337,7 +344,7 @@ def build_snapshot(
     period_end: float,
     now: float,
     version: str = "built",
-    fed_throttles: bool = False,
+    shared: bool = False,
 ) -> EdgeSnapshot:
     """Build a snapshot from plans (name -> Plan) and customers (Customer values as
     in the edge state file, which need not come from one; a generator keeps memory
@@ -345,8 +352,13 @@ def build_snapshot(
 
     `period_start`/`period_end` are epoch seconds (the quota window is their
     difference; a customer's own `period_end` overrides the end for it); `now`
-    starts every level-2 throttle bucket full, or with `fed_throttles` every
-    enforcing one empty, fed from the deployment's shared bucket. Usage of a metric
+    starts every level-2 throttle bucket full.
+
+    `shared`: the workers of a deployment share hard quotas and throttles through a
+    ledger (proxy.quota_leases, proxy.throttle_leases). Then a customer's hard quota
+    counters start used up (nothing leased to this worker yet), while what the
+    customer is told it used (RateLimit) is its usage as given; and enforcing level-2
+    buckets start empty, fed from the deployment's shared ones. Usage of a metric
     without a quota in the plan is not counted. Raises InvalidStateError for an
     unknown plan, a duplicate customer id or key digest, a digest that is not 64
     hex characters, a period that does not end after it starts, and (naming the
@@ -357,7 +369,7 @@ def build_snapshot(
     if window_s <= 0:
         raise InvalidStateError(f"the billing period must end after it starts, got {period_start}..{period_end}")
     plan_numbers = {name: number for number, name in enumerate(plans)}
-    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()], float(period_end), fed_throttles)
+    store = _CustomerStore([_PlanState(plan, window_s) for plan in plans.values()], float(period_end), shared)
     seen_ids: set[str] = set()
     for customer in customers:
         plan_number = plan_numbers.get(customer.plan)
@@ -372,7 +384,7 @@ def build_snapshot(
         if any(units < 0 for units in customer.usage.values()):
             raise InvalidStateError(f"customer {customer.id!r}: negative usage")
         try:
-            standings = {metric: _guard_standings(standing, now, fed_throttles)
+            standings = {metric: _guard_standings(standing, now, shared)
                          for metric, standing in customer.levels.items()}
             digests = [_digest(hex_digest)[:INDEX_DIGEST_BYTES] for hex_digest in customer.api_keys]
         except DecisionCoreError as err:

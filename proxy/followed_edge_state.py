@@ -200,11 +200,8 @@ class FollowedEdgeState:
         state = self._state
         old = self.snapshot
         customers = self._customers.values()
-        if self.leased_quotas:
-            customers = (_unleased(customer, state.plans[customer.plan]) if customer.plan in state.plans else customer
-                         for customer in customers)
         new = build_snapshot(state.plans, customers, state.period.start.epoch_s, state.period.end.epoch_s,
-                             self.clock(), version, fed_throttles=self.leased_quotas)
+                             self.clock(), version, shared=self.leased_quotas)
         for seen in old.seen_customers():
             carried = new.customer_by_id(seen.customer_id)
             if carried is None or carried.period_end != seen.period_end:
@@ -214,18 +211,16 @@ class FollowedEdgeState:
                 exact = self.leased_quotas and carried.quotas.limit_at(slot).hard
                 if here != there and (exact or here > there):
                     carried.add_usage(metric, here - there)
+                if exact:
+                    # The customer is told the most it is known to have used: what the
+                    # new state recorded, or what this worker had told it.
+                    carried.report_usage(metric, max(self.recorded_usage(seen.customer_id, metric),
+                                                     seen.reported_usage(metric)))
         self.snapshot = new
         self.version = version
 
     async def close(self) -> None:
         await self.source.close()
 
-
-def _unleased(customer: Customer, plan) -> Customer:
-    # A customer as this worker holds it before any lease: hard quotas used up.
-    hard = {metric: quota.limit for metric, quota in plan.quotas.items() if quota.hard}
-    if not hard:
-        return customer
-    return msgspec.structs.replace(customer, usage={**customer.usage, **hard})
 
 

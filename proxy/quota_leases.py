@@ -3,7 +3,11 @@
 # them (proxy.quota_ledger: the control plane's, or the Redis edge bus's), so all
 # workers together never admit more than the limit. For a leased metric a customer's
 # usage counter holds `limit - units this worker still holds`: decide() is unchanged
-# and admits while the lease lasts.
+# and admits while the lease lasts. What the customer is told it used (RateLimit) is
+# kept apart (CustomerState.report_usage): at each answer of the ledger, all it has
+# leased this period but what this worker still holds, then counted on with every
+# request here; so other workers' requests show in it at this worker's next lease,
+# and their unused units count as used until they give them back.
 #
 # A request that finds no lease left waits for one (a customer's first request of a
 # period, and near the limit, where leases shrink to single requests), for at most the
@@ -140,7 +144,7 @@ class QuotaLeases:
             unledgered = None
         debt = 0 if unledgered is None else unledgered.debt
         try:
-            granted, period = await self.ledger.lease(
+            granted, period, leased = await self.ledger.lease(
                 customer.customer_id, metric, needed=needed, wanted=max(needed, limit // CHUNK_SHARE), limit=limit,
                 period_end=customer.period_end, recorded=recorded, debt=debt)
         except LedgerUnavailable as error:
@@ -151,7 +155,7 @@ class QuotaLeases:
                             customer.customer_id, metric, error)
             # Leased from the last state, by the ledger's own rule.
             granted = grant_size(limit, recorded + unledgered.taken, needed, max(needed, limit // CHUNK_SHARE))
-            period = None
+            period = leased = None
             unledgered.taken += granted
             unledgered.debt += granted
             self.unledgered_total += granted
@@ -160,10 +164,15 @@ class QuotaLeases:
                 unledgered.debt -= debt
         # Into the customer's state in force now (a new snapshot may have come meanwhile).
         current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
+        told = current.reported_usage(metric)
+        current.add_usage(metric, -granted)
+        # What the customer has used, as the ledger knows it: all it leased, but what
+        # this worker still holds (other workers' unused units count as used until
+        # they give them back). Without the ledger, what it was told so far.
+        current.report_usage(metric, told if leased is None else leased - (limit - current.quota_used(metric)))
         if not granted:
             self._denied[key] = (self.clock() + DENIED_RETRY_S, needed)
             return True
-        current.add_usage(metric, -granted)
         held = self._held.get(key)
         if held is None or held.period_end != current.period_end or (held.period is None and period is not None):
             self._held[key] = _Held(customer.customer_id, metric, period, current.period_end, self.clock())
@@ -201,6 +210,7 @@ class QuotaLeases:
             if left <= 0:
                 continue
             customer.add_usage(held.metric, left)          # no longer usable here
+            customer.report_usage(held.metric, customer.reported_usage(held.metric) - left)   # nor used
             try:
                 await self.ledger.give_back(held.customer_id, held.metric, held.period, left)
             except LedgerUnavailable as error:
@@ -212,6 +222,7 @@ class QuotaLeases:
                 current = self.edge_state.snapshot.customer_by_id(held.customer_id)
                 if current is not None and current.period_end == held.period_end:
                     current.add_usage(held.metric, -left)
+                    current.report_usage(held.metric, current.reported_usage(held.metric) + left)
                     self._held.setdefault(key, held)
 
     def stop(self) -> None:

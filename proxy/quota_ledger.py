@@ -14,8 +14,9 @@ class LedgerUnavailable(Exception):
 
 
 class QuotaLedger(Protocol):
-    """`lease(...)` returns (units granted, the period's name for give_back): 0 units
-    when fewer than `needed` are left of `limit`; otherwise `wanted` or less near the
+    """`lease(...)` returns (units granted, the period's name for give_back, units
+    leased in all this period, to every worker, this grant included): 0 units when
+    fewer than `needed` are left of `limit`; otherwise `wanted` or less near the
     limit (decision_core.quota.grant_size). `period_end` (epoch seconds) says which
     period; `recorded` is the usage the proxy's state says was stored this period (a
     ledger that starts counting mid-period starts there); `debt` is units admitted
@@ -32,7 +33,7 @@ class QuotaLedger(Protocol):
     where: str
 
     async def lease(self, customer_id: str, metric: str, *, needed: int, wanted: int, limit: int,
-                    period_end: float, recorded: int, debt: int) -> tuple[int, float]: ...
+                    period_end: float, recorded: int, debt: int) -> tuple[int, float, int]: ...
 
     async def give_back(self, customer_id: str, metric: str, period: float, units: int) -> None: ...
 

@@ -17,6 +17,7 @@ from proxy.redis_bus import BusUnavailable, RedisBus
 KEPT_AFTER_PERIOD_S = 86_400
 # KEYS: the ledger. ARGV: limit, needed, wanted, recorded, debt, expiry (epoch ms),
 # spread. decision_core.quota.grant_size, applied to the ledger's count plus the debt.
+# Returns {granted, leased in all}.
 _LEASE = """
 local leased = tonumber(redis.call('GET', KEYS[1]) or ARGV[4]) + tonumber(ARGV[5])
 local left = tonumber(ARGV[1]) - leased
@@ -26,7 +27,7 @@ if needed >= 0 and needed <= left then
   granted = math.max(needed, math.min(tonumber(ARGV[3]), math.floor(left / tonumber(ARGV[7]))))
 end
 redis.call('SET', KEYS[1], leased + granted, 'PXAT', ARGV[6])
-return granted
+return {granted, leased + granted}
 """
 # KEYS: the ledger. ARGV: units given back.
 _GIVE_BACK = """
@@ -75,11 +76,11 @@ class RedisQuotaLedger:
         key = quota_ledger_key(customer_id, metric, period_end)
         expire_ms = int((period_end + KEPT_AFTER_PERIOD_S) * 1000)
         try:
-            granted = await self.bus.call("quota lease", lambda client: self._lease(
+            granted, leased = await self.bus.call("quota lease", lambda client: self._lease(
                 keys=[key], args=[limit, needed, wanted, recorded, debt, expire_ms, LEASE_SPREAD], client=client))
         except BusUnavailable as error:
             raise LedgerUnavailable(str(error)) from error
-        return int(granted), float(period_end)
+        return int(granted), float(period_end), int(leased)
 
     async def give_back(self, customer_id, metric, period, units):
         key = quota_ledger_key(customer_id, metric, period)

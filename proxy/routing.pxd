@@ -12,6 +12,7 @@ cdef class Route:
     cdef readonly bytes path_prefix
     cdef readonly object methods
     cdef readonly RequestFacts facts
+    cdef readonly tuple quota_metrics
     cdef readonly bint fail_closed
     cdef readonly object metered_call
     cdef readonly bytes api_key_header

@@ -58,6 +58,9 @@ class Route:
         self.path_prefix = path_prefix
         self.methods = None if methods is None else frozenset(methods)
         self.facts = RequestFacts(tuple(features), metric, units, tuple(other_metrics))
+        # The metrics a response's RateLimit fields speak of (those with a quota in the
+        # customer's plan): the route's, then the ones its calls meter (LLM tokens).
+        self.quota_metrics = (metric, *other_metrics)
         self.fail_closed = fail_closed
         self.metered_call = metered_call
         self.api_key_header = api_key_header.lower()

@@ -138,3 +138,23 @@ def test_a_client_gone_before_its_body_is_in_is_not_charged(running):
                 assert time.monotonic() < deadline, "the call of a client that left was still charged"
                 time.sleep(0.05)
     assert len(running.upstream.exchanges) == 1
+
+
+@pytest.mark.parametrize("running", [{"quotas": "{api_calls: {limit: 50, hard: true}, "
+                                                "ai_output_tokens: {limit: 100, hard: true}}"}], indirect=True)
+def test_every_answer_of_a_token_route_says_what_is_left_of_each_quota(running):
+    # The route's own metric and the tokens its calls meter, both with a quota: each
+    # answer lists both, the tokens as left once this call's reservation is counted.
+    with openai_client(running) as client:
+        first = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=60)
+        assert first.headers["ratelimit-policy"].startswith('"api_calls";q=50;w=')
+        assert ', "ai_output_tokens";q=100;w=' in first.headers["ratelimit-policy"]
+        assert first.headers["ratelimit"].startswith('"api_calls";r=49;')
+        assert ', "ai_output_tokens";r=40;' in first.headers["ratelimit"]            # 60 reserved
+        second = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES, max_tokens=10)
+        assert f', "ai_output_tokens";r={100 - OUTPUT_TOKENS - 10};' in second.headers["ratelimit"]
+        with pytest.raises(openai.RateLimitError) as caught:                      # 34 + 90 > 100
+            chat(client, max_tokens=90)
+    refusal = caught.value.response.headers
+    assert refusal["ratelimit"].startswith('"api_calls";r=48;')
+    assert f', "ai_output_tokens";r={100 - 2 * OUTPUT_TOKENS};' in refusal["ratelimit"]

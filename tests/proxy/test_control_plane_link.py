@@ -276,6 +276,43 @@ def test_two_workers_never_admit_more_than_a_hard_quota_between_them(loop_thread
     assert request(second.port, "GET", "/echo", key=key)[0] == 429
 
 
+def remaining(headers):
+    """Units left, as the RateLimit field tells the customer."""
+    return int(headers["ratelimit"].split(";r=")[1].split(";")[0])
+
+
+def test_ratelimit_tells_the_customer_what_it_has_left_not_what_a_worker_holds(loop_thread, leasing):
+    # Two workers lease chunks of a twentieth of the quota; requests alternate between
+    # them. Each answer says what the customer has left across both, within one chunk
+    # (the units the other worker holds and has not used count as used until it
+    # gives them back; its requests show at this worker's next lease).
+    control_plane, start_worker = leasing
+    control_plane.catalog(quota=100)
+    chunk = 100 // quota_leases.CHUNK_SHARE
+    key = control_plane.new_key()
+    workers = start_worker(), start_worker()
+    for worker in workers:
+        wait_until(loop_thread, lambda worker=worker: worker.edge_state.customer_for_key(key.encode()) is not None)
+    admitted = 0
+    for number in range(120):
+        status, headers, _ = request(workers[number % 2].port, "GET", "/echo", key=key)
+        assert headers["ratelimit-policy"].startswith('"api_calls";q=100;w=')
+        if status == 200:
+            admitted += 1
+            assert abs(remaining(headers) - (100 - admitted)) <= chunk
+        else:
+            assert status == 429 and remaining(headers) <= chunk
+    for worker in workers:
+        loop_thread.run(worker.leases.give_back())
+    while (answer := request(workers[0].port, "GET", "/echo", key=key))[0] == 200:
+        admitted += 1
+    assert admitted == 100
+    time.sleep(quota_leases.DENIED_RETRY_S)          # each asks the ledger again: all is used
+    for worker in workers:
+        status, headers, _ = request(worker.port, "GET", "/echo", key=key)
+        assert (status, remaining(headers)) == (429, 0)
+
+
 def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_thread, tmp_path, control_plane,
                                                                             monkeypatch):
     # Each call reserves its max_tokens (30) of ai_output_tokens and uses 17: with a

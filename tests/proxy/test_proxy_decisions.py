@@ -45,6 +45,10 @@ def test_refusals_follow_the_contract_and_never_reach_the_upstream(proxy, upstre
     assert problem(body)["status"] == status
     if status == 429:
         assert int(headers["retry-after"]) > 86400     # to the end of the billing period
+        # The route's metric has a quota: what is left of it, on the refusal too.
+        assert headers["ratelimit"].startswith('"api_calls";r=100000;' if path == "/echo" else '"ai_tokens";r=5000000;')
+    else:
+        assert "ratelimit" not in headers              # never decided on quota
     assert upstream.requests == []
 
 
@@ -103,6 +107,8 @@ def test_level_2_marks_responses_then_limits_the_rate(proxy, upstream):
         ("true", "2", "g-throttle")
     assert problem(responses[2][2])["reason"] == "throttled"
     assert 1 <= int(responses[2][1]["retry-after"]) <= 60
+    assert [r[1]["ratelimit"].split(";t=")[0] for r in responses] == ['"api_calls";r=99999', '"api_calls";r=99998',
+                                                                      '"api_calls";r=99998']
 
 
 def test_a_shadow_guard_only_tells_the_upstream(proxy, upstream):

@@ -133,6 +133,7 @@ def test_an_upstream_slower_than_the_read_timeout_is_504(proxy_for_upstream, ups
         assert headers["content-type"] == "application/problem+json"
         assert problem(body)["reason"] == "error_504"
         assert problem(body)["title"] == "Gateway Timeout"
+        assert remaining(headers) == 2                   # the customer is told: this one cost nothing
         # The slow upstream connection is given up, the client's is not.
         assert loop_thread.call(lambda: proxy.pool().open_count) == 0
         sock.sendall(b"GET /echo/after HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer k-nearquota\r\n\r\n")
@@ -189,6 +190,7 @@ def test_a_post_on_a_connection_the_upstream_just_closed_is_not_sent_again(raw_u
     status, headers, body = request(proxy.port, "POST", "/pay", key="k-nearquota", body=b'{"amount": 5}')
     assert status == 502
     assert problem(body)["reason"] == "error_502"
+    assert remaining(headers) == 2                       # and the 502 says so
     # The upstream may have acted on it: it must never see it twice.
     assert [target for _, method, target, _ in raw_upstream.requests if method == "POST"] == ["/pay"]
     # The 502 cost the customer nothing.

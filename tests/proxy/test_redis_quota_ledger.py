@@ -30,9 +30,10 @@ def ledger_test(redis_url, scenario):
 @pytest.mark.parametrize(("limit", "leased", "needed", "wanted"), CASES)
 def test_the_script_sizes_grants_as_grant_size_does(redis_url, limit, leased, needed, wanted):
     async def scenario(ledger, _client, customer):
-        granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=wanted, limit=limit,
-                                        period_end=time.time() + 3600, recorded=leased, debt=0)
+        granted, _, in_all = await ledger.lease(customer, "api_calls", needed=needed, wanted=wanted, limit=limit,
+                                                period_end=time.time() + 3600, recorded=leased, debt=0)
         assert granted == grant_size(limit, leased, needed, wanted)
+        assert in_all == leased + granted           # what the ledger has leased in all, said with it
     ledger_test(redis_url, scenario)
 
 
@@ -41,8 +42,8 @@ def test_concurrent_leases_never_exceed_the_limit_and_returns_can_be_leased_agai
         period_end = time.time() + 3600
 
         async def lease_one(needed):
-            granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=7, limit=100,
-                                            period_end=period_end, recorded=0, debt=0)
+            granted, _, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=7, limit=100,
+                                               period_end=period_end, recorded=0, debt=0)
             return granted
         granted = await asyncio.gather(*(lease_one(1) for _ in range(60)))
         assert sum(granted) == 100
@@ -64,8 +65,8 @@ def test_a_new_ledger_starts_at_the_recorded_usage_and_debt_is_counted_first(red
         period_end = time.time() + 3600
 
         async def lease(needed, recorded=0, debt=0):
-            granted, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=needed, limit=10,
-                                            period_end=period_end, recorded=recorded, debt=debt)
+            granted, _, _ = await ledger.lease(customer, "api_calls", needed=needed, wanted=needed, limit=10,
+                                               period_end=period_end, recorded=recorded, debt=debt)
             return granted
         assert await lease(4, recorded=6) == 4              # 6 were recorded before leasing began
         assert await lease(1, recorded=0) == 0              # the ledger exists: what the state says is moot

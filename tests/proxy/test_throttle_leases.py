@@ -52,7 +52,7 @@ def worker_state(customer_id, burst):
                         levels={"overall": Standing(guard="floor", level=2, throttle_rate=Rate(1, 3600),
                                                     burst=burst)})
     snapshot = build_snapshot({"pro": Plan(tier="pro")}, [customer], NOW - 86400, NOW + 86400, NOW,
-                              fed_throttles=True)
+                              shared=True)
     return snapshot.customer_by_id(customer_id)
 
 
