@@ -190,6 +190,9 @@ EVENT_CHUNK = 1000
 # (an ingest in any process) sees the version move and loads the catalog again.
 _MOVE_CATALOG_VERSION = "UPDATE catalog_version SET version = version + 1 WHERE id = 1"
 
+# As GuardLevel lists them.
+_GUARD_LEVEL_COLUMNS = "customer_id, metric, guard_id, level, margin_pct, changed_at, mode"
+
 _encode = msgspec.json.Encoder(order="sorted").encode
 _decode = msgspec.json.decode
 
@@ -500,16 +503,16 @@ class SqlStore:
     # -- guard levels ----------------------------------------------------------------
     async def guard_levels(self, customer_id=None):
         where, args = ("WHERE customer_id = ?", (customer_id,)) if customer_id is not None else ("", ())
-        rows = await self._fetch("SELECT customer_id, metric, guard_id, level, margin_pct, changed_at, mode FROM guard_levels "
-                                 f"{where} ORDER BY customer_id, metric, mode", args)
+        rows = await self._fetch(f"SELECT {_GUARD_LEVEL_COLUMNS} FROM guard_levels {where} "
+                                 "ORDER BY customer_id, metric, mode", args)
         return [GuardLevel(*row) for row in rows]
 
     async def guard_levels_of(self, customer_ids):
         rows = []
         for part in _parts(sorted(set(customer_ids))):
             rows += await self._fetch(
-                "SELECT customer_id, metric, guard_id, level, margin_pct, changed_at, mode FROM guard_levels "
-                f"WHERE customer_id IN ({', '.join(['?'] * len(part))}) ORDER BY customer_id, metric, mode", tuple(part))
+                f"SELECT {_GUARD_LEVEL_COLUMNS} FROM guard_levels WHERE customer_id IN "
+                f"({', '.join(['?'] * len(part))}) ORDER BY customer_id, metric, mode", tuple(part))
         return [GuardLevel(*row) for row in rows]
 
     async def transition_level(self, action: Action, webhooks=()) -> bool:

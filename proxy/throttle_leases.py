@@ -119,6 +119,7 @@ def _throttling(customer, guard_id):
     if levels is None:
         return None
     for metric, standing in levels.items():
-        if standing.guard_id == guard_id and standing.level == 2 and standing.bucket.available(0.0) < 1.0:   # read, not refilled
+        # available(0.0): the credit as it is, not refilled (a clock at 0 adds nothing).
+        if standing.guard_id == guard_id and standing.level == 2 and standing.bucket.available(0.0) < 1.0:
             return metric, standing
     return None

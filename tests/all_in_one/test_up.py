@@ -4,6 +4,7 @@
 # beyond the rate), level 3 (429 with Retry-After to the period's end), then recovers
 # when revenue grows. Ctrl-C stops it without losing a meter event.
 import asyncio
+import contextlib
 import datetime
 import json
 
@@ -88,13 +89,22 @@ guards:
 """
 
 
-def test_a_throttle_holds_for_the_customer_across_every_worker(tmp_path, backend):
-    # Two workers, each on its own bucket, would admit the burst twice over; sharing
-    # the customer's bucket (through the control plane), they admit it once.
-    up = Up(tmp_path, backend, guards=HOURLY_THROTTLE)
+@contextlib.contextmanager
+def up_with(tmp_path, backend, guards):
+    """`aforo up` with the guard file `guards`, and an API key of cus_1 the proxy knows."""
+    up = Up(tmp_path, backend, guards=guards)
     try:
         key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
         eventually(lambda: up.through_proxy(key)[0] == 200)
+        yield up, key
+    finally:
+        up.stop()
+
+
+def test_a_throttle_holds_for_the_customer_across_every_worker(tmp_path, backend):
+    # Two workers, each on its own bucket, would admit the burst twice over; sharing
+    # the customer's bucket (through the control plane), they admit it once.
+    with up_with(tmp_path, backend, HOURLY_THROTTLE) as (up, key):
         cost_to_reach(up, 20, 1)
         answers = []
 
@@ -108,8 +118,6 @@ def test_a_throttle_holds_for_the_customer_across_every_worker(tmp_path, backend
         assert len(admitted) == 3                       # the burst, once, for the whole proxy
         assert {problem["reason"] for _, problem in refused} == {"throttled"}
         assert all(int(headers["Retry-After"]) >= 1 for headers, _ in refused)
-    finally:
-        up.stop()
 
 
 SHADOW_BESIDE = GUARDS + """\
@@ -125,10 +133,7 @@ SHADOW_BESIDE = GUARDS + """\
 
 
 def test_a_shadow_guard_is_judged_beside_the_enforcing_one_and_never_lifts_its_block(tmp_path, backend):
-    up = Up(tmp_path, backend, guards=SHADOW_BESIDE)
-    try:
-        key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
-        eventually(lambda: up.through_proxy(key)[0] == 200)
+    with up_with(tmp_path, backend, SHADOW_BESIDE) as (up, key):
         # 20 %: the enforcing guard throttles, the customer's trial guard would block.
         cost_to_reach(up, 20, 1)
         eventually(lambda: up.through_proxy(key)[1].get("X-Aforo-Throttle") == "true")
@@ -141,10 +146,9 @@ def test_a_shadow_guard_is_judged_beside_the_enforcing_one_and_never_lifts_its_b
         forwarded = backend.api_requests
         assert up.through_proxy(key)[0] == 429
         assert backend.api_requests == forwarded
-        trail = {(action["guard_id"], action["mode"], action["level_to"]) for action in up.admin("GET", "/v1/actions")["items"]}
+        trail = {(action["guard_id"], action["mode"], action["level_to"])
+                 for action in up.admin("GET", "/v1/actions")["items"]}
         assert {("margin", "enforce", 2), ("margin", "enforce", 3), ("cus-1-stricter-trial", "shadow", 3)} <= trail
-    finally:
-        up.stop()
 
 
 def test_ctrl_c_stops_everything_and_keeps_every_meter_event(up, backend):
