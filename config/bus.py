@@ -27,6 +27,7 @@ EDGE_VERSION = "{aforo}:edge:version"
 # period. Metric names and customer ids may hold `:`, so the metric's length comes
 # first and no two keys are alike.
 QUOTA_LEDGER = "{aforo}:quota"
+QUOTA_LEDGER_KEPT_AFTER_PERIOD_S = 86_400
 
 
 def quota_ledger_key(customer_id: str, metric: str, period_end: float) -> str:

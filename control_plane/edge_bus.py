@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION
+from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, QUOTA_LEDGER_KEPT_AFTER_PERIOD_S, quota_ledger_key
 from config.control_plane_settings import DEFAULT_EDGE_RESYNC_INTERVAL_S
 from control_plane.edge_feed import EdgeFeed
 from control_plane.store import StoreError
@@ -94,3 +94,52 @@ class EdgeBusPublisher:
                 since = changes.version
                 body = _encode({"customers": changes.customers, "removed": changes.removed})
                 await self._publish_changes(keys=[EDGE_CHANGES, EDGE_VERSION], args=[body, CHANGES_KEPT])
+
+
+# KEYS: a quota ledger; ARGV: units. Counted when the ledger exists (1), else 0.
+_COUNT_IF_LEASING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+# KEYS: a quota ledger; ARGV: units, the period's recorded units, expiry (epoch ms).
+# Begun at the recorded units; or, begun meanwhile by a proxy's lease, counted.
+_BEGIN_OR_COUNT = """
+if redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3], 'NX') then
+  return 1
+end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class BusQuotaLedger:
+    """The hard-quota ledgers proxies lease from on the Redis bus, as the control
+    plane moves them: usage of a hard quota kept from outside a proxy's lease (the
+    REST API, a batch job) is counted in its ledger, or begins it at the period's
+    recorded units, so the proxies admit only what is left of it. A Redis that does
+    not answer is logged: that usage then reaches the ledger only if it begins
+    later (from the recorded units)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._count = client.register_script(_COUNT_IF_LEASING)
+        self._begin = client.register_script(_BEGIN_OR_COUNT)
+
+    async def count(self, ledgered: dict[tuple[str, str, float], int], store) -> None:
+        """Count `ledgered` ((customer, metric, period end) -> units, kept in `store`)."""
+        try:
+            for (customer_id, metric, period_end), units in sorted(ledgered.items()):
+                key = quota_ledger_key(customer_id, metric, period_end)
+                if await self._count(keys=[key], args=[units]):
+                    continue
+                # The period's totals as the store has them now, this usage included.
+                recorded = sum(row.units for row in await store.period_totals_of(period_end - 1e-3, [customer_id])
+                               if row.metric == metric)
+                expire_ms = int((period_end + QUOTA_LEDGER_KEPT_AFTER_PERIOD_S) * 1000)
+                await self._begin(keys=[key], args=[units, recorded, expire_ms])
+        except (RedisError, OSError) as error:
+            log.warning("could not count usage from outside the proxies' leases in the Redis quota ledgers: %s",
+                        error)

@@ -23,6 +23,8 @@ from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE, Store, StoredE
 FUTURE_LIMIT_S = 5 * 60
 PAST_LIMIT_S = 90 * 86400
 LATE_AFTER_S = 24 * 3600
+# The source a proxy's meter events carry: admitted against units leased to it.
+PROXY_SOURCE = "proxy"
 MAX_BATCH_EVENTS = 10_000
 
 # What an event can come to (the first three as the store says).
@@ -168,11 +170,14 @@ def _judge(kind, raw, now):
 
 
 class Ingested(NamedTuple):
-    """What ingest_batch did: the batch's `report`, and the `customers` with at least
-    one event kept by this batch (whose margins it may have moved)."""
+    """What ingest_batch did: the batch's `report`, the `customers` with at least
+    one event kept by this batch (whose margins it may have moved), and the units of
+    hard quotas it kept from outside a proxy's lease, by (customer, metric, period
+    end): the lease ledger counts them too."""
 
     report: IngestReport
     customers: frozenset[str]
+    ledgered: dict[tuple[str, str, float], int]
 
 
 async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
@@ -192,7 +197,7 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
                        source: str = "api", rater: Rater | None = None) -> Ingested:
     """ingest(), also saying which customers had events kept."""
     results: list[EventResult | None] = [None] * len(raw_events)
-    kept_at, events, to_store = [], [], []
+    kept_at, events, origins, to_store = [], [], [], []
     rejected = 0
     provenances = {}             # (source, late) -> its provenance: the same for most of a batch
     for index, raw in enumerate(raw_events):
@@ -212,20 +217,27 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
             })
         kept_at.append(index)
         events.append(event)
+        origins.append(origin)
         to_store.append(StoredEvent(kind, event.customer_id, event.id, _encode(event), occurred_at, now, late,
                                     provenance))
     if events and rater is None:
         rater = await Rater.load(store)
     rating = rater.rating if events else None
-    outcomes = await store.record_events(to_store, [rating(kind, event) for event in events])
+    # A proxy's events were admitted against units leased to it: already in the ledger.
+    ratings = [rating(kind, event, origin == PROXY_SOURCE) for event, origin in zip(events, origins)]
+    outcomes = await store.record_events(to_store, ratings)
     counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0}
     customers = set()
-    for index, event, stored, outcome in zip(kept_at, events, to_store, outcomes):
+    ledgered = {}
+    for index, event, stored, outcome, rated in zip(kept_at, events, to_store, outcomes, ratings):
         if outcome == ACCEPTED:
             status = ACCEPTED_LATE if stored.late else ACCEPTED
             results[index] = EventResult(index, status, event.id)
             counts[status] += 1
             customers.add(event.customer_id)
+            if rated is not None and rated.ledgered:
+                key = (rated.customer_id, rated.metric, rated.period_end)
+                ledgered[key] = ledgered.get(key, 0) + rated.units
         elif outcome == DUPLICATE:
             results[index] = EventResult(index, DUPLICATE, event.id)
             counts[DUPLICATE] += 1
@@ -234,7 +246,7 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
                                          "an event with this id was already accepted with a different payload")
             rejected += 1
     report = IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], rejected, results)
-    return Ingested(report, frozenset(customers))
+    return Ingested(report, frozenset(customers), ledgered)
 
 
 def _id_of(raw):

@@ -17,11 +17,13 @@ from control_plane.store import Store
 class Intake:
     """Takes batches in for `store`: `guards` is the watched guard file (or None),
     `feed` the edge feed, `webhooks` the WebhookSender (or None), `clock` epoch
-    seconds (the gates' now)."""
+    seconds (the gates' now), `ledger` the Redis bus's quota ledger (or None: the
+    store's own counts usage from outside a lease in the batch's transaction)."""
 
     def __init__(self, store: Store, rater: CurrentRater, feed: EdgeFeed, guards=None, webhooks=None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, ledger=None) -> None:
         self.store = store
+        self.ledger = ledger        # the Redis bus's quota ledger, when the proxies lease there
         self.rater = rater
         self.feed = feed
         self.guards = guards
@@ -34,7 +36,10 @@ class Intake:
         be sent again (what was kept counts once)."""
         now = self.clock()
         rater = await self.rater.get()
-        report, customers = await ingest_batch(self.store, kind, raw_events, now, source=source, rater=rater)
+        report, customers, ledgered = await ingest_batch(self.store, kind, raw_events, now, source=source,
+                                                         rater=rater)
+        if ledgered and self.ledger is not None:
+            await self.ledger.count(ledgered, self.store)
         if self.guards is not None and customers:
             recorded = await evaluate_guards(self.store, self.guards.value, now, customers, rater)
             self.feed.changed(action.customer_id for action in recorded)

@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
 from config.bus import EVENTS_FIELD, METER_GROUP, METER_STREAM
+from control_plane.ingest import PROXY_SOURCE
 from control_plane.intake import Intake
 from control_plane.store import USAGE, StoreError
 
@@ -93,7 +94,7 @@ class MeterStreamConsumer:
             if fields:                  # (a claimed entry deleted meanwhile comes back empty)
                 batch = fields.get(EVENTS_FIELD.encode(), b"")
                 report = await self.intake.take(USAGE, [line for line in batch.splitlines() if line.strip()],
-                                                "proxy")
+                                                PROXY_SOURCE)
                 if report.rejected:
                     self.events_rejected += report.rejected
                     first = next(result for result in report.results if result.status == "rejected")

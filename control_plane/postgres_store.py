@@ -131,6 +131,7 @@ class PostgresStore(SqlStore):
                         await connection.execute(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
                     except asyncpg.UniqueViolationError:
                         raise _KeptBefore from None
+                await self._count_in_ledgers(rated)
         except _KeptBefore:
             await super()._write_chunk(chunk, first, events, ratings, outcomes)
             return

@@ -66,7 +66,7 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
     quota = None if subscription is None else rater.plans[subscription.plan].plan.quotas.get(asked.metric)
     if quota is None or not quota.hard:
         raise NoHardQuota(f"customer `{asked.customer_id}` has no hard quota on `{asked.metric}` now")
-    start, _ = rater.period_of(subscription, at)
+    start, end = rater.period_of(subscription, at)
     period_start = start.timestamp()
     debt = max(asked.debt, 0)
     before = []
@@ -75,7 +75,8 @@ async def lease(store: Store, rater: Rater, asked: LeaseRequest, now: float) -> 
         before.append(leased)
         return debt + grant_size(quota.limit, leased + debt, asked.needed, max(asked.wanted, asked.needed))
 
-    taken = await store.lease_quota(asked.customer_id, asked.metric, period_start, grant)
+    taken = await store.lease_quota(asked.customer_id, asked.metric, period_start, grant, end.timestamp(),
+                                    subscription.key)
     return Lease(taken - debt, period_start, quota.limit, before[-1] + taken)
 
 

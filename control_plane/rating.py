@@ -179,9 +179,11 @@ class Rater:
         self._periods[subscription.key] = period
         return period
 
-    def rating(self, kind: str, event) -> Rating | None:
+    def rating(self, kind: str, event, leased_elsewhere: bool = False) -> Rating | None:
         """What a usage or cost event (ingest's decoded event) adds to its period's
-        totals, or None when its customer has no billable subscription."""
+        totals, or None when its customer has no billable subscription. Usage on a
+        hard quota counts against the quota's lease ledger too (Rating.ledgered)
+        unless `leased_elsewhere` (a proxy admitted it against units leased to it)."""
         at = event.timestamp
         subscription = self.subscription_of(event.customer_id, at)
         if subscription is None:
@@ -200,8 +202,9 @@ class Rater:
                     context = {**period.context, **dict(cost.basis)}
                     if len(period.costed) < COSTED_CONTEXTS_MAX:
                         period.costed[cost.basis] = context
+            quota = None if leased_elsewhere else self.plans[subscription.plan].plan.quotas.get(event.metric)
             return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
-                          event.quantity, pricer, context)
+                          event.quantity, pricer, context, quota is not None and quota.hard)
         amount = event.amount_nanos
         return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
                       subscription.key, 0, lambda units_before: (0, amount), period.context)

@@ -28,7 +28,7 @@ from control_plane.api import (
     create_admin_token,
     create_app,
 )
-from control_plane.edge_bus import EdgeBusPublisher
+from control_plane.edge_bus import BusQuotaLedger, EdgeBusPublisher
 from control_plane.meter_stream import MeterStreamConsumer
 from control_plane.store import Store, open_store
 from control_plane.webhooks import WebhookSender
@@ -116,6 +116,7 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
                                            claim_idle_ms=int(settings.meter_claim_idle_s * 1000),
                                            block_ms=int(REDIS_TIMEOUT_S * 500))
             publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
+            app[INTAKE].ledger = BusQuotaLedger(bus)
             tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),
                                              name="aforo edge bus"))
         if guards is not None:

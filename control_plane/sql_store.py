@@ -420,11 +420,21 @@ class SqlStore:
         return outcomes
 
     # -- quota leases ----------------------------------------------------------------
-    async def lease_quota(self, customer_id, metric, period_start, grant):
+    async def lease_quota(self, customer_id, metric, period_start, grant, period_end, subscription):
+        key = (customer_id, metric, period_start)
         async with self._transaction():
+            # A ledger begun now starts at the usage the store knows for the period,
+            # read under the totals row's lock (taken before the ledger's, as ingest
+            # takes them), so usage kept meanwhile is counted once, here or there.
             await self._execute(
-                "INSERT INTO quota_leases (customer_id, metric, period_start, leased) VALUES (?, ?, ?, 0) "
-                "ON CONFLICT (customer_id, metric, period_start) DO NOTHING", (customer_id, metric, period_start))
+                "INSERT INTO period_totals (customer_id, metric, period_start, period_end, subscription, units, "
+                "revenue_nanos, cogs_nanos) VALUES (?, ?, ?, ?, ?, 0, 0, 0) "
+                "ON CONFLICT (customer_id, metric, period_start) DO NOTHING", (*key, period_end, subscription))
+            [(recorded,)] = await self._fetch("SELECT units FROM period_totals WHERE customer_id = ? AND metric = ? "
+                                              "AND period_start = ?" + self.ROW_LOCK_SQL, key)
+            await self._execute(
+                "INSERT INTO quota_leases (customer_id, metric, period_start, leased) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (customer_id, metric, period_start) DO NOTHING", (*key, recorded))
             rows = await self._fetch("SELECT leased FROM quota_leases WHERE customer_id = ? AND metric = ? "
                                      "AND period_start = ?" + self.ROW_LOCK_SQL, (customer_id, metric, period_start))
             granted = grant(rows[0][0])
@@ -493,6 +503,21 @@ class SqlStore:
                 outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
         if totals:
             await self._update_totals(totals)
+            await self._count_in_ledgers([ratings[first[row[:3]][0]] for row in new if row[:3] in inserted])
+
+    async def _count_in_ledgers(self, ratings):
+        # Usage of hard quotas kept from outside a proxy's lease moves their lease
+        # ledgers too (where leasing has begun this period; one begun later starts
+        # from the totals), in the transaction that moves the totals.
+        sums = {}
+        for rating in ratings:
+            if rating is not None and rating.ledgered:
+                key = (rating.customer_id, rating.metric, rating.period_start)
+                sums[key] = sums.get(key, 0) + rating.units
+        if sums:
+            await self._executemany(
+                "UPDATE quota_leases SET leased = leased + ? WHERE customer_id = ? AND metric = ? AND period_start = ?",
+                [(units, *key) for key, units in sorted(sums.items())])
 
     async def _update_totals(self, totals):
         await self._executemany(

@@ -48,7 +48,9 @@ class Rating(msgspec.Struct, frozen=True):
     (`customer_id`, `metric` — or OVERALL for a cost not tied to a metric —,
     `period_start`, `period_end`, epoch seconds) under `subscription`; `units` it
     adds; `price(units_before)` -> (revenue_nanos, cogs_nanos) it adds, given the
-    period's units so far; `context` (plan, period, ...) kept in its provenance.
+    period's units so far; `context` (plan, period, ...) kept in its provenance;
+    `ledgered`: its units count against the hard quota's lease ledger too (usage on
+    a hard quota that did not come through a proxy's lease).
     (A Struct: one is made per event, and a Struct is several times cheaper to make
     than a NamedTuple.)"""
 
@@ -60,6 +62,7 @@ class Rating(msgspec.Struct, frozen=True):
     units: int
     price: Callable[[int], tuple[int, int]]
     context: dict
+    ledgered: bool = False
 
 
 class PeriodTotals(NamedTuple):
@@ -211,9 +214,11 @@ class Store(Protocol):
     outbox as WebhookDelivery, oldest first.
 
     Quota leases (hard quotas shared by proxy workers): `lease_quota(customer_id,
-    metric, period_start, grant)` calls `grant(leased so far)` inside a transaction
-    that holds the ledger row, adds what it returns, and returns it (concurrent
-    leases are serialized: their sum never exceeds what `grant` allows);
+    metric, period_start, grant, period_end, subscription)` calls `grant(leased so
+    far)` inside a transaction that holds the ledger row, adds what it returns, and
+    returns it (concurrent leases are serialized: their sum never exceeds what
+    `grant` allows). A ledger starts at the period's recorded units, and usage kept
+    with a `ledgered` Rating (from outside a lease) moves it in its own transaction;
     `return_quota(customer_id, metric, period_start, units)` gives unused units back.
     `take_throttle(customer_id, guard_id, metric, take)` calls `take(state)` on the
     shared level-2 bucket of a customer under a guard for a metric (its state: the time its tokens are
@@ -252,7 +257,7 @@ class Store(Protocol):
     async def guard_levels_of(self, customer_ids: Iterable[str]) -> list[GuardLevel]: ...
     async def transition_level(self, action: Action, webhooks: Sequence[Webhook] = ()) -> bool: ...
     async def lease_quota(self, customer_id: str, metric: str, period_start: float,
-                          grant: Callable[[int], int]) -> int: ...
+                          grant: Callable[[int], int], period_end: float, subscription: str) -> int: ...
     async def return_quota(self, customer_id: str, metric: str, period_start: float, units: int) -> None: ...
     async def take_throttle(self, customer_id: str, guard_id: str, metric: str,
                             take: Callable[[int], tuple[int, object]]) -> object: ...

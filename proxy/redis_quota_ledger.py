@@ -8,13 +8,13 @@
 # one key per customer, guard and metric, spent by another script on Redis's own clock.
 from __future__ import annotations
 
-from config.bus import quota_ledger_key, throttle_bucket_key
+from config.bus import QUOTA_LEDGER_KEPT_AFTER_PERIOD_S, quota_ledger_key, throttle_bucket_key
 from decision_core.bucket import US_PER_S, shared_interval_us
 from decision_core.quota import LEASE_SPREAD
 from proxy.quota_ledger import LedgerUnavailable
 from proxy.redis_bus import BusUnavailable, RedisBus
 
-KEPT_AFTER_PERIOD_S = 86_400
+KEPT_AFTER_PERIOD_S = QUOTA_LEDGER_KEPT_AFTER_PERIOD_S
 # KEYS: the ledger. ARGV: limit, needed, wanted, recorded, debt, expiry (epoch ms),
 # spread. decision_core.quota.grant_size, applied to the ledger's count plus the debt.
 # Returns {granted, leased in all}.

@@ -313,6 +313,30 @@ def test_ratelimit_tells_the_customer_what_it_has_left_not_what_a_worker_holds(l
         assert (status, remaining(headers)) == (429, 0)
 
 
+def test_usage_from_elsewhere_counts_against_the_hard_quota_the_workers_lease(loop_thread, leasing):
+    # A hard quota of 50: 30 units billed through the API before any worker leases,
+    # 10 more while they serve. The proxies admit exactly the 10 left.
+    control_plane, start_worker = leasing
+    control_plane.catalog(quota=50)
+    key = control_plane.new_key()
+
+    def bill_elsewhere(event_id, units):
+        control_plane.call("POST", "/v1/events", [{"id": event_id, "customer_id": "cus_a", "metric": "api_calls",
+                                                    "quantity": units, "timestamp": iso(time.time())}])
+    bill_elsewhere("batch-job-1", 30)
+    workers = start_worker(), start_worker()
+    for worker in workers:
+        wait_until(loop_thread, lambda worker=worker: worker.edge_state.customer_for_key(key.encode()) is not None)
+    admitted = sum(request(workers[n % 2].port, "GET", "/echo", key=key)[0] == 200 for n in range(4))
+    bill_elsewhere("batch-job-2", 10)
+    for _ in range(3):                                  # what the workers hold goes back, and is asked for again
+        admitted += sum(request(workers[n % 2].port, "GET", "/echo", key=key)[0] == 200 for n in range(20))
+        for worker in workers:
+            loop_thread.run(worker.leases.give_back())
+        time.sleep(quota_leases.DENIED_RETRY_S)
+    assert admitted == 50 - 30 - 10
+
+
 def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_thread, tmp_path, control_plane,
                                                                             monkeypatch):
     # Each call reserves its max_tokens (30) of ai_output_tokens and uses 17: with a
