@@ -116,6 +116,8 @@ async def _problems(request, handler):
         return problem(error.status, error.reason if not error.text or error.text == default else error.text)
     except StoreError as error:
         request.app.logger.error("store failed: %s", error)
+        if error.permanent:
+            return problem(422, f"the store cannot keep what was sent ({error}); sending it again will not help")
         return problem(503, "the store is unavailable; retry the request")
     except Exception:
         request.app.logger.exception("request failed")

@@ -1,5 +1,6 @@
 # Ingest: usage and cost events in, through four gates, each event judged on its own.
-#   1. schema     - the event decodes as its kind says (field, type, range, unknown fields);
+#   1. schema     - the event decodes as its kind says (field, type, range, unknown fields),
+#                   within the maxima below, with no control character in any text;
 #   2. timestamp  - a timezone is given; not more than FUTURE_LIMIT_S ahead of now,
 #                   not more than PAST_LIMIT_S behind;
 #   3. idempotency - the store keeps an event once per (kind, customer, id): a repeat is a
@@ -7,18 +8,21 @@
 #   4. lateness   - more than LATE_AFTER_S behind now: accepted, flagged late and listed
 #                   for reconciliation.
 # One bad event never sinks the rest of its batch, and a retried batch counts nothing twice.
+# Beyond the gates, the store refuses (per event) one that would take its billing
+# period's running totals past store.MAX_PERIOD_TOTAL.
 from __future__ import annotations
 
 import datetime
 import decimal
+import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import msgspec
 
 from config.values import to_nanos
 from control_plane.rating import Rater
-from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE, Store, StoredEvent
+from control_plane.store import ACCEPTED, CONFLICT, COST, DUPLICATE, REFUSED, USAGE, Store, StoredEvent
 
 FUTURE_LIMIT_S = 5 * 60
 PAST_LIMIT_S = 90 * 86400
@@ -26,6 +30,23 @@ LATE_AFTER_S = 24 * 3600
 # The source a proxy's meter events carry: admitted against units leased to it.
 PROXY_SOURCE = "proxy"
 MAX_BATCH_EVENTS = 10_000
+# The maxima of one event (documented in the README): units of usage, money of a cost,
+# and the sizes of its texts.
+MAX_QUANTITY = 10**15
+MAX_AMOUNT = decimal.Decimal(10**9)
+MAX_ID_CHARS = 200
+MAX_NAME_CHARS = 128             # a metric, a provider, a source
+MAX_DIMENSIONS = 32
+MAX_DIMENSION_KEY_CHARS = 64
+MAX_DIMENSION_VALUE_CHARS = 256
+# C0 and C1 control characters and DEL: never in an id, a name or a dimension.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+Quantity = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+Dimensions = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIMENSION_KEY_CHARS)],
+         Annotated[str, msgspec.Meta(max_length=MAX_DIMENSION_VALUE_CHARS)]],
+    msgspec.Meta(max_length=MAX_DIMENSIONS)]
 
 # What an event can come to (the first three as the store says).
 REJECTED = "rejected"
@@ -37,18 +58,19 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fal
 
     id: str
     customer_id: str
-    metric: str
-    quantity: int
+    metric: Name
+    quantity: Quantity
     timestamp: datetime.datetime
-    dimensions: dict[str, str] = {}
-    source: str = ""
+    dimensions: Dimensions = {}
+    source: Name = ""
 
     def __post_init__(self):
         _check_common(self)
         if not self.metric:
             raise ValueError("`metric` must not be empty")
-        if self.quantity < 0:
-            raise ValueError("`quantity` must be >= 0")
+        for key, value in self.dimensions.items():
+            if _CONTROL.search(key) or _CONTROL.search(value):
+                raise ValueError(f"dimension `{_shown(key)}` holds a control character")
 
 
 class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
@@ -60,13 +82,18 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     customer_id: str
     amount: decimal.Decimal
     timestamp: datetime.datetime
-    metric: str | None = None
-    provider: str = ""
-    source: str = ""
+    metric: Name | None = None
+    provider: Name = ""
+    source: Name = ""
 
     def __post_init__(self):
         _check_common(self)
+        if self.amount.is_finite() and self.amount > MAX_AMOUNT:
+            raise ValueError(f"`amount` must be at most {MAX_AMOUNT} (one cost event), got {self.amount:.3e}")
         to_nanos(self.amount)
+        for name in ("metric", "provider"):
+            if _CONTROL.search(getattr(self, name) or ""):
+                raise ValueError(f"`{name}` holds a control character")
         if self.metric == "":
             raise ValueError("`metric` must not be empty (leave it out for the customer overall)")
 
@@ -76,10 +103,19 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
 
 
 def _check_common(event):
-    if not event.id or len(event.id) > 200:
-        raise ValueError("`id` must be 1 to 200 characters")
-    if not event.customer_id or len(event.customer_id) > 200:
-        raise ValueError("`customer_id` must be 1 to 200 characters")
+    for name in ("id", "customer_id"):
+        value = getattr(event, name)
+        if not value or len(value) > MAX_ID_CHARS:
+            raise ValueError(f"`{name}` must be 1 to {MAX_ID_CHARS} characters")
+        if _CONTROL.search(value):
+            raise ValueError(f"`{name}` holds a control character")
+    if _CONTROL.search(event.source) or (isinstance(event, UsageEvent) and _CONTROL.search(event.metric)):
+        raise ValueError("`metric` and `source` hold no control character")
+
+
+def _shown(text):
+    # A name for a message: control characters escaped, cut short.
+    return repr(text[:40])[1:-1]
 
 
 # Events, their results and stored forms hold only strings, numbers, instants and
@@ -125,13 +161,15 @@ def split_batch(body: bytes, ndjson: bool) -> list[bytes | None]:
             if line.strip():
                 try:
                     events.append(bytes(msgspec.json.decode(line, type=msgspec.Raw)))
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     events.append(None)
     else:
         try:
             batch = _BATCH.decode(body)
         except msgspec.DecodeError as error:
             raise BatchError(f"the body is not a JSON array of events or {{\"events\": [...]}}: {error}") from None
+        except RecursionError:
+            raise BatchError("the body nests JSON deeper than an event batch can") from None
         if isinstance(batch, dict):
             if set(batch) != {"events"}:
                 raise BatchError('a JSON object body must be {"events": [...]} and nothing else')
@@ -159,6 +197,8 @@ def _judge(kind, raw, now):
         return None, f"invalid {kind} event: {error}", 0.0
     except msgspec.DecodeError as error:
         return None, f"not valid JSON: {error}", 0.0
+    except RecursionError:
+        return None, "nests JSON deeper than an event can", 0.0
     if event.timestamp.tzinfo is None:
         return None, "`timestamp` needs a timezone (e.g. 2026-11-23T12:00:00Z)", 0.0
     at = event.timestamp.timestamp()
@@ -241,9 +281,12 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
         elif outcome == DUPLICATE:
             results[index] = EventResult(index, DUPLICATE, event.id)
             counts[DUPLICATE] += 1
-        else:                   # CONFLICT
+        elif outcome == CONFLICT:
             results[index] = EventResult(index, REJECTED, event.id,
                                          "an event with this id was already accepted with a different payload")
+            rejected += 1
+        else:                   # REFUSED: why
+            results[index] = EventResult(index, REJECTED, event.id, outcome[len(REFUSED) + 2:])
             rejected += 1
     report = IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], rejected, results)
     return Ingested(report, frozenset(customers), ledgered)
@@ -255,7 +298,7 @@ def _id_of(raw):
         return None
     try:
         document = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     value = document.get("id") if isinstance(document, dict) else None
     return value if isinstance(value, str) else None

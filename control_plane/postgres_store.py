@@ -20,6 +20,8 @@ CONNECT_TIMEOUT_S = 10.0
 _MIGRATION_LOCK_KEY = 0x61666F72
 _connection = contextvars.ContextVar("postgres_store_connection", default=None)
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# The server refused the data itself (class 22: a value it cannot hold; 54: too large).
+_PERMANENT = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
 
 
 class PostgresStore(SqlStore):
@@ -70,7 +72,7 @@ class PostgresStore(SqlStore):
                 finally:
                     _connection.reset(token)
         except _DRIVER_ERRORS as error:
-            raise StoreError(f"PostgreSQL: {error}") from error
+            raise StoreError(f"PostgreSQL: {error}", isinstance(error, _PERMANENT)) from error
 
     @contextlib.asynccontextmanager
     async def _connected(self):
@@ -82,7 +84,7 @@ class PostgresStore(SqlStore):
                 async with self._pool.acquire() as connection:
                     yield connection
         except _DRIVER_ERRORS as error:
-            raise StoreError(f"PostgreSQL: {error}") from error
+            raise StoreError(f"PostgreSQL: {error}", isinstance(error, _PERMANENT)) from error
 
     async def _fetch(self, sql, args):
         async with self._connected() as connection:
@@ -124,19 +126,20 @@ class PostgresStore(SqlStore):
             async with self._transaction():
                 rated = [rating for key in chunk if (rating := ratings[first[key][0]]) is not None]
                 totals = await self._lock_totals(rated) if rated else {}
-                rows = priced_rows(chunk, first, events, ratings, totals)
+                refused = {}
+                rows = priced_rows(chunk, first, events, ratings, totals, refused)
                 moved = [(*key, *sums) for key, sums in totals.items()]
                 async with self._connected() as connection:
                     try:
                         await connection.execute(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
                     except asyncpg.UniqueViolationError:
                         raise _KeptBefore from None
-                await self._count_in_ledgers(rated)
+                await self._count_in_ledgers([ratings[first[key][0]] for key in chunk if key not in refused])
         except _KeptBefore:
             await super()._write_chunk(chunk, first, events, ratings, outcomes)
             return
         for key in chunk:
-            outcomes[first[key][0]] = ACCEPTED
+            outcomes[first[key][0]] = refused.get(key, ACCEPTED)
 
     async def _lock_totals(self, ratings):
         # The totals rows of `ratings`, created at zero when missing, locked and read in

@@ -19,7 +19,9 @@ from control_plane.store import (
     DELIVERED,
     DUPLICATE,
     FAILED,
+    MAX_PERIOD_TOTAL,
     PENDING,
+    REFUSED,
     UNCHANGED,
     UPDATED,
     Action,
@@ -377,6 +379,18 @@ class SqlStore:
             raise call.error
         return call.outcomes
 
+    async def _record_each(self, events, ratings):
+        # Each event on its own: one the store refuses (permanently) is REFUSED with why.
+        outcomes = []
+        for event, rating in zip(events, ratings):
+            try:
+                outcomes += await self._record([event], [rating])
+            except StoreError as error:
+                if not error.permanent:
+                    raise
+                outcomes.append(f"{REFUSED}: the store cannot keep this event ({error})")
+        return outcomes
+
     async def _write_waiting(self):
         group, size = [], 0
         while self._waiting and (not group or size + len(self._waiting[0].events) <= EVENT_CHUNK):
@@ -397,7 +411,14 @@ class SqlStore:
                 try:
                     call.outcomes = await self._record(call.events, call.ratings)
                 except StoreError as error:
-                    call.error = error
+                    if not error.permanent or len(call.events) == 1:
+                        call.error = error
+                        continue
+                    # A value the store cannot hold: find whose, keep the others.
+                    try:
+                        call.outcomes = await self._record_each(call.events, call.ratings)
+                    except StoreError as again:
+                        call.error = again
         except BaseException:
             # Interrupted (cancelled): what was not written waits for the next writer.
             self._waiting[:0] = [call for call in group if not call.done]
@@ -489,7 +510,10 @@ class SqlStore:
             if key in known:
                 index, digest = first[key]
                 outcomes[index] = DUPLICATE if known[key] == digest else CONFLICT
-        new = priced_rows([key for key in chunk if key not in known], first, events, ratings, totals)
+        refused = {}
+        new = priced_rows([key for key in chunk if key not in known], first, events, ratings, totals, refused)
+        for key, why in refused.items():
+            outcomes[first[key][0]] = why
         inserted = await self._insert_events(new) if new else set()
         raced = [row[:3] for row in new if row[:3] not in inserted]
         # Kept by a concurrent writer between our look-up and our insert (only an
@@ -710,6 +734,16 @@ def _webhook_delivery(row):
                            delivered_at, failed_at, error)
 
 
+def _past_maximum(sums, units, revenue, cogs):
+    # Which running total (units, revenue or cost) an event would take past
+    # MAX_PERIOD_TOTAL, or None.
+    for name, total, added in (("units", sums[0], units), ("revenue (nanos)", sums[1], revenue),
+                               ("cost (nanos)", sums[2], cogs)):
+        if total + added > MAX_PERIOD_TOTAL:
+            return name
+    return None
+
+
 class _Call:
     # One record_events call waiting to be written, and what came of it.
     __slots__ = ("events", "ratings", "outcomes", "error")
@@ -725,11 +759,12 @@ class _Call:
         return self.outcomes is not None or self.error is not None
 
 
-def priced_rows(keys, first, events, ratings, totals):
+def priced_rows(keys, first, events, ratings, totals, refused):
     # The events rows for `keys` (new events, in batch order), each rated from its
     # period's running total, which moves on by the event (`totals`, as _lock_totals
     # returns them, is changed in place), with what it earned and cost, and from which
-    # plan and period, added to its provenance.
+    # plan and period, added to its provenance. An event that would take a total past
+    # MAX_PERIOD_TOTAL is left out, and `refused` says why (key -> REFUSED outcome).
     rows = []
     openings = {}       # (id(provenance), id(context)) -> (provenance, context, its priced provenance's opening)
     for key in keys:
@@ -740,6 +775,11 @@ def priced_rows(keys, first, events, ratings, totals):
         if rating is not None:
             sums = totals[rating.customer_id, rating.metric, rating.period_start]
             revenue, cogs = rating.price(sums[0])
+            past = _past_maximum(sums, rating.units, revenue, cogs)
+            if past is not None:
+                refused[key] = (f"{REFUSED}: it would take this billing period's running total of {past} for "
+                                f"{rating.metric} past the maximum of {MAX_PERIOD_TOTAL}")
+                continue
             sums[0] += rating.units
             sums[1] += revenue
             sums[2] += cogs

@@ -111,5 +111,7 @@ class SqliteStore(SqlStore):
     async def _run(method, sql, args):
         try:
             return await method(sql, args)
+        except OverflowError as error:                     # a number SQLite cannot hold
+            raise StoreError(f"SQLite: {error}", permanent=True) from error
         except (sqlite3.Error, ValueError) as error:      # ValueError: aiosqlite's "no active connection"
-            raise StoreError(f"SQLite: {error}") from error
+            raise StoreError(f"SQLite: {error}", isinstance(error, sqlite3.DataError)) from error

@@ -20,10 +20,21 @@ CREATED, UPDATED, UNCHANGED = "created", "updated", "unchanged"
 # Event kinds and what recording one can come to.
 USAGE, COST = "usage", "cost"
 ACCEPTED, DUPLICATE, CONFLICT = "accepted", "duplicate", "conflict"
+# An event the store cannot keep: the outcome is REFUSED + ": " + why.
+REFUSED = "refused"
+# Largest running total of a period, per customer and metric: units, revenue and cost
+# in nanos (2**62: about 4.6 billion in money; every store keeps them as 64-bit integers).
+MAX_PERIOD_TOTAL = 2**62
 
 
 class StoreError(Exception):
-    """A store operation failed; the backend's own exception is its __cause__."""
+    """A store operation failed; the backend's own exception is its __cause__.
+    `permanent`: the store refused the data itself (a value it cannot hold), so the
+    same call will fail again; otherwise it may succeed when tried again."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class StoredEvent(msgspec.Struct, frozen=True, gc=False):      # never in a reference cycle
@@ -182,7 +193,9 @@ class Store(Protocol):
 
     Events: `record_events(events, ratings=None)` keeps each event unless one with the
     same (kind, customer, event id) is already kept, and returns, per event in order,
-    ACCEPTED, DUPLICATE (same payload) or CONFLICT (same id, other payload); repeats
+    ACCEPTED, DUPLICATE (same payload), CONFLICT (same id, other payload) or
+    REFUSED + ": " + why (a value the store cannot hold, or one that would take its
+    period's running totals past MAX_PERIOD_TOTAL; the others are kept); repeats
     inside one batch are judged against the first. Safe to call concurrently: an
     event is accepted exactly once. `ratings` (one Rating or None per event) move the
     running totals of each accepted event's billing period in the same transaction,

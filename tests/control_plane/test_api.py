@@ -109,6 +109,24 @@ def test_events_are_ingested_with_a_result_each_as_json_or_ndjson(backend):
     api_test(backend, scenario)
 
 
+def test_hostile_events_are_rejected_alone_never_as_a_store_outage(backend):
+    # On PostgreSQL a NUL once failed the whole batch as "retry" (503); 10^19 units or a
+    # cost of 1e300 once gave 500 on both stores.
+    async def scenario(api):
+        batch = [usage("bad\u0000id"), usage("e1"), usage("huge", quantity=10**19)]
+        status, _, report = await api.call("POST", "/v1/events", batch)
+        assert status == 200
+        assert [result["status"] for result in report["results"]] == [REJECTED, ACCEPTED, REJECTED]
+        status, _, report = await api.call("POST", "/v1/costs", [
+            {"id": "c1", "customer_id": "cus_1", "amount": "1e300", "timestamp": "2027-01-15T08:00:00Z"},
+            {"id": "c2", "customer_id": "cus_1", "amount": "2.5", "timestamp": "2027-01-15T08:00:00Z"}])
+        assert status == 200 and [result["status"] for result in report["results"]] == [REJECTED, ACCEPTED]
+        status, _, body = await api.call("POST", "/v1/events", raw=b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "deeper" in body["detail"]
+        assert [event.event_id for event in await api.store.events("usage", "cus_1")] == ["e1"]
+    api_test(backend, scenario)
+
+
 def test_the_openapi_document_describes_every_route(backend):
     async def scenario(api):
         async with aiohttp.ClientSession() as anonymous:

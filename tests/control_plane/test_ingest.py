@@ -4,9 +4,12 @@ import asyncio
 import datetime
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from config.catalog_file import load_catalog_file
 from control_plane.catalog import apply_catalog
@@ -14,14 +17,16 @@ from control_plane.ingest import (
     ACCEPTED_LATE,
     FUTURE_LIMIT_S,
     LATE_AFTER_S,
+    MAX_AMOUNT,
     MAX_BATCH_EVENTS,
+    MAX_QUANTITY,
     PAST_LIMIT_S,
     REJECTED,
     BatchError,
     ingest,
     split_batch,
 )
-from control_plane.store import ACCEPTED, COST, DUPLICATE, USAGE
+from control_plane.store import ACCEPTED, COST, DUPLICATE, MAX_PERIOD_TOTAL, USAGE
 
 NOW = 1_800_000_000.0
 
@@ -69,7 +74,26 @@ def test_the_timestamp_gates_at_their_boundaries(backend, at, status):
     (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": "3", "timestamp": "2027-01-15T08:00:00Z"}',
      "invalid usage event: Expected `int`, got `str` - at `$.quantity`"),
     (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": -1, "timestamp": "2027-01-15T08:00:00Z"}',
-     "invalid usage event: `quantity` must be >= 0"),
+     "invalid usage event: Expected `int` >= 0 - at `$.quantity`"),
+    # The maxima, and text no store or screen should get.
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 10000000000000000000,'
+     b' "timestamp": "2027-01-15T08:00:00Z"}', "invalid usage event: Expected `int` <= 1000000000000000 - at `$.quantity`"),
+    (b'{"id": "e\\u0000", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z"}',
+     "invalid usage event: `id` holds a control character"),
+    (b'{"id": "e1", "customer_id": "cus\\u001b[31m", "metric": "api_calls", "quantity": 1,'
+     b' "timestamp": "2027-01-15T08:00:00Z"}', "invalid usage event: `customer_id` holds a control character"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "' + b"m" * 129 + b'", "quantity": 1,'
+     b' "timestamp": "2027-01-15T08:00:00Z"}', "invalid usage event: Expected `str` of length <= 128 - at `$.metric`"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z",'
+     b' "dimensions": {"model": "' + b"x" * 257 + b'"}}',
+     "invalid usage event: Expected `str` of length <= 256 - at `$.dimensions[...]`"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z",'
+     b' "dimensions": {' + b", ".join(b'"k%d": "v"' % n for n in range(33)) + b'}}',
+     "invalid usage event: Expected `object` of length <= 32 - at `$.dimensions`"),
+    (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z",'
+     b' "dimensions": {"model": "gpt\\u0000"}}', "invalid usage event: dimension `model` holds a control character"),
+    (b'{"id": "e1", "customer_id": "cus_1", "dimensions": ' + b"[" * 100_000 + b"]" * 100_000 + b'}',
+     "invalid usage event: Expected `object`, got `array` - at `$.dimensions`"),   # 100,000 deep
     (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1}',
      "invalid usage event: Object missing required field `timestamp`"),
     (b'{"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1, "timestamp": "2027-01-15T08:00:00Z",'
@@ -165,11 +189,45 @@ def test_batches_come_as_json_arrays_wrapped_arrays_or_ndjson():
         (b"{broken", "not a JSON array of events"),
         (b'{"items": []}', 'must be {"events": [...]}'),
         (b'"text"', "not a JSON array of events"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests JSON deeper than an event batch can"),
     ]:
         with pytest.raises(BatchError, match=re.escape(message)):
             split_batch(body, ndjson=False)
     with pytest.raises(BatchError, match=f"at most {MAX_BATCH_EVENTS}"):
         split_batch(b"[" + b",".join([b"{}"] * (MAX_BATCH_EVENTS + 1)) + b"]", ndjson=False)
+
+
+def test_an_event_that_would_overflow_a_running_total_is_refused_alone(backend):
+    # Two events of 10^15 units are fine; a period whose total is already near the
+    # maximum refuses the one that would pass it, with why, and keeps the rest.
+    # (The enterprise plan neither charges nor costs cached tokens: only units add up.)
+    async def scenario(open_store):
+        store = await open_store()
+        await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml")
+
+        def tokens(event_id, quantity):
+            return usage(event_id, customer_id="cus_acme", metric="ai_cached_tokens", quantity=quantity)
+        near = (MAX_PERIOD_TOTAL - 10) // MAX_QUANTITY
+        await ingest(store, USAGE, [tokens(f"big-{n}", MAX_QUANTITY) for n in range(near)], NOW)
+        report = await ingest(store, USAGE, [tokens("small", 5), tokens("too-much", MAX_QUANTITY),
+                                             tokens("after", 1)], NOW)
+        assert [result.status for result in report.results] == [ACCEPTED, REJECTED, ACCEPTED]
+        assert report.results[1].reason.startswith("it would take this billing period's running total of units")
+        kept = {event.event_id for event in await store.events(USAGE, "cus_acme")}
+        assert {"small", "after"} <= kept and "too-much" not in kept
+        [totals] = [row for row in await store.period_totals(NOW, "cus_acme") if row.metric == "ai_cached_tokens"]
+        assert totals.units == near * MAX_QUANTITY + 6
+    backend.run(scenario)
+
+
+def test_a_cost_beyond_the_maximum_is_refused_alone(backend):
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, COST, [cost("c1", amount="1e300"), cost("c2", amount="1")], NOW)
+        assert statuses(report)[0] == (REJECTED, f"invalid cost event: `amount` must be at most {MAX_AMOUNT} "
+                                                 "(one cost event), got 1.000e+300")
+        assert [event.event_id for event in await store.events(COST, "cus_1")] == ["c2"]
+    backend.run(scenario)
 
 
 def test_timestamps_in_any_offset_are_judged_as_instants(backend):
@@ -265,4 +323,35 @@ def test_overlapping_batches_from_two_processes_keep_each_event_once_and_price_t
         # Whatever order the batches landed in, the events' revenues add up to the period's.
         assert sum(pricing["revenue_nanos"] for pricing in kept.values()) == totals.revenue_nanos \
             == (sum(quantities) - 10_000) * 1_000_000
+    backend.run(scenario)
+
+
+HOSTILE = {
+    "too many units": lambda n, who: usage(f"h{n}", customer_id=who, quantity=10**19),
+    "negative units": lambda n, who: usage(f"h{n}", customer_id=who, quantity=-1),
+    "NUL in the id": lambda n, who: usage(f"h{n}\x00", customer_id=who),
+    "escape in the customer": lambda n, who: usage(f"h{n}", customer_id=who + "\x1b[2J"),
+    "long metric": lambda n, who: usage(f"h{n}", customer_id=who, metric="m" * 129),
+    "many dimensions": lambda n, who: usage(f"h{n}", customer_id=who, dimensions={f"k{i}": "v" for i in range(33)}),
+    "control in a dimension": lambda n, who: usage(f"h{n}", customer_id=who, dimensions={"model": "gpt\x07"}),
+    "wrong type": lambda n, who: usage(f"h{n}", customer_id=who, quantity=[1]),
+    "not JSON": lambda n, who: None,
+    "deep": lambda n, who: b'{"id": "h%d", "dimensions": ' % n + b"[" * 50_000 + b"]" * 50_000 + b"}",
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.integers(0, 10**6), st.sampled_from(sorted(HOSTILE))), min_size=1, max_size=30))
+def test_a_batch_of_good_and_hostile_events_stores_exactly_the_good_ones(backend, mix):
+    who = f"cus_{uuid.uuid4().hex[:12]}"            # the store outlives one example
+    raw = [HOSTILE[item](n, who) if isinstance(item, str) else usage(f"g{n}", customer_id=who, quantity=item)
+           for n, item in enumerate(mix)]
+    good = {f"g{n}" for n, item in enumerate(mix) if not isinstance(item, str)}
+
+    async def scenario(open_store):
+        store = await open_store()
+        report = await ingest(store, USAGE, raw, NOW)
+        assert [result.status == ACCEPTED for result in report.results] == [not isinstance(item, str) for item in mix]
+        assert all(result.reason for result in report.results if result.status == REJECTED)
+        assert {event.event_id for event in await store.events(USAGE, who)} == good
     backend.run(scenario)

@@ -22,6 +22,7 @@ from control_plane.store import (
     DUPLICATE,
     FAILED,
     PENDING,
+    REFUSED,
     UNCHANGED,
     UPDATED,
     USAGE,
@@ -218,6 +219,27 @@ def test_a_call_the_store_cannot_keep_fails_alone_not_the_calls_written_with_it(
             assert results[:2] == [[ACCEPTED], [ACCEPTED]] and results[3] == [ACCEPTED]
             assert isinstance(results[2], StoreError)
             assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == ["a1", "b1", "c1"]
+        finally:
+            await store.close()
+    run(scenario())
+
+
+def test_an_event_the_store_cannot_hold_is_refused_alone_and_the_others_of_its_call_kept(postgres_schema):
+    # Ingest's gates keep such events out; should one reach the store, it sinks
+    # nothing beside it, and is never reported as worth retrying.
+    url, schema = postgres_schema
+
+    async def scenario():
+        store = await PostgresStore.connect(url, server_settings={"search_path": schema})
+        try:
+            await store.migrate()
+            outcomes = await store.record_events([event("a1"), event("bad\x00id"), event("b1")])
+            assert outcomes[0] == ACCEPTED and outcomes[2] == ACCEPTED
+            assert outcomes[1].startswith(REFUSED + ": the store cannot keep this event (PostgreSQL: ")
+            assert [kept.event_id for kept in await store.events(USAGE, "cus_1")] == ["a1", "b1"]
+            with pytest.raises(StoreError) as alone:
+                await store.record_events([event("bad\x00again")])
+            assert alone.value.permanent
         finally:
             await store.close()
     run(scenario())
