@@ -229,6 +229,8 @@ class Timestamp(ConfigValue):
 
 
 NANOS_PER_UNIT = 1_000_000_000
+# The most units one usage event may carry (a proxy meters no more; ingest refuses more).
+MAX_EVENT_QUANTITY = 10**15
 
 
 def to_nanos(amount: decimal.Decimal) -> int:

@@ -20,7 +20,7 @@ from typing import Annotated, NamedTuple
 
 import msgspec
 
-from config.values import to_nanos
+from config.values import MAX_EVENT_QUANTITY, to_nanos
 from control_plane.rating import Rater
 from control_plane.store import ACCEPTED, CONFLICT, COST, DUPLICATE, REFUSED, USAGE, Store, StoredEvent
 
@@ -32,7 +32,7 @@ PROXY_SOURCE = "proxy"
 MAX_BATCH_EVENTS = 10_000
 # The maxima of one event (documented in the README): units of usage, money of a cost,
 # and the sizes of its texts.
-MAX_QUANTITY = 10**15
+MAX_QUANTITY = MAX_EVENT_QUANTITY
 MAX_AMOUNT = decimal.Decimal(10**9)
 MAX_ID_CHARS = 200
 MAX_NAME_CHARS = 128             # a metric, a provider, a source

@@ -38,6 +38,8 @@ from typing import Annotated, Any
 import cython
 import msgspec
 
+from config.values import MAX_EVENT_QUANTITY
+
 OPENAI_CHAT = "openai_chat"
 OPENAI_RESPONSES = "openai_responses"
 ANTHROPIC_MESSAGES = "anthropic_messages"
@@ -52,7 +54,9 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # Response side: no usage was found, the body (or an event) is not the JSON
 # expected, the body or stream ended early, the body or a line passed the cap, the
 # upstream answered with an error, the counts contradict each other (more cached
-# than input tokens, more reasoning than output tokens; clamped to 0).
+# than input tokens, more reasoning than output tokens; clamped to 0), a count is
+# beyond what one event may carry (config.values.MAX_EVENT_QUANTITY: not metered, so
+# it can never stall the meter or a quota counter).
 MALFORMED = "malformed"
 UNKNOWN_FORMAT = "unknown_format"
 NO_MODEL = "no_model"
@@ -60,6 +64,7 @@ BAD_MAX_TOKENS = "bad_max_tokens"
 NO_USAGE = "no_usage"
 TRUNCATED = "truncated"
 TOO_LARGE = "too_large"
+IMPLAUSIBLE = "implausible_count"
 ERROR = "error"
 INCONSISTENT = "inconsistent"
 
@@ -715,6 +720,9 @@ class UsageReader:
 
     def _count(self, field: str, value: int | None) -> None:
         if value is not None:
+            if value > MAX_EVENT_QUANTITY:
+                self._flags.add(IMPLAUSIBLE)
+                return
             self._usage[field] = value
 
     def _read_chat(self, body: _ChatBody) -> None:

@@ -381,6 +381,49 @@ def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_
         loop_thread.run(llm.stop())
 
 
+def test_an_implausible_token_count_never_stalls_the_meter(loop_thread, tmp_path, control_plane, monkeypatch):
+    # One answer reports 10^19 output tokens (more than any event may carry): that
+    # count is not metered (the call is, flagged), and every call after it reaches the
+    # control plane. Once, such an answer failed the worker's meter batch forever.
+    llm = LlmUpstream(keep_exchanges=False)
+    loop_thread.run(llm.start())
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+    control_plane.catalog()
+    control_plane.call("PUT", "/v1/metrics/ai_output_tokens", {"aggregation": "sum"})
+    control_plane.call("PUT", "/v1/plans/pro", {
+        "tier": "pro", "quotas": {"api_calls": {"limit": 1000}, "ai_output_tokens": {"limit": 10**6}},
+        "charges": [{"metric": "api_calls", "model": "per_unit", "price": "0.01"}]})
+    key = control_plane.new_key()
+
+    def settings_text(index):
+        return fed_settings(llm.port, following(control_plane.url),
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 2, flush_interval_s: 3600}}",
+                            ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, "
+                             "ai: {format: openai_chat}}",))
+    workers = started_workers(loop_thread, tmp_path, settings_text)
+    try:
+        worker = next(workers)()
+        body = json.dumps({"model": "gpt-4o", "max_tokens": 30, "messages": [{"role": "user", "content": "hi"}]})
+
+        def call():
+            return request(worker.port, "POST", "/v1/chat/completions", key=key, body=body.encode(),
+                           headers={"Content-Type": "application/json"})[0]
+        llm.script.output_tokens = 10**19
+        assert call() == 200
+        llm.script.output_tokens = 17
+        assert [call() for _ in range(4)] == [200] * 4
+        loop_thread.run(worker.stop(1.0), timeout=30)          # a graceful stop delivers every event
+        events = [json.loads(event.payload) for event in loop_thread.run(control_plane.store.events(USAGE, "cus_a"))]
+        calls = [event for event in events if event["metric"] == "api_calls"]
+        assert len(calls) == 5
+        assert "implausible_count" in calls[0]["dimensions"]["usage_flags"]
+        assert [event["quantity"] for event in events if event["metric"] == "ai_output_tokens"] == [17] * 4
+        assert worker.sink.rejected == 0
+    finally:
+        next(workers, None)
+        loop_thread.run(llm.stop())
+
+
 def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_thread, control_plane, fed_proxy):
     control_plane.catalog(quota=5)
     key = control_plane.new_key()
