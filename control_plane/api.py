@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, ModelPrice, ToolPrice, document_of
 from config.documents import decode_value
@@ -68,7 +68,8 @@ INTAKE = web.AppKey("intake", Intake)
 
 class ControlPlaneMetrics:
     """The control plane's Prometheus metrics, on a registry of its own:
-    `config_reload_errors_total{file}` (rejected reloads; the old file stays in force)
+    `config_reload_errors_total{file}` (rejected reloads; the old file stays in force),
+    `meter_dead_letters_total` (events of the meter stream put in the dead letters)
     and the webhook deliveries' (see WebhookMetrics)."""
 
     def __init__(self):
@@ -76,6 +77,9 @@ class ControlPlaneMetrics:
         # A WatchedFile's on_reload_error: counts one rejected reload of a file.
         self.count_reload_error = ReloadErrorCounter(self.registry)
         self.webhooks = WebhookMetrics(self.registry)
+        self.dead_letters = Counter("aforo_meter_dead_letters_total", "Events of the meter stream that could "
+                                    "not be taken in, kept in the dead letters (GET /v1/dead-letters).",
+                                    registry=self.registry)
 
 
 def sha256_hex(secret: str) -> str:
@@ -251,6 +255,18 @@ def _ingest_handler(kind):
     return handle
 
 
+async def _dead_letters(request):
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        return problem(400, "`after` and `limit` are whole numbers")
+    letters = await request.app[STORE].dead_letters(after, limit)
+    return json_response({"items": [{"seq": seq, "source": letter.source, "entry_id": letter.entry_id,
+                                     "event": letter.event.decode("utf-8", "replace"), "reason": letter.reason,
+                                     "at": letter.at} for seq, letter in letters]})
+
+
 async def _actions(request):
     try:
         after = int(request.query.get("after", "0"))
@@ -417,6 +433,8 @@ ROUTES = (
     ("POST", "/v1/edge/throttles", _take_throttle_tokens,
      "Take tokens of a throttled customer's level-2 bucket, shared by every proxy worker"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
+    ("GET", "/v1/dead-letters", _dead_letters,
+     "Events the meter stream could not take in, each with why (`after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,
      "The webhook outbox: each delivery's status, attempts and last error (`status`, `after` seq, `limit`)"),
     *((method, f"/v1/{section}{suffix}", handler, summary % what)

@@ -114,7 +114,8 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
             consumer_name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
             consumer = MeterStreamConsumer(bus, app[INTAKE], consumer_name,
                                            claim_idle_ms=int(settings.meter_claim_idle_s * 1000),
-                                           block_ms=int(REDIS_TIMEOUT_S * 500))
+                                           block_ms=int(REDIS_TIMEOUT_S * 500),
+                                           count_dead_letters=metrics.dead_letters.inc)
             publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
             app[INTAKE].ledger = BusQuotaLedger(bus)
             tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),

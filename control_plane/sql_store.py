@@ -26,6 +26,7 @@ from control_plane.store import (
     UPDATED,
     Action,
     ApiKey,
+    DeadLetter,
     GuardLevel,
     PeriodTotals,
     StoredEvent,
@@ -182,6 +183,15 @@ MIGRATIONS = (
             metric TEXT NOT NULL,
             spent_until_us BIGINT NOT NULL,
             PRIMARY KEY (customer_id, guard_id, metric))""",
+    )),
+    (10, "dead letters: what the meter stream could not take in, with why", (
+        """CREATE TABLE dead_letters (
+            seq {serial},
+            source TEXT NOT NULL,
+            entry_id TEXT NOT NULL,
+            event {blob} NOT NULL,
+            reason TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL)""",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -601,6 +611,18 @@ class SqlStore:
             "SELECT seq, customer_id, metric, guard_id, level_from, level_to, margin_pct, min_margin_pct, mode, at "
             f"FROM actions {where} ORDER BY seq LIMIT ?", (*args, limit))
         return [(seq, Action(*rest)) for seq, *rest in rows]
+
+    # -- dead letters ----------------------------------------------------------------------
+    async def add_dead_letters(self, letters):
+        if letters:
+            await self._executemany("INSERT INTO dead_letters (source, entry_id, event, reason, at) "
+                                    "VALUES (?, ?, ?, ?, ?)", [tuple(letter) for letter in letters])
+
+    async def dead_letters(self, after_seq=0, limit=100):
+        rows = await self._fetch("SELECT seq, source, entry_id, event, reason, at FROM dead_letters WHERE seq > ? "
+                                 "ORDER BY seq LIMIT ?", (after_seq, limit))
+        return [(seq, DeadLetter(source, entry_id, bytes(event), reason, at))
+                for seq, source, entry_id, event, reason, at in rows]
 
     # -- webhook outbox ------------------------------------------------------------------
     async def claim_webhooks(self, now, lease_s, limit=100):

@@ -137,6 +137,18 @@ class Webhook(NamedTuple):
     body: bytes
 
 
+class DeadLetter(NamedTuple):
+    """An event that could not be taken in, kept so none is lost unseen: where it came
+    from (`source`: "meter-stream"), the stream entry it was in, the event as sent
+    (raw bytes), why it was refused, and when (epoch seconds)."""
+
+    source: str
+    entry_id: str
+    event: bytes
+    reason: str
+    at: float
+
+
 class WebhookDelivery(NamedTuple):
     """A webhook in the outbox: its `seq` (listing order), `id`, `channel`, the seq of
     the action (level transition) it tells of, `body`, its `status` (PENDING,
@@ -238,6 +250,9 @@ class Store(Protocol):
     spent up to, epoch microseconds, 0 for a full bucket) inside a transaction that
     holds its row, keeps the new state `take` returns with its result, and returns
     that result (concurrent takes are serialized).
+
+    Dead letters: `add_dead_letters(letters)` keeps DeadLetters; `dead_letters(after_seq
+    =0, limit=100)` lists them as (seq, DeadLetter), oldest first.
     """
 
     async def migrate(self) -> int: ...
@@ -272,6 +287,8 @@ class Store(Protocol):
     async def lease_quota(self, customer_id: str, metric: str, period_start: float,
                           grant: Callable[[int], int], period_end: float, subscription: str) -> int: ...
     async def return_quota(self, customer_id: str, metric: str, period_start: float, units: int) -> None: ...
+    async def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+    async def dead_letters(self, after_seq: int = 0, limit: int = 100) -> list[tuple[int, DeadLetter]]: ...
     async def take_throttle(self, customer_id: str, guard_id: str, metric: str,
                             take: Callable[[int], tuple[int, object]]) -> object: ...
     async def actions(self, customer_id: str | None = None, after_seq: int = 0,

@@ -10,7 +10,7 @@ from running_api import NOW, TOKEN_GUARD, Api, api_test
 
 from control_plane.api import sha256_hex
 from control_plane.ingest import REJECTED
-from control_plane.store import ACCEPTED, DUPLICATE
+from control_plane.store import ACCEPTED, DUPLICATE, DeadLetter
 
 
 def test_v1_needs_an_admin_token_and_says_so_as_a_problem(backend):
@@ -124,6 +124,19 @@ def test_hostile_events_are_rejected_alone_never_as_a_store_outage(backend):
         status, _, body = await api.call("POST", "/v1/events", raw=b"[" * 100_000 + b"]" * 100_000)
         assert status == 400 and "deeper" in body["detail"]
         assert [event.event_id for event in await api.store.events("usage", "cus_1")] == ["e1"]
+    api_test(backend, scenario)
+
+
+def test_dead_letters_are_listed_with_why(backend):
+    async def scenario(api):
+        await api.store.add_dead_letters([DeadLetter("meter-stream", "1-0", b'{"id": "x"}', "too many units", NOW),
+                                          DeadLetter("meter-stream", "1-0", b"{oops", "not valid JSON", NOW)])
+        status, _, listed = await api.call("GET", "/v1/dead-letters")
+        assert status == 200
+        assert [(item["event"], item["reason"]) for item in listed["items"]] == [
+            ('{"id": "x"}', "too many units"), ("{oops", "not valid JSON")]
+        status, _, later = await api.call("GET", f"/v1/dead-letters?after={listed['items'][0]['seq']}")
+        assert [item["reason"] for item in later["items"]] == ["not valid JSON"]
     api_test(backend, scenario)
 
 

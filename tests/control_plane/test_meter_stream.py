@@ -4,13 +4,17 @@
 import asyncio
 import uuid
 
+import pytest
 import redis.asyncio as redis
+from prometheus_client import generate_latest
 
+from control_plane.api import ControlPlaneMetrics
 from control_plane.edge_feed import EdgeFeed
 from control_plane.intake import Intake
-from control_plane.meter_stream import MeterStreamConsumer
+from control_plane.meter_stream import MAX_ATTEMPTS, MeterStreamConsumer
 from control_plane.rating import CurrentRater
-from control_plane.store import USAGE
+from control_plane.store import USAGE, StoreError
+from proxy.control_plane_link import usage_ndjson
 from proxy.meter_event import MeterEvent
 from proxy.meter_stream import RedisStreamSink
 from proxy.redis_bus import RedisBus
@@ -46,8 +50,9 @@ def stream_test(backend, redis_url, scenario):
         rater = CurrentRater(store)
         intake = Intake(store, rater, EdgeFeed(store, rater=rater), clock=lambda: NOW)
 
-        def consumer(name, claim_idle_ms=30_000):
-            return MeterStreamConsumer(client, intake, name, stream=stream, claim_idle_ms=claim_idle_ms)
+        def consumer(name, claim_idle_ms=30_000, count_dead_letters=None):
+            return MeterStreamConsumer(client, intake, name, stream=stream, claim_idle_ms=claim_idle_ms,
+                                       count_dead_letters=count_dead_letters)
         try:
             await scenario(store, client, sink, consumer, stream, open_store)
         finally:
@@ -118,6 +123,56 @@ def test_entries_wait_in_the_stream_while_the_store_is_down(backend, redis_url):
         await asyncio.gather(runner, return_exceptions=True)
         assert len(await store.events(USAGE, "cus_1")) == 10
         assert await client.xlen(stream) == 0
+    stream_test(backend, redis_url, scenario)
+
+
+def test_a_poison_entry_never_wedges_the_stream(backend, redis_url):
+    # An entry with a good event beside events ingest refuses: the good one is kept,
+    # the others go to the dead letters with why, and the stream moves on to the next.
+    async def scenario(store, client, sink, consumer, stream, _open_store):
+        metrics = ControlPlaneMetrics()
+        reader = consumer("worker-1", count_dead_letters=metrics.dead_letters.inc)
+        await reader.join_group()
+        good, = meter_events(1)
+        huge = good.id.replace("evt", "huge")
+        line = usage_ndjson([good]).strip()
+        poison = b"\n".join([line.replace(good.id.encode(), huge.encode()).replace(b'"quantity":1', b'"quantity":'
+                                                                                   + str(10**19).encode()),
+                             b"{not json", line])
+        await client.xadd(stream, {"events": poison})
+        await sink.write_batch(meter_events(3, start=1))
+        await drain(reader)
+        assert sorted(event.event_id for event in await store.events(USAGE, "cus_1")) == [
+            "evt-0000", "evt-0001", "evt-0002", "evt-0003"]
+        assert await client.xlen(stream) == 0 and await pending(client, stream, 0)
+        letters = [letter for _, letter in await store.dead_letters()]
+        assert [(letter.source, letter.event[:30]) for letter in letters] == [
+            ("meter-stream", poison.split(b"\n")[0][:30]), ("meter-stream", b"{not json")]
+        assert "<= 1000000000000000" in letters[0].reason and letters[1].reason.startswith("not valid JSON")
+        assert b"aforo_meter_dead_letters_total 2.0" in generate_latest(metrics.registry)
+    stream_test(backend, redis_url, scenario)
+
+
+def test_an_entry_that_cannot_be_taken_in_goes_to_the_dead_letters_after_a_few_tries(backend, redis_url):
+    # A catalog broken behind the API's back makes every intake fail: the entry is
+    # tried MAX_ATTEMPTS times, then kept as dead letters; later entries are taken in.
+    async def scenario(store, client, sink, consumer, stream, _open_store):
+        seen = []
+        reader = consumer("worker-1", count_dead_letters=seen.append)
+        await reader.join_group()
+        await sink.write_batch(meter_events(2))
+        broken = {"tier": "pro", "charges": [{"metric": "api_calls", "model": "graduated", "tiers": []}]}
+        await store.put_catalog("plan", "pro", broken)
+        for _ in range(MAX_ATTEMPTS - 1):
+            with pytest.raises(StoreError, match="trying it again"):
+                await reader.step(block_ms=50)
+        assert await reader.step(block_ms=50) == 1          # the last try: dead letters, and done
+        assert seen == [2] and await client.xlen(stream) == 0
+        assert all("taking it in failed" in letter.reason for _, letter in await store.dead_letters())
+        await catalog(store)                                 # mended: the next entries are taken in
+        await sink.write_batch(meter_events(2, start=2))
+        await drain(reader)
+        assert sorted(event.event_id for event in await store.events(USAGE, "cus_1")) == ["evt-0002", "evt-0003"]
     stream_test(backend, redis_url, scenario)
 
 
