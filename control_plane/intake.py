@@ -1,9 +1,13 @@
 # What happens to a batch of usage or cost events, however it arrives (the REST API,
 # the meter stream): ingest (gates, idempotency, rating), then the guards judge the
 # customers whose events were kept, the proxies hear of level changes, and the
-# webhook sender is woken for what the transitions put in the outbox.
+# webhook sender is woken for what the transitions put in the outbox. A new guard
+# file has every customer judged again at once (relaxing a guard unblocks a
+# customer without waiting for its next event).
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -11,7 +15,9 @@ from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import IngestReport, ingest_batch
 from control_plane.rating import CurrentRater
-from control_plane.store import Store
+from control_plane.store import Store, StoreError
+
+log = logging.getLogger("aforo.control_plane")
 
 
 class Intake:
@@ -24,6 +30,9 @@ class Intake:
                  clock: Callable[[], float] = time.time, ledger=None) -> None:
         self.store = store
         self.ledger = ledger        # the Redis bus's quota ledger, when the proxies lease there
+        # The guard file version customers were last all judged under (each ingest
+        # judges its own customers under the file in force).
+        self._judged_guards = guards.value.version if guards is not None else None
         self.rater = rater
         self.feed = feed
         self.guards = guards
@@ -41,8 +50,31 @@ class Intake:
         if ledgered and self.ledger is not None:
             await self.ledger.count(ledgered, self.store)
         if self.guards is not None and customers:
-            recorded = await evaluate_guards(self.store, self.guards.value, now, customers, rater)
-            self.feed.changed(action.customer_id for action in recorded)
-            if recorded and self.webhooks is not None:
-                self.webhooks.wake()
+            await self._judge(now, customers, rater)
         return report
+
+    async def _judge(self, now, customers, rater):
+        # The guards judge `customers` (None: everyone); the proxies and the webhook
+        # sender hear of what moved.
+        recorded = await evaluate_guards(self.store, self.guards.value, now, customers, rater)
+        self.feed.changed(action.customer_id for action in recorded)
+        if recorded and self.webhooks is not None:
+            self.webhooks.wake()
+        return recorded
+
+    async def judge_on_new_guards(self, interval_s: float) -> None:
+        """Until cancelled, every `interval_s`: when the guard file in force is a new
+        version, judge every customer under it (a store failure is logged and tried
+        again at the next check)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            version = self.guards.value.version
+            if version == self._judged_guards:
+                continue
+            try:
+                moved = await self._judge(self.clock(), None, await self.rater.get())
+            except StoreError as error:
+                log.warning("guards %s: cannot judge the customers under them yet (%s); trying again", version, error)
+                continue
+            self._judged_guards = version
+            log.info("guards %s in force: every customer judged again, %d level changes", version, len(moved))

@@ -122,6 +122,8 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
                                              name="aforo edge bus"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))
+            tasks.append(asyncio.create_task(app[INTAKE].judge_on_new_guards(GUARD_RELOAD_INTERVAL_S),
+                                             name="aforo guard judging"))
     except BaseException:
         if runner is not None:
             await runner.cleanup()

@@ -151,6 +151,21 @@ def test_a_shadow_guard_is_judged_beside_the_enforcing_one_and_never_lifts_its_b
         assert {("margin", "enforce", 2), ("margin", "enforce", 3), ("cus-1-stricter-trial", "shadow", 3)} <= trail
 
 
+def test_relaxing_a_guard_unblocks_a_customer_at_once(up, backend):
+    # Blocked below 0 %, then the guard file moves the block to -50 %: the customer is
+    # judged again on the reload, with no new event, and served (throttled) again.
+    key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+    eventually(lambda: up.through_proxy(key)[0] == 200)
+    cost_to_reach(up, -10, 1)
+    eventually(lambda: b"Margin Limit Exceeded" in up.through_proxy(key)[2])
+    (up.folder / "guards.yaml").write_text(GUARDS.replace("level_3: {threshold: 0%}", "level_3: {threshold: -50%}"))
+    answers = []
+    eventually(lambda: answers.append(up.through_proxy(key)) or answers[-1][0] == 200)
+    assert answers[-1][1].get("X-Aforo-Throttle") == "true"          # level 2 now
+    levels = [(action["level_from"], action["level_to"]) for action in up.admin("GET", "/v1/actions")["items"]]
+    assert levels[-1] == (3, 2)
+
+
 def test_ctrl_c_stops_everything_and_keeps_every_meter_event(up, backend):
     key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
     eventually(lambda: up.through_proxy(key)[0] == 200)

@@ -407,6 +407,46 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
     backend.run(scenario)
 
 
+def test_a_new_guard_file_judges_every_customer_again_at_once(backend, tmp_path):
+    import asyncio
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from config.guards import watch_guards
+    from control_plane.api import INTAKE
+    from control_plane.catalog import apply_catalog
+
+    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(TOKEN_GUARD)
+    guards = watch_guards(guard_file)
+
+    async def scenario(open_store):
+        store = await open_store()
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        api = Api(store)
+        api.app_options = {"guards": guards}
+        async with api:
+            await api.call("POST", "/v1/costs", [{"id": "c1", "customer_id": "cus_globex", "amount": "36.00",
+                                                  "metric": "ai_tokens", "timestamp": "2027-01-15T07:00:00Z"}])
+            assert [level.level for level in await store.guard_levels("cus_globex")] == [3]    # margin 8.2 %
+            judging = asyncio.create_task(api.runner.app[INTAKE].judge_on_new_guards(0.01))
+            # The block moves to 5 %: no new event, yet the customer is judged again.
+            guard_file.write_text(TOKEN_GUARD.replace("level_3: {threshold: 10%}", "level_3: {threshold: 5%}"))
+            guards.reload_if_changed()
+            for _ in range(500):
+                if [level.level for level in await store.guard_levels("cus_globex")] != [3]:
+                    break
+                await asyncio.sleep(0.01)
+            judging.cancel()
+            await asyncio.gather(judging, return_exceptions=True)
+            [level] = await store.guard_levels("cus_globex")
+            assert level.level == 2
+            status, _, trail = await api.call("GET", "/v1/actions?customer=cus_globex")
+            assert [(item["level_from"], item["level_to"]) for item in trail["items"]][-1] == (3, 2)
+    backend.run(scenario)
+
+
 def test_one_batch_moves_the_levels_of_every_customer_it_touches(backend, tmp_path):
     from pathlib import Path
 
