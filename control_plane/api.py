@@ -69,7 +69,8 @@ INTAKE = web.AppKey("intake", Intake)
 class ControlPlaneMetrics:
     """The control plane's Prometheus metrics, on a registry of its own:
     `config_reload_errors_total{file}` (rejected reloads; the old file stays in force),
-    `meter_dead_letters_total` (events of the meter stream put in the dead letters)
+    `meter_dead_letters_total` (events of the meter stream put in the dead letters),
+    `events_unrated_total` (events kept but not rated)
     and the webhook deliveries' (see WebhookMetrics)."""
 
     def __init__(self):
@@ -77,6 +78,8 @@ class ControlPlaneMetrics:
         # A WatchedFile's on_reload_error: counts one rejected reload of a file.
         self.count_reload_error = ReloadErrorCounter(self.registry)
         self.webhooks = WebhookMetrics(self.registry)
+        self.unrated = Counter("aforo_events_unrated_total", "Events kept but not rated (an unknown metric, no "
+                               "subscription yet), listed at GET /v1/events/unrated.", registry=self.registry)
         self.dead_letters = Counter("aforo_meter_dead_letters_total", "Events of the meter stream that could "
                                     "not be taken in, kept in the dead letters (GET /v1/dead-letters).",
                                     registry=self.registry)
@@ -253,6 +256,41 @@ def _ingest_handler(kind):
         report = await request.app[INTAKE].take(kind, events, request.headers.get("X-Aforo-Source", "api"))
         return json_response(report)
     return handle
+
+
+def _page(request):
+    # (after seq, limit) from the query; ValueError for what is not a whole number.
+    return int(request.query.get("after", "0")), min(int(request.query.get("limit", "100")), 1000)
+
+
+async def _unrated_events(request):
+    try:
+        after, limit = _page(request)
+    except ValueError:
+        return problem(400, "`after` and `limit` are whole numbers")
+    items = await request.app[STORE].unrated_events(after, limit)
+    return json_response({"items": [{"seq": seq, "kind": event.kind, "customer_id": event.customer_id,
+                                     "event_id": event.event_id, "reason": reason, "ingested_at": event.ingested_at,
+                                     "event": msgspec.json.decode(event.payload)} for seq, reason, event in items]})
+
+
+async def _rate_unrated(request):
+    return json_response(await request.app[INTAKE].rate_unrated())
+
+
+async def _late_events(request):
+    try:
+        since = float(request.query.get("since", "0"))
+        limit = min(int(request.query.get("limit", "1000")), 1000)
+    except ValueError:
+        return problem(400, "`since` is epoch seconds and `limit` a whole number")
+    if request.query.get("late") not in ("true", "1"):
+        return problem(400, "list events with `late=true` (late events, for reconciliation)")
+    events = await request.app[STORE].late_events(since, limit)
+    return json_response({"items": [{"kind": event.kind, "customer_id": event.customer_id,
+                                     "event_id": event.event_id, "occurred_at": event.occurred_at,
+                                     "ingested_at": event.ingested_at, "event": msgspec.json.decode(event.payload)}
+                                    for event in events]})
 
 
 async def _dead_letters(request):
@@ -433,6 +471,11 @@ ROUTES = (
     ("POST", "/v1/edge/throttles", _take_throttle_tokens,
      "Take tokens of a throttled customer's level-2 bucket, shared by every proxy worker"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
+    ("GET", "/v1/events/unrated", _unrated_events,
+     "Events kept but not rated (unknown metric, no subscription yet), each with why (`after` seq, `limit`)"),
+    ("POST", "/v1/events/unrated/rate", _rate_unrated, "Rate the unrated events the catalog now knows how to"),
+    ("GET", "/v1/events", _late_events,
+     "Late events (more than 24 h behind when they arrived), for reconciliation (`late=true`, `since`, `limit`)"),
     ("GET", "/v1/dead-letters", _dead_letters,
      "Events the meter stream could not take in, each with why (`after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,
@@ -472,11 +515,11 @@ def openapi_document() -> dict:
             "description": "an error", "content": {"application/problem+json": {}}}}}
         if path.startswith("/v1/"):
             operation["security"] = [{"admin": []}]
-        if path == "/v1/events":
+        if path == "/v1/events" and method == "POST":
             operation["requestBody"] = {"content": {"application/json": {"schema": {
                 "type": "array", "items": {"$ref": "#/components/schemas/UsageEvent"}}},
                 "application/x-ndjson": {}}}
-        if path == "/v1/costs":
+        if path == "/v1/costs" and method == "POST":
             operation["requestBody"] = {"content": {"application/json": {"schema": {
                 "type": "array", "items": {"$ref": "#/components/schemas/CostEvent"}}},
                 "application/x-ndjson": {}}}
@@ -527,7 +570,8 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[FEED] = feed or EdgeFeed(store, guards, app[RATER])
     app.on_shutdown.append(_release_long_polls)
     app[WEBHOOKS] = webhooks
-    app[INTAKE] = Intake(store, app[RATER], app[FEED], guards, webhooks, clock)
+    app[INTAKE] = Intake(store, app[RATER], app[FEED], guards, webhooks, clock,
+                         count_unrated=app[METRICS].unrated.inc)
     app[OPENAPI] = openapi_document()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)

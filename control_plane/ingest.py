@@ -7,6 +7,10 @@
 #                   duplicate, a repeat with another payload a conflict (rejected);
 #   4. lateness   - more than LATE_AFTER_S behind now: accepted, flagged late and listed
 #                   for reconciliation.
+# An event the catalog cannot rate (an unknown metric, no billable subscription, an
+# instant before the subscription starts) is kept but reported UNRATED with why,
+# listed, and rated later by rate_unrated() once the catalog knows it: never
+# silently accepted at no revenue.
 # One bad event never sinks the rest of its batch, and a retried batch counts nothing twice.
 # Beyond the gates, the store refuses (per event) one that would take its billing
 # period's running totals past store.MAX_PERIOD_TOTAL.
@@ -51,6 +55,7 @@ Dimensions = Annotated[
 # What an event can come to (the first three as the store says).
 REJECTED = "rejected"
 ACCEPTED_LATE = "accepted_late"
+UNRATED = "unrated"
 
 class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """Usage of one metric by one customer: `quantity` whole units at `timestamp`
@@ -144,6 +149,7 @@ class IngestReport(msgspec.Struct):
     duplicate: int
     rejected: int
     results: list[EventResult]
+    unrated: int = 0
 
 
 class BatchError(ValueError):
@@ -262,14 +268,30 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
                                     provenance))
     if events and rater is None:
         rater = await Rater.load(store)
-    rating = rater.rating if events else None
-    # A proxy's events were admitted against units leased to it: already in the ledger.
-    ratings = [rating(kind, event, origin == PROXY_SOURCE) for event, origin in zip(events, origins)]
+    ratings, unrated_why = [], {}
+    for position, (event, origin) in enumerate(zip(events, origins)):
+        why = rater.unrated_reason(kind, event)
+        if why is None:
+            # A proxy's events were admitted against units leased to it: already in the ledger.
+            ratings.append(rater.rating(kind, event, origin == PROXY_SOURCE))
+        else:
+            ratings.append(None)
+            unrated_why[position] = why
     outcomes = await store.record_events(to_store, ratings)
-    counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0}
+    counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0, UNRATED: 0}
     customers = set()
     ledgered = {}
-    for index, event, stored, outcome, rated in zip(kept_at, events, to_store, outcomes, ratings):
+    unrated = []
+    for position, (index, event, stored, outcome, rated) in enumerate(
+            zip(kept_at, events, to_store, outcomes, ratings)):
+        why = unrated_why.get(position)
+        if why is not None and outcome in (ACCEPTED, DUPLICATE):
+            # Kept, not rated: listed (again, after a retry: once) until it can be.
+            unrated.append((kind, event.customer_id, event.id, why, now))
+            if outcome == ACCEPTED:
+                results[index] = EventResult(index, UNRATED, event.id, why)
+                counts[UNRATED] += 1
+                continue
         if outcome == ACCEPTED:
             status = ACCEPTED_LATE if stored.late else ACCEPTED
             results[index] = EventResult(index, status, event.id)
@@ -288,8 +310,39 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
         else:                   # REFUSED: why
             results[index] = EventResult(index, REJECTED, event.id, outcome[len(REFUSED) + 2:])
             rejected += 1
-    report = IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], rejected, results)
+    await store.add_unrated(unrated)
+    report = IngestReport(counts[ACCEPTED], counts[ACCEPTED_LATE], counts[DUPLICATE], rejected, results,
+                          counts[UNRATED])
     return Ingested(report, frozenset(customers), ledgered)
+
+
+class Rerated(msgspec.Struct):
+    """What rate_unrated() did: events `rated` now, and those `still_unrated`."""
+
+    rated: int
+    still_unrated: int
+
+
+async def rate_unrated(store: Store, rater: Rater) -> tuple[Rerated, frozenset[str]]:
+    """Rate every unrated event the catalog (`rater`) can rate now, oldest first, as
+    if it arrived now (its revenue from the running totals as they stand); returns
+    what it did and the customers whose totals moved."""
+    after, rated, still, customers = 0, 0, 0, set()
+    while True:
+        page = await store.unrated_events(after, 1000)
+        if not page:
+            return Rerated(rated, still), frozenset(customers)
+        now_rated = []
+        for seq, _, stored in page:
+            event = _DECODERS[stored.kind].decode(stored.payload)
+            if rater.unrated_reason(stored.kind, event) is None:
+                source = msgspec.json.decode(stored.provenance).get("source")
+                now_rated.append((seq, rater.rating(stored.kind, event, source == PROXY_SOURCE)))
+        done = set(await store.rate_unrated([(seq, rating) for seq, rating in now_rated if rating is not None]))
+        rated += len(done)
+        still += len(page) - len(done)
+        customers.update(rating.customer_id for seq, rating in now_rated if seq in done)
+        after = page[-1][0]
 
 
 def _id_of(raw):

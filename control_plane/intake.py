@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from control_plane.edge_feed import EdgeFeed
 from control_plane.guard_actions import evaluate_guards
-from control_plane.ingest import IngestReport, ingest_batch
+from control_plane.ingest import IngestReport, Rerated, ingest_batch, rate_unrated
 from control_plane.rating import CurrentRater
 from control_plane.store import Store, StoreError
 
@@ -27,9 +27,10 @@ class Intake:
     store's own counts usage from outside a lease in the batch's transaction)."""
 
     def __init__(self, store: Store, rater: CurrentRater, feed: EdgeFeed, guards=None, webhooks=None,
-                 clock: Callable[[], float] = time.time, ledger=None) -> None:
+                 clock: Callable[[], float] = time.time, ledger=None, count_unrated=None) -> None:
         self.store = store
         self.ledger = ledger        # the Redis bus's quota ledger, when the proxies lease there
+        self.count_unrated = count_unrated      # hears of each n events kept unrated
         # The guard file version customers were last all judged under (each ingest
         # judges its own customers under the file in force).
         self._judged_guards = guards.value.version if guards is not None else None
@@ -49,6 +50,8 @@ class Intake:
                                                          rater=rater)
         if ledgered and self.ledger is not None:
             await self.ledger.count(ledgered, self.store)
+        if report.unrated and self.count_unrated is not None:
+            self.count_unrated(report.unrated)
         if self.guards is not None and customers:
             await self._judge(now, customers, rater)
         return report
@@ -61,6 +64,15 @@ class Intake:
         if recorded and self.webhooks is not None:
             self.webhooks.wake()
         return recorded
+
+    async def rate_unrated(self) -> Rerated:
+        """Rate the unrated events the catalog now can (see ingest.rate_unrated), and
+        judge the customers whose totals moved."""
+        rater = await self.rater.get()
+        rerated, customers = await rate_unrated(self.store, rater)
+        if self.guards is not None and customers:
+            await self._judge(self.clock(), customers, rater)
+        return rerated
 
     async def judge_on_new_guards(self, interval_s: float) -> None:
         """Until cancelled, every `interval_s`: when the guard file in force is a new

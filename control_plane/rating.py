@@ -94,10 +94,13 @@ class _Period(NamedTuple):
     costed: dict                 # cost basis -> the context with it, made once per period and basis
 
 
-def _in_force(candidates, at):
+def _in_force(candidates, at, started=False):
     # Of subscriptions sorted by anchor: the latest anchored at or before `at`, else
-    # the earliest (an event just before the first anchor still belongs to its plan).
+    # the earliest (what a proxy enforces before the first anchor), or with `started`
+    # None (an event before a subscription starts belongs to no plan).
     if not candidates:
+        return None
+    if started and at < candidates[0].anchor:
         return None
     if len(candidates) == 1:
         return candidates[0]
@@ -152,9 +155,23 @@ class Rater:
 
     def subscription_of(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The customer's billable subscription at `at`: the latest anchored at or
-        before `at`, else the earliest (an event just before the first anchor still
-        belongs to the customer's plan); None when the customer has no billable one."""
-        return _in_force(self._billable.get(customer_id), at)
+        before `at`; None when the customer has no billable one, or `at` is before
+        the first one starts."""
+        return _in_force(self._billable.get(customer_id), at, started=True)
+
+    def unrated_reason(self, kind: str, event) -> str | None:
+        """Why the event cannot be rated against the catalog (None when it can): an
+        unknown metric, no billable subscription, or an instant before the first one
+        starts. Such an event is kept as unrated, and rated once the catalog knows it."""
+        if kind == USAGE and event.metric not in self.metrics:
+            return f"no metric `{event.metric}` in the catalog"
+        billable = self._billable.get(event.customer_id)
+        if not billable:
+            return (f"no billable subscription for customer `{event.customer_id}` "
+                    "(an unknown customer, or none active, trialing or past due)")
+        if event.timestamp < billable[0].anchor:
+            return f"before customer `{event.customer_id}`'s subscription starts ({billable[0].anchor.isoformat()})"
+        return None
 
     def subscription_in_force(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The subscription the proxies enforce for the customer at `at`, whatever its

@@ -193,6 +193,16 @@ MIGRATIONS = (
             reason TEXT NOT NULL,
             at DOUBLE PRECISION NOT NULL)""",
     )),
+    (11, "events kept but not rated (unknown metric, no subscription yet), with why", (
+        """CREATE TABLE unrated_events (
+            seq {serial},
+            kind TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            ingested_at DOUBLE PRECISION NOT NULL,
+            UNIQUE (kind, customer_id, event_id))""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -729,6 +739,45 @@ class SqlStore:
 
     async def events(self, kind, customer_id):
         return await self._stored_events("WHERE kind = ? AND customer_id = ? ORDER BY seq", (kind, customer_id))
+
+    async def add_unrated(self, unrated):
+        if unrated:
+            await self._executemany(
+                "INSERT INTO unrated_events (kind, customer_id, event_id, reason, ingested_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, customer_id, event_id) DO NOTHING", [tuple(row) for row in unrated])
+
+    async def unrated_events(self, after_seq=0, limit=100):
+        rows = await self._fetch(
+            "SELECT u.seq, u.reason, e.kind, e.customer_id, e.event_id, e.payload, e.occurred_at, e.ingested_at, "
+            "e.late, e.provenance FROM unrated_events u JOIN events e ON e.kind = u.kind AND "
+            "e.customer_id = u.customer_id AND e.event_id = u.event_id WHERE u.seq > ? ORDER BY u.seq LIMIT ?",
+            (after_seq, limit))
+        return [(seq, reason, StoredEvent(kind, customer, event_id, bytes(payload), occurred_at, ingested_at,
+                                          bool(late), bytes(provenance)))
+                for seq, reason, kind, customer, event_id, payload, occurred_at, ingested_at, late, provenance in rows]
+
+    async def rate_unrated(self, rated):
+        # (seq, Rating) of unrated events now rated, in order: their totals move as
+        # a new event's would, and they are no longer unrated; all in one transaction.
+        if not rated:
+            return []
+        async with self._transaction():
+            ratings = [rating for _, rating in rated]
+            totals = await self._lock_totals(ratings)
+            done, refused = [], {}
+            for seq, rating in rated:
+                sums = totals[rating.customer_id, rating.metric, rating.period_start]
+                revenue, cogs = rating.price(sums[0])
+                if _past_maximum(sums, rating.units, revenue, cogs) is not None:
+                    continue
+                sums[0] += rating.units
+                sums[1] += revenue
+                sums[2] += cogs
+                done.append((seq, rating))
+            await self._update_totals(totals)
+            await self._count_in_ledgers([rating for _, rating in done])
+            await self._executemany("DELETE FROM unrated_events WHERE seq = ?", [(seq,) for seq, _ in done])
+        return [seq for seq, _ in done]
 
     async def late_events(self, since=0.0, limit=1000):
         return await self._stored_events("WHERE late AND ingested_at >= ? ORDER BY ingested_at, seq LIMIT ?",

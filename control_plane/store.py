@@ -251,6 +251,12 @@ class Store(Protocol):
     holds its row, keeps the new state `take` returns with its result, and returns
     that result (concurrent takes are serialized).
 
+    Unrated events (kept, but the catalog could not rate them): `add_unrated(rows)`
+    keeps (kind, customer_id, event_id, reason, ingested_at) once per event;
+    `unrated_events(after_seq=0, limit=100)` lists (seq, reason, StoredEvent), oldest
+    first; `rate_unrated([(seq, Rating)])` moves their totals as new events' would
+    (refusing one past MAX_PERIOD_TOTAL) and returns the seqs no longer unrated.
+
     Dead letters: `add_dead_letters(letters)` keeps DeadLetters; `dead_letters(after_seq
     =0, limit=100)` lists them as (seq, DeadLetter), oldest first.
     """
@@ -287,6 +293,10 @@ class Store(Protocol):
     async def lease_quota(self, customer_id: str, metric: str, period_start: float,
                           grant: Callable[[int], int], period_end: float, subscription: str) -> int: ...
     async def return_quota(self, customer_id: str, metric: str, period_start: float, units: int) -> None: ...
+    async def add_unrated(self, unrated: Sequence[tuple[str, str, str, str, float]]) -> None: ...
+    async def unrated_events(self, after_seq: int = 0,
+                             limit: int = 100) -> list[tuple[int, str, StoredEvent]]: ...
+    async def rate_unrated(self, rated: Sequence[tuple[int, Rating]]) -> list[int]: ...
     async def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
     async def dead_letters(self, after_seq: int = 0, limit: int = 100) -> list[tuple[int, DeadLetter]]: ...
     async def take_throttle(self, customer_id: str, guard_id: str, metric: str,

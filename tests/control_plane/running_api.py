@@ -58,3 +58,17 @@ def api_test(backend, scenario):
         async with Api(store) as api:
             await scenario(api)
     backend.run(run)
+
+
+async def catalog_for_cus_1(store, anchor=NOW - 100 * 86400):
+    """A catalog under which cus_1's usage of api_calls (and its costs) are rated: a
+    pro plan at 0.01 a call, subscribed since `anchor` (before any event of a test)."""
+    import datetime
+
+    await store.put_catalog("metric", "api_calls", {"aggregation": "count"})
+    await store.put_catalog("plan", "pro", {"tier": "pro", "charges": [
+        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]})
+    await store.put_catalog("customer", "cus_1", {})
+    await store.put_catalog("subscription", "sub_1", {
+        "customer": "cus_1", "plan": "pro", "status": "active",
+        "period_anchor": datetime.datetime.fromtimestamp(anchor, datetime.timezone.utc).isoformat()})

@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 import pytest
-from running_api import NOW, TOKEN_GUARD, Api, api_test
+from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1
 
 from control_plane.api import sha256_hex
 from control_plane.ingest import REJECTED
@@ -90,6 +90,7 @@ def usage(event_id, **fields):
 
 def test_events_are_ingested_with_a_result_each_as_json_or_ndjson(backend):
     async def scenario(api):
+        await catalog_for_cus_1(api.store)
         batch = [usage("e1"), usage("e2", quantity=-5), usage("e1")]
         status, _, report = await api.call("POST", "/v1/events", batch)
         assert status == 200
@@ -113,6 +114,7 @@ def test_hostile_events_are_rejected_alone_never_as_a_store_outage(backend):
     # On PostgreSQL a NUL once failed the whole batch as "retry" (503); 10^19 units or a
     # cost of 1e300 once gave 500 on both stores.
     async def scenario(api):
+        await catalog_for_cus_1(api.store)
         batch = [usage("bad\u0000id"), usage("e1"), usage("huge", quantity=10**19)]
         status, _, report = await api.call("POST", "/v1/events", batch)
         assert status == 200
@@ -124,6 +126,28 @@ def test_hostile_events_are_rejected_alone_never_as_a_store_outage(backend):
         status, _, body = await api.call("POST", "/v1/events", raw=b"[" * 100_000 + b"]" * 100_000)
         assert status == 400 and "deeper" in body["detail"]
         assert [event.event_id for event in await api.store.events("usage", "cus_1")] == ["e1"]
+    api_test(backend, scenario)
+
+
+def test_unrated_and_late_events_are_listed_and_unrated_ones_rated_once_the_catalog_knows_them(backend):
+    async def scenario(api):
+        await catalog_for_cus_1(api.store)
+        status, _, report = await api.call("POST", "/v1/events", [
+            usage("e1", metric="gpu_seconds"), usage("e2"), usage("e3", timestamp="2027-01-13T08:00:00Z")])
+        assert [result["status"] for result in report["results"]] == ["unrated", ACCEPTED, "accepted_late"]
+        assert report["unrated"] == 1
+        status, _, listed = await api.call("GET", "/v1/events/unrated")
+        assert [(item["event_id"], item["reason"]) for item in listed["items"]] == [
+            ("e1", "no metric `gpu_seconds` in the catalog")]
+        assert listed["items"][0]["event"]["metric"] == "gpu_seconds"
+        status, _, late = await api.call("GET", "/v1/events?late=true")
+        assert [item["event_id"] for item in late["items"]] == ["e3"]
+        await api.call("PUT", "/v1/metrics/gpu_seconds", {"aggregation": "sum"})
+        status, _, rerated = await api.call("POST", "/v1/events/unrated/rate")
+        assert (status, rerated) == (200, {"rated": 1, "still_unrated": 0})
+        assert (await api.call("GET", "/v1/events/unrated"))[2]["items"] == []
+        metrics = await api.session.get(api.base + "/metrics")
+        assert "aforo_events_unrated_total 1.0" in await metrics.text()
     api_test(backend, scenario)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from running_api import catalog_for_cus_1
 
 from config.catalog_file import load_catalog_file
 from control_plane.catalog import apply_catalog
@@ -22,10 +23,13 @@ from control_plane.ingest import (
     MAX_QUANTITY,
     PAST_LIMIT_S,
     REJECTED,
+    UNRATED,
     BatchError,
     ingest,
+    rate_unrated,
     split_batch,
 )
+from control_plane.rating import Rater
 from control_plane.store import ACCEPTED, COST, DUPLICATE, MAX_PERIOD_TOTAL, USAGE
 
 NOW = 1_800_000_000.0
@@ -61,6 +65,7 @@ def statuses(report):
 def test_the_timestamp_gates_at_their_boundaries(backend, at, status):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, USAGE, [usage(at=at)], NOW)
         assert report.results[0].status == status
         if status == REJECTED:
@@ -107,6 +112,7 @@ def test_the_timestamp_gates_at_their_boundaries(backend, at, status):
 def test_the_schema_gate_says_what_is_wrong(backend, raw, reason):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, USAGE, [raw], datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.timezone.utc)
                               .timestamp())
         assert statuses(report) == [(REJECTED, reason)]
@@ -119,6 +125,7 @@ def test_one_bad_event_never_sinks_its_batch_and_a_retry_counts_nothing_twice(ba
 
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         first = await ingest(store, USAGE, batch, NOW)
         assert [result.status for result in first.results] == [ACCEPTED, REJECTED, REJECTED, ACCEPTED_LATE, DUPLICATE]
         assert (first.accepted, first.accepted_late, first.duplicate, first.rejected) == (1, 1, 1, 2)
@@ -129,14 +136,16 @@ def test_one_bad_event_never_sinks_its_batch_and_a_retry_counts_nothing_twice(ba
         kept = await store.events(USAGE, "cus_1")
         assert [event.event_id for event in kept] == ["e1", "e3"]
         provenance = json.loads(kept[1].provenance)
-        assert provenance == {"source": "api", "ingested_at": NOW,
-                              "gates": {"schema": "passed", "timestamp": "passed", "late": True}}
+        assert {key: provenance[key] for key in ("source", "ingested_at", "gates")} == {
+            "source": "api", "ingested_at": NOW, "gates": {"schema": "passed", "timestamp": "passed", "late": True}}
+        assert provenance["pricing"]["subscription"] == "sub_1"
     backend.run(scenario)
 
 
 def test_a_changed_event_under_an_accepted_id_is_rejected_as_a_conflict(backend):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         await ingest(store, USAGE, [usage("e1")], NOW)
         report = await ingest(store, USAGE, [usage("e1", quantity=4)], NOW)
         assert statuses(report) == [(REJECTED, "an event with this id was already accepted with a different payload")]
@@ -149,6 +158,7 @@ def test_duplicates_sent_concurrently_are_counted_once(backend):
 
     async def scenario(open_store):
         stores = [await open_store() for _ in range(2)]
+        await catalog_for_cus_1(stores[0])
         reports = await asyncio.gather(*(ingest(stores[n % 2], USAGE, batch, NOW) for n in range(4)))
         assert sum(report.accepted for report in reports) == 200
         assert sum(report.duplicate for report in reports) == 600
@@ -163,6 +173,7 @@ def test_duplicates_sent_concurrently_are_counted_once(backend):
 def test_cost_amounts_are_exact_to_the_nano(backend, amount, status):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, COST, [cost(amount=amount, metric="ai_tokens", provider="openai")], NOW)
         assert report.results[0].status == status
     backend.run(scenario)
@@ -171,6 +182,7 @@ def test_cost_amounts_are_exact_to_the_nano(backend, amount, status):
 def test_a_cost_for_the_customer_overall_has_no_metric(backend):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, COST, [cost("c1"), cost("c2", metric="")], NOW)
         assert statuses(report)[0] == (ACCEPTED, None)
         assert statuses(report)[1][0] == REJECTED and "leave it out" in statuses(report)[1][1]
@@ -203,6 +215,7 @@ def test_an_event_that_would_overflow_a_running_total_is_refused_alone(backend):
     # (The enterprise plan neither charges nor costs cached tokens: only units add up.)
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml")
 
         def tokens(event_id, quantity):
@@ -223,6 +236,7 @@ def test_an_event_that_would_overflow_a_running_total_is_refused_alone(backend):
 def test_a_cost_beyond_the_maximum_is_refused_alone(backend):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, COST, [cost("c1", amount="1e300"), cost("c2", amount="1")], NOW)
         assert statuses(report)[0] == (REJECTED, f"invalid cost event: `amount` must be at most {MAX_AMOUNT} "
                                                  "(one cost event), got 1.000e+300")
@@ -233,6 +247,7 @@ def test_a_cost_beyond_the_maximum_is_refused_alone(backend):
 def test_timestamps_in_any_offset_are_judged_as_instants(backend):
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         late_in_tokyo = json.dumps({"id": "e1", "customer_id": "cus_1", "metric": "api_calls", "quantity": 1,
                                     "timestamp": stamp(-LATE_AFTER_S - 1, offset_hours=9)}).encode()
         report = await ingest(store, USAGE, [late_in_tokyo], NOW)
@@ -277,6 +292,7 @@ def test_a_batch_across_tiers_prices_every_event_as_if_sent_one_at_a_time(backen
 
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         await with_example_catalog(store, ("cus_pro_batched", "pro"), ("cus_ent_batched", "enterprise"),
                                    ("cus_pro_single", "pro"), ("cus_ent_single", "enterprise"))
         # One event kept before either way: in the batch it is a duplicate and must not move the totals again.
@@ -327,31 +343,65 @@ def test_overlapping_batches_from_two_processes_keep_each_event_once_and_price_t
 
 
 HOSTILE = {
-    "too many units": lambda n, who: usage(f"h{n}", customer_id=who, quantity=10**19),
-    "negative units": lambda n, who: usage(f"h{n}", customer_id=who, quantity=-1),
-    "NUL in the id": lambda n, who: usage(f"h{n}\x00", customer_id=who),
-    "escape in the customer": lambda n, who: usage(f"h{n}", customer_id=who + "\x1b[2J"),
-    "long metric": lambda n, who: usage(f"h{n}", customer_id=who, metric="m" * 129),
-    "many dimensions": lambda n, who: usage(f"h{n}", customer_id=who, dimensions={f"k{i}": "v" for i in range(33)}),
-    "control in a dimension": lambda n, who: usage(f"h{n}", customer_id=who, dimensions={"model": "gpt\x07"}),
-    "wrong type": lambda n, who: usage(f"h{n}", customer_id=who, quantity=[1]),
-    "not JSON": lambda n, who: None,
-    "deep": lambda n, who: b'{"id": "h%d", "dimensions": ' % n + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "too many units": lambda tag: usage(tag, quantity=10**19),
+    "negative units": lambda tag: usage(tag, quantity=-1),
+    "NUL in the id": lambda tag: usage(tag + "\x00"),
+    "escape in the customer": lambda tag: usage(tag, customer_id="cus_1\x1b[2J"),
+    "long metric": lambda tag: usage(tag, metric="m" * 129),
+    "many dimensions": lambda tag: usage(tag, dimensions={f"k{i}": "v" for i in range(33)}),
+    "control in a dimension": lambda tag: usage(tag, dimensions={"model": "gpt\x07"}),
+    "wrong type": lambda tag: usage(tag, quantity=[1]),
+    "not JSON": lambda tag: None,
+    "deep": lambda tag: b'{"id": "%s", "dimensions": ' % tag.encode() + b"[" * 50_000 + b"]" * 50_000 + b"}",
 }
+
+
+def test_an_event_the_catalog_cannot_rate_is_kept_unrated_with_why_and_rated_once_it_can(backend):
+    # Unknown metric, unknown customer, an instant before the subscription starts:
+    # kept, reported and listed as unrated (never "accepted" at no revenue), and
+    # rated, their totals moved, once the catalog knows them.
+    async def scenario(open_store):
+        store = await open_store()
+        await catalog_for_cus_1(store, anchor=NOW - 86400)
+        report = await ingest(store, USAGE, [usage("new-metric", metric="gpu_seconds"), usage("who", customer_id="cus_2"),
+                                             usage("early", at=-2 * 86400), usage("fine")], NOW)
+        assert statuses(report) == [
+            (UNRATED, "no metric `gpu_seconds` in the catalog"),
+            (UNRATED, "no billable subscription for customer `cus_2` (an unknown customer, or none active, "
+                      "trialing or past due)"),
+            (UNRATED, f"before customer `cus_1`'s subscription starts ({stamp(-86400, 0).replace('+00:00', '+00:00')})"),
+            (ACCEPTED, None)]
+        assert (report.accepted, report.unrated) == (1, 3)
+        again = await ingest(store, USAGE, [usage("new-metric", metric="gpu_seconds")], NOW)
+        assert statuses(again) == [(DUPLICATE, None)]
+        listed = await store.unrated_events()
+        assert [(event.event_id, reason.split(" ")[0]) for _, reason, event in listed] == [
+            ("new-metric", "no"), ("who", "no"), ("early", "before")]
+        # The catalog learns the metric: that one is rated now, the others wait.
+        await store.put_catalog("metric", "gpu_seconds", {"aggregation": "sum"})
+        rerated, customers = await rate_unrated(store, await Rater.load(store))
+        assert (rerated.rated, rerated.still_unrated, customers) == (1, 2, {"cus_1"})
+        assert [event.event_id for _, _, event in await store.unrated_events()] == ["who", "early"]
+        totals = {row.metric: row.units for row in await store.period_totals(NOW, "cus_1")}
+        assert totals == {"api_calls": 3, "gpu_seconds": 3}
+        assert (await rate_unrated(store, await Rater.load(store)))[0].rated == 0     # nothing twice
+    backend.run(scenario)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.integers(0, 10**6), st.sampled_from(sorted(HOSTILE))), min_size=1, max_size=30))
 def test_a_batch_of_good_and_hostile_events_stores_exactly_the_good_ones(backend, mix):
-    who = f"cus_{uuid.uuid4().hex[:12]}"            # the store outlives one example
-    raw = [HOSTILE[item](n, who) if isinstance(item, str) else usage(f"g{n}", customer_id=who, quantity=item)
+    run = uuid.uuid4().hex[:12]                     # the store outlives one example
+    raw = [HOSTILE[item](f"{run}-h{n}") if isinstance(item, str) else usage(f"{run}-g{n}", quantity=item)
            for n, item in enumerate(mix)]
-    good = {f"g{n}" for n, item in enumerate(mix) if not isinstance(item, str)}
+    good = {f"{run}-g{n}" for n, item in enumerate(mix) if not isinstance(item, str)}
 
     async def scenario(open_store):
         store = await open_store()
+        await catalog_for_cus_1(store)
         report = await ingest(store, USAGE, raw, NOW)
         assert [result.status == ACCEPTED for result in report.results] == [not isinstance(item, str) for item in mix]
         assert all(result.reason for result in report.results if result.status == REJECTED)
-        assert {event.event_id for event in await store.events(USAGE, who)} == good
+        assert {event.event_id for event in await store.events(USAGE, "cus_1") if event.event_id.startswith(run)} \
+            == good
     backend.run(scenario)
