@@ -2,7 +2,7 @@
 reaction time through the proxy.
 
     python -m bench.control_plane [--events 20000] [--batch 500] [--concurrency 4] [--postgres URL]
-                                  [--guards FILE] [--trials 50]
+                                  [--guards FILE] [--trials 50] [--baseline DIR]
 
 Applies the example catalog to a fresh SQLite file and a fresh PostgreSQL schema,
 starts `aforo control-plane` over each in its own process and posts usage events in
@@ -14,7 +14,10 @@ reaction_p99_ms. With --guards, the control plane also evaluates that guard file
 after every batch for the customers it touched, as it does in production with a
 guard file. Guard reaction time is measured as bench.reaction does (`aforo up`,
 `--trials` cost events each breaching a fresh customer's level 3, timed from the
-POST to the first proxy response that blocks).
+POST to the first proxy response that blocks). With `--baseline DIR` (another
+checkout of Aforo Edge installed in its own `.venv`), that checkout's control plane
+ingests the same events into stores of its own, each store's runs taking turns with
+this checkout's, and ingest_ratio_vs_baseline_sqlite / _postgres compare them.
 """
 
 import argparse
@@ -49,12 +52,17 @@ def batches(total, size, stamp):
     return [json.dumps(events[start:start + size]).encode() for start in range(0, total, size)]
 
 
-def start_control_plane(database, guards=None):
-    """`aforo control-plane` on a free port over `database` (with the guard file
-    `guards`, if any), in its own process: (process, base URL, admin token)."""
-    process = subprocess.Popen([sys.executable, "-m", "control_plane.cli", "control-plane", "--listen",
+def _python(checkout):
+    return sys.executable if checkout is None else str(Path(checkout) / ".venv" / "bin" / "python")
+
+
+def start_control_plane(database, guards=None, checkout=None):
+    """`aforo control-plane` of `checkout` (default: this one) on a free port over
+    `database` (with the guard file `guards`, if any), in its own process: (process,
+    base URL, admin token)."""
+    process = subprocess.Popen([_python(checkout), "-m", "control_plane.cli", "control-plane", "--listen",
                                 "127.0.0.1:0", "--database", database, *(["--guards", guards] if guards else [])],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=checkout)
     token = base = None
     for line in process.stdout:             # warnings (e.g. unknown notify channels) may come first
         token = token or (re.search(r"keep it\): (\S+)", line) or [None, None])[1]
@@ -64,15 +72,19 @@ def start_control_plane(database, guards=None):
     return process, base, token
 
 
-async def measure(database, total, size, concurrency, guards=None):
+async def measure(database, total, size, concurrency, guards=None, checkout=None):
     async def prepare():
         store = await open_store(database)
         try:
             await apply_catalog(store, load_catalog_file(CATALOG), str(CATALOG))
         finally:
             await store.close()
-    await prepare()
-    process, base, token = start_control_plane(database, guards)
+    if checkout is None:
+        await prepare()
+    else:                   # that checkout's own schema and catalog code
+        subprocess.run([_python(checkout), "-m", "control_plane.cli", "apply", "-f", str(CATALOG), "--database",
+                        database], cwd=checkout, check=True, capture_output=True)
+    process, base, token = start_control_plane(database, guards, checkout)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
     queue = list(reversed(batches(total, size, stamp)))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -98,18 +110,25 @@ async def measure(database, total, size, concurrency, guards=None):
 
 async def main_async(args):
     results = {}
+    # This checkout and the baseline take turns per store (the order flips per store).
+    checkouts = [("", None)] + ([("baseline_", args.baseline)] if args.baseline else [])
     with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
-        results["sqlite"] = await measure(str(Path(folder) / "aforo.db"), args.events, args.batch, args.concurrency,
-                                          args.guards)
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
+        for prefix, checkout in checkouts:
+            results[prefix + "sqlite"] = await measure(str(Path(folder) / f"{prefix}aforo.db"), args.events,
+                                                       args.batch, args.concurrency, args.guards, checkout)
     import asyncpg
     admin = await asyncpg.connect(args.postgres)
     try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
-        results["postgres"] = await measure(scoped, args.events, args.batch, args.concurrency, args.guards)
+        for prefix, checkout in reversed(checkouts):
+            schema = f"bench_{uuid.uuid4().hex[:10]}"
+            await admin.execute(f"CREATE SCHEMA {schema}")
+            try:
+                scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
+                results[prefix + "postgres"] = await measure(scoped, args.events, args.batch, args.concurrency,
+                                                             args.guards, checkout)
+            finally:
+                await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()
     return results
 
@@ -123,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--guards", metavar="FILE", help="a guard file the control plane evaluates after each batch "
                                                          f"(e.g. {GUARDS})")
     parser.add_argument("--trials", type=int, default=50, help="guard reaction trials")
+    parser.add_argument("--baseline", help="another checkout whose control plane ingests beside this one's")
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     reacted = reaction.reaction_figures(asyncio.run(reaction.measure(args.trials)))
@@ -133,9 +153,16 @@ def main(argv=None):
     print(f"guard reaction over {reacted['reaction_trials']} trials: p50 {reacted['reaction_p50_ms']} ms, "
           f"p99 {reacted['reaction_p99_ms']} ms")
     print("targets: >= 10,000 events/s into SQLite, >= 20,000 into PostgreSQL; reaction p99 <= 1,000 ms")
+    against = {}
+    if args.baseline:
+        for store in ("sqlite", "postgres"):
+            against[f"baseline_ingest_events_per_s_{store}"] = results["baseline_" + store]["events_per_s"]
+            against[f"ingest_ratio_vs_baseline_{store}"] = round(
+                results[store]["events_per_s"] / results["baseline_" + store]["events_per_s"], 3)
     print(json.dumps({
         "ingest_events_per_s_sqlite": results["sqlite"]["events_per_s"],
         "ingest_events_per_s_postgres": results["postgres"]["events_per_s"],
+        **against,
         "batch_events": args.batch,
         "concurrency": args.concurrency,
         "guards": args.guards,

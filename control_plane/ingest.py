@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import re
 from collections.abc import Sequence
 from typing import Annotated, NamedTuple
 
@@ -43,8 +42,6 @@ MAX_NAME_CHARS = 128             # a metric, a provider, a source
 MAX_DIMENSIONS = 32
 MAX_DIMENSION_KEY_CHARS = 64
 MAX_DIMENSION_VALUE_CHARS = 256
-# C0 and C1 control characters and DEL: never in an id, a name or a dimension.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 Quantity = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 Dimensions = Annotated[
@@ -74,7 +71,7 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fal
         if not self.metric:
             raise ValueError("`metric` must not be empty")
         for key, value in self.dimensions.items():
-            if _CONTROL.search(key) or _CONTROL.search(value):
+            if not (key.isprintable() and value.isprintable()):
                 raise ValueError(f"dimension `{_shown(key)}` holds a control character")
 
 
@@ -97,7 +94,7 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
             raise ValueError(f"`amount` must be at most {MAX_AMOUNT} (one cost event), got {self.amount:.3e}")
         to_nanos(self.amount)
         for name in ("metric", "provider"):
-            if _CONTROL.search(getattr(self, name) or ""):
+            if not (getattr(self, name) or "").isprintable():
                 raise ValueError(f"`{name}` holds a control character")
         if self.metric == "":
             raise ValueError("`metric` must not be empty (leave it out for the customer overall)")
@@ -108,13 +105,15 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
 
 
 def _check_common(event):
+    # Texts are printable (str.isprintable: no control character, C0, DEL or C1, nor
+    # another character that prints nothing, such as a line separator).
     for name in ("id", "customer_id"):
         value = getattr(event, name)
         if not value or len(value) > MAX_ID_CHARS:
             raise ValueError(f"`{name}` must be 1 to {MAX_ID_CHARS} characters")
-        if _CONTROL.search(value):
+        if not value.isprintable():
             raise ValueError(f"`{name}` holds a control character")
-    if _CONTROL.search(event.source) or (isinstance(event, UsageEvent) and _CONTROL.search(event.metric)):
+    if not event.source.isprintable() or (isinstance(event, UsageEvent) and not event.metric.isprintable()):
         raise ValueError("`metric` and `source` hold no control character")
 
 
@@ -269,14 +268,14 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
     if events and rater is None:
         rater = await Rater.load(store)
     ratings, unrated_why = [], {}
+    known_metrics = rater.metrics if kind == USAGE and events else None
     for position, (event, origin) in enumerate(zip(events, origins)):
-        why = rater.unrated_reason(kind, event)
-        if why is None:
-            # A proxy's events were admitted against units leased to it: already in the ledger.
-            ratings.append(rater.rating(kind, event, origin == PROXY_SOURCE))
-        else:
-            ratings.append(None)
-            unrated_why[position] = why
+        # A proxy's events were admitted against units leased to it: already in the ledger.
+        rated = None if known_metrics is not None and event.metric not in known_metrics \
+            else rater.rating(kind, event, origin == PROXY_SOURCE)
+        ratings.append(rated)
+        if rated is None:
+            unrated_why[position] = rater.unrated_reason(kind, event)
     outcomes = await store.record_events(to_store, ratings)
     counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0, UNRATED: 0}
     customers = set()
@@ -284,7 +283,7 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
     unrated = []
     for position, (index, event, stored, outcome, rated) in enumerate(
             zip(kept_at, events, to_store, outcomes, ratings)):
-        why = unrated_why.get(position)
+        why = unrated_why.get(position) if unrated_why else None
         if why is not None and outcome in (ACCEPTED, DUPLICATE):
             # Kept, not rated: listed (again, after a retry: once) until it can be.
             unrated.append((kind, event.customer_id, event.id, why, now))

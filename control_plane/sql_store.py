@@ -547,7 +547,8 @@ class SqlStore:
                 outcomes[index] = DUPLICATE if known.get(row[:3]) == digest else CONFLICT
         if totals:
             await self._update_totals(totals)
-            await self._count_in_ledgers([ratings[first[row[:3]][0]] for row in new if row[:3] in inserted])
+            await self._count_in_ledgers([rating for key in rated if key in inserted
+                                          and (rating := ratings[first[key][0]]).ledgered])
 
     async def _count_in_ledgers(self, ratings):
         # Usage of hard quotas kept from outside a proxy's lease moves their lease
@@ -555,7 +556,7 @@ class SqlStore:
         # from the totals), in the transaction that moves the totals.
         sums = {}
         for rating in ratings:
-            if rating is not None and rating.ledgered:
+            if rating is not None and rating.ledgered:      # (most events were leased: none)
                 key = (rating.customer_id, rating.metric, rating.period_start)
                 sums[key] = sums.get(key, 0) + rating.units
         if sums:
