@@ -239,8 +239,9 @@ async def ingest(store: Store, kind: str, raw_events: Sequence[bytes | None], no
 
 
 async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | None], now: float,
-                       source: str = "api", rater: Rater | None = None) -> Ingested:
-    """ingest(), also saying which customers had events kept."""
+                       source: str = "api", rater: Rater | None = None, tally_ledgered: bool = False) -> Ingested:
+    """ingest(), also saying which customers had events kept (and with
+    `tally_ledgered`, the hard-quota units kept from outside a lease)."""
     results: list[EventResult | None] = [None] * len(raw_events)
     kept_at, events, origins, to_store = [], [], [], []
     rejected = 0
@@ -267,15 +268,13 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
                                     provenance))
     if events and rater is None:
         rater = await Rater.load(store)
-    ratings, unrated_why = [], {}
-    known_metrics = rater.metrics if kind == USAGE and events else None
-    for position, (event, origin) in enumerate(zip(events, origins)):
-        # A proxy's events were admitted against units leased to it: already in the ledger.
-        rated = None if known_metrics is not None and event.metric not in known_metrics \
-            else rater.rating(kind, event, origin == PROXY_SOURCE)
-        ratings.append(rated)
-        if rated is None:
-            unrated_why[position] = rater.unrated_reason(kind, event)
+    rating = rater.rating if events else None
+    known = rater.metrics if kind == USAGE and events else None
+    # (A proxy's events were admitted against units leased to it: already in the ledger.)
+    ratings = [None if known is not None and event.metric not in known else rating(kind, event, origin == PROXY_SOURCE)
+               for event, origin in zip(events, origins)]
+    unrated_why = {position: rater.unrated_reason(kind, events[position])
+                   for position, rated in enumerate(ratings) if rated is None}
     outcomes = await store.record_events(to_store, ratings)
     counts = {ACCEPTED: 0, ACCEPTED_LATE: 0, DUPLICATE: 0, UNRATED: 0}
     customers = set()
@@ -296,7 +295,7 @@ async def ingest_batch(store: Store, kind: str, raw_events: Sequence[bytes | Non
             results[index] = EventResult(index, status, event.id)
             counts[status] += 1
             customers.add(event.customer_id)
-            if rated is not None and rated.ledgered:
+            if tally_ledgered and rated is not None and rated.ledgered:
                 key = (rated.customer_id, rated.metric, rated.period_end)
                 ledgered[key] = ledgered.get(key, 0) + rated.units
         elif outcome == DUPLICATE:

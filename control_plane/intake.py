@@ -47,7 +47,7 @@ class Intake:
         now = self.clock()
         rater = await self.rater.get()
         report, customers, ledgered = await ingest_batch(self.store, kind, raw_events, now, source=source,
-                                                         rater=rater)
+                                                         rater=rater, tally_ledgered=self.ledger is not None)
         if ledgered and self.ledger is not None:
             await self.ledger.count(ledgered, self.store)
         if report.unrated and self.count_unrated is not None:

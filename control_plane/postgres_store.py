@@ -134,7 +134,11 @@ class PostgresStore(SqlStore):
                         await connection.execute(_KEEP_NEW_EVENTS, rows, *(zip(*moved) if moved else [()] * 6))
                     except asyncpg.UniqueViolationError:
                         raise _KeptBefore from None
-                await self._count_in_ledgers([ratings[first[key][0]] for key in chunk if key not in refused])
+                ledgered = [rating for rating in rated if rating.ledgered]
+                if ledgered and refused:
+                    ledgered = [rating for key in chunk if key not in refused
+                                and (rating := ratings[first[key][0]]) is not None and rating.ledgered]
+                await self._count_in_ledgers(ledgered)
         except _KeptBefore:
             await super()._write_chunk(chunk, first, events, ratings, outcomes)
             return

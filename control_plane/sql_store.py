@@ -847,10 +847,11 @@ def priced_rows(keys, first, events, ratings, totals, refused):
         if rating is not None:
             sums = totals[rating.customer_id, rating.metric, rating.period_start]
             revenue, cogs = rating.price(sums[0])
-            past = _past_maximum(sums, rating.units, revenue, cogs)
-            if past is not None:
-                refused[key] = (f"{REFUSED}: it would take this billing period's running total of {past} for "
-                                f"{rating.metric} past the maximum of {MAX_PERIOD_TOTAL}")
+            if (sums[0] + rating.units > MAX_PERIOD_TOTAL or sums[1] + revenue > MAX_PERIOD_TOTAL
+                    or sums[2] + cogs > MAX_PERIOD_TOTAL):
+                refused[key] = (f"{REFUSED}: it would take this billing period's running total of "
+                                f"{_past_maximum(sums, rating.units, revenue, cogs)} for {rating.metric} past the "
+                                f"maximum of {MAX_PERIOD_TOTAL}")
                 continue
             sums[0] += rating.units
             sums[1] += revenue
