@@ -259,19 +259,27 @@ def _ingest_handler(kind):
 
 
 def _page(request):
-    # (after seq, limit) from the query; ValueError for what is not a whole number.
-    return int(request.query.get("after", "0")), min(int(request.query.get("limit", "100")), 1000)
+    # (after seq, limit) from the query, or None when they are not whole numbers.
+    try:
+        return int(request.query.get("after", "0")), min(int(request.query.get("limit", "100")), 1000)
+    except ValueError:
+        return None
+
+
+_NOT_A_PAGE = "`after` and `limit` are whole numbers"
+
+
+async def _listed(request, fetch, shown):
+    # A listing paged by seq: `fetch(after, limit)` from the store, each item `shown`.
+    if (page := _page(request)) is None:
+        return problem(400, _NOT_A_PAGE)
+    return json_response({"items": [shown(*item) for item in await fetch(*page)]})
 
 
 async def _unrated_events(request):
-    try:
-        after, limit = _page(request)
-    except ValueError:
-        return problem(400, "`after` and `limit` are whole numbers")
-    items = await request.app[STORE].unrated_events(after, limit)
-    return json_response({"items": [{"seq": seq, "kind": event.kind, "customer_id": event.customer_id,
-                                     "event_id": event.event_id, "reason": reason, "ingested_at": event.ingested_at,
-                                     "event": msgspec.json.decode(event.payload)} for seq, reason, event in items]})
+    return await _listed(request, request.app[STORE].unrated_events, lambda seq, reason, event: {
+        "seq": seq, "kind": event.kind, "customer_id": event.customer_id, "event_id": event.event_id,
+        "reason": reason, "ingested_at": event.ingested_at, "event": msgspec.json.decode(event.payload)})
 
 
 async def _rate_unrated(request):
@@ -294,23 +302,15 @@ async def _late_events(request):
 
 
 async def _dead_letters(request):
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = min(int(request.query.get("limit", "100")), 1000)
-    except ValueError:
-        return problem(400, "`after` and `limit` are whole numbers")
-    letters = await request.app[STORE].dead_letters(after, limit)
-    return json_response({"items": [{"seq": seq, "source": letter.source, "entry_id": letter.entry_id,
-                                     "event": letter.event.decode("utf-8", "replace"), "reason": letter.reason,
-                                     "at": letter.at} for seq, letter in letters]})
+    return await _listed(request, request.app[STORE].dead_letters, lambda seq, letter: {
+        "seq": seq, "source": letter.source, "entry_id": letter.entry_id,
+        "event": letter.event.decode("utf-8", "replace"), "reason": letter.reason, "at": letter.at})
 
 
 async def _actions(request):
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = min(int(request.query.get("limit", "100")), 1000)
-    except ValueError:
-        return problem(400, "`after` and `limit` are whole numbers")
+    if (page := _page(request)) is None:
+        return problem(400, _NOT_A_PAGE)
+    after, limit = page
     trail = await request.app[STORE].actions(request.query.get("customer"), after, limit)
     return json_response({"items": [{"seq": seq, **action._asdict()} for seq, action in trail]})
 
@@ -319,11 +319,9 @@ async def _webhooks(request):
     status = request.query.get("status")
     if status is not None and status not in WEBHOOK_STATUSES:
         return problem(400, f"`status` is one of {', '.join(WEBHOOK_STATUSES)}")
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = min(int(request.query.get("limit", "100")), 1000)
-    except ValueError:
-        return problem(400, "`after` and `limit` are whole numbers")
+    if (page := _page(request)) is None:
+        return problem(400, _NOT_A_PAGE)
+    after, limit = page
     store = request.app[STORE]
     deliveries = await store.webhooks(status, after, limit)
     items = []

@@ -72,3 +72,18 @@ async def catalog_for_cus_1(store, anchor=NOW - 100 * 86400):
     await store.put_catalog("subscription", "sub_1", {
         "customer": "cus_1", "plan": "pro", "status": "active",
         "period_anchor": datetime.datetime.fromtimestamp(anchor, datetime.timezone.utc).isoformat()})
+
+
+async def example_api(store, guards):
+    """An Api (to use with `async with`) over `store` with the example catalog applied
+    and the watched guard file `guards` in force."""
+    from pathlib import Path
+
+    from config.catalog_file import load_catalog_file
+    from control_plane.catalog import apply_catalog
+
+    catalog = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
+    await apply_catalog(store, load_catalog_file(catalog), "catalog.yaml")
+    api = Api(store)
+    api.app_options = {"guards": guards}
+    return api

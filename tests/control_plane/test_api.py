@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 import pytest
-from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1
+from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api
 
 from control_plane.api import sha256_hex
 from control_plane.ingest import REJECTED
@@ -433,24 +433,17 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
 
 def test_a_new_guard_file_judges_every_customer_again_at_once(backend, tmp_path):
     import asyncio
-    from pathlib import Path
 
-    from config.catalog_file import load_catalog_file
     from config.guards import watch_guards
     from control_plane.api import INTAKE
-    from control_plane.catalog import apply_catalog
 
-    catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
     guard_file = tmp_path / "guards.yaml"
     guard_file.write_text(TOKEN_GUARD)
     guards = watch_guards(guard_file)
 
     async def scenario(open_store):
         store = await open_store()
-        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
-        api = Api(store)
-        api.app_options = {"guards": guards}
-        async with api:
+        async with await example_api(store, guards) as api:
             await api.call("POST", "/v1/costs", [{"id": "c1", "customer_id": "cus_globex", "amount": "36.00",
                                                   "metric": "ai_tokens", "timestamp": "2027-01-15T07:00:00Z"}])
             assert [level.level for level in await store.guard_levels("cus_globex")] == [3]    # margin 8.2 %

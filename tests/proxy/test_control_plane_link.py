@@ -337,27 +337,40 @@ def test_usage_from_elsewhere_counts_against_the_hard_quota_the_workers_lease(lo
     assert admitted == 50 - 30 - 10
 
 
-def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_thread, tmp_path, control_plane,
-                                                                            monkeypatch):
-    # Each call reserves its max_tokens (30) of ai_output_tokens and uses 17: with a
-    # quota of 100, exactly 5 calls fit (85 used; a 6th would need 115), whichever
-    # worker serves them.
+def llm_upstream_with_token_quota(loop_thread, control_plane, monkeypatch, output_tokens):
+    """A running LLM upstream, and the pro plan with a hard quota of `output_tokens`
+    ai_output_tokens (and 1,000 calls) for the proxies following `control_plane`."""
     llm = LlmUpstream(keep_exchanges=False)
     loop_thread.run(llm.start())
     monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
     control_plane.catalog()
     control_plane.call("PUT", "/v1/metrics/ai_output_tokens", {"aggregation": "sum"})
     control_plane.call("PUT", "/v1/plans/pro", {
-        "tier": "pro", "quotas": {"api_calls": {"limit": 1000}, "ai_output_tokens": {"limit": 100}},
+        "tier": "pro", "quotas": {"api_calls": {"limit": 1000}, "ai_output_tokens": {"limit": output_tokens}},
         "charges": [{"metric": "api_calls", "model": "per_unit", "price": "0.01"}]})
-    key = control_plane.new_key()
+    return llm
 
+
+def llm_workers(loop_thread, tmp_path, control_plane, llm, batch_events):
+    """started_workers() for workers following `control_plane` with one OpenAI chat
+    route to `llm`, sending meter events in batches of `batch_events`."""
     def settings_text(index):
         return fed_settings(llm.port, following(control_plane.url),
-                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}",
+                            f"{{spool_dir: meter-spool-{index}, batch_events: {batch_events}, flush_interval_s: 3600}}",
                             ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, "
                              "ai: {format: openai_chat}}",))
-    workers = started_workers(loop_thread, tmp_path, settings_text)
+    return started_workers(loop_thread, tmp_path, settings_text)
+
+
+def test_two_workers_lease_token_quotas_and_settle_them_to_the_tokens_used(loop_thread, tmp_path, control_plane,
+                                                                            monkeypatch):
+    # Each call reserves its max_tokens (30) of ai_output_tokens and uses 17: with a
+    # quota of 100, exactly 5 calls fit (85 used; a 6th would need 115), whichever
+    # worker serves them.
+    llm = llm_upstream_with_token_quota(loop_thread, control_plane, monkeypatch, 100)
+    key = control_plane.new_key()
+
+    workers = llm_workers(loop_thread, tmp_path, control_plane, llm, batch_events=10)
     start_worker = next(workers)
     try:
         first, second = start_worker(), start_worker()
@@ -385,22 +398,10 @@ def test_an_implausible_token_count_never_stalls_the_meter(loop_thread, tmp_path
     # One answer reports 10^19 output tokens (more than any event may carry): that
     # count is not metered (the call is, flagged), and every call after it reaches the
     # control plane. Once, such an answer failed the worker's meter batch forever.
-    llm = LlmUpstream(keep_exchanges=False)
-    loop_thread.run(llm.start())
-    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
-    control_plane.catalog()
-    control_plane.call("PUT", "/v1/metrics/ai_output_tokens", {"aggregation": "sum"})
-    control_plane.call("PUT", "/v1/plans/pro", {
-        "tier": "pro", "quotas": {"api_calls": {"limit": 1000}, "ai_output_tokens": {"limit": 10**6}},
-        "charges": [{"metric": "api_calls", "model": "per_unit", "price": "0.01"}]})
+    llm = llm_upstream_with_token_quota(loop_thread, control_plane, monkeypatch, 10**6)
     key = control_plane.new_key()
 
-    def settings_text(index):
-        return fed_settings(llm.port, following(control_plane.url),
-                            f"{{spool_dir: meter-spool-{index}, batch_events: 2, flush_interval_s: 3600}}",
-                            ("{name: chat, upstream: main, path_prefix: /v1/chat/completions, "
-                             "ai: {format: openai_chat}}",))
-    workers = started_workers(loop_thread, tmp_path, settings_text)
+    workers = llm_workers(loop_thread, tmp_path, control_plane, llm, batch_events=2)
     try:
         worker = next(workers)()
         body = json.dumps({"model": "gpt-4o", "max_tokens": 30, "messages": [{"role": "user", "content": "hi"}]})
