@@ -18,7 +18,8 @@ ALLOWED_TAGS = frozenset(
     for name in ("str", "int", "float", "bool", "null", "seq", "map", "merge", "timestamp", "value")
 )
 # Anchors and aliases may share a list; they may not blow a small file up into a huge
-# value (the "billion laughs" shape) that validation would then walk.
+# value (the "billion laughs" shape) that validation would then walk: the values
+# aliases add (beyond those written in the file, which may be millions) are bounded.
 MAX_EXPANDED_VALUES = 100_000
 # Path steps: `.key`, `[0]`, and `['any key']` for keys that are not identifiers.
 _PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^'\\]*)'\]")
@@ -205,10 +206,11 @@ def _check_tree(root: Node, file: str) -> list[ConfigError]:
         return size
 
     total = visit(root, "$")
-    if total > MAX_EXPANDED_VALUES:
+    added = total - len(checked)            # values written once are counted once
+    if added > MAX_EXPANDED_VALUES:
         errors.append(
             ConfigError(
-                f"Aliases expand the document to {total} values "
+                f"Aliases expand the document by {added} values beyond the {len(checked)} written "
                 f"(limit {MAX_EXPANDED_VALUES})",
                 file,
                 _line(root),

@@ -211,3 +211,14 @@ def test_not_utf8(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_edge_state_file(path)
     assert str(caught.value) == f"{path}:21: File is not UTF-8 text (byte 0xe9 at offset {len(STATE) + 5})"
+
+
+def test_a_file_of_many_customers_loads(tmp_path):
+    # Without aliases a file may be as long as the customers it lists (the bound is
+    # on what aliases add, not on what is written).
+    lines = [PERIOD_LINE, "plans:", "  free: {tier: free}", "customers:"]
+    # (Once refused past 100,025 values, that is 25,000 customers, though it has no alias.)
+    lines += [f"  - {{id: cus_{n}, plan: free, status: active}}" for n in range(110_000)]
+    (tmp_path / "edge.yaml").write_text("\n".join(lines) + "\n")
+    state = load_edge_state_file(tmp_path / "edge.yaml")
+    assert len(state.customers) == 110_000 and state.customers[-1].id == "cus_109999"
