@@ -217,7 +217,7 @@ def test_a_file_of_many_customers_loads(tmp_path):
     # Without aliases a file may be as long as the customers it lists (the bound is
     # on what aliases add, not on what is written).
     lines = [PERIOD_LINE, "plans:", "  free: {tier: free}", "customers:"]
-    # (Once refused past 100,025 values, that is 25,000 customers, though it has no alias.)
+    # (Such a file was once refused past 100,000 values although it has no alias.)
     lines += [f"  - {{id: cus_{n}, plan: free, status: active}}" for n in range(110_000)]
     (tmp_path / "edge.yaml").write_text("\n".join(lines) + "\n")
     state = load_edge_state_file(tmp_path / "edge.yaml")
