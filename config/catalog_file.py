@@ -3,7 +3,8 @@
 # unique per section, a plan's prices are valid for the decision core's pricing models,
 # and a plan's fixed-fee allocation adds up to 100%. References to other entries
 # (a plan's metrics and features, a subscription's customer and plan) are checked at
-# apply time, against this file and what the store already holds.
+# apply time, against this file and what the store already holds. An entry sent on
+# its own (the REST API's PUT) is held to the same rules: parse_catalog_entry.
 #
 #   metrics        {key, aggregation: sum|count|max, unit, unit_cost (COGS per unit),
 #                   priced_by: input_tokens|output_tokens|cached_input_tokens|
@@ -24,7 +25,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from config.documents import Problem, duplicate_names, parse_document, read_document
+from config.documents import Problem, duplicate_names, parse_document, read_document, validate_data
 from config.edge_state_file import CUSTOMER_ID_PATTERN, SubscriptionStatus
 from config.schema import (
     METERED_METRIC_PATTERN,
@@ -218,26 +219,56 @@ def _cross_check(catalog: CatalogFile) -> list[Problem]:
     for section, kind in SECTIONS:
         problems += duplicate_names((entry.key for entry in getattr(catalog, section)), f"$.{section}", "key",
                                     kind.replace("_", " "))
-    for index, plan in enumerate(catalog.plans):
-        path = f"$.plans[{index}]"
-        if plan.fee_allocation and abs(sum(plan.fee_allocation.values()) - 100.0) > 1e-9:
-            problems.append(Problem(f"{path}.fee_allocation",
-                                    f"Fee allocation shares add up to {sum(plan.fee_allocation.values()):g}%, "
-                                    "not 100%"))
-        problems += duplicate_names((charge.metric for charge in plan.charges), f"{path}.charges", "metric",
-                                    "charge for metric")
-        for number, charge in enumerate(plan.charges):
-            try:
-                charge.pricing()
-            except PricingError as error:
-                problems.append(Problem(f"{path}.charges[{number}]", f"Invalid price: {error}"))
+        for index, entry in enumerate(getattr(catalog, section)):
+            problems += entry_problems(kind, entry, f"$.{section}[{index}]")
     return problems
+
+
+def entry_problems(kind: str, entry: Schema, path: str) -> list[Problem]:
+    """What is wrong with one catalog entry of `kind` beyond what its schema checks
+    (a plan's fee allocation, its charges' metrics and prices), each at a path under
+    `path`, where the entry is (`$.plans[2]` in a file, `$` for a REST body). The
+    one place these rules live: a file's entries and a body are both checked here."""
+    check = _ENTRY_CHECKS.get(kind)
+    return check(entry, path) if check is not None else []
+
+
+def _plan_problems(plan: Plan, path: str) -> list[Problem]:
+    problems = []
+    if plan.fee_allocation and abs(sum(plan.fee_allocation.values()) - 100.0) > 1e-9:
+        problems.append(Problem(f"{path}.fee_allocation",
+                                f"Fee allocation shares add up to {sum(plan.fee_allocation.values()):g}%, "
+                                "not 100%"))
+    problems += duplicate_names((charge.metric for charge in plan.charges), f"{path}.charges", "metric",
+                                "charge for metric")
+    for number, charge in enumerate(plan.charges):
+        try:
+            charge.pricing()
+        except PricingError as error:
+            at = f"{path}.charges[{number}]"
+            if error.tier is not None:
+                at += f".tiers[{error.tier}]" + (f".{error.field}" if error.field else "")
+            problems.append(Problem(at, f"Invalid price: {error}"))
+    return problems
+
+
+_ENTRY_CHECKS = {"plan": _plan_problems}
 
 
 def parse_catalog_file(text: str, file: str) -> CatalogFile:
     """Validate a catalog file's text; ConfigError(s) with file, line and path."""
     return parse_document(text, file, CatalogFile, expected=CATALOG_EXPECTED,
                           pattern_meanings=CATALOG_PATTERN_MEANINGS, cross_check=_cross_check)
+
+
+def parse_catalog_entry(kind: str, data: object, source: str = "body") -> Schema:
+    """One catalog entry of `kind` given on its own, already decoded (a REST request's
+    JSON body, its key included), validated exactly as an entry of a catalog file is:
+    its schema, then entry_problems. ConfigError(s) naming `source`, with paths from
+    the entry's top (`$.charges[0].tiers[1].up_to`); references to other entries are
+    the caller's to check (control_plane.catalog)."""
+    return validate_data(data, source, ENTRY_TYPES[kind], pattern_meanings=CATALOG_PATTERN_MEANINGS,
+                         cross_check=lambda entry: entry_problems(kind, entry, "$"))
 
 
 def load_catalog_file(path: str | PathLike[str]) -> CatalogFile:

@@ -124,6 +124,26 @@ def parse_document(
         raise ConfigError(
             f"Expected {expected} at the top level, got {kind}", file, document.line_of(None)
         )
+    return _validated(document, file, schema_type, pattern_meanings, cross_check)
+
+
+def validate_data(
+    data: object,
+    source: str,
+    schema_type: type[T],
+    *,
+    pattern_meanings: Mapping[str, str] | None = None,
+    cross_check: CrossCheck | None = None,
+) -> T:
+    """Validate `data` given already decoded (a JSON request body) into an instance of
+    `schema_type`, by the very rules and with the messages parse_document gives a
+    YAML file: the schema, then `cross_check`. Errors name `source` and a path from
+    `data`'s top (`$.charges[0].tiers[1].up_to`), no line. Raises ConfigError (the
+    first schema error) or ConfigErrors (every cross-field problem, in path order)."""
+    return _validated(YamlDocument(data, None), source, schema_type, pattern_meanings, cross_check)
+
+
+def _validated(document, file, schema_type, pattern_meanings, cross_check):
     try:
         value = msgspec.convert(document.data, schema_type, dec_hook=decode_value)
     except msgspec.ValidationError as err:
@@ -133,7 +153,8 @@ def parse_document(
             ConfigError(problem.message, file, document.line_of(problem.path), problem.path)
             for problem in cross_check(value)
         ]
-        # In file order, as a reader fixing them top to bottom expects.
+        # In file order, as a reader fixing them top to bottom expects (without lines:
+        # in the order found, which follows the document).
         errors.sort(key=lambda error: error.line or 0)
         raise_if_any(errors)
     return value
@@ -156,8 +177,13 @@ def _schema_error(
         path = _name_mapping_keys(path, document.data, schema_type)
     unknown = _UNKNOWN_FIELD.fullmatch(message)
     line = document.line_of(path, unknown["key"] if unknown else None)
-    message = _explain_pattern(message, document.scalar_at(path), pattern_meanings)
-    message = _explain_choices(message, document.scalar_at(path), schema_type, path)
+    written = document.scalar_at(path)
+    if document.root is None and path is not None:
+        # Decoded data (JSON) has no text as written: its string is the text.
+        value = _data_at(document.data, path)
+        written = value if isinstance(value, str) else None
+    message = _explain_pattern(message, written, pattern_meanings)
+    message = _explain_choices(message, written, schema_type, path)
     return ConfigError(message, file, line, path)
 
 

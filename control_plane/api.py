@@ -14,12 +14,12 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from config.catalog_file import ENTRY_TYPES, SECTIONS, CatalogFile, ModelPrice, ToolPrice, document_of
-from config.documents import decode_value
+from config.catalog_file import SECTIONS, ModelPrice, ToolPrice, document_of, parse_catalog_entry
+from config.errors import ConfigError, raise_if_any
 from config.values import Money
 from config.watched_file import ReloadErrorCounter
 from control_plane import quota_leases
-from control_plane.catalog import check_references
+from control_plane.catalog import check_entry_references
 from control_plane.edge_feed import EdgeFeed
 from control_plane.ingest import (
     BatchError,
@@ -157,7 +157,6 @@ def _kind(request):
 
 
 _KIND_OF_SECTION = dict(SECTIONS)
-_SECTION_OF_KIND = {kind: section for section, kind in SECTIONS}
 
 
 async def _put_entry(request):
@@ -169,17 +168,24 @@ async def _put_entry(request):
     if document.setdefault("key", key) != key:
         return problem(422, f"the body's key `{document['key']}` is not the key in the path `{key}`")
     try:
-        entry = msgspec.convert(document, ENTRY_TYPES[kind], dec_hook=decode_value)
-    except msgspec.ValidationError as error:
-        return problem(422, f"invalid {kind}: {error}")
-    errors = await check_references(request.app[STORE], CatalogFile(**{_SECTION_OF_KIND[kind]: (entry,)}), "body")
-    if errors:
-        return problem(422, errors[0].message, errors=[{"message": error.message, "path": error.path}
-                                                        for error in errors])
+        # The rules `aforo apply` holds a file's entries to, paths from the body's top.
+        entry = parse_catalog_entry(kind, document)
+        raise_if_any(await check_entry_references(request.app[STORE], kind, document_of(entry)))
+    except ConfigError as error:
+        return _invalid_entry(kind, error)
     outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry))
     if outcome != UNCHANGED:
         request.app[FEED].changed()
     return json_response({"key": key, "result": outcome, **document_of(entry)}, 201 if outcome == CREATED else 200)
+
+
+def _invalid_entry(kind, error: ConfigError) -> web.Response:
+    # 422 naming each problem's JSON path in the body; `detail` tells the first.
+    errors = [{"message": one.message, "path": one.path} for one in error.errors]
+    detail = f"invalid {kind}: {error.message}" + (f" - at `{error.path}`" if error.path else "")
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    return problem(422, detail, errors=errors)
 
 
 async def _get_entry(request):

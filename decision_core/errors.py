@@ -19,7 +19,14 @@ class IllegalTransitionError(DecisionCoreError, ValueError):
 
 
 class PricingError(DecisionCoreError, ValueError):
-    """A pricing model that cannot rate (bad tiers, negative units or prices)."""
+    """A pricing model that cannot rate (bad tiers, negative units or prices).
+    `tier` is the index (from 0) of the tier at fault and `field` the tier's field
+    (`up_to`) when one tier is to blame, else both are None."""
+
+    def __init__(self, message, tier=None, field=None):
+        super().__init__(message)
+        self.tier = tier
+        self.field = field
 
 
 class RateError(DecisionCoreError, ValueError):

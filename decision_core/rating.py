@@ -64,14 +64,14 @@ def _check_tiers(tiers):
     for index, tier in enumerate(tiers):
         last = index == len(tiers) - 1
         if tier.up_to is None and not last:
-            raise PricingError(f"only the last tier may be unbounded (tier {index + 1})")
-        if last and tier.up_to is not None:
-            raise PricingError("the last tier must be unbounded (up_to: null)")
+            raise PricingError(f"only the last tier may be unbounded (tier {index + 1})", index, "up_to")
         if index and tier.up_to is not None and tier.up_to <= tiers[index - 1].up_to:
             raise PricingError(
                 f"tier bounds must ascend, tier {index + 1} ends at {tier.up_to} "
-                f"after {tiers[index - 1].up_to}"
+                f"after {tiers[index - 1].up_to}", index, "up_to"
             )
+        if last and tier.up_to is not None:
+            raise PricingError("the last tier must be unbounded (up_to: null)", index, "up_to")
     return tiers
 
 

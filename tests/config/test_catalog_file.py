@@ -67,7 +67,8 @@ def errors_of(text):
     ("plans:\n  - key: p\n    tier: t\n    charges:\n      - {metric: a, model: per_unit}\n",
      ["catalog.yaml:5: `model: per_unit` needs a `price` - at `$.plans[0].charges[0]`"]),
     ("plans:\n  - key: p\n    tier: t\n    charges:\n      - {metric: a, model: graduated, tiers: [{up_to: 10, price: \"1\"}]}\n",
-     ["catalog.yaml:5: Invalid price: the last tier must be unbounded (up_to: null) - at `$.plans[0].charges[0]`"]),
+     ["catalog.yaml:5: Invalid price: the last tier must be unbounded (up_to: null) - at "
+      "`$.plans[0].charges[0].tiers[0].up_to`"]),
     ("plans:\n  - {key: p, tier: t, period: quarter}\n",
      ["catalog.yaml:2: Expected one of `day`, `week`, `month`, `year`, got `quarter` - at `$.plans[0].period`"]),
     ("plans:\n  - {key: p, tier: t, currency: usd}\n",

@@ -8,6 +8,8 @@ import aiohttp
 import pytest
 from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api
 
+from config import ConfigError
+from config.catalog_file import parse_catalog_file
 from control_plane.api import sha256_hex
 from control_plane.ingest import REJECTED
 from control_plane.store import ACCEPTED, DUPLICATE, DeadLetter
@@ -46,7 +48,7 @@ def test_the_catalog_is_written_and_read_back_through_the_api(backend):
         status, content_type, body = await api.call("PUT", "/v1/plans/gold", {**plan, "features": ["nope"]})
         assert (status, content_type) == (422, "application/problem+json")
         assert body["errors"] == [{"message": "Unknown feature `nope`; define it under `features`",
-                                   "path": "$.plans[0].features"}]
+                                   "path": "$.features"}]
         status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "fixed_fee": "-1"})
         assert status == 422 and "Expected an amount >= 0" in body["detail"]
         status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "key": "silver"})
@@ -60,6 +62,54 @@ def test_the_catalog_is_written_and_read_back_through_the_api(backend):
         status, _, _ = await api.call("DELETE", "/v1/plans/pro")
         assert status == 204
         assert (await api.call("DELETE", "/v1/plans/pro"))[0] == 404
+    api_test(backend, scenario)
+
+
+# Plans `aforo apply` refuses, each with where its body goes wrong and why.
+TIERS = [{"up_to": 1000, "price": "0.002"}, {"up_to": 500, "price": "0.001"}, {"up_to": None, "price": "0.0005"}]
+BAD_PLANS = [
+    ({"charges": [{"metric": "api_calls", "model": "graduated", "tiers": TIERS}]}, "$.charges[0].tiers[1].up_to",
+     "Invalid price: tier bounds must ascend, tier 2 ends at 500 after 1000"),
+    ({"charges": [{"metric": "api_calls", "model": "volume", "tiers": TIERS[:1]}]}, "$.charges[0].tiers[0].up_to",
+     "Invalid price: the last tier must be unbounded (up_to: null)"),
+    ({"charges": [{"metric": "api_calls", "model": "graduated", "tiers": [TIERS[2], TIERS[0]]}]},
+     "$.charges[0].tiers[0].up_to", "Invalid price: only the last tier may be unbounded (tier 1)"),
+    ({"fixed_fee": "10", "fee_allocation": {"api_calls": "60%"}}, "$.fee_allocation",
+     "Fee allocation shares add up to 60%, not 100%"),
+    ({"charges": [{"metric": "api_calls", "model": "per_unit", "price": "1"},
+                  {"metric": "api_calls", "model": "package", "price": "5", "package_size": 10}]},
+     "$.charges[1].metric", "Duplicate charge for metric `api_calls`; first used by `$.charges[0]`"),
+    ({"period": "quarter"}, "$.period", "Expected one of `day`, `week`, `month`, `year`, got `quarter`"),
+    ({"currency": "usd"}, "$.currency", "Expected a three-letter currency code like `USD`, got `usd`"),
+]
+
+
+def test_a_plan_put_over_rest_is_held_to_the_rules_apply_holds_a_file_to(backend):
+    # Such a plan was once accepted over REST, and from then on every ingest failed
+    # (500) rating with it. Now each is a 422 naming the path, and nothing is kept.
+    async def scenario(api):
+        await api.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+        for fields, path, message in BAD_PLANS:
+            status, content_type, body = await api.call("PUT", "/v1/plans/pro", {"tier": "pro", **fields})
+            assert (status, content_type) == (422, "application/problem+json"), fields
+            assert body["errors"] == [{"message": message, "path": path}]
+            assert body["detail"] == f"invalid plan: {message} - at `{path}`"
+            # The same plan in a catalog file: the same words, at the same place in it.
+            with pytest.raises(ConfigError) as caught:
+                parse_catalog_file(json.dumps({"plans": [{"key": "pro", "tier": "pro", **fields}]}), "catalog.yaml")
+            assert [(error.message.replace("$.plans[0]", "$"), error.path.replace("$.plans[0]", "$"))
+                    for error in caught.value.errors] == [(message, path)]
+        assert (await api.call("GET", "/v1/plans/pro"))[0] == 404
+        assert await api.store.list_catalog("plan") == []
+        # A valid plan goes in, and usage rated by it is ingested.
+        status, _, _ = await api.call("PUT", "/v1/plans/pro", {"tier": "pro", "charges": [
+            {"metric": "api_calls", "model": "graduated", "tiers": [TIERS[0], TIERS[2]]}]})
+        assert status == 201
+        await api.call("PUT", "/v1/customers/cus_1", {})
+        await api.call("PUT", "/v1/subscriptions/sub_1", {"customer": "cus_1", "plan": "pro",
+                                                           "period_anchor": "2027-01-01T00:00:00Z"})
+        status, _, report = await api.call("POST", "/v1/events", [usage("e1")])
+        assert status == 200 and report["accepted"] == 1
     api_test(backend, scenario)
 
 
