@@ -186,7 +186,8 @@ def test_model_and_tool_prices_round_trip_through_the_api(backend):
                 ("/v1/tool_prices/web_search", {"per_call": "0.0000000001"},
                  "invalid tool_price: Amount `1E-10` has more than 9 decimal places - at `$.per_call`"),
                 ("/v1/tool_prices/web%20search", {"per_call": "1"},
-                 "invalid tool_price: Expected `str` matching regex '^[A-Za-z0-9][A-Za-z0-9_.:@/-]*$' - at `$.key`"),
+                 "invalid tool_price: Expected a model or tool name (letters, digits, `_`, `.`, `:`, `@`, `/`, `-`), "
+                 "got `web search` - at `$.key`"),
                 ("/v1/metrics/tokens", {"aggregation": "max", "priced_by": "output_tokens"},
                  "invalid metric: `priced_by: output_tokens` prices the quantity of every event; it needs "
                  "`aggregation: sum`, not `max`")):
