@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from config.catalog_file import load_catalog_file
 from config.up_settings import UpSettings, load_up_settings, up_proxy_settings
-from control_plane.api import create_admin_token
 from control_plane.catalog import apply_catalog, describe_apply
 from control_plane.store import open_store
+from control_plane.tokens import PROXY, create_token
 
 log = logging.getLogger("aforo.up")
 
@@ -81,7 +81,7 @@ def run_up(settings_path: str, *, announce: Callable[[str], None] = print,
 
 async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, str]:
     # Migrations, the catalog, the first admin token when there is none (shown once)
-    # and a fresh token for this run's proxies (earlier runs' revoked).
+    # and a fresh proxy-scoped token for this run's proxies (earlier runs' revoked).
     store = await open_store(settings.control_plane.database)
     try:
         if settings.catalog is not None:
@@ -89,10 +89,10 @@ async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, st
             announce(f"catalog {settings.catalog}: " + "; ".join(describe_apply(written)))
         admin_token = None
         if await store.admin_tokens_count() == 0:
-            admin_token = await create_admin_token(store, "first", time.time())
+            _, admin_token = await create_token(store, "first", time.time())
             announce(f"admin token (shown once, keep it): {admin_token}")
-        await store.revoke_admin_tokens(PROXY_TOKEN_NAME, time.time())
-        proxy_token = await create_admin_token(store, PROXY_TOKEN_NAME, time.time())
+        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time())
+        _, proxy_token = await create_token(store, PROXY_TOKEN_NAME, time.time(), PROXY)
         return admin_token, proxy_token
     finally:
         await store.close()
@@ -101,7 +101,7 @@ async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, st
 async def _revoke_proxy_token(settings: UpSettings) -> None:
     store = await open_store(settings.control_plane.database)
     try:
-        await store.revoke_admin_tokens(PROXY_TOKEN_NAME, time.time())
+        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time())
     finally:
         await store.close()
 

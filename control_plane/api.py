@@ -1,11 +1,10 @@
 # The control plane's REST API (aiohttp, JSON, under /v1): the catalog, customers' API
-# keys, event ingest, margins, guard actions and the webhook outbox. Every /v1 call
-# needs an admin bearer token (kept as its sha256 only); errors are
+# keys, event ingest, margins, guard actions, the webhook outbox and tokens. Every /v1
+# call needs a bearer token whose scope allows the route (control_plane.tokens); errors are
 # application/problem+json. /healthz and /openapi.json are open. The handlers only
 # translate HTTP to the catalog, key, ingest, margin and outbox functions.
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -40,7 +39,9 @@ from control_plane.store import (
     ApiKey,
     Store,
     StoreError,
+    Token,
 )
+from control_plane.tokens import ADMIN, SCOPES, Principal, create_token, scopes_allowing, sha256_hex
 from control_plane.webhooks import (
     ID_HEADER,
     LEVEL_CHANGED,
@@ -53,7 +54,6 @@ from control_plane.webhooks import (
 MAX_BODY_BYTES = 16 * 1024 * 1024
 API_KEY_PREFIX = "ak_live_"
 API_KEY_SHOWN_PREFIX_CHARS = 12          # what a listing shows of a key: enough to tell keys apart
-ADMIN_TOKEN_PREFIX = "aforo_admin_"
 _encode = msgspec.json.Encoder().encode
 STORE = web.AppKey("store", object)
 CLOCK = web.AppKey("clock", object)
@@ -85,24 +85,13 @@ class ControlPlaneMetrics:
                                     registry=self.registry)
 
 
-def sha256_hex(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-async def create_admin_token(store: Store, name: str, now: float) -> str:
-    """A new admin token: its digest is stored, the token itself returned (shown once)."""
-    token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    await store.add_admin_token("tok_" + secrets.token_hex(8), sha256_hex(token), name, now)
-    return token
-
-
 def problem(status: int, detail: str, **extra) -> web.Response:
     body = {"type": "about:blank", "title": _TITLES.get(status, "Error"), "status": status, "detail": detail}
     body.update(extra)
     return web.Response(status=status, body=_encode(body), content_type="application/problem+json")
 
 
-_TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type",
            422: "Unprocessable Content", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -133,14 +122,24 @@ async def _problems(request, handler):
 
 
 @web.middleware
-async def _admin_only(request, handler):
+async def _scoped_tokens(request, handler):
+    # Looked up in the store on every request: a revoked token fails the next one.
     if request.path.startswith("/v1/"):
         header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not token or not await request.app[STORE].admin_token_valid(sha256_hex(token)):
-            response = problem(401, "an admin bearer token is required")
+        secret = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        token = await request.app[STORE].live_token(sha256_hex(secret)) if secret else None
+        if token is None:
+            response = problem(401, "a bearer token is required (unknown or revoked tokens are refused)")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
+        request["principal"] = Principal(token.id, token.name, token.scope)
+        resource = request.match_info.route.resource
+        if resource is not None:             # an unknown path or method answers 404 / 405 as usual
+            needed = scopes_allowing(request.method, resource.canonical)
+            if token.scope not in needed:
+                return problem(403, f"`{request.method} {resource.canonical}` needs a token of the "
+                                    f"`{needed[0]}` scope; this one (`{token.id}`) has `{token.scope}`",
+                               needed_scope=needed[0], scope=token.scope)
     return await handler(request)
 
 
@@ -243,6 +242,41 @@ async def _revoke_api_key(request):
     if customer_id is None:
         return problem(404, f"no active API key `{request.match_info['key_id']}`")
     request.app[FEED].changed((customer_id,))
+    return web.Response(status=204)
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+def _shown_token(token: Token) -> dict:
+    return {"id": token.id, "name": token.name, "scope": token.scope, "created_at": token.created_at,
+            "revoked_at": token.revoked_at}
+
+
+async def _create_token(request):
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        return problem(422, "the body must be a JSON object: {\"name\": ..., \"scope\": ...}")
+    name, scope = body.get("name"), body.get("scope", ADMIN)
+    if not isinstance(name, str) or not name.strip():
+        return problem(422, "a token needs a `name` (a non-empty string) - at `$.name`", path="$.name")
+    if scope not in SCOPES:
+        return problem(422, f"`scope` is one of {', '.join(SCOPES)}, got {_encode(scope).decode()} - at `$.scope`",
+                       path="$.scope")
+    unknown = sorted(set(body) - {"name", "scope"})
+    if unknown:
+        return problem(422, f"unknown field `{unknown[0]}` - at `$.{unknown[0]}`", path=f"$.{unknown[0]}")
+    token, secret = await create_token(request.app[STORE], name, request.app[CLOCK](), scope)
+    # The only time the token itself is ever shown.
+    return json_response({**_shown_token(token), "token": secret}, 201)
+
+
+async def _list_tokens(request):
+    return json_response({"items": [_shown_token(token) for token in await request.app[STORE].tokens()]})
+
+
+async def _revoke_token(request):
+    if await request.app[STORE].revoke_token(request.match_info["token_id"], request.app[CLOCK]()) is None:
+        return problem(404, f"no live token `{request.match_info['token_id']}`")
     return web.Response(status=204)
 
 
@@ -474,6 +508,9 @@ ROUTES = (
     ("POST", "/v1/edge/leases/return", _return_quota, "Give unused leased units back"),
     ("POST", "/v1/edge/throttles", _take_throttle_tokens,
      "Take tokens of a throttled customer's level-2 bucket, shared by every proxy worker"),
+    ("POST", "/v1/tokens", _create_token, "Create a bearer token of a scope (`admin` or `proxy`; shown once)"),
+    ("GET", "/v1/tokens", _list_tokens, "List the tokens: id, name, scope, created_at, revoked_at"),
+    ("DELETE", "/v1/tokens/{token_id}", _revoke_token, "Revoke a token (refused from its next request on)"),
     ("GET", "/v1/actions", _actions, "The trail of guard level transitions (`customer`, `after` seq, `limit`)"),
     ("GET", "/v1/events/unrated", _unrated_events,
      "Events kept but not rated (unknown metric, no subscription yet), each with why (`after` seq, `limit`)"),
@@ -565,7 +602,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     `guards` is the watched guard file (config.guards.watch_guards) or None;
     `webhooks` the WebhookSender woken when transitions enqueue webhooks, or None;
     `feed` the edge feed proxies follow (one over `store` and `guards` when None)."""
-    app = web.Application(middlewares=[_problems, _admin_only], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_problems, _scoped_tokens], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[CLOCK] = clock
     app[GUARDS] = guards

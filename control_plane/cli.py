@@ -7,6 +7,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 import yaml
 
@@ -14,6 +15,7 @@ from config import ConfigError, load_guards
 from config.edge_state_file import load_edge_state_file
 from config.proxy_settings import load_proxy_settings
 from control_plane.store import DEFAULT_SQLITE_PATH
+from control_plane.tokens import ADMIN, SCOPES
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -179,6 +181,52 @@ def run_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_tokens(args: argparse.Namespace) -> int:
+    """`aforo tokens create|list|revoke` on the store `--database` names: create prints
+    the new token's id, name, scope and the token itself (shown once); list prints one
+    line per token (id, scope, name, created, revoked or `live`); revoke takes effect on
+    the token's next request. Returns 0, or 2 with a message for an unknown token, a
+    bad name or an unreachable store."""
+    import asyncio
+    import datetime
+
+    from control_plane.store import StoreError, open_store
+    from control_plane.tokens import create_token
+
+    def when(at):
+        return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    async def act(store):
+        if args.action == "create":
+            token, secret = await create_token(store, args.name, time.time(), args.scope)
+            return [f"created {token.id} ({token.scope}) {token.name}",
+                    f"token (shown once, keep it): {secret}"]
+        if args.action == "list":
+            return [f"{token.id}  {token.scope:<5}  {token.name}  created {when(token.created_at)}  "
+                    + ("live" if token.revoked_at is None else f"revoked {when(token.revoked_at)}")
+                    for token in await store.tokens()] or ["no tokens"]
+        token = await store.revoke_token(args.id, time.time())
+        if token is None:
+            raise ValueError(f"no live token `{args.id}` (see `aforo tokens list`)")
+        return [f"revoked {token.id} ({token.scope}) {token.name}"]
+
+    async def run():
+        store = await open_store(args.database)
+        try:
+            return await act(store)
+        finally:
+            await store.close()
+
+    try:
+        lines = asyncio.run(run())
+    except (ValueError, StoreError, OSError) as err:
+        print(f"aforo tokens {args.action}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
 def run_control_plane(args: argparse.Namespace) -> int:
     """Run the control plane (REST API, guards, webhooks) until SIGTERM / SIGINT, from
     the settings file `--config` (defaults without one); `--listen`, `--guards` and
@@ -300,6 +348,24 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
     apply.set_defaults(run=run_apply)
+    tokens = commands.add_parser(
+        "tokens",
+        help="create, list and revoke bearer tokens of the REST API",
+        description="Bearer tokens of the REST API, in the store: `admin` tokens may call everything, "
+        "`proxy` tokens only what a proxy needs (edge state and changes, quota leases, throttles, meter events). "
+        "A revoked token is refused from its next request on.",
+    )
+    tokens.add_argument("--database", default=os.environ.get(DATABASE_URL_ENV, DEFAULT_SQLITE_PATH),
+                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
+                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
+    actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a token (printed once)")
+    create.add_argument("--name", required=True, help="who or what uses it")
+    create.add_argument("--scope", choices=SCOPES, default=ADMIN, help="what it may call (default: admin)")
+    actions.add_parser("list", help="list every token, revoked ones included (never the token itself)")
+    revoke = actions.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id", metavar="ID", help="the token's id (tok_...)")
+    tokens.set_defaults(run=run_tokens)
     control = commands.add_parser(
         "control-plane",
         help="run the control plane: REST API, guards and webhooks",

@@ -25,12 +25,12 @@ from control_plane.api import (
     FEED,
     INTAKE,
     ControlPlaneMetrics,
-    create_admin_token,
     create_app,
 )
 from control_plane.edge_bus import BusQuotaLedger, EdgeBusPublisher
 from control_plane.meter_stream import MeterStreamConsumer
 from control_plane.store import Store, open_store
+from control_plane.tokens import create_token
 from control_plane.webhooks import WebhookSender
 
 log = logging.getLogger("aforo.control_plane")
@@ -102,7 +102,7 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
         admin_token = None
         # Only once serving: a start that fails must not use up the one showing of the token.
         if await store.admin_tokens_count() == 0:
-            admin_token = await create_admin_token(store, "first", clock())
+            _, admin_token = await create_token(store, "first", clock())
         tasks.append(asyncio.create_task(webhooks.run(), name="aforo webhooks"))
         tasks.append(asyncio.create_task(feed.watch(clock), name="aforo edge feed"))
         if settings.redis_url is not None:

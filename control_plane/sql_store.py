@@ -31,6 +31,7 @@ from control_plane.store import (
     PeriodTotals,
     StoredEvent,
     StoreError,
+    Token,
     WebhookDelivery,
 )
 
@@ -203,6 +204,10 @@ MIGRATIONS = (
             ingested_at DOUBLE PRECISION NOT NULL,
             UNIQUE (kind, customer_id, event_id))""",
     )),
+    (12, "token scopes: admin (everything) or proxy (edge state, leases, meter events)", (
+        # Tokens made before scopes could do everything: they stay admin.
+        "ALTER TABLE admin_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -354,17 +359,33 @@ class SqlStore:
             (key_hash,))
         return ApiKey(*rows[0]) if rows else None
 
-    # -- admin tokens --------------------------------------------------------------
-    async def add_admin_token(self, token_id, token_hash, name, created_at):
-        await self._execute("INSERT INTO admin_tokens (id, token_hash, name, created_at) VALUES (?, ?, ?, ?)",
-                            (token_id, token_hash, name, created_at))
+    # -- tokens --------------------------------------------------------------------
+    _TOKEN_COLUMNS = "id, name, scope, created_at, revoked_at"
 
-    async def admin_token_valid(self, token_hash):
-        rows = await self._fetch("SELECT 1 FROM admin_tokens WHERE token_hash = ? AND revoked_at IS NULL",
-                                 (token_hash,))
-        return bool(rows)
+    async def add_token(self, token, token_hash):
+        await self._execute("INSERT INTO admin_tokens (id, token_hash, name, scope, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (token.id, token_hash, token.name, token.scope, token.created_at))
 
-    async def revoke_admin_tokens(self, name, at):
+    async def live_token(self, token_hash):
+        rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens "
+                                 "WHERE token_hash = ? AND revoked_at IS NULL", (token_hash,))
+        return Token(*rows[0]) if rows else None
+
+    async def tokens(self):
+        rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens ORDER BY created_at, id", ())
+        return [Token(*row) for row in rows]
+
+    async def revoke_token(self, token_id, at):
+        async with self._transaction():
+            rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens "
+                                     "WHERE id = ? AND revoked_at IS NULL", (token_id,))
+            if not rows:
+                return None
+            await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (at, token_id))
+            return msgspec.structs.replace(Token(*rows[0]), revoked_at=at)
+
+    async def revoke_tokens_named(self, name, at):
         async with self._transaction():
             rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
             await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
@@ -372,7 +393,7 @@ class SqlStore:
             return rows[0][0]
 
     async def admin_tokens_count(self):
-        rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL", ())
+        rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL AND scope = 'admin'", ())
         return rows[0][0]
 
     # -- events --------------------------------------------------------------------

@@ -182,6 +182,18 @@ class ApiKey(msgspec.Struct, frozen=True):
     revoked_at: float | None = None
 
 
+class Token(msgspec.Struct, frozen=True):
+    """A bearer token of the REST API as listed: never the token itself (only its
+    sha256 digest is kept, apart from this). `scope` names what it may call
+    (control_plane.tokens.SCOPE_ROUTES); `revoked_at` is None while it is live."""
+
+    id: str
+    name: str
+    scope: str
+    created_at: float
+    revoked_at: float | None = None
+
+
 class Store(Protocol):
     """The control plane's store. Every method may raise StoreError.
 
@@ -198,10 +210,12 @@ class Store(Protocol):
     None when unknown or already revoked), `api_key_by_hash(key_hash)` (revoked
     keys included, so a caller can tell revoked from unknown).
 
-    Admin tokens (for the REST API; only their sha256 is kept):
-    `add_admin_token(id, token_hash, name, created_at)`, `admin_token_valid(token_hash)`,
-    `admin_tokens_count()` (tokens not revoked), `revoke_admin_tokens(name, at)` (every
-    live token of that name; returns how many).
+    Tokens (bearer tokens of the REST API; only their sha256 is kept):
+    `add_token(token, token_hash)`, `live_token(token_hash)` (the Token, None when
+    unknown or revoked), `tokens()` (every token, revoked ones included, oldest first),
+    `revoke_token(id, at)` (the revoked Token; None when unknown or already revoked),
+    `admin_tokens_count()` (live tokens of the admin scope), `revoke_tokens_named(name,
+    at)` (every live token of that name; returns how many).
 
     Events: `record_events(events, ratings=None)` keeps each event unless one with the
     same (kind, customer, event id) is already kept, and returns, per event in order,
@@ -277,10 +291,12 @@ class Store(Protocol):
     async def revoke_api_key(self, key_id: str, at: float) -> str | None: ...
     async def api_key_by_hash(self, key_hash: str) -> ApiKey | None: ...
 
-    async def add_admin_token(self, token_id: str, token_hash: str, name: str, created_at: float) -> None: ...
-    async def admin_token_valid(self, token_hash: str) -> bool: ...
+    async def add_token(self, token: Token, token_hash: str) -> None: ...
+    async def live_token(self, token_hash: str) -> Token | None: ...
+    async def tokens(self) -> list[Token]: ...
+    async def revoke_token(self, token_id: str, at: float) -> Token | None: ...
     async def admin_tokens_count(self) -> int: ...
-    async def revoke_admin_tokens(self, name: str, at: float) -> int: ...
+    async def revoke_tokens_named(self, name: str, at: float) -> int: ...
 
     async def record_events(self, events: Sequence[StoredEvent],
                             ratings: Sequence[Rating | None] | None = None) -> list[str]: ...

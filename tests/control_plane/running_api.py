@@ -4,7 +4,8 @@ import json
 import aiohttp
 from aiohttp import web
 
-from control_plane.api import create_admin_token, create_app
+from control_plane.api import create_app
+from control_plane.tokens import create_token
 
 NOW = 1_800_000_000.0
 # A guard on the pro tier's tokens, notifying `finance` at level 1.
@@ -29,7 +30,7 @@ class Api:
         self.app_options = {}
 
     async def __aenter__(self):
-        self.token = await create_admin_token(self.store, "tests", NOW)
+        _, self.token = await create_token(self.store, "tests", NOW)
         self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW, **self.app_options))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

@@ -31,6 +31,7 @@ from control_plane.store import (
     Rating,
     StoredEvent,
     StoreError,
+    Token,
     Webhook,
     open_store,
 )
@@ -126,14 +127,23 @@ def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
     backend.run(scenario)
 
 
-def test_admin_tokens_are_kept_as_digests(backend):
+def test_tokens_are_kept_as_digests_with_a_scope_and_revoked_by_id_or_name(backend):
     async def scenario(open_test_store):
         store = await open_test_store()
         assert await store.admin_tokens_count() == 0
-        await store.add_admin_token("tok_1", "e" * 64, "first", 5.0)
-        assert await store.admin_token_valid("e" * 64) is True
-        assert await store.admin_token_valid("f" * 64) is False
-        assert await store.admin_tokens_count() == 1
+        await store.add_token(Token("tok_1", "first", "admin", 5.0), "e" * 64)
+        await store.add_token(Token("tok_2", "edge", "proxy", 6.0), "d" * 64)
+        assert await store.live_token("e" * 64) == Token("tok_1", "first", "admin", 5.0)
+        assert await store.live_token("f" * 64) is None
+        assert await store.admin_tokens_count() == 1                 # proxy tokens are not admin ones
+        assert await store.revoke_token("tok_2", 7.0) == Token("tok_2", "edge", "proxy", 6.0, 7.0)
+        assert await store.revoke_token("tok_2", 8.0) is None        # already revoked: the first time stands
+        assert await store.revoke_token("tok_9", 8.0) is None
+        assert await store.live_token("d" * 64) is None
+        assert await store.revoke_tokens_named("first", 9.0) == 1
+        assert await store.tokens() == [Token("tok_1", "first", "admin", 5.0, 9.0),
+                                        Token("tok_2", "edge", "proxy", 6.0, 7.0)]
+        assert await store.admin_tokens_count() == 0
     backend.run(scenario)
 
 

@@ -17,7 +17,8 @@ from config import parse_guards
 from config.catalog_file import load_catalog_file
 from config.control_plane_settings import NotifyChannel, WebhookSettings
 from config.network import WebhookUrl
-from control_plane.api import create_admin_token, create_app
+from control_plane.api import create_app
+from control_plane.tokens import create_token
 from control_plane.catalog import apply_catalog
 from control_plane.guard_actions import evaluate_guards
 from control_plane.ingest import ingest
@@ -307,7 +308,7 @@ def test_a_receiver_that_always_fails_is_given_up_after_max_attempts_and_listed_
                 await sender.deliver_due(session)
             assert len(receiver.requests) == 3
             assert sender.metrics.given_up.labels(channel="finance")._value.get() == 1
-            token = await create_admin_token(store, "tests", NOW)
+            _, token = await create_token(store, "tests", NOW)
             runner = web.AppRunner(create_app(store, clock))
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -18,10 +18,11 @@ from conftest import SOCKET_TIMEOUT_S, request, wait_until
 from bench.llm_upstream import LlmUpstream
 from config.guards import watch_guards
 from config.proxy_settings import load_proxy_settings
-from control_plane.api import create_admin_token, create_app
+from control_plane.api import create_app
 from control_plane.periods import period_bounds
 from control_plane.sqlite_store import SqliteStore
 from control_plane.store import USAGE
+from control_plane.tokens import PROXY, create_token
 from proxy import quota_leases
 from proxy.server import ProxyWorker
 
@@ -62,7 +63,7 @@ class ControlPlane:
     async def start(self):
         self.store = await SqliteStore.open(str(self.folder / "aforo.db"))
         await self.store.migrate()
-        self.token = await create_admin_token(self.store, "proxies", time.time())
+        _, self.token = await create_token(self.store, "proxies", time.time(), PROXY)
         self.runner = web.AppRunner(create_app(self.store, guards=watch_guards(self.folder / "guards.yaml")))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
