@@ -15,8 +15,9 @@ class Backend:
     the test's database (again: another connection to the same one); every store
     opened is closed before the loop ends."""
 
-    def __init__(self, connect):
+    def __init__(self, connect, database_url):
         self.connect = connect
+        self.database_url = database_url      # the same database, as `aforo ... --database` takes it
 
     def run(self, scenario):
         async def main():
@@ -40,6 +41,7 @@ class Backend:
 def backend(request, tmp_path):
     if request.param == "sqlite":
         path = str(tmp_path / "store" / "aforo.db")
-        return Backend(lambda: SqliteStore.open(path))
+        return Backend(lambda: SqliteStore.open(path), path)
     url, schema = request.getfixturevalue("postgres_schema")
-    return Backend(lambda: PostgresStore.connect(url, server_settings={"search_path": schema}))
+    return Backend(lambda: PostgresStore.connect(url, server_settings={"search_path": schema}),
+                   f"{url}?search_path={schema}")
