@@ -63,7 +63,9 @@ class ControlPlane:
     async def start(self):
         self.store = await SqliteStore.open(str(self.folder / "aforo.db"))
         await self.store.migrate()
-        _, self.token = await create_token(self.store, "proxies", time.time(), PROXY)
+        _, self.token = await create_token(self.store, "tests", time.time())
+        # What the proxies following this control plane use: the proxy scope is enough.
+        _, self.proxy_token = await create_token(self.store, "proxies", time.time(), PROXY)
         self.runner = web.AppRunner(create_app(self.store, guards=watch_guards(self.folder / "guards.yaml")))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -187,7 +189,7 @@ def leasing(request):
 @pytest.fixture
 def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
     """Start a worker following `control_plane` over its API."""
-    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.proxy_token)
 
     def settings_text(index):
         return fed_settings(upstream.port, following(control_plane.url),
@@ -343,7 +345,7 @@ def llm_upstream_with_token_quota(loop_thread, control_plane, monkeypatch, outpu
     ai_output_tokens (and 1,000 calls) for the proxies following `control_plane`."""
     llm = LlmUpstream(keep_exchanges=False)
     loop_thread.run(llm.start())
-    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.token)
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.proxy_token)
     control_plane.catalog()
     control_plane.call("PUT", "/v1/metrics/ai_output_tokens", {"aggregation": "sum"})
     control_plane.call("PUT", "/v1/plans/pro", {
