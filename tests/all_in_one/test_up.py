@@ -36,6 +36,14 @@ def up(tmp_path, backend):
     running.stop()
 
 
+def test_the_proxies_of_aforo_up_run_on_a_proxy_scoped_token(up, backend):
+    key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
+    eventually(lambda: up.through_proxy(key)[0] == 200)       # edge state reached the proxies with it
+    live = [(token["name"], token["scope"]) for token in up.admin("GET", "/v1/tokens")["items"]
+            if token["revoked_at"] is None]
+    assert sorted(live) == [("first", "admin"), ("proxies of aforo up", "proxy")]
+
+
 def test_a_customer_walks_the_guard_ladder_and_recovers(up, backend):
     key = up.admin("POST", "/v1/customers/cus_1/api-keys")["key"]
     eventually(lambda: up.through_proxy(key)[0] == 200)
