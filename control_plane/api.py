@@ -18,7 +18,7 @@ from config.errors import ConfigError, raise_if_any
 from config.values import Money
 from config.watched_file import ReloadErrorCounter
 from control_plane import quota_leases
-from control_plane.catalog import check_entry_references
+from control_plane.catalog import check_entry_references, referrers_of
 from control_plane.edge_feed import EdgeFeed
 from control_plane.ingest import (
     BatchError,
@@ -205,6 +205,11 @@ async def _list_entries(request):
 async def _delete_entry(request):
     kind = _kind(request)
     key = request.match_info["key"]
+    # Refused while a live entry names it: a plan or subscription would be left naming nothing.
+    if referrers := await referrers_of(request.app[STORE], kind, key):
+        named = ", ".join(f"{referrer.kind} `{referrer.key}` (at `{referrer.path}`)" for referrer in referrers)
+        return problem(409, f"{kind} `{key}` is still named by {named}; change or delete those first",
+                       referrers=[referrer._asdict() for referrer in referrers])
     if not await request.app[STORE].delete_catalog(kind, key):
         return problem(404, f"no {kind} `{key}`")
     request.app[FEED].changed()
@@ -534,7 +539,8 @@ ROUTES = (
                                             "features, plans, customers, subscriptions)"),
     ("GET", "/v1/{section}/{key}", _get_entry, "One catalog entry"),
     ("PUT", "/v1/{section}/{key}", _put_entry, "Create or update a catalog entry (idempotent)"),
-    ("DELETE", "/v1/{section}/{key}", _delete_entry, "Delete a catalog entry"),
+    ("DELETE", "/v1/{section}/{key}", _delete_entry,
+     "Delete a catalog entry (409 with the referrers while a live entry names it)"),
 )
 
 

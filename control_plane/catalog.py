@@ -1,7 +1,8 @@
 # Applying a catalog file to the store: declarative and idempotent. Every reference is
 # checked first (against the file and what the store already holds), so a file with a
 # dangling reference writes nothing; then each entry is upserted, sections in
-# dependency order. Applying the same file again changes nothing and says so.
+# dependency order. Applying the same file again changes nothing and says so. An entry
+# a live one names (referrers_of) is not deleted.
 from __future__ import annotations
 
 from collections import Counter
@@ -41,6 +42,37 @@ def references_of(kind: str, document: dict, path: str = "$") -> list[Reference]
         references += [Reference("customer", document["customer"], f"{path}.customer"),
                        Reference("plan", document["plan"], f"{path}.plan")]
     return references
+
+
+# A subscription in one of these has ended: it no longer holds what it names.
+ENDED_SUBSCRIPTION_STATUSES = ("canceled", "expired")
+
+
+class Referrer(NamedTuple):
+    """A live entry naming another: its `kind` and `key`, and the `path` in it (from
+    its document's top, `$`) that names the other."""
+
+    kind: str
+    key: str
+    path: str
+
+
+def is_live(kind: str, document: dict) -> bool:
+    """Whether an entry still holds what it names: every entry does, but a
+    subscription that has ended (status canceled or expired)."""
+    return not (kind == "subscription" and document.get("status") in ENDED_SUBSCRIPTION_STATUSES)
+
+
+async def referrers_of(store: Store, kind: str, key: str) -> list[Referrer]:
+    """Every live entry of the store (see is_live) naming the entry `kind`/`key`, by
+    references_of, in section then key order; empty when nothing live names it (a
+    model or tool price, a subscription, or an entry only ended subscriptions name)."""
+    return [Referrer(referrer_kind, referrer_key, reference.path)
+            for _, referrer_kind in SECTIONS
+            for referrer_key, document in await store.list_catalog(referrer_kind)
+            if is_live(referrer_kind, document)
+            for reference in references_of(referrer_kind, document)
+            if (reference.kind, reference.key) == (kind, key)]
 
 
 def _unknown(reference: Reference, file: str) -> ConfigError:

@@ -550,3 +550,40 @@ def test_one_batch_moves_the_levels_of_every_customer_it_touches(backend, tmp_pa
         assert {level.customer_id: level.level for level in await store.guard_levels_of(customers + ["cus_acme"])} \
             == dict.fromkeys(customers, 2)
     backend.run(scenario)
+
+
+def test_deleting_what_a_live_entry_names_is_refused_with_each_referrer_until_it_is_gone(backend):
+    async def scenario(api):
+        await api.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+        await api.call("PUT", "/v1/features/premium", {})
+        await api.call("PUT", "/v1/plans/pro", {"tier": "pro", "features": ["premium"],
+                                                 "quotas": {"api_calls": {"limit": 1000}}, "charges": [
+            {"metric": "api_calls", "model": "per_unit", "price": "0.01"}]})
+        await api.call("PUT", "/v1/customers/acme", {})
+        subscription = {"customer": "acme", "plan": "pro", "period_anchor": "2027-01-01T00:00:00Z"}
+        await api.call("PUT", "/v1/subscriptions/acme-pro", subscription)
+        refused = {
+            "/v1/plans/pro": [{"kind": "subscription", "key": "acme-pro", "path": "$.plan"}],
+            "/v1/customers/acme": [{"kind": "subscription", "key": "acme-pro", "path": "$.customer"}],
+            "/v1/features/premium": [{"kind": "plan", "key": "pro", "path": "$.features"}],
+            "/v1/metrics/api_calls": [{"kind": "plan", "key": "pro", "path": "$.quotas.api_calls"},
+                                      {"kind": "plan", "key": "pro", "path": "$.charges[0].metric"}],
+        }
+        for path, referrers in refused.items():
+            status, content_type, body = await api.call("DELETE", path)
+            assert (status, content_type) == (409, "application/problem+json"), path
+            assert body["referrers"] == referrers
+            assert f"still named by {referrers[0]['kind']} `{referrers[0]['key']}`" in body["detail"]
+            assert (await api.call("GET", path))[0] == 200                       # nothing was lost
+        # A subscription that has ended holds nothing: its customer and plan may go.
+        await api.call("PUT", "/v1/subscriptions/acme-pro", {**subscription, "status": "canceled"})
+        assert (await api.call("DELETE", "/v1/customers/acme"))[0] == 204
+        assert (await api.call("DELETE", "/v1/plans/pro"))[0] == 204
+        assert (await api.call("DELETE", "/v1/features/premium"))[0] == 204
+        assert (await api.call("DELETE", "/v1/metrics/api_calls"))[0] == 204
+        assert (await api.call("GET", "/v1/metrics/api_calls"))[0] == 404
+        # Nothing names a subscription or a price table entry.
+        assert (await api.call("DELETE", "/v1/subscriptions/acme-pro"))[0] == 204
+        await api.call("PUT", "/v1/model_prices/gpt-4o", {"input": "2.50"})
+        assert (await api.call("DELETE", "/v1/model_prices/gpt-4o"))[0] == 204
+    api_test(backend, scenario)
