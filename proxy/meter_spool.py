@@ -237,6 +237,20 @@ class MeterSpool:
         self._front_sequence -= 1
         return Segment(sequence, self.directory / segment_name(sequence), 0, synced=True)
 
+    def take_in_front(self, paths: Sequence[Path]) -> int:
+        """Move the NDJSON files `paths` (oldest first, e.g. a journal an earlier run
+        left) in front of every segment, to be replayed first, in their order. Returns
+        the events they hold. Blocking, meant for start-up. Raises OSError."""
+        taken = 0
+        for path in reversed(paths):
+            segment = self.new_front_segment()
+            os.replace(path, segment.path)
+            self.add_front(segment, _count_lines(segment.path))
+            taken += segment.events
+        if paths:
+            fsync_directory(self.directory)
+        return taken
+
     def add_front(self, segment: Segment, events: int) -> None:
         """`segment` (from new_front_segment) now holds `events` on disk."""
         segment.events = events

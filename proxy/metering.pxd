@@ -12,6 +12,7 @@ cdef class MeterBuffer:
     cdef Py_ssize_t _spill_chunk_events
     cdef double _retry_initial_s
     cdef double _retry_max_s
+    cdef double _journal_interval_s
     cdef object _loop
     cdef object _clock
     cdef public long long recorded_total
@@ -22,6 +23,10 @@ cdef class MeterBuffer:
     cdef object _memory
     cdef list _spill_pending
     cdef object _spool
+    cdef object _journal
+    cdef list _unjournaled
+    cdef long long _memory_out
+    cdef double _last_commit
     cdef object _replay
     cdef bint _spilling
     cdef bint _closing

@@ -1,6 +1,8 @@
 # Meter events leave the request path through a MeterBuffer: record() is O(1) and never
 # awaits; one task sends batches to a MeterSink, retries a failed batch, and overflow goes
-# to a disk spool. Only an unwritable spool loses events, each one counted and logged.
+# to a disk spool. Memory is written ahead to a journal every JOURNAL_INTERVAL_S, so a
+# crash loses at most that window. Only an unwritable disk loses events, each one counted
+# and logged.
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +24,7 @@ from proxy.meter_event import (
     encode_ndjson,
     new_event_id,
 )
+from proxy.meter_journal import JOURNAL_INTERVAL_S, MeterJournal
 from proxy.meter_spool import (
     MeterSpool,
     Segment,
@@ -164,9 +167,16 @@ class MeterBuffer:
     once per successful write_batch; after a crash (not a close) spooled events that
     had already been sent may be sent again, which the ids make harmless.
 
-    Counters: `depth` (events in memory), `spooled_events` (routed to the spool and not
-    yet delivered; up to `spill_chunk_events` of them may still be on their way to the
-    file), `recorded_total`, `flushed_total` (delivered), `spilled_total` (routed to
+    Crashes: every event in memory is written to the journal (`spool_dir/journal`) at
+    the next group commit, at most `journal_interval_s` after it was recorded (the run()
+    task commits; commit() does it at once), and overflow waiting for its spool chunk is
+    written to the spool then too. A process that dies without close() therefore loses
+    at most the events of its last `journal_interval_s`; the next buffer on this
+    spool_dir replays the journal first. (Written to the OS, not fsynced: a power loss
+    may lose more; close() fsyncs the spool.)
+
+    Counters: `depth` (events in memory, including overflow waiting for its spool
+    chunk), `spooled_events` (on disk in the spool, not yet delivered), `recorded_total`, `flushed_total` (delivered), `spilled_total` (routed to
     the spool), `lost_total` (could be neither kept nor spooled), `sink_errors_total`.
     recorded_total == flushed_total + depth + spooled_events + lost_total, up to the
     rare events both spooled in a torn write and kept in memory.
@@ -193,6 +203,7 @@ class MeterBuffer:
         segment_events: int = SEGMENT_EVENTS,
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = RETRY_MAX_S,
+        journal_interval_s: float = JOURNAL_INTERVAL_S,
     ):
         if batch_events < 1:
             raise ValueError(f"batch_events must be at least 1, got {batch_events}")
@@ -211,6 +222,7 @@ class MeterBuffer:
         self._spill_chunk_events = spill_chunk_events
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        self._journal_interval_s = journal_interval_s
         self._loop = loop
         self._clock = clock
 
@@ -223,6 +235,10 @@ class MeterBuffer:
         self._memory: collections.deque[MeterEvent] = collections.deque()
         self._spill_pending: list[MeterEvent] = []
         self._spool = MeterSpool(spool_dir, segment_events=segment_events)
+        self._journal = MeterJournal(Path(spool_dir) / "journal")
+        self._unjournaled: list[MeterEvent] = []     # in memory, not yet in the journal
+        self._memory_out = 0                         # events that ever left memory
+        self._last_commit = clock()
         self._replay: _Replay | None = None
         self._spilling = False
         self._closing = False
@@ -234,6 +250,10 @@ class MeterBuffer:
         self._run_task: asyncio.Task | None = None
         try:
             self._spool.open()
+            journaled = self._spool.take_in_front(self._journal.left_by_earlier_run())
+            if journaled:
+                log.warning("meter journal %s holds %d events of a run that ended without closing; "
+                            "replaying them first", self._journal.directory, journaled)
         except OSError as error:
             log.error("meter spool %s is unusable (%s); overflow will be lost until it can be written",
                       self._spool.directory, error)
@@ -246,13 +266,14 @@ class MeterBuffer:
     # -- counters -----------------------------------------------------------------
     @property
     def depth(self) -> int:
-        """Events held in memory, including a batch being sent."""
-        return len(self._memory)
+        """Events held in memory, including a batch being sent and overflow waiting for
+        its spool chunk."""
+        return len(self._memory) + len(self._spill_pending)
 
     @property
     def spooled_events(self) -> int:
-        """Events routed to the spool and not yet delivered."""
-        return self._spool.events + len(self._spill_pending)
+        """Events on disk in the spool, not yet delivered."""
+        return self._spool.events
 
     @property
     def spool_dir(self) -> Path:
@@ -270,6 +291,7 @@ class MeterBuffer:
         memory = self._memory
         if not self._spilling and len(memory) < self._capacity:
             memory.append(event)
+            self._unjournaled.append(event)
             depth = len(memory)
             if depth == 1 or depth == self._batch_events:
                 self._wakeup.set()
@@ -291,7 +313,7 @@ class MeterBuffer:
         except Exception as error:     # never out of record(): keep or count every event
             room = max(0, self._capacity - len(self._memory))
             kept = events[:room]
-            self._memory.extend(kept)
+            self._take_into_memory(kept)
             lost = len(events) - len(kept)
             self.lost_total += lost
             if lost:
@@ -303,6 +325,32 @@ class MeterBuffer:
             if kept:
                 self._wakeup.set()
 
+    def _take_into_memory(self, events: Sequence[MeterEvent]) -> None:
+        self._memory.extend(events)
+        self._unjournaled.extend(events)
+
+    def commit(self) -> None:
+        """Group commit: write the events that entered memory since the last commit to
+        the journal and the overflow waiting for its chunk to the spool, then drop the
+        journal files whose events have all left memory. A journal that cannot be
+        written is logged; its events stay in memory (only a crash would lose them)."""
+        self._last_commit = self._clock()
+        self._write_spill()
+        events, self._unjournaled = self._unjournaled, []
+        try:
+            self._journal.write(events, self._memory_out + len(self._memory))
+            self._journal.forget(self._memory_out)
+        except OSError as error:
+            log.error("meter journal %s cannot be written (%s); %d meter events are only in memory "
+                      "until delivered", self._journal.directory, error, len(events))
+
+    def _seconds_until_commit(self, now: float) -> float:
+        # While anything is in memory, commit every journal interval (delivered events
+        # are forgotten then too).
+        if not (self._memory or self._spill_pending):
+            return math.inf
+        return self._last_commit + self._journal_interval_s - now
+
     # -- delivery -------------------------------------------------------------------
     async def run(self) -> None:
         """Deliver until close(): wake when a batch is full, the flush interval is
@@ -311,7 +359,10 @@ class MeterBuffer:
         self._run_task = asyncio.current_task()
         while not self._closing:
             self._wakeup.clear()
-            wait_s = self._seconds_until_due(self._clock())
+            now = self._clock()
+            if self._seconds_until_commit(now) <= 0:
+                self.commit()
+            wait_s = min(self._seconds_until_due(now), self._seconds_until_commit(now))
             if wait_s > 0:
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), None if wait_s == math.inf else wait_s)
@@ -372,6 +423,7 @@ class MeterBuffer:
                     popleft = self._memory.popleft
                     for _ in range(len(batch)):
                         popleft()
+                    self._memory_out += len(batch)
                     self._last_flush = self._clock()
                 else:
                     self._spool_delivered(len(batch))
@@ -398,7 +450,7 @@ class MeterBuffer:
             if self._spool.is_empty() and len(pending) <= self._capacity - len(self._memory):
                 # Nothing older on disk: the overflow not yet written is next in line and
                 # memory is empty, so it moves there and the spool is done.
-                self._memory.extend(pending)
+                self._take_into_memory(pending)
                 self._spill_pending = []
                 if not self._closing:
                     self._spilling = False
@@ -504,10 +556,12 @@ class MeterBuffer:
             if self._memory:
                 events = list(self._memory)
                 self._memory.clear()
+                self._unjournaled = []
                 segment = self._spool.new_front_segment()
                 try:
                     await loop.run_in_executor(None, write_segment_file, segment.path, events)
                     self._spool.add_front(segment, len(events))
+                    self._memory_out += len(events)
                 except OSError as error:
                     self.lost_total += len(events)
                     log.error("meter spool %s cannot be written at shutdown (%s): %d meter events lost",
@@ -518,3 +572,8 @@ class MeterBuffer:
             except OSError as error:
                 log.error("meter spool %s cannot be synced to disk (%s); a power loss may lose spooled events",
                           self._spool.directory, error)
+            try:
+                self._journal.close(self._memory_out)
+            except OSError as error:
+                log.error("meter journal %s cannot be removed (%s); the next start delivers its events again",
+                          self._journal.directory, error)

@@ -254,8 +254,9 @@ def _request_families():
 
 def _families():
     return (
-        GaugeMetricFamily("aforo_meter_buffer_depth", "Meter events held in memory, waiting for the sink."),
-        GaugeMetricFamily("aforo_meter_spooled_events", "Meter events waiting in the disk spool."),
+        GaugeMetricFamily("aforo_meter_buffer_depth", "Meter events held in memory (each journaled to disk "
+                          "within 100 ms), waiting for the sink or their spool chunk."),
+        GaugeMetricFamily("aforo_meter_spooled_events", "Meter events on disk in the spool, waiting for the sink."),
         CounterMetricFamily("aforo_meter_events", "Meter events by outcome: recorded, flushed (delivered), "
                             "spilled (to the disk spool), lost (neither kept nor spooled).", labels=("outcome",)),
         CounterMetricFamily("aforo_meter_sink_errors", "Failed meter batch writes (each retried)."),

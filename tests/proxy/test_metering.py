@@ -90,7 +90,8 @@ def new_buffer(sink, spool_dir, clock, **options):
 
 
 def spool_files(spool_dir):
-    return sorted(p.name for p in Path(spool_dir).iterdir())
+    # Every file in the spool, its journal included.
+    return sorted(str(p.relative_to(spool_dir)) for p in Path(spool_dir).rglob("*") if p.is_file())
 
 
 def test_sinks_satisfy_the_protocol(tmp_path):
@@ -174,8 +175,12 @@ def test_overflow_spills_to_disk_without_blocking_and_replays_oldest_first(tmp_p
         await sink.entered.wait()                   # the delivery task is stuck in the sink
         for n in range(5, 1000):
             assert buffer.record(event(n)) is None  # synchronous: returns with the sink stalled
-        assert (buffer.depth, buffer.spilled_total, buffer.spooled_events) == (10, 990, 990)
-        assert spool_files(spool_dir)               # full chunks already reached the disk
+        # Full chunks (3 of 256) already reached the disk; the rest waits in memory for
+        # its chunk, and only what is on disk counts as spooled.
+        assert (buffer.depth, buffer.spilled_total, buffer.spooled_events) == (10 + 222, 990, 768)
+        assert spool_files(spool_dir)
+        buffer.commit()                             # the group commit writes the partial chunk too
+        assert (buffer.depth, buffer.spooled_events) == (10, 990)
         assert sink.ids == []
         sink.release.set()
         await sink.all_arrived.wait()
@@ -368,6 +373,7 @@ def test_run_exits_when_close_begins_and_delivers_full_batches_on_its_own(tmp_pa
             st.tuples(st.just("record"), st.integers(1, 30)),
             st.tuples(st.just("sink"), st.one_of(st.none(), st.integers(0, 4))),
             st.tuples(st.just("flush"), st.floats(0.0, 6.0)),
+            st.tuples(st.just("commit"), st.none()),
         ),
         max_size=25,
     ),
@@ -388,13 +394,15 @@ def test_every_recorded_event_is_delivered_once_in_order(capacity, batch, chunk,
                 recorded += value
             elif action == "sink":                  # up for `value` more batches (None: for good)
                 sink.down, sink.good_batches = False, value
+            elif action == "commit":
+                buffer.commit()
             else:
                 clock.advance(value)
                 await buffer.flush_due()
             assert sink.ids == ids(range(len(sink.ids)))     # a prefix, in order, no repeats
             assert buffer.recorded_total == (buffer.flushed_total + buffer.depth
                                              + buffer.spooled_events + buffer.lost_total)
-            assert buffer.depth <= capacity
+            assert buffer.depth <= capacity + chunk          # memory, and overflow waiting for its chunk
         sink.down, sink.good_batches = False, None
         await buffer.close(timeout_s=10.0)
         assert sink.ids == ids(range(recorded))
@@ -509,3 +517,82 @@ def test_a_forked_child_draws_its_own_prefix():
         child_id = pipe.read().decode()
     os.waitpid(pid, 0)
     assert child_id[:16] != process_id_prefix()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    capacity=st.integers(1, 12),
+    chunk=st.integers(1, 6),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("record"), st.integers(1, 30)),
+            st.tuples(st.just("sink"), st.one_of(st.none(), st.integers(0, 4))),
+            st.tuples(st.just("flush"), st.floats(0.0, 6.0)),
+            st.tuples(st.just("commit"), st.none()),
+        ),
+        max_size=25,
+    ),
+)
+def test_a_crash_loses_nothing_recorded_before_the_last_group_commit(capacity, chunk, steps):
+    # A worker dies (no close) at any point: the next buffer on its spool delivers every
+    # event recorded before its last commit, oldest first (repeats allowed: ids dedupe).
+    async def crashed_run(spool_dir):
+        clock = FakeClock()
+        sink = SinkDownAfter()
+        buffer = new_buffer(sink, spool_dir, clock, capacity_events=capacity, batch_events=1,
+                            spill_chunk_events=chunk, segment_events=5)
+        recorded = committed = 0
+        for action, value in steps:
+            if action == "record":
+                for n in range(recorded, recorded + value):
+                    buffer.record(event(n))
+                recorded += value
+            elif action == "sink":
+                sink.down, sink.good_batches = False, value
+            elif action == "commit":
+                buffer.commit()
+                committed = recorded
+            else:
+                clock.advance(value)
+                await buffer.flush_due()
+        return sink.ids, committed
+
+    async def next_run(spool_dir):
+        clock = FakeClock()
+        sink = RecordingSink()
+        buffer = new_buffer(sink, spool_dir, clock)
+        while await buffer.flush_due():
+            clock.advance(1.0)
+        await buffer.close(timeout_s=1.0)
+        return sink.ids
+
+    with tempfile.TemporaryDirectory() as spool_dir:
+        before, committed = asyncio.run(crashed_run(spool_dir))
+        after = asyncio.run(next_run(spool_dir))
+        assert set(ids(range(committed))) <= set(before) | set(after)
+        assert after == sorted(after) and len(set(after)) == len(after)   # oldest first, once each
+        assert spool_files(spool_dir) == []
+
+
+def test_a_crashed_buffers_journal_is_replayed_before_its_spool(tmp_path):
+    async def crashed_run():
+        sink = RecordingSink()
+        sink.down = True
+        buffer = new_buffer(sink, tmp_path, FakeClock(), capacity_events=10, spill_chunk_events=4)
+        for n in range(30):
+            buffer.record(event(n))
+        buffer.commit()
+        assert (buffer.depth, buffer.spooled_events) == (10, 20)
+        assert spool_files(tmp_path) and any(name.startswith("journal/") for name in spool_files(tmp_path))
+
+    async def next_run():
+        sink = RecordingSink()
+        buffer = new_buffer(sink, tmp_path, FakeClock())
+        assert buffer.spooled_events == 30          # the journal's 10 and the spool's 20
+        await buffer.flush_due()
+        await buffer.close(timeout_s=1.0)
+        return sink.ids
+
+    asyncio.run(crashed_run())
+    assert asyncio.run(next_run()) == ids(range(30))
+    assert spool_files(tmp_path) == []

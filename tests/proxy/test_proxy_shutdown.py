@@ -291,6 +291,34 @@ def test_a_worker_that_dies_is_replaced_and_the_port_keeps_serving(proxy_process
     assert len(proxy.meter_events()) == 20
 
 
+def test_a_killed_worker_loses_no_meter_event_older_than_its_last_group_commit(proxy_process):
+    # The meter file is written once an hour (flush_interval_s: 3600): every event sits in
+    # worker memory, and on disk only in the journal of the group commit (every 100 ms).
+    proxy = proxy_process(workers=2)
+    requests_n = 30
+    for index in range(requests_n):
+        assert request(proxy.port, "GET", f"/echo/before-kill-{index}")[0] == 200
+
+    def journaled():
+        return sum(len(path.read_bytes().splitlines())
+                   for path in proxy.folder.glob("meter-spool.worker-*/journal/*.ndjson"))
+    poll(lambda: journaled() == requests_n, "the group commit of every event")
+    assert proxy.meter_events() == []
+    killed = proxy.worker_pids()
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    # Each replacement replays its predecessor's journal to the meter file at once.
+    poll(lambda: len({event["id"] for event in proxy.meter_events()}) == requests_n,
+         "every event of the killed workers delivered by their replacements")
+    assert not set(killed) & set(proxy.worker_pids())
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(PROCESS_EXIT_BOUND_S) == 0, proxy.output()
+    events = proxy.meter_events()
+    assert sorted(event["id"] for event in events) == sorted({event["id"] for event in events})
+    assert len(events) == requests_n
+    assert [path.name for path in proxy.folder.glob("meter-spool*/**/*") if path.is_file()] == []
+
+
 def test_a_worker_that_cannot_start_stops_the_proxy_with_a_failure(upstream, tmp_path):
     # Worker 1's admin port is taken: it exits at every start; after a few quick
     # exits in a row the proxy gives up rather than retrying forever.
