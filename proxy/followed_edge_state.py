@@ -22,6 +22,8 @@ log = logging.getLogger("aforo.proxy")
 WAIT_FOR_CHANGES_S = 20.0
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
+# Kept changes are folded into a new kept state once they outgrow it (and this).
+KEPT_CHANGES_MIN_BYTES = 1 << 20
 
 
 class EdgeStateUnavailable(Exception):
@@ -83,11 +85,17 @@ class FollowedEdgeState:
 
     Each wait for changes lasts at most `wait_s`, so while the source is there
     `age_s()` stays below it.
+
+    With a `keeper` (proxy.kept_edge_state.EdgeStateKeeper), every state and change
+    served is kept on disk, and a start that cannot reach the source at its first try
+    serves the kept state at once (its age counted from when it was heard, so the
+    routes' `when_stale` rules apply) and keeps trying the source in follow().
     """
 
     def __init__(self, source: EdgeStateSource, clock: Callable[[], float] = time.time,
-                 leased_quotas: bool = False, wait_s: float = WAIT_FOR_CHANGES_S) -> None:
+                 leased_quotas: bool = False, wait_s: float = WAIT_FOR_CHANGES_S, keeper=None) -> None:
         self.source = source
+        self.keeper = keeper
         self.clock = clock
         self.leased_quotas = leased_quotas
         self.wait_s = wait_s
@@ -130,10 +138,34 @@ class FollowedEdgeState:
                 await self.pull()
                 return
             except EdgeStateUnavailable as error:
+                if self.keeper is not None and self._serve_kept(error):
+                    return
                 if time.monotonic() + delay > deadline:
                     raise EdgeStateUnavailable(f"no edge state from {self.source.where}: {error}") from error
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+
+    def _serve_kept(self, error: EdgeStateUnavailable) -> bool:
+        # Serve the state kept on disk, the changes kept after it applied; False when
+        # none is kept.
+        kept = self.keeper.load()
+        if kept is None:
+            return False
+        wire, changes, kept_at = kept
+        self._state = wire.state
+        self._customers = {customer.id: customer for customer in wire.state.customers}
+        version = wire.version
+        for change in changes:
+            self._customers.update((customer.id, customer) for customer in change.customers)
+            for customer_id in change.removed:
+                self._customers.pop(customer_id, None)
+            version = change.version
+        self._rebuild(version)
+        self._heard_at = time.monotonic() - max(0.0, time.time() - kept_at)
+        self.ready = True
+        log.warning("edge state: %s; serving version %s kept on disk (%.0f s old) until it answers",
+                    error, version, self.age_s())
+        return True
 
     async def pull(self) -> None:
         """Pull and serve the whole state."""
@@ -143,6 +175,8 @@ class FollowedEdgeState:
         self._customers = {customer.id: customer for customer in wire.state.customers}
         self._rebuild(wire.version)
         self.ready = True
+        if self.keeper is not None:
+            self.keeper.keep_whole(wire)
 
     async def follow(self) -> None:
         """Apply the change stream until cancelled; on any failure wait (backing off)
@@ -193,6 +227,13 @@ class FollowedEdgeState:
         if rebuild:
             self._rebuild(changes.version)
         self.version = changes.version
+        keeper = self.keeper
+        if keeper is not None:
+            keeper.keep_changes(changes)
+            if keeper.changes_bytes > max(keeper.state_bytes, KEPT_CHANGES_MIN_BYTES):
+                # The log outgrew the state: keep the state as it now stands instead.
+                keeper.keep_whole(WireState(self.version, msgspec.structs.replace(
+                    self._state, customers=list(self._customers.values()))))
         log.info("edge state: now serving version %s (%d changed, %d removed)", changes.version,
                  len(changes.customers), len(changes.removed))
 
@@ -221,6 +262,8 @@ class FollowedEdgeState:
 
     async def close(self) -> None:
         await self.source.close()
+        if self.keeper is not None:
+            self.keeper.close()
 
 
 

@@ -23,6 +23,7 @@ from proxy.app import ProxyApp
 from proxy.connection import ClientConnection
 from proxy.edge_state import FileEdgeState
 from proxy.followed_edge_state import WAIT_FOR_CHANGES_S, FollowedEdgeState
+from proxy.kept_edge_state import KEPT_STATE_DIR, EdgeStateKeeper
 from proxy.metering import MeterBuffer, NdjsonFileSink
 from proxy.metrics import new_proxy_metrics
 from proxy.quota_leases import QuotaLeases
@@ -111,6 +112,11 @@ class ProxyWorker:
         # The source answers at least this often while it is there, so a state older
         # than the staleness budget means it is not.
         wait_s = min(WAIT_FOR_CHANGES_S, settings.degraded.staleness_budget_s / 2)
+        spool_dir = _per_worker(metering.spool_dir, self.worker_index, workers)
+
+        def keeper():
+            # A followed state is kept beside the worker's meter spool, for a start without the source.
+            return EdgeStateKeeper(spool_dir / KEPT_STATE_DIR, self.wall_clock)
         if settings.control_plane is not None:
             # Imported only here: a proxy fed from a file never loads the HTTP client.
             from proxy.control_plane_link import (
@@ -126,7 +132,7 @@ class ProxyWorker:
                 raise ConfigError(f"`control_plane`: set the control plane's admin token in ${source.token_env}")
             self.edge_state = self.given_edge_state or FollowedEdgeState(
                 ControlPlaneSource(ControlPlaneClient(source.url, token)), clock=self.wall_clock,
-                leased_quotas=True, wait_s=wait_s)
+                leased_quotas=True, wait_s=wait_s, keeper=keeper())
             start_timeout_s = source.start_timeout_s
             sink = ControlPlaneSink(ControlPlaneClient(source.url, token))
             ledger = ControlPlaneLedger(ControlPlaneClient(source.url, token))
@@ -136,7 +142,8 @@ class ProxyWorker:
 
             on_the_bus = bus(settings.edge_state.redis_url)
             self.edge_state = self.given_edge_state or FollowedEdgeState(
-                EdgeBusSource(on_the_bus), clock=self.wall_clock, leased_quotas=True, wait_s=wait_s)
+                EdgeBusSource(on_the_bus), clock=self.wall_clock, leased_quotas=True, wait_s=wait_s,
+                keeper=keeper())
             start_timeout_s = settings.edge_state.start_timeout_s
             ledger = RedisQuotaLedger(on_the_bus)
         else:
@@ -160,7 +167,7 @@ class ProxyWorker:
             capacity_events=metering.buffer_events,
             batch_events=metering.batch_events,
             flush_interval_s=metering.flush_interval_s,
-            spool_dir=_per_worker(metering.spool_dir, self.worker_index, workers),
+            spool_dir=spool_dir,
             loop=self.loop,
             clock=self.clock,
         )

@@ -567,3 +567,38 @@ def test_without_redis_a_proxy_decides_from_its_last_state_then_fails_each_route
     events = loop_thread.run(bus_plane.store.events(USAGE, "cus_a"))
     assert len(events) == forwarded
     assert len({event.event_id for event in events}) == forwarded
+
+
+def test_a_replacement_worker_starts_from_the_kept_state_while_the_control_plane_is_down(
+        loop_thread, tmp_path, control_plane, fed_proxy):
+    control_plane.catalog()
+    key = control_plane.new_key()
+    worker = fed_proxy()
+    later_key = control_plane.new_key()            # a change after the whole state: kept too
+    wait_until(loop_thread, lambda: worker.edge_state.customer_for_key(later_key.encode()) is not None)
+    loop_thread.run(worker.stop(1.0), timeout=30)
+    loop_thread.run(control_plane.runner.cleanup())    # the control plane is gone
+
+    # The worker's replacement (same settings, same spool) starts at once from what was kept.
+    replacement = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
+    loop_thread.run(replacement.start())
+    try:
+        assert replacement.ready()[0]
+        assert request(replacement.port, "GET", "/echo", key=key)[0] == 200
+        assert request(replacement.port, "GET", "/echo", key=later_key)[0] == 200
+        assert request(replacement.port, "GET", "/echo", key="ak_live_unknown")[0] == 401
+    finally:
+        loop_thread.run(replacement.stop(1.0), timeout=30)
+
+
+def test_without_a_kept_state_a_worker_still_waits_for_its_control_plane(loop_thread, tmp_path, upstream,
+                                                                         monkeypatch):
+    from proxy.followed_edge_state import EdgeStateUnavailable
+
+    monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", "aforo_proxy_nothing")
+    (tmp_path / "proxy.yaml").write_text(fed_settings(
+        upstream.port, 'control_plane: {url: "http://127.0.0.1:9", token_env: AFORO_TEST_CONTROL_PLANE_TOKEN, '
+                       'start_timeout_s: 0.5}', "{spool_dir: meter-spool}"))
+    worker = ProxyWorker(load_proxy_settings(tmp_path / "proxy.yaml"), loop=loop_thread.loop)
+    with pytest.raises(EdgeStateUnavailable):
+        loop_thread.run(worker.start())
