@@ -83,7 +83,8 @@ def _describe_control_plane_settings(file: str) -> str:
 
 
 # kind -> (top-level keys that identify it, validator returning a summary); the first
-# kind with any of its keys in a file wins.
+# kind with any of its keys in a file wins. KIND_NAMES says each kind in words, as
+# check-config tells a user what it took a file to be.
 CONFIG_KINDS = {
     "all-in-one": (("proxy",), _describe_up_settings),
     "proxy": (("upstreams",), _describe_proxy_settings),
@@ -95,6 +96,10 @@ CONFIG_KINDS = {
                       _describe_control_plane_settings),
     "guards": (("guards",), _describe_guards),
 }
+
+
+KIND_NAMES = {"all-in-one": "all-in-one settings", "proxy": "proxy settings", "edge-state": "edge state",
+              "catalog": "catalog", "control-plane": "control plane settings", "guards": "guards file"}
 
 
 def _kind_of(file: str) -> str:
@@ -116,14 +121,19 @@ def run_check_config(args: argparse.Namespace) -> int:
     """Validate each configuration file — guards, proxy settings, edge state, catalog,
     control plane or all-in-one settings, told
     apart by their top-level keys unless --kind says — and print `ok: FILE (summary)`
-    to stdout or every error to stderr. Returns 0 if all are valid, 1 if any is
-    invalid, 2 if any cannot be read (every file is still checked)."""
+    to stdout, or `FILE: checked as KIND, N errors` and then every error to stderr
+    (so a file taken for another kind than meant is seen at once; --kind says which).
+    Returns 0 if all are valid, 1 if any is invalid, 2 if any cannot be read (every
+    file is still checked)."""
     status = EXIT_OK
     for file in args.files:
         try:
             kind = args.kind or _kind_of(file)
             summary = CONFIG_KINDS[kind][1](file)
         except ConfigError as err:
+            count = len(err.errors)
+            print(f"{file}: checked as {KIND_NAMES[kind]}, {count} {'error' if count == 1 else 'errors'}",
+                  file=sys.stderr)
             _print_errors(err)
             status = max(status, EXIT_INVALID)
         except OSError as err:

@@ -133,7 +133,8 @@ def test_cli_reports_a_bad_file_on_stderr():
     path = BAD / "bad_rate.yaml"
     result = run_aforo("check-config", str(path))
     expected = dict(BAD_FIXTURES)["bad_rate.yaml"].replace("{file}", str(path))
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", expected + "\n")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"{path}: checked as guards file, 1 error\n" + expected + "\n")
 
 
 def test_cli_missing_file_is_a_usage_error():
@@ -149,9 +150,11 @@ def test_cli_checks_every_file_and_prints_every_error(capsys):
     assert status == 1
     assert out.startswith(f"ok: {EXAMPLE} (5 guards, ")
     assert err.splitlines() == [
+        f"{several}: checked as guards file, 2 errors",
         f"{several}:4: Duplicate key `metric` (first at line 3) - at `$.guards[0].metric`",
         f"{several}:7: Duplicate key `threshold` (first at line 7)"
         " - at `$.guards[0].actions.level_1.threshold`",
+        f"{BAD / 'empty.yaml'}: checked as guards file, 1 error",
         f"{BAD / 'empty.yaml'}: File is empty; expected a mapping with a `guards` list",
     ]
 
@@ -222,9 +225,25 @@ def test_cli_reports_a_provider_key_missing_from_the_environment(capsys, monkeyp
     monkeypatch.delenv("AFORO_TEST_PROVIDER_KEY", raising=False)
     assert main(["check-config", str(path)]) == 1
     assert capsys.readouterr().err == (
+        f"{path}: checked as proxy settings, 1 error\n"
         f"{path}:4: Environment variable `AFORO_TEST_PROVIDER_KEY` is not set; the proxy sends it in header "
         "`authorization` to upstream `openai` - at `$.upstreams.openai.headers.authorization`\n")
     monkeypatch.setenv("AFORO_TEST_PROVIDER_KEY", "sk-provider-1")
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert out == f"ok: {path} (proxy settings, 1 routes, 1 upstreams)\n" and "sk-provider-1" not in out
+
+
+def test_cli_says_which_kind_it_took_a_bad_file_to_be(capsys, tmp_path):
+    # The header names the kind the file was checked as: sniffed from its keys, or
+    # what --kind says (here wrongly, which the header and the errors make plain).
+    path = tmp_path / "catalog.yaml"
+    path.write_text("metrics:\n  - {key: api_calls, aggregation: total}\n")
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}: checked as catalog, 1 error\n"
+        f"{path}:2: Expected one of `sum`, `count`, `max`, got `total` - at `$.metrics[0].aggregation`\n")
+    assert main(["check-config", "--kind", "guards", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}: checked as guards file, 1 error\n"
+        f"{path}:1: Object contains unknown field `metrics`\n")
