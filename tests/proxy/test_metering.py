@@ -362,21 +362,26 @@ def test_run_exits_when_close_begins_and_delivers_full_batches_on_its_own(tmp_pa
     asyncio.run(scenario())
 
 
+# What happens to a buffer, step by step: events recorded, the sink up for some batches
+# (None: for good), time passing and a delivery pass, a group commit.
+BUFFER_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("record"), st.integers(1, 30)),
+        st.tuples(st.just("sink"), st.one_of(st.none(), st.integers(0, 4))),
+        st.tuples(st.just("flush"), st.floats(0.0, 6.0)),
+        st.tuples(st.just("commit"), st.none()),
+    ),
+    max_size=25,
+)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     capacity=st.integers(1, 12),
     batch=st.integers(1, 12),
     chunk=st.integers(1, 6),
     segment=st.integers(1, 9),
-    steps=st.lists(
-        st.one_of(
-            st.tuples(st.just("record"), st.integers(1, 30)),
-            st.tuples(st.just("sink"), st.one_of(st.none(), st.integers(0, 4))),
-            st.tuples(st.just("flush"), st.floats(0.0, 6.0)),
-            st.tuples(st.just("commit"), st.none()),
-        ),
-        max_size=25,
-    ),
+    steps=BUFFER_STEPS,
 )
 def test_every_recorded_event_is_delivered_once_in_order(capacity, batch, chunk, segment, steps):
     batch = min(batch, capacity)
@@ -523,15 +528,7 @@ def test_a_forked_child_draws_its_own_prefix():
 @given(
     capacity=st.integers(1, 12),
     chunk=st.integers(1, 6),
-    steps=st.lists(
-        st.one_of(
-            st.tuples(st.just("record"), st.integers(1, 30)),
-            st.tuples(st.just("sink"), st.one_of(st.none(), st.integers(0, 4))),
-            st.tuples(st.just("flush"), st.floats(0.0, 6.0)),
-            st.tuples(st.just("commit"), st.none()),
-        ),
-        max_size=25,
-    ),
+    steps=BUFFER_STEPS,
 )
 def test_a_crash_loses_nothing_recorded_before_the_last_group_commit(capacity, chunk, steps):
     # A worker dies (no close) at any point: the next buffer on its spool delivers every
