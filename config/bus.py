@@ -28,6 +28,12 @@ EDGE_VERSION = "{aforo}:edge:version"
 # first and no two keys are alike.
 QUOTA_LEDGER = "{aforo}:quota"
 QUOTA_LEDGER_KEPT_AFTER_PERIOD_S = 86_400
+# The ledgers' epoch: set (to a new random id) by a control plane once it has built
+# every ledger of the current periods from the store's period totals. A Redis without
+# it has lost its data (a restart without persistence, a flush, a failover to an empty
+# replica) or was never seeded: no ledger grants anything until it is rebuilt, and
+# units given back are taken only by the epoch they were leased in.
+QUOTA_LEDGER_EPOCH = "{aforo}:quota-epoch"
 
 
 def quota_ledger_key(customer_id: str, metric: str, period_end: float) -> str:

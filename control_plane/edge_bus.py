@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -17,7 +19,14 @@ import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, QUOTA_LEDGER_KEPT_AFTER_PERIOD_S, quota_ledger_key
+from config.bus import (
+    EDGE_CHANGES,
+    EDGE_STATE,
+    EDGE_VERSION,
+    QUOTA_LEDGER_EPOCH,
+    QUOTA_LEDGER_KEPT_AFTER_PERIOD_S,
+    quota_ledger_key,
+)
 from config.control_plane_settings import DEFAULT_EDGE_RESYNC_INTERVAL_S
 from control_plane.edge_feed import EdgeFeed
 from control_plane.store import StoreError
@@ -115,18 +124,75 @@ return 1
 """
 
 
+# KEYS: ledgers, then the epoch last; ARGV: each ledger's units and expiry (epoch
+# ms), then the new epoch ('' to leave it). Ledgers that exist (begun meanwhile) are
+# left alone; the epoch is set only if no other control plane set it first.
+_REBUILD = """
+for i = 1, #KEYS - 1 do
+  redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PXAT', ARGV[2 * i], 'NX')
+end
+if ARGV[#ARGV] ~= '' then
+  redis.call('SET', KEYS[#KEYS], ARGV[#ARGV], 'NX')
+end
+return 0
+"""
+# How often a control plane looks whether Redis still has the ledgers' epoch.
+LEDGER_CHECK_INTERVAL_S = 0.5
+# Ledgers rebuilt per script call.
+REBUILD_CHUNK = 500
+
+
 class BusQuotaLedger:
     """The hard-quota ledgers proxies lease from on the Redis bus, as the control
     plane moves them: usage of a hard quota kept from outside a proxy's lease (the
     REST API, a batch job) is counted in its ledger, or begins it at the period's
     recorded units, so the proxies admit only what is left of it. A Redis that does
     not answer is logged: that usage then reaches the ledger only if it begins
-    later (from the recorded units)."""
+    later (from the recorded units). A Redis that lost the ledgers (no epoch) has
+    them rebuilt from the store (`keep_rebuilt`) before it grants again."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._count = client.register_script(_COUNT_IF_LEASING)
         self._begin = client.register_script(_BEGIN_OR_COUNT)
+        self._rebuild = client.register_script(_REBUILD)
+
+    async def keep_rebuilt(self, store, rater, clock: Callable[[], float] = time.time) -> None:
+        """Until cancelled, every LEDGER_CHECK_INTERVAL_S: if Redis has no ledgers'
+        epoch, rebuild() them. A Redis or store failure is logged and tried again."""
+        while True:
+            try:
+                if not await self.client.exists(QUOTA_LEDGER_EPOCH):
+                    rebuilt = await self.rebuild(store, await rater.get(), clock())
+                    log.warning("quota ledgers: Redis had lost them; %d rebuilt from the store's period totals",
+                                rebuilt)
+            except (RedisError, StoreError, OSError) as error:
+                log.warning("quota ledgers: could not check or rebuild them: %s", error)
+            await asyncio.sleep(LEDGER_CHECK_INTERVAL_S)
+
+    async def rebuild(self, store, rater, now: float) -> int:
+        """Begin the ledger of every hard quota in force at `now` (epoch seconds;
+        `rater`: the catalog) at the units the store's period totals hold, then set
+        a new epoch so proxies lease again; returns the ledgers written. A ledger
+        that exists is left as it is (another control plane, or usage from outside
+        a lease, began it first). Units admitted whose meter events the store had
+        not kept yet, and units workers held from the lost ledgers, are not in it."""
+        at = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        ledgers = []
+        for row in await store.period_totals(now):
+            subscription = rater.subscription_in_force(row.customer_id, at)
+            if subscription is None or subscription.key != row.subscription:
+                continue
+            quota = rater.plans[subscription.plan].plan.quotas.get(row.metric)
+            if quota is not None and quota.hard:
+                ledgers.append((quota_ledger_key(row.customer_id, row.metric, row.period_end), row.units,
+                                int((row.period_end + QUOTA_LEDGER_KEPT_AFTER_PERIOD_S) * 1000)))
+        for start in range(0, len(ledgers), REBUILD_CHUNK):
+            chunk = ledgers[start:start + REBUILD_CHUNK]
+            await self._rebuild(keys=[key for key, _, _ in chunk] + [QUOTA_LEDGER_EPOCH],
+                                args=[value for _, units, expire_ms in chunk for value in (units, expire_ms)] + [""])
+        await self._rebuild(keys=[QUOTA_LEDGER_EPOCH], args=[os.urandom(8).hex()])
+        return len(ledgers)
 
     async def count(self, ledgered: dict[tuple[str, str, float], int], store) -> None:
         """Count `ledgered` ((customer, metric, period end) -> units, kept in `store`)."""

@@ -24,6 +24,7 @@ from config.guards import watch_guards
 from control_plane.api import (
     FEED,
     INTAKE,
+    RATER,
     ControlPlaneMetrics,
     create_app,
 )
@@ -117,8 +118,9 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
                                            block_ms=int(REDIS_TIMEOUT_S * 500),
                                            count_dead_letters=metrics.dead_letters.inc)
             publisher = EdgeBusPublisher(bus, feed, clock, resync_interval_s=settings.edge_resync_interval_s)
-            app[INTAKE].ledger = BusQuotaLedger(bus)
-            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run()),
+            ledger = app[INTAKE].ledger = BusQuotaLedger(bus)
+            tasks.append(asyncio.create_task(_on_the_bus(bus, consumer.run(), publisher.run(),
+                                                         ledger.keep_rebuilt(store, app[RATER], clock)),
                                              name="aforo edge bus"))
         if guards is not None:
             tasks.append(asyncio.create_task(guards.watch(GUARD_RELOAD_INTERVAL_S), name="aforo guards"))
@@ -178,8 +180,8 @@ def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None
 
 
 async def _on_the_bus(bus: redis.Redis, *work) -> None:
-    # The meter stream read and the edge state published, until cancelled; then the
-    # bus's connections are closed.
+    # The meter stream read, the edge state published and the quota ledgers kept
+    # rebuilt, until cancelled; then the bus's connections are closed.
     try:
         await asyncio.gather(*work)
     finally:

@@ -14,7 +14,7 @@ class LedgerUnavailable(Exception):
 
 
 class QuotaLedger(Protocol):
-    """`lease(...)` returns (units granted, the period's name for give_back, units
+    """`lease(...)` returns (units granted, the period's name for give_back (opaque), units
     leased in all this period, to every worker, this grant included): 0 units when
     fewer than `needed` are left of `limit`; otherwise `wanted` or less near the
     limit (decision_core.quota.grant_size). `period_end` (epoch seconds) says which
@@ -33,9 +33,9 @@ class QuotaLedger(Protocol):
     where: str
 
     async def lease(self, customer_id: str, metric: str, *, needed: int, wanted: int, limit: int,
-                    period_end: float, recorded: int, debt: int) -> tuple[int, float, int]: ...
+                    period_end: float, recorded: int, debt: int) -> tuple[int, object, int]: ...
 
-    async def give_back(self, customer_id: str, metric: str, period: float, units: int) -> None: ...
+    async def give_back(self, customer_id: str, metric: str, period: object, units: int) -> None: ...
 
     async def take_tokens(self, customer_id: str, guard_id: str, metric: str, *, tokens: int, per_s: float,
                           burst: int, wanted: int) -> tuple[int, float]: ...

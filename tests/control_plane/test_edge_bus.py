@@ -2,7 +2,8 @@
 # follower gets the whole state, then new keys and level changes as they happen; an
 # older version is never applied over a newer one, and a gap makes it pull again; a
 # control plane publishes the whole state again at its settings' resync interval, and
-# reads the meter stream under a consumer name of its own.
+# reads the meter stream under a consumer name of its own. A Redis that lost the
+# quota ledgers has them rebuilt from the store's period totals before it grants.
 import asyncio
 import datetime
 import json
@@ -14,21 +15,30 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 from running_api import NOW, Api
 
-from config.bus import EDGE_CHANGES, EDGE_STATE, EDGE_VERSION, METER_GROUP, METER_STREAM
+from config.bus import (
+    EDGE_CHANGES,
+    EDGE_STATE,
+    EDGE_VERSION,
+    METER_GROUP,
+    METER_STREAM,
+    QUOTA_LEDGER_EPOCH,
+    quota_ledger_key,
+)
 from config.catalog_file import load_catalog_file
 from config.control_plane_settings import (
     load_control_plane_settings,
     parse_control_plane_settings,
 )
 from config.guards import watch_guards
-from control_plane.api import FEED
+from control_plane.api import FEED, RATER
 from control_plane.catalog import apply_catalog
-from control_plane.edge_bus import EdgeBusPublisher
+from control_plane.edge_bus import BusQuotaLedger, EdgeBusPublisher
 from control_plane.server import start_control_plane
 from control_plane.store import open_store
 from proxy.edge_bus_source import EdgeBusSource
 from proxy.followed_edge_state import FollowedEdgeState
 from proxy.redis_bus import RedisBus
+from proxy.redis_quota_ledger import LedgerUnknown, RedisQuotaLedger
 
 CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 GUARDS = """\
@@ -233,3 +243,54 @@ async def poll(read, done, deadline_s=10.0):
         assert loop.time() < deadline, f"still {value!r}"
         await asyncio.sleep(0.02)
     return value
+
+
+def test_a_redis_that_lost_the_quota_ledgers_grants_only_what_the_store_says_is_left(backend, private_redis):
+    async def run(open_store):
+        client = redis.from_url(private_redis.url)
+        bus = RedisBus(private_redis.url)
+        proxy_ledger = RedisQuotaLedger(bus)
+        async with Api(await open_store()) as api:
+            await api.call("PUT", "/v1/metrics/api_calls", {"aggregation": "count"})
+            await api.call("PUT", "/v1/metrics/ai_tokens", {"aggregation": "sum"})
+            await api.call("PUT", "/v1/plans/capped", {"tier": "capped", "quotas": {
+                "api_calls": {"limit": 100, "hard": True}, "ai_tokens": {"limit": 10, "hard": False}}})
+            for customer in ("cus_a", "cus_b"):
+                await api.call("PUT", f"/v1/customers/{customer}", {})
+                await api.call("PUT", f"/v1/subscriptions/sub_{customer}", {
+                    "customer": customer, "plan": "capped", "period_anchor": iso(NOW - 86400)})
+            usage = [{"id": f"e{n}", "customer_id": "cus_a", "metric": "api_calls", "quantity": 1,
+                      "timestamp": iso(NOW - 60)} for n in range(30)]
+            usage.append({"id": "t1", "customer_id": "cus_a", "metric": "ai_tokens", "quantity": 500,
+                          "timestamp": iso(NOW - 60)})
+            assert (await api.call("POST", "/v1/events", usage))[2]["accepted"] == 31
+            [period_end] = {row.period_end for row in await api.store.period_totals(NOW)}
+
+            async def lease(customer, needed):
+                granted, _, leased = await proxy_ledger.lease(customer, "api_calls", needed=needed, wanted=needed,
+                                                              limit=100, period_end=period_end, recorded=0, debt=0)
+                return granted, leased
+            # An empty Redis (restarted, flushed, an empty replica) grants nothing ...
+            try:
+                await lease("cus_a", 1)
+                raise AssertionError("an empty Redis granted units of a ledger it never had")
+            except LedgerUnknown:
+                pass
+            # ... until a control plane rebuilt the ledgers from what the store counted:
+            # the hard quota's ledger only (a soft quota is not leased).
+            ledger = BusQuotaLedger(client)
+            assert await ledger.rebuild(api.store, await api.runner.app[RATER].get(), NOW) == 1
+            assert await client.exists(QUOTA_LEDGER_EPOCH)
+            assert int(await client.get(quota_ledger_key("cus_a", "api_calls", period_end))) == 30
+            assert not await client.exists(quota_ledger_key("cus_a", "ai_tokens", period_end))
+            assert await lease("cus_a", 71) == (0, 30)          # 70 are left, not 100
+            assert await lease("cus_a", 70) == (70, 100)
+            assert await lease("cus_b", 5) == (5, 5)            # no usage yet: begun from the state's
+            # A second control plane rebuilding changes nothing that was leased since.
+            epoch = await client.get(QUOTA_LEDGER_EPOCH)
+            await ledger.rebuild(api.store, await api.runner.app[RATER].get(), NOW)
+            assert await client.get(QUOTA_LEDGER_EPOCH) == epoch
+            assert await lease("cus_a", 1) == (0, 100)
+        await bus.close()
+        await client.aclose()
+    backend.run(run)
