@@ -160,23 +160,36 @@ def run_proxy(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def run_apply(args: argparse.Namespace) -> int:
-    """Apply a catalog file to the store: upsert every entry, print what changed."""
+def _on_store(database: str, act):
+    # Run `act(store)` on the store `database` names, closed afterwards; its result.
     import asyncio
 
-    from config.catalog_file import load_catalog_file
-    from control_plane.catalog import apply_catalog, describe_apply
-    from control_plane.store import StoreError, open_store
+    from control_plane.store import open_store
 
-    async def apply(catalog):
-        store = await open_store(args.database)
+    async def run():
+        store = await open_store(database)
         try:
-            return await apply_catalog(store, catalog, args.file)
+            return await act(store)
         finally:
             await store.close()
+    return asyncio.run(run())
+
+
+def _add_database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", default=os.environ.get(DATABASE_URL_ENV, DEFAULT_SQLITE_PATH),
+                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
+                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    """Apply a catalog file to the store: upsert every entry, print what changed."""
+    from config.catalog_file import load_catalog_file
+    from control_plane.catalog import apply_catalog, describe_apply
+    from control_plane.store import StoreError
 
     try:
-        summary = asyncio.run(apply(load_catalog_file(args.file)))
+        catalog = load_catalog_file(args.file)
+        summary = _on_store(args.database, lambda store: apply_catalog(store, catalog, args.file))
     except ConfigError as err:
         _print_errors(err)
         return EXIT_INVALID
@@ -197,10 +210,9 @@ def run_tokens(args: argparse.Namespace) -> int:
     line per token (id, scope, name, created, revoked or `live`); revoke takes effect on
     the token's next request. Returns 0, or 2 with a message for an unknown token, a
     bad name or an unreachable store."""
-    import asyncio
     import datetime
 
-    from control_plane.store import StoreError, open_store
+    from control_plane.store import StoreError
     from control_plane.tokens import create_token
 
     def when(at):
@@ -220,15 +232,8 @@ def run_tokens(args: argparse.Namespace) -> int:
             raise ValueError(f"no live token `{args.id}` (see `aforo tokens list`)")
         return [f"revoked {token.id} ({token.scope}) {token.name}"]
 
-    async def run():
-        store = await open_store(args.database)
-        try:
-            return await act(store)
-        finally:
-            await store.close()
-
     try:
-        lines = asyncio.run(run())
+        lines = _on_store(args.database, act)
     except (ValueError, StoreError, OSError) as err:
         print(f"aforo tokens {args.action}: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -354,9 +359,7 @@ def _parser() -> argparse.ArgumentParser:
         "the same file twice changes nothing). References are checked before anything is written.",
     )
     apply.add_argument("-f", "--file", required=True, metavar="FILE", help="catalog YAML")
-    apply.add_argument("--database", default=os.environ.get(DATABASE_URL_ENV, DEFAULT_SQLITE_PATH),
-                       metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
-                       f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
+    _add_database_option(apply)
     apply.set_defaults(run=run_apply)
     tokens = commands.add_parser(
         "tokens",
@@ -365,9 +368,7 @@ def _parser() -> argparse.ArgumentParser:
         "`proxy` tokens only what a proxy needs (edge state and changes, quota leases, throttles, meter events). "
         "A revoked token is refused from its next request on.",
     )
-    tokens.add_argument("--database", default=os.environ.get(DATABASE_URL_ENV, DEFAULT_SQLITE_PATH),
-                        metavar="URL", help="an SQLite file (default: $AFORO_DATABASE_URL or "
-                        f"{DEFAULT_SQLITE_PATH}) or a postgresql:// URL")
+    _add_database_option(tokens)
     actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="create a token (printed once)")
     create.add_argument("--name", required=True, help="who or what uses it")

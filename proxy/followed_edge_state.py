@@ -152,8 +152,7 @@ class FollowedEdgeState:
         if kept is None:
             return False
         wire, changes, kept_at = kept
-        self._state = wire.state
-        self._customers = {customer.id: customer for customer in wire.state.customers}
+        self._take_whole(wire)
         version = wire.version
         for change in changes:
             self._customers.update((customer.id, customer) for customer in change.customers)
@@ -171,12 +170,15 @@ class FollowedEdgeState:
         """Pull and serve the whole state."""
         wire = await self.source.pull()
         self._heard_at = time.monotonic()
-        self._state = wire.state
-        self._customers = {customer.id: customer for customer in wire.state.customers}
+        self._take_whole(wire)
         self._rebuild(wire.version)
         self.ready = True
         if self.keeper is not None:
             self.keeper.keep_whole(wire)
+
+    def _take_whole(self, wire: WireState) -> None:
+        self._state = wire.state
+        self._customers = {customer.id: customer for customer in wire.state.customers}
 
     async def follow(self) -> None:
         """Apply the change stream until cancelled; on any failure wait (backing off)

@@ -176,8 +176,9 @@ class MeterBuffer:
     may lose more; close() fsyncs the spool.)
 
     Counters: `depth` (events in memory, including overflow waiting for its spool
-    chunk), `spooled_events` (on disk in the spool, not yet delivered), `recorded_total`, `flushed_total` (delivered), `spilled_total` (routed to
-    the spool), `lost_total` (could be neither kept nor spooled), `sink_errors_total`.
+    chunk), `spooled_events` (on disk in the spool, not yet delivered),
+    `recorded_total`, `flushed_total` (delivered), `spilled_total` (routed to the
+    spool), `lost_total` (could be neither kept nor spooled), `sink_errors_total`.
     recorded_total == flushed_total + depth + spooled_events + lost_total, up to the
     rare events both spooled in a torn write and kept in memory.
 

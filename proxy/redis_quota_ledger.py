@@ -7,8 +7,9 @@
 # ledgers from the store (control_plane.edge_bus.BusQuotaLedger), and units leased in
 # an earlier epoch are not given back to the rebuilt one. With an epoch, a ledger that
 # does not exist yet (the period's first lease) starts at the usage the proxy's state
-# says was recorded; it expires a day after the period ends. Level-2 throttle buckets shared by all proxies live beside them,
-# one key per customer, guard and metric, spent by another script on Redis's own clock.
+# says was recorded; it expires a day after the period ends. Level-2 throttle buckets
+# shared by all proxies live beside them, one key per customer, guard and metric, spent
+# by another script on Redis's own clock.
 from __future__ import annotations
 
 from config.bus import QUOTA_LEDGER_EPOCH, QUOTA_LEDGER_KEPT_AFTER_PERIOD_S, quota_ledger_key, throttle_bucket_key
