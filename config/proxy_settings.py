@@ -65,14 +65,14 @@ REDIS_URL_ENV = "AFORO_REDIS_URL"
 BEARER_HEADER = "authorization"
 MIB = 1024 * 1024
 PATH_PREFIX_PATTERN = r"^/[^?#\s]*$"
-STALE_POLICY_PATTERN = r"^(open|closed)$"
+FAIL_POLICY_PATTERN = r"^(open|closed)$"
 SHADOW_REPORT_PATTERN = r"^(upstream|client_and_upstream)$"
 LLM_FORMAT_PATTERN = r"^(openai_chat|openai_responses|anthropic_messages)$"
 SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     PATH_PREFIX_PATTERN: "a path starting with `/` (no `?`, `#` or spaces)",
-    STALE_POLICY_PATTERN: "`open` or `closed`",
+    FAIL_POLICY_PATTERN: "`open` or `closed`",
     SHADOW_REPORT_PATTERN: "`upstream` or `client_and_upstream`",
     LLM_FORMAT_PATTERN: "an LLM wire format: `openai_chat`, `openai_responses` or `anthropic_messages`",
 }
@@ -227,6 +227,15 @@ class RouteSettings(Schema):
     staleness budget (see DegradedMode): `open` goes on deciding from the last state,
     `closed` answers 503 with Retry-After until the state is fresh again.
 
+    `when_quota_unknown`: what the route does with a request that needs units of a
+    hard quota its worker does not hold while the quota ledger cannot be asked
+    (Redis or the control plane away, or a Redis that lost its ledgers being
+    rebuilt): `open` admits it from the last state, at most one lease chunk (a
+    twentieth of the limit) per worker, customer and metric in each outage, never
+    beyond what that state says is left; then, and always with `closed`, it is
+    answered 503 with Retry-After. Units the ledger granted the worker before are
+    spent as usual either way, so `closed` never admits beyond the limit.
+
     `ai`: the route serves an LLM API whose token usage is metered (see AiMetering);
     `mcp`: an MCP server whose tool calls and sessions are (see McpMetering).
 
@@ -246,7 +255,8 @@ class RouteSettings(Schema):
     features: tuple[Name, ...] = ()
     metric: MeteredMetric = "api_calls"
     units: Units = 1
-    when_stale: Annotated[str, msgspec.Meta(pattern=STALE_POLICY_PATTERN)] = "open"
+    when_stale: Annotated[str, msgspec.Meta(pattern=FAIL_POLICY_PATTERN)] = "open"
+    when_quota_unknown: Annotated[str, msgspec.Meta(pattern=FAIL_POLICY_PATTERN)] = "open"
     ai: AiMetering | None = None
     mcp: McpMetering | None = None
 

@@ -14,11 +14,15 @@
 # ledger's timeout; a lease running low is topped up in the background; units unused
 # for LEASE_IDLE_S go back, so another worker can use them.
 #
-# When the ledger cannot be asked, the worker decides from its last state: it leases
-# to itself, by the ledger's rule, from the usage recorded in that state plus what it
-# leased itself so, and adds those units to the ledger (as debt) once it answers
-# again. So during an outage each worker may admit up to what was left when the
-# state was recorded: the overshoot is bounded by the other workers' share of it.
+# When the ledger cannot be asked, a worker spends the units it holds as usual. A
+# request that needs more is answered 503 on a route with `when_quota_unknown:
+# closed`; on one with `open` (the default) the worker leases to itself, by the
+# ledger's rule, from the usage recorded in its last state plus what it leased itself
+# so, at most one chunk per customer and metric in each outage, and
+# adds those units to the ledger (as debt) once it answers again; beyond that chunk
+# the request is answered 503 too. So during one outage all workers together admit at
+# most the limit plus one chunk per worker (a twentieth of the limit each), and with
+# `closed` never more than the limit.
 from __future__ import annotations
 
 import logging
@@ -39,6 +43,10 @@ LEASE_IDLE_S = 1.0
 DENIED_RETRY_S = 0.5
 
 
+# Who settled a lease (QuotaLeases._lease).
+_LEDGER, _LAST_STATE, _UNKNOWN = "ledger", "last state", "unknown"
+
+
 class _Held:
     __slots__ = ("customer_id", "metric", "period", "period_end", "last_used")
 
@@ -52,13 +60,15 @@ class _Held:
 
 class _Unledgered:
     # Units leased from the last state while the ledger could not be asked, in the
-    # period ending at `period_end`: `taken` in all, `debt` not yet in the ledger.
-    __slots__ = ("period_end", "taken", "debt")
+    # period ending at `period_end`: `taken` in all, `debt` not yet in the ledger,
+    # `in_outage` since the ledger last answered (None: it answered last time).
+    __slots__ = ("period_end", "taken", "debt", "in_outage")
 
     def __init__(self, period_end):
         self.period_end = period_end
         self.taken = 0
         self.debt = 0
+        self.in_outage = None
 
 
 class QuotaLeases:
@@ -87,8 +97,9 @@ class QuotaLeases:
 
     def wait(self, exchange, customer, facts) -> bool:
         """A request refused for quota: ask for a lease and `exchange.lease_settled(ok)`
-        when the answer comes. False when the refusal stands (no hard quota, or this
-        worker was told just now that no more than it lacks is left)."""
+        when the answer comes (ok False: the quota cannot be checked now, answer 503).
+        False when the refusal stands (no hard quota, or this worker was told just now
+        that no more than it lacks is left)."""
         key = (customer.customer_id, facts.metric)
         if not self.leased(customer, facts.metric):
             return False
@@ -124,18 +135,21 @@ class QuotaLeases:
 
     async def _ask(self, customer, metric, needed) -> None:
         key = (customer.customer_id, metric)
-        ok = False
+        answer = _UNKNOWN
         try:
-            ok = await self._lease(customer, metric, needed, key)
+            answer = await self._lease(customer, metric, needed, key)
         except Exception:  # noqa: BLE001 - whatever happens, the waiting requests get an answer
             log.exception("quota lease for %s %s failed", customer.customer_id, metric)
         finally:
             for exchange in self._waiting.pop(key, ()):
-                exchange.lease_settled(ok)
+                exchange.lease_settled(answer is _LEDGER or answer is _LAST_STATE
+                                       and not exchange.route.quota_unknown_closed)
 
-    async def _lease(self, customer, metric, needed, key) -> bool:
-        # True when the request may be decided again: units granted (from the ledger
-        # or, when it cannot be asked, from the last state), or none left.
+    async def _lease(self, customer, metric, needed, key):
+        # Who settled it: _LEDGER (units granted, or none left), _LAST_STATE (the
+        # ledger cannot be asked; units leased from the last state, or none left in
+        # it) or _UNKNOWN (the ledger cannot be asked and no route waiting may decide
+        # from the last state, or this outage's chunk is spent).
         limit = customer.quotas.limit_at(customer.quotas.slot(metric)).limit
         recorded = self.edge_state.recorded_usage(customer.customer_id, metric)
         unledgered = self._unledgered.get(key)
@@ -150,18 +164,27 @@ class QuotaLeases:
         except LedgerUnavailable as error:
             if unledgered is None:
                 unledgered = self._unledgered[key] = _Unledgered(customer.period_end)
-            if not unledgered.debt:                 # said once per outage and customer
-                log.warning("quota lease for %s %s: %s; deciding from the last state until it answers",
-                            customer.customer_id, metric, error)
+            if unledgered.in_outage is None:        # said once per outage and customer
+                unledgered.in_outage = 0
+                log.warning("quota lease for %s %s: %s; routes with when_quota_unknown: open admit at most %d more "
+                            "from the last state until it answers", customer.customer_id, metric, error,
+                            max(limit // CHUNK_SHARE, 1))
+            allowed = max(needed, limit // CHUNK_SHARE) - unledgered.in_outage
+            if needed > allowed or all(exchange.route.quota_unknown_closed for exchange in self._waiting.get(key, ())):
+                return _UNKNOWN
             # Leased from the last state, by the ledger's own rule.
-            granted = grant_size(limit, recorded + unledgered.taken, needed, max(needed, limit // CHUNK_SHARE))
+            granted = grant_size(limit, recorded + unledgered.taken, needed, allowed)
             period = leased = None
             unledgered.taken += granted
             unledgered.debt += granted
+            unledgered.in_outage += granted
             self.unledgered_total += granted
+            answer = _LAST_STATE
         else:
             if unledgered is not None:
                 unledgered.debt -= debt
+                unledgered.in_outage = None
+            answer = _LEDGER
         # Into the customer's state in force now (a new snapshot may have come meanwhile).
         current = self.edge_state.snapshot.customer_by_id(customer.customer_id) or customer
         told = current.reported_usage(metric)
@@ -172,12 +195,12 @@ class QuotaLeases:
         current.report_usage(metric, told if leased is None else leased - (limit - current.quota_used(metric)))
         if not granted:
             self._denied[key] = (self.clock() + DENIED_RETRY_S, needed)
-            return True
+            return answer
         held = self._held.get(key)
         if held is None or held.period_end != current.period_end or (held.period is None and period is not None):
             self._held[key] = _Held(customer.customer_id, metric, period, current.period_end, self.clock())
         self._denied.pop(key, None)
-        return True
+        return answer
 
     def schedule_returns(self) -> None:
         """Give back idle leases every LEASE_IDLE_S until stop()."""

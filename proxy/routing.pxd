@@ -14,6 +14,7 @@ cdef class Route:
     cdef readonly RequestFacts facts
     cdef readonly tuple quota_metrics
     cdef readonly bint fail_closed
+    cdef readonly bint quota_unknown_closed
     cdef readonly object metered_call
     cdef readonly bytes api_key_header
     cdef readonly bint key_bearer

@@ -28,7 +28,9 @@ class Route:
     (bytes), `methods` (frozenset of upper-case bytes, or None for any), `facts`,
     the RequestFacts (features, metric, units, and the `other_metrics` its metered
     calls count: their guards act on it too) decide() gets, built once here,
-    `fail_closed`: refuse while the edge state is stale (else decide from it), and
+    `fail_closed`: refuse while the edge state is stale (else decide from it),
+    `quota_unknown_closed`: refuse (503) rather than admit from the last state what
+    no quota ledger granted while the ledger cannot be asked, and
     `metered_call`: None, or a callable returning a new call object (AiCall,
     McpCall) for each request, whose body is then read whole before forwarding.
     `api_key_header`: the (lower-case) field the customer's key is read from, as
@@ -49,6 +51,7 @@ class Route:
         metered_call: object = None,
         other_metrics: Iterable[str] = (),
         api_key_header: bytes = b"authorization",
+        quota_unknown_closed: bool = False,
     ) -> None:
         if not path_prefix.startswith(b"/"):
             raise ValueError(f"route {name!r}: a path prefix starts with '/', got {path_prefix!r}")
@@ -62,6 +65,7 @@ class Route:
         # customer's plan): the route's, then the ones its calls meter (LLM tokens).
         self.quota_metrics = (metric, *other_metrics)
         self.fail_closed = fail_closed
+        self.quota_unknown_closed = quota_unknown_closed
         self.metered_call = metered_call
         self.api_key_header = api_key_header.lower()
         self.key_bearer = self.api_key_header == _BEARER_HEADER
@@ -83,6 +87,7 @@ class Route:
             settings.when_stale == "closed",
             *_metering(settings),
             (settings.api_key_header or api_key_header).encode(),
+            settings.when_quota_unknown == "closed",
         )
 
     def __repr__(self) -> str:

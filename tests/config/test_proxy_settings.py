@@ -100,7 +100,7 @@ def test_defaults():
     assert (metering.buffer_events, metering.batch_events, metering.flush_interval_s) == (100_000, 1000, 1.0)
     assert (settings.redis.timeout_s, settings.redis.breaker_failures, settings.redis.breaker_open_s) == (0.5, 3, 2.0)
     assert (settings.degraded.staleness_budget_s, settings.degraded.retry_after_s) == (30.0, 5)
-    assert route.when_stale == "open"
+    assert (route.when_stale, route.when_quota_unknown) == ("open", "open")
 
 
 @pytest.mark.parametrize(
@@ -228,6 +228,8 @@ BAD_SETTINGS = [
      f"proxy.yaml:6: A route meters an LLM API (`ai`) or an MCP server (`mcp`), not both {ROUTE_AT}`"),
     (", when_stale: sometimes", "",
      f"proxy.yaml:6: Expected `open` or `closed`, got `sometimes` {ROUTE_AT}.when_stale`"),
+    (", when_quota_unknown: refuse", "",
+     f"proxy.yaml:6: Expected `open` or `closed`, got `refuse` {ROUTE_AT}.when_quota_unknown`"),
     ("", "degraded: {staleness_budget_s: 0}\n",
      "proxy.yaml:8: Expected `float` > 0.0 - at `$.degraded.staleness_budget_s`"),
     ("", "redis: {breaker_failures: 0}\n", "proxy.yaml:8: Expected `int` >= 1 - at `$.redis.breaker_failures`"),

@@ -191,9 +191,9 @@ def fed_proxy(loop_thread, tmp_path, upstream, control_plane, monkeypatch):
     """Start a worker following `control_plane` over its API."""
     monkeypatch.setenv("AFORO_TEST_CONTROL_PLANE_TOKEN", control_plane.proxy_token)
 
-    def settings_text(index):
+    def settings_text(index, routes=(EVERYTHING,)):
         return fed_settings(upstream.port, following(control_plane.url),
-                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}")
+                            f"{{spool_dir: meter-spool-{index}, batch_events: 10, flush_interval_s: 3600}}", routes)
     yield from started_workers(loop_thread, tmp_path, settings_text)
 
 
@@ -428,27 +428,30 @@ def test_an_implausible_token_count_never_stalls_the_meter(loop_thread, tmp_path
         loop_thread.run(llm.stop())
 
 
-def test_a_worker_that_cannot_reach_the_ledger_decides_from_its_last_state(loop_thread, control_plane, fed_proxy):
-    control_plane.catalog(quota=5)
+def test_a_worker_that_cannot_reach_the_ledger_admits_one_chunk_from_its_last_state(loop_thread, control_plane,
+                                                                                     fed_proxy):
+    control_plane.catalog(quota=100)                        # leases come five units at a time
     key = control_plane.new_key()
-    worker = fed_proxy()
+    worker = fed_proxy(routes=(
+        "{name: closed, upstream: main, path_prefix: /echo/closed, when_quota_unknown: closed}", EVERYTHING))
     ledger = worker.leases.ledger.client
     reachable, ledger.url = ledger.url, "http://127.0.0.1:9"     # the ledger cannot be asked
+    # A route that prefers a refusal gets one at once; the others are admitted one
+    # chunk from the last state, then refused too, until the ledger answers.
+    status, headers, body = request(worker.port, "GET", "/echo/closed", key=key)
+    assert (status, headers["retry-after"], json.loads(body)["reason"]) == (503, "1", "quota_unavailable")
     statuses = [request(worker.port, "GET", "/echo", key=key)[0] for _ in range(7)]
-    assert statuses == [200] * 5 + [429] * 2                    # the quota as the last state has it
+    assert statuses == [200] * 5 + [503] * 2
+    assert request(worker.port, "GET", "/echo/closed", key=key)[0] == 503
     assert worker.leases.unledgered_total == 5
 
-    # Once the ledger answers again, the units admitted meanwhile are added to it, so
-    # another worker cannot admit them a second time.
+    # Once the ledger answers again, the units admitted meanwhile are added to it: the
+    # two workers together admit exactly the quota.
     ledger.url = reachable
-    leased = []
-    deadline = time.monotonic() + SOCKET_TIMEOUT_S
-    while leased != [5] and time.monotonic() < deadline:
-        assert request(worker.port, "GET", "/echo", key=key)[0] == 429
-        rows = loop_thread.run(control_plane.store._fetch("SELECT leased FROM quota_leases", ()))
-        leased = [row[0] for row in rows]
-        time.sleep(0.05)
-    assert leased == [5]
+    admitted = 5
+    while request(worker.port, "GET", "/echo", key=key)[0] == 200:
+        admitted += 1
+    assert admitted == 100
     assert request(fed_proxy().port, "GET", "/echo", key=key)[0] == 429
 
 
