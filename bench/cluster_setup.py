@@ -40,6 +40,8 @@ from bench.proxy import free_port, rss_mib, wait_listening
 
 QUOTA_CUSTOMER = "cus_quota"
 PROBE_CUSTOMER = "cus_probe"
+# Requests under this path take the proxies' route with `when_quota_unknown: closed`.
+CLOSED_PATH = "/closed"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 API_TIMEOUT_S = 10.0
@@ -460,6 +462,8 @@ class Cluster:
             upstreams:
               api: {{url: "http://127.0.0.1:{self.upstream_port}", pool_size: 128}}
             routes:
+              - {{name: closed, upstream: api, path_prefix: {CLOSED_PATH}, metric: api_calls, units: 1,
+                  when_quota_unknown: closed}}
               - {{name: api, upstream: api, path_prefix: /, metric: api_calls, units: 1}}
             edge_state: {{redis_url: "{self.redis.url}"}}
             metering: {{{metering}}}
@@ -585,11 +589,11 @@ async def _one_request(session, url, customer, key, timeout_s) -> Outcome:
 
 async def send_requests(urls: list[str], customers_keys: list[tuple[str, str]], *, total: int | None = None,
                         until=None, concurrency: int = 50, timeout_s: float = 30.0,
-                        pause_s: float = 0.0) -> list[Outcome]:
-    """`concurrency` clients, client i sending to urls[i % len(urls)] with the key of
-    customers_keys[i % len]: one request after another on a keep-alive connection
-    (`pause_s` apart), `total` requests among them all, or until `until()` is true.
-    Every outcome, its latency measured here."""
+                        pause_s: float = 0.0, path: str = "/v1/resource") -> list[Outcome]:
+    """`concurrency` clients, client i sending to urls[i % len(urls)] + `path` with the
+    key of customers_keys[i % len]: one request after another on a keep-alive
+    connection (`pause_s` apart), `total` requests among them all, or until `until()`
+    is true. Every outcome, its latency measured here."""
     import aiohttp
 
     outcomes: list[Outcome] = []
@@ -597,7 +601,7 @@ async def send_requests(urls: list[str], customers_keys: list[tuple[str, str]], 
 
     async def client(index):
         nonlocal sent
-        url = urls[index % len(urls)] + "/v1/resource"
+        url = urls[index % len(urls)] + path
         customer, key = customers_keys[index % len(customers_keys)]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             while (total is None or sent < total) and (until is None or not until()):

@@ -15,6 +15,7 @@ import pytest
 from conftest import _service_missing
 
 from bench.cluster_setup import (
+    CLOSED_PATH,
     GUARDS,
     MARGIN_BLOCK_TITLE,
     QUOTA_CUSTOMER,
@@ -31,6 +32,7 @@ from bench.cluster_setup import (
     wait_for,
 )
 from config.proxy_settings import RedisCalls
+from proxy.quota_leases import CHUNK_SHARE
 
 QUOTA_LIMIT = 1000
 LOAD_CUSTOMERS = 12
@@ -53,6 +55,8 @@ PROXY_METERING = "buffer_events: 2000, batch_events: 500"
 SETTLE_S = 30.0
 # How long Redis stays down under load: several rounds of the proxies' circuit breaker.
 OUTAGE_S = 8.0
+# What one worker may admit from its last state while the quota ledger is away.
+OUTAGE_CHUNK = QUOTA_LIMIT // CHUNK_SHARE
 # After this long a dead control plane's unacknowledged entries are taken over.
 CLAIM_IDLE_S = 3.0
 
@@ -64,7 +68,7 @@ def cluster(postgres_url, redis_url, tmp_path_factory):
     schema = f"cluster_{uuid.uuid4().hex[:12]}"
     create_schema(postgres_url, schema)
     running = Cluster(tmp_path_factory.mktemp("cluster"), scoped_database_url(postgres_url, schema),
-                      proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=2,
+                      proxies=3, control_planes=2, quota_limit=QUOTA_LIMIT, quota_customers=5,
                       load_customers=LOAD_CUSTOMERS,
                       guard_customers=3, proxy_metering=PROXY_METERING, meter_claim_idle_s=CLAIM_IDLE_S,
                       guards=GUARDS_WITH_A_THROTTLE)
@@ -178,6 +182,50 @@ def test_a_hard_quota_stays_exact_across_a_redis_restart(cluster, report_logs):
     assert admitted == QUOTA_LIMIT
 
 
+def use_most_of_the_quota(cluster, customers):
+    """Each customer uses 90 % of its hard quota through every proxy (so each holds a
+    lease), and the store has recorded it (so the proxies' last state knows)."""
+    used = QUOTA_LIMIT * 9 // 10
+    for customer, path in customers:
+        outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(customer, cluster.keys[customer])], total=used,
+                                             concurrency=30, path=path))
+        assert Counter(outcome.status for outcome in outcomes) == {200: used}
+    wait_for(lambda: all(cluster.stored_usage().get(customer) == (used, used) for customer, _ in customers),
+             SETTLE_S, "the usage stored", interval_s=0.2)
+    time.sleep(2.0)             # the proxies' state follows the store's totals
+    return used
+
+
+def test_a_redis_outage_admits_at_most_one_chunk_per_worker_beyond_a_hard_quota(cluster, report_logs):
+    # Proxies that decide from their last state while the ledger is away would each
+    # admit all that state says is left: three times the 10 % left, here.
+    customers = [(quota_customer(2), "/v1/resource"), (quota_customer(3), CLOSED_PATH + "/resource")]
+    admitted = dict.fromkeys((customer for customer, _ in customers), use_most_of_the_quota(cluster, customers))
+    cluster.redis.stop()
+    try:
+        wait_for(lambda: all(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 10,
+                 "every proxy noticing Redis is away")
+        refused = {}
+        for customer, path in customers:
+            outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(customer, cluster.keys[customer])],
+                                                 total=QUOTA_LIMIT // 2, concurrency=30, path=path))
+            admitted[customer] += sum(outcome.status == 200 for outcome in outcomes)
+            refused[customer] = Counter((outcome.status, outcome.reason) for outcome in outcomes
+                                        if outcome.status != 200)
+    finally:
+        cluster.redis.start()
+    workers = len(cluster.running_proxies)
+    open_customer, closed_customer = (customer for customer, _ in customers)
+    # The stated bound: the limit, plus one chunk per worker for `open` routes; never
+    # beyond the limit for `closed` ones. What is not admitted is 503 (retry shortly).
+    assert QUOTA_LIMIT - OUTAGE_CHUNK < admitted[open_customer] <= QUOTA_LIMIT + workers * OUTAGE_CHUNK
+    assert admitted[closed_customer] <= QUOTA_LIMIT
+    assert set(refused[open_customer]) <= {(503, "quota_unavailable"), (429, "quota_exceeded")}
+    assert set(refused[closed_customer]) == {(503, "quota_unavailable")}
+    wait_for(lambda: not any(proxy.metric("aforo_redis_circuit_open") for proxy in cluster.running_proxies), 20,
+             "every proxy using Redis again", interval_s=0.2)
+
+
 def test_a_redis_outage_under_load_blocks_no_request_and_loses_no_event(cluster, report_logs):
     redis_timeout_s = RedisCalls().timeout_s        # the proxies' configured (default) Redis timeout
     proxies = cluster.running_proxies
@@ -265,3 +313,23 @@ def test_a_killed_control_plane_worker_loses_and_doubles_nothing(cluster, report
     forwarded = cluster.upstream.counts()
     assert all(units_billed(cluster, load_customer(n)) == forwarded[load_customer(n)] for n in range(3))
     assert survivor.runner.process.poll() is None
+
+
+def test_a_redis_that_lost_everything_mid_traffic_grants_no_more_than_the_stated_bound(cluster, report_logs):
+    # Last in this module: the flush takes the meter stream with it.
+    customer = quota_customer(4)
+    key = cluster.keys[customer]
+    admitted = use_most_of_the_quota(cluster, [(customer, "/v1/resource")])
+    with cluster.redis.client() as client:
+        client.flushall()
+    outcomes = asyncio.run(send_requests(proxy_urls(cluster), [(customer, key)], total=QUOTA_LIMIT, concurrency=30))
+    admitted += sum(outcome.status == 200 for outcome in outcomes)
+    # Units leased before the loss are spent, the rebuilt ledger grants what the store
+    # says is left, and meanwhile each worker admits at most one chunk.
+    assert admitted <= QUOTA_LIMIT + len(cluster.running_proxies) * OUTAGE_CHUNK
+    assert {outcome.reason for outcome in outcomes if outcome.status != 200} <= {"quota_unavailable",
+                                                                                   "quota_exceeded"}
+    # Once rebuilt, the quota stays used up on every proxy.
+    for proxy in cluster.running_proxies:
+        wait_for(lambda proxy=proxy: http_get(proxy.url + "/v1/resource", key)[0] == 429, 20,
+                 f"proxy :{proxy.port} refusing {customer} for its quota")
