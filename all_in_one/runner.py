@@ -25,7 +25,7 @@ from config.catalog_file import load_catalog_file
 from config.up_settings import UpSettings, load_up_settings, up_proxy_settings
 from control_plane.catalog import apply_catalog, describe_apply
 from control_plane.store import open_store
-from control_plane.tokens import PROXY, create_token
+from control_plane.tokens import PROXY, command_author, create_token
 
 log = logging.getLogger("aforo.up")
 
@@ -83,16 +83,18 @@ async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, st
     # Migrations, the catalog, the first admin token when there is none (shown once)
     # and a fresh proxy-scoped token for this run's proxies (earlier runs' revoked).
     store = await open_store(settings.control_plane.database)
+    author = command_author("aforo up")
     try:
         if settings.catalog is not None:
-            written = await apply_catalog(store, load_catalog_file(settings.catalog), settings.catalog)
+            written = await apply_catalog(store, load_catalog_file(settings.catalog), settings.catalog,
+                                          author=author)
             announce(f"catalog {settings.catalog}: " + "; ".join(describe_apply(written)))
         admin_token = None
         if await store.admin_tokens_count() == 0:
-            _, admin_token = await create_token(store, "first", time.time())
+            _, admin_token = await create_token(store, "first", time.time(), author=author)
             announce(f"admin token (shown once, keep it): {admin_token}")
-        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time())
-        _, proxy_token = await create_token(store, PROXY_TOKEN_NAME, time.time(), PROXY)
+        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time(), author=author)
+        _, proxy_token = await create_token(store, PROXY_TOKEN_NAME, time.time(), PROXY, author=author)
         return admin_token, proxy_token
     finally:
         await store.close()
@@ -101,7 +103,7 @@ async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, st
 async def _revoke_proxy_token(settings: UpSettings) -> None:
     store = await open_store(settings.control_plane.database)
     try:
-        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time())
+        await store.revoke_tokens_named(PROXY_TOKEN_NAME, time.time(), author=command_author("aforo up"))
     finally:
         await store.close()
 

@@ -76,7 +76,7 @@ async def measure(database, total, size, concurrency, guards=None, checkout=None
     async def prepare():
         store = await open_store(database)
         try:
-            await apply_catalog(store, load_catalog_file(CATALOG), str(CATALOG))
+            await apply_catalog(store, load_catalog_file(CATALOG), str(CATALOG), author="bench")
         finally:
             await store.close()
     if checkout is None:

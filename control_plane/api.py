@@ -61,6 +61,8 @@ OPENAPI = web.AppKey("openapi", dict)
 GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
 FEED = web.AppKey("feed", EdgeFeed)
+# Who called (the bearer token's Principal), for the audit trail.
+PRINCIPAL = web.RequestKey("principal", Principal)
 WEBHOOKS = web.AppKey("webhooks", object)
 RATER = web.AppKey("rater", CurrentRater)
 INTAKE = web.AppKey("intake", Intake)
@@ -132,7 +134,7 @@ async def _scoped_tokens(request, handler):
             response = problem(401, "a bearer token is required (unknown or revoked tokens are refused)")
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
-        request["principal"] = Principal(token.id, token.name, token.scope)
+        request[PRINCIPAL] = Principal(token.id, token.name, token.scope)
         resource = request.match_info.route.resource
         if resource is not None:             # an unknown path or method answers 404 / 405 as usual
             needed = scopes_allowing(request.method, resource.canonical)
@@ -172,7 +174,7 @@ async def _put_entry(request):
         raise_if_any(await check_entry_references(request.app[STORE], kind, document_of(entry)))
     except ConfigError as error:
         return _invalid_entry(kind, error)
-    outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry))
+    outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry), author=request[PRINCIPAL].author)
     if outcome != UNCHANGED:
         request.app[FEED].changed()
     return json_response({"key": key, "result": outcome, **document_of(entry)}, 201 if outcome == CREATED else 200)
@@ -210,7 +212,7 @@ async def _delete_entry(request):
         named = ", ".join(f"{referrer.kind} `{referrer.key}` (at `{referrer.path}`)" for referrer in referrers)
         return problem(409, f"{kind} `{key}` is still named by {named}; change or delete those first",
                        referrers=[referrer._asdict() for referrer in referrers])
-    if not await request.app[STORE].delete_catalog(kind, key):
+    if not await request.app[STORE].delete_catalog(kind, key, author=request[PRINCIPAL].author):
         return problem(404, f"no {kind} `{key}`")
     request.app[FEED].changed()
     return web.Response(status=204)
@@ -231,7 +233,7 @@ async def _create_api_key(request):
     secret = API_KEY_PREFIX + secrets.token_urlsafe(24)
     key = ApiKey("key_" + secrets.token_hex(8), customer_id, secret[:API_KEY_SHOWN_PREFIX_CHARS],
                  sha256_hex(secret), request.app[CLOCK]())
-    await store.add_api_key(key)
+    await store.add_api_key(key, author=request[PRINCIPAL].author)
     request.app[FEED].changed((customer_id,))
     # The only time the key itself is ever shown.
     return json_response({**_shown(key), "key": secret}, 201)
@@ -243,7 +245,8 @@ async def _list_api_keys(request):
 
 
 async def _revoke_api_key(request):
-    customer_id = await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK]())
+    customer_id = await request.app[STORE].revoke_api_key(request.match_info["key_id"], request.app[CLOCK](),
+                                                          author=request[PRINCIPAL].author)
     if customer_id is None:
         return problem(404, f"no active API key `{request.match_info['key_id']}`")
     request.app[FEED].changed((customer_id,))
@@ -270,7 +273,8 @@ async def _create_token(request):
     unknown = sorted(set(body) - {"name", "scope"})
     if unknown:
         return problem(422, f"unknown field `{unknown[0]}` - at `$.{unknown[0]}`", path=f"$.{unknown[0]}")
-    token, secret = await create_token(request.app[STORE], name, request.app[CLOCK](), scope)
+    token, secret = await create_token(request.app[STORE], name, request.app[CLOCK](), scope,
+                                       author=request[PRINCIPAL].author)
     # The only time the token itself is ever shown.
     return json_response({**_shown_token(token), "token": secret}, 201)
 
@@ -280,7 +284,8 @@ async def _list_tokens(request):
 
 
 async def _revoke_token(request):
-    if await request.app[STORE].revoke_token(request.match_info["token_id"], request.app[CLOCK]()) is None:
+    if await request.app[STORE].revoke_token(request.match_info["token_id"], request.app[CLOCK](),
+                                             author=request[PRINCIPAL].author) is None:
         return problem(404, f"no live token `{request.match_info['token_id']}`")
     return web.Response(status=204)
 
@@ -358,6 +363,14 @@ async def _actions(request):
     after, limit = page
     trail = await request.app[STORE].actions(request.query.get("customer"), after, limit)
     return json_response({"items": [{"seq": seq, **action._asdict()} for seq, action in trail]})
+
+
+async def _audit(request):
+    if (page := _page(request)) is None:
+        return problem(400, _NOT_A_PAGE)
+    after, limit = page
+    trail = await request.app[STORE].audit(request.query.get("kind"), request.query.get("key"), after, limit)
+    return json_response({"items": trail})
 
 
 async def _webhooks(request):
@@ -522,6 +535,9 @@ ROUTES = (
     ("POST", "/v1/events/unrated/rate", _rate_unrated, "Rate the unrated events the catalog now knows how to"),
     ("GET", "/v1/events", _late_events,
      "Late events (more than 24 h behind when they arrived), for reconciliation (`late=true`, `since`, `limit`)"),
+    ("GET", "/v1/audit", _audit,
+     "The audit trail: who changed which catalog entry, API key or token, and the entry before and after "
+     "(`kind`, `key`, `after` seq, `limit`)"),
     ("GET", "/v1/dead-letters", _dead_letters,
      "Events the meter stream could not take in, each with why (`after` seq, `limit`)"),
     ("GET", "/v1/webhooks", _webhooks,

@@ -102,8 +102,9 @@ async def check_entry_references(store: Store, kind: str, document: dict, source
             if await store.get_catalog(reference.kind, reference.key) is None]
 
 
-async def apply_catalog(store: Store, catalog: CatalogFile, file: str) -> dict[str, Counter]:
-    """Upsert every entry of `catalog` (read from `file`, named in errors). Returns,
+async def apply_catalog(store: Store, catalog: CatalogFile, file: str, *, author: str) -> dict[str, Counter]:
+    """Upsert every entry of `catalog` (read from `file`, named in errors), each change
+    in the audit trail as made by `author`. Returns,
     per kind, how many entries were created, updated and left unchanged. Raises
     ConfigError(s) for unknown references before writing anything."""
     raise_if_any(await check_references(store, catalog, file))
@@ -111,7 +112,7 @@ async def apply_catalog(store: Store, catalog: CatalogFile, file: str) -> dict[s
     for section, kind in SECTIONS:
         outcomes = Counter()
         for entry in getattr(catalog, section):
-            outcomes[await store.put_catalog(kind, entry.key, document_of(entry))] += 1
+            outcomes[await store.put_catalog(kind, entry.key, document_of(entry), author=author)] += 1
         summary[kind] = outcomes
     return summary
 

@@ -186,10 +186,12 @@ def run_apply(args: argparse.Namespace) -> int:
     from config.catalog_file import load_catalog_file
     from control_plane.catalog import apply_catalog, describe_apply
     from control_plane.store import StoreError
+    from control_plane.tokens import command_author
 
     try:
         catalog = load_catalog_file(args.file)
-        summary = _on_store(args.database, lambda store: apply_catalog(store, catalog, args.file))
+        author = command_author(f"aforo apply {args.file}")
+        summary = _on_store(args.database, lambda store: apply_catalog(store, catalog, args.file, author=author))
     except ConfigError as err:
         _print_errors(err)
         return EXIT_INVALID
@@ -213,21 +215,23 @@ def run_tokens(args: argparse.Namespace) -> int:
     import datetime
 
     from control_plane.store import StoreError
-    from control_plane.tokens import create_token
+    from control_plane.tokens import command_author, create_token
+
+    author = command_author(f"aforo tokens {args.action}")
 
     def when(at):
         return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     async def act(store):
         if args.action == "create":
-            token, secret = await create_token(store, args.name, time.time(), args.scope)
+            token, secret = await create_token(store, args.name, time.time(), args.scope, author=author)
             return [f"created {token.id} ({token.scope}) {token.name}",
                     f"token (shown once, keep it): {secret}"]
         if args.action == "list":
             return [f"{token.id}  {token.scope:<5}  {token.name}  created {when(token.created_at)}  "
                     + ("live" if token.revoked_at is None else f"revoked {when(token.revoked_at)}")
                     for token in await store.tokens()] or ["no tokens"]
-        token = await store.revoke_token(args.id, time.time())
+        token = await store.revoke_token(args.id, time.time(), author=author)
         if token is None:
             raise ValueError(f"no live token `{args.id}` (see `aforo tokens list`)")
         return [f"revoked {token.id} ({token.scope}) {token.name}"]

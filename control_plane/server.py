@@ -31,7 +31,7 @@ from control_plane.api import (
 from control_plane.edge_bus import BusQuotaLedger, EdgeBusPublisher
 from control_plane.meter_stream import MeterStreamConsumer
 from control_plane.store import Store, open_store
-from control_plane.tokens import create_token
+from control_plane.tokens import command_author, create_token
 from control_plane.webhooks import WebhookSender
 
 log = logging.getLogger("aforo.control_plane")
@@ -103,7 +103,7 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
         admin_token = None
         # Only once serving: a start that fails must not use up the one showing of the token.
         if await store.admin_tokens_count() == 0:
-            _, admin_token = await create_token(store, "first", clock())
+            _, admin_token = await create_token(store, "first", clock(), author=command_author("aforo control-plane (first start)"))
         tasks.append(asyncio.create_task(webhooks.run(), name="aforo webhooks"))
         tasks.append(asyncio.create_task(feed.watch(clock), name="aforo edge feed"))
         if settings.redis_url is not None:

@@ -13,6 +13,9 @@ import msgspec
 
 from control_plane.store import (
     ACCEPTED,
+    CHANGE_DELETED,
+    CHANGE_REVOKED,
+    AuditEntry,
     CATALOG_KINDS,
     CONFLICT,
     CREATED,
@@ -208,6 +211,18 @@ MIGRATIONS = (
         # Tokens made before scopes could do everything: they stay admin.
         "ALTER TABLE admin_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'",
     )),
+    (13, "the audit trail: who changed which catalog entry, API key or token, before and after", (
+        """CREATE TABLE audit_trail (
+            seq {serial},
+            at DOUBLE PRECISION NOT NULL,
+            who TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            change TEXT NOT NULL,
+            before TEXT,
+            after TEXT)""",
+        "CREATE INDEX audit_trail_by_entry ON audit_trail (kind, key, seq)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Events looked up or written per statement (well under both backends' parameter limits).
@@ -222,6 +237,12 @@ _GUARD_LEVEL_COLUMNS = "customer_id, metric, guard_id, level, margin_pct, change
 
 _encode = msgspec.json.Encoder(order="sorted").encode
 _decode = msgspec.json.decode
+
+
+def _audited_key(key: ApiKey) -> str:
+    # An API key as the audit trail shows it: never its digest.
+    return _encode({"customer_id": key.customer_id, "prefix": key.prefix, "created_at": key.created_at,
+                    "revoked_at": key.revoked_at}).decode()
 
 
 def payload_hash(payload: bytes) -> str:
@@ -287,7 +308,7 @@ class SqlStore:
         return rows[0][0] or 0
 
     # -- catalog -------------------------------------------------------------------
-    async def put_catalog(self, kind, key, document):
+    async def put_catalog(self, kind, key, document, *, author):
         _check_kind(kind)
         text = _encode(document).decode()
         async with self._transaction():
@@ -295,12 +316,15 @@ class SqlStore:
             if rows and rows[0][0] == text:
                 return UNCHANGED
             await self._execute(_MOVE_CATALOG_VERSION, ())
+            now = time.time()
             if rows:
                 await self._execute("UPDATE catalog SET document = ?, updated_at = ? WHERE kind = ? AND key = ?",
-                                    (text, time.time(), kind, key))
+                                    (text, now, kind, key))
+                await self._audit(now, author, kind, key, UPDATED, rows[0][0], text)
                 return UPDATED
             await self._execute("INSERT INTO catalog (kind, key, document, updated_at) VALUES (?, ?, ?, ?)",
-                                (kind, key, text, time.time()))
+                                (kind, key, text, now))
+            await self._audit(now, author, kind, key, CREATED, None, text)
             return CREATED
 
     async def get_catalog(self, kind, key):
@@ -313,13 +337,14 @@ class SqlStore:
         rows = await self._fetch("SELECT key, document FROM catalog WHERE kind = ? ORDER BY key", (kind,))
         return [(key, _decode(document)) for key, document in rows]
 
-    async def delete_catalog(self, kind, key):
+    async def delete_catalog(self, kind, key, *, author):
         _check_kind(kind)
         async with self._transaction():
-            rows = await self._fetch("SELECT 1 FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+            rows = await self._fetch("SELECT document FROM catalog WHERE kind = ? AND key = ?", (kind, key))
             if rows:
                 await self._execute(_MOVE_CATALOG_VERSION, ())
                 await self._execute("DELETE FROM catalog WHERE kind = ? AND key = ?", (kind, key))
+                await self._audit(time.time(), author, kind, key, CHANGE_DELETED, rows[0][0], None)
             return bool(rows)
 
     async def catalog_version(self):
@@ -327,10 +352,13 @@ class SqlStore:
         return rows[0][0]
 
     # -- API keys ------------------------------------------------------------------
-    async def add_api_key(self, key: ApiKey) -> None:
-        await self._execute(
-            "INSERT INTO api_keys (id, customer_id, prefix, key_hash, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (key.id, key.customer_id, key.prefix, key.key_hash, key.created_at, key.revoked_at))
+    async def add_api_key(self, key: ApiKey, *, author) -> None:
+        async with self._transaction():
+            await self._execute(
+                "INSERT INTO api_keys (id, customer_id, prefix, key_hash, created_at, revoked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key.id, key.customer_id, key.prefix, key.key_hash, key.created_at, key.revoked_at))
+            await self._audit(key.created_at, author, "api_key", key.id, CREATED, None, _audited_key(key))
 
     async def api_keys(self, customer_id, prefix=""):
         rows = await self._fetch(
@@ -345,13 +373,18 @@ class SqlStore:
             "WHERE revoked_at IS NULL ORDER BY customer_id, created_at, id", ())
         return [ApiKey(*row) for row in rows]
 
-    async def revoke_api_key(self, key_id, at):
+    async def revoke_api_key(self, key_id, at, *, author):
         async with self._transaction():
-            rows = await self._fetch("SELECT customer_id FROM api_keys WHERE id = ? AND revoked_at IS NULL",
-                                     (key_id,))
-            if rows:
-                await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (at, key_id))
-            return rows[0][0] if rows else None
+            rows = await self._fetch(
+                "SELECT id, customer_id, prefix, key_hash, created_at, revoked_at FROM api_keys "
+                "WHERE id = ? AND revoked_at IS NULL", (key_id,))
+            if not rows:
+                return None
+            key = ApiKey(*rows[0])
+            await self._execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (at, key_id))
+            await self._audit(at, author, "api_key", key_id, CHANGE_REVOKED, _audited_key(key),
+                              _audited_key(msgspec.structs.replace(key, revoked_at=at)))
+            return key.customer_id
 
     async def api_key_by_hash(self, key_hash):
         rows = await self._fetch(
@@ -362,10 +395,12 @@ class SqlStore:
     # -- tokens --------------------------------------------------------------------
     _TOKEN_COLUMNS = "id, name, scope, created_at, revoked_at"
 
-    async def add_token(self, token, token_hash):
-        await self._execute("INSERT INTO admin_tokens (id, token_hash, name, scope, created_at) "
-                            "VALUES (?, ?, ?, ?, ?)",
-                            (token.id, token_hash, token.name, token.scope, token.created_at))
+    async def add_token(self, token, token_hash, *, author):
+        async with self._transaction():
+            await self._execute("INSERT INTO admin_tokens (id, token_hash, name, scope, created_at) "
+                                "VALUES (?, ?, ?, ?, ?)",
+                                (token.id, token_hash, token.name, token.scope, token.created_at))
+            await self._audit(token.created_at, author, "token", token.id, CREATED, None, _encode(token).decode())
 
     async def live_token(self, token_hash):
         rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens "
@@ -376,21 +411,46 @@ class SqlStore:
         rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens ORDER BY created_at, id", ())
         return [Token(*row) for row in rows]
 
-    async def revoke_token(self, token_id, at):
+    async def revoke_token(self, token_id, at, *, author):
+        revoked = await self._revoke_tokens("id", token_id, at, author)
+        return revoked[0] if revoked else None
+
+    async def revoke_tokens_named(self, name, at, *, author):
+        return len(await self._revoke_tokens("name", name, at, author))
+
+    async def _revoke_tokens(self, column, value, at, author) -> list[Token]:
+        # Every live token whose `column` is `value`, revoked at `at`, each in the trail.
         async with self._transaction():
             rows = await self._fetch(f"SELECT {self._TOKEN_COLUMNS} FROM admin_tokens "
-                                     "WHERE id = ? AND revoked_at IS NULL", (token_id,))
-            if not rows:
-                return None
-            await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (at, token_id))
-            return msgspec.structs.replace(Token(*rows[0]), revoked_at=at)
+                                     f"WHERE {column} = ? AND revoked_at IS NULL", (value,))
+            revoked = []
+            for row in rows:
+                token = Token(*row)
+                await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (at, token.id))
+                revoked.append(msgspec.structs.replace(token, revoked_at=at))
+                await self._audit(at, author, "token", token.id, CHANGE_REVOKED, _encode(token).decode(),
+                                  _encode(revoked[-1]).decode())
+            return revoked
 
-    async def revoke_tokens_named(self, name, at):
-        async with self._transaction():
-            rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE name = ? AND revoked_at IS NULL", (name,))
-            await self._execute("UPDATE admin_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                                (at, name))
-            return rows[0][0]
+    # -- audit trail ---------------------------------------------------------------
+    async def _audit(self, at, author, kind, key, change, before, after) -> None:
+        # Inside the caller's transaction: the change and its record commit together.
+        if not author:
+            raise ValueError("a change to the catalog, an API key or a token needs an author")
+        await self._execute("INSERT INTO audit_trail (at, who, kind, key, change, before, after) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (at, author, kind, key, change, before, after))
+
+    async def audit(self, kind=None, key=None, after_seq=0, limit=100):
+        where, args = "WHERE seq > ?", [after_seq]
+        for column, value in (("kind", kind), ("key", key)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+        rows = await self._fetch("SELECT seq, at, who, kind, key, change, before, after "
+                                 f"FROM audit_trail {where} ORDER BY seq LIMIT ?", (*args, limit))
+        return [AuditEntry(seq, at, who, entry_kind, entry_key, change,
+                           None if before is None else _decode(before), None if after is None else _decode(after))
+                for seq, at, who, entry_kind, entry_key, change, before, after in rows]
 
     async def admin_tokens_count(self):
         rows = await self._fetch("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL AND scope = 'admin'", ())

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from typing import NamedTuple
 
@@ -34,6 +35,21 @@ class Principal(NamedTuple):
     name: str
     scope: str
 
+    @property
+    def author(self) -> str:
+        """Who this is in the audit trail: `token <id> (<name>)`."""
+        return f"token {self.id} ({self.name})"
+
+
+def command_author(command: str) -> str:
+    """Who a command run on a machine is in the audit trail: `<command> (<OS user>)`."""
+    import getpass
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):              # no name for this uid (a bare container)
+        user = f"uid {os.getuid()}"
+    return f"{command} ({user})"
+
 
 def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -52,15 +68,16 @@ def scopes_allowing(method: str, path: str) -> list[str]:
                   key=lambda scope: SCOPE_ROUTES[scope] is None)
 
 
-async def create_token(store: Store, name: str, now: float, scope: str = ADMIN) -> tuple[Token, str]:
-    """A new live token of `scope` named `name`, created at `now`: (the stored Token,
-    the secret itself, shown once: `aforo_<scope>_...`). Raises ValueError for a scope
-    not in SCOPES or an empty name."""
+async def create_token(store: Store, name: str, now: float, scope: str = ADMIN, *,
+                       author: str) -> tuple[Token, str]:
+    """A new live token of `scope` named `name`, created at `now` by `author` (as the
+    audit trail names who): (the stored Token, the secret itself, shown once:
+    `aforo_<scope>_...`). Raises ValueError for a scope not in SCOPES or an empty name."""
     if scope not in SCOPE_ROUTES:
         raise ValueError(f"the scope is one of {', '.join(SCOPES)}, not `{scope}`")
     if not name.strip():
         raise ValueError("a token needs a name (who or what uses it)")
     secret = f"aforo_{scope}_" + secrets.token_urlsafe(32)
     token = Token("tok_" + secrets.token_hex(8), name, scope, now)
-    await store.add_token(token, sha256_hex(secret))
+    await store.add_token(token, sha256_hex(secret), author=author)
     return token, secret

@@ -30,7 +30,7 @@ class Api:
         self.app_options = {}
 
     async def __aenter__(self):
-        _, self.token = await create_token(self.store, "tests", NOW)
+        _, self.token = await create_token(self.store, "tests", NOW, author="test")
         self.runner = web.AppRunner(create_app(self.store, clock=lambda: NOW, **self.app_options))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -66,13 +66,13 @@ async def catalog_for_cus_1(store, anchor=NOW - 100 * 86400):
     pro plan at 0.01 a call, subscribed since `anchor` (before any event of a test)."""
     import datetime
 
-    await store.put_catalog("metric", "api_calls", {"aggregation": "count"})
+    await store.put_catalog("metric", "api_calls", {"aggregation": "count"}, author="test")
     await store.put_catalog("plan", "pro", {"tier": "pro", "charges": [
-        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]})
-    await store.put_catalog("customer", "cus_1", {})
+        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]}, author="test")
+    await store.put_catalog("customer", "cus_1", {}, author="test")
     await store.put_catalog("subscription", "sub_1", {
         "customer": "cus_1", "plan": "pro", "status": "active",
-        "period_anchor": datetime.datetime.fromtimestamp(anchor, datetime.timezone.utc).isoformat()})
+        "period_anchor": datetime.datetime.fromtimestamp(anchor, datetime.timezone.utc).isoformat()}, author="test")
 
 
 async def example_api(store, guards):
@@ -84,7 +84,7 @@ async def example_api(store, guards):
     from control_plane.catalog import apply_catalog
 
     catalog = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
-    await apply_catalog(store, load_catalog_file(catalog), "catalog.yaml")
+    await apply_catalog(store, load_catalog_file(catalog), "catalog.yaml", author="test")
     api = Api(store)
     api.app_options = {"guards": guards}
     return api

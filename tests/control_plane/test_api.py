@@ -357,7 +357,7 @@ def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_t
     catalog_path = Path(__file__).resolve().parents[2] / "config" / "examples" / "catalog.yaml"
 
     async def scenario(api):
-        await apply_catalog(api.store, load_catalog_file(catalog_path), "catalog.yaml")
+        await apply_catalog(api.store, load_catalog_file(catalog_path), "catalog.yaml", author="test")
         # NOW is 2027-01-15T08:00Z: globex (pro, anchored on the 15th) is in its Jan 15 - Feb 15 period.
         tokens = {"id": "u1", "customer_id": "cus_globex", "metric": "ai_tokens", "quantity": 1_000_000,
                   "timestamp": "2027-01-15T07:00:00Z"}
@@ -415,7 +415,7 @@ def test_a_plan_changed_between_two_batches_prices_the_second_by_the_new_plan(ba
     async def scenario(open_store):
         store = await open_store()
         other = await open_store()            # `aforo apply` or another control plane, on the same database
-        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml", author="test")
         async with Api(store) as api:
             await api.call("POST", "/v1/events", tokens("u1"))
             assert await revenue(store, "u1") == 8_000_000_000                # pro: 8.00 per 1M tokens
@@ -428,11 +428,11 @@ def test_a_plan_changed_between_two_batches_prices_the_second_by_the_new_plan(ba
             assert await revenue(store, "u2") == 10_000_000_000
             plan = await other.get_catalog("plan", "pro")
             plan["charges"][0]["price"] = "12"
-            await other.put_catalog("plan", "pro", plan)                       # behind this API's back
+            await other.put_catalog("plan", "pro", plan, author="test")                       # behind this API's back
             await api.call("POST", "/v1/events", tokens("u3"))
             assert await revenue(store, "u3") == 12_000_000_000
             await other.put_catalog("subscription", "sub_globex", {
-                **await other.get_catalog("subscription", "sub_globex"), "plan": "enterprise"})
+                **await other.get_catalog("subscription", "sub_globex"), "plan": "enterprise"}, author="test")
             await api.call("POST", "/v1/events", tokens("u4"))
             assert await revenue(store, "u4") == 6_000_000_000                # enterprise: 6.00 per 1M
             _, _, margin = await api.call("GET", "/v1/customers/cus_globex/margin")
@@ -458,7 +458,7 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
 
     async def scenario(open_store):
         store = await open_store()
-        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml", author="test")
         api = Api(store)
         api.app_options = {"guards": guards}
         async with api:
@@ -529,12 +529,12 @@ def test_one_batch_moves_the_levels_of_every_customer_it_touches(backend, tmp_pa
 
     async def scenario(open_store):
         store = await open_store()
-        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(catalog_path), "catalog.yaml", author="test")
         for customer in customers:
-            await store.put_catalog("customer", customer, {"name": customer})
+            await store.put_catalog("customer", customer, {"name": customer}, author="test")
             await store.put_catalog("subscription", f"sub_{customer}", {
                 "customer": customer, "plan": "pro", "period_anchor": "2026-11-15T00:00:00+00:00",
-                "status": "active"})
+                "status": "active"}, author="test")
         api = Api(store)
         api.app_options = {"guards": watch_guards(guard_file)}
         async with api:

@@ -23,19 +23,19 @@ def test_applying_twice_changes_nothing_and_a_change_updates_only_itself(backend
 
     async def scenario(open_store):
         store = await open_store()
-        first = await apply_catalog(store, catalog, "catalog.yaml")
+        first = await apply_catalog(store, catalog, "catalog.yaml", author="test")
         assert {kind: dict(outcomes) for kind, outcomes in first.items()} == {
             "metric": {"created": 8}, "model_price": {"created": 6}, "tool_price": {"created": 3},
             "feature": {"created": 2}, "plan": {"created": 3}, "customer": {"created": 3},
             "subscription": {"created": 3}}
         version = await store.catalog_version()
-        again = await apply_catalog(store, catalog, "catalog.yaml")
+        again = await apply_catalog(store, catalog, "catalog.yaml", author="test")
         assert {kind: dict(outcomes) for kind, outcomes in again.items()} == {
             "metric": {"unchanged": 8}, "model_price": {"unchanged": 6}, "tool_price": {"unchanged": 3},
             "feature": {"unchanged": 2}, "plan": {"unchanged": 3}, "customer": {"unchanged": 3},
             "subscription": {"unchanged": 3}}
         assert await store.catalog_version() == version        # nothing for a rater to reload
-        third = await apply_catalog(store, changed, "catalog.yaml")
+        third = await apply_catalog(store, changed, "catalog.yaml", author="test")
         assert dict(third["plan"]) == {"updated": 1, "unchanged": 2}
         assert dict(third["model_price"]) == {"updated": 1, "unchanged": 5}
         assert await store.catalog_version() != version
@@ -55,7 +55,7 @@ def test_a_reference_to_nothing_writes_nothing(backend):
     async def scenario(open_store):
         store = await open_store()
         with pytest.raises(ConfigError) as caught:
-            await apply_catalog(store, catalog, "catalog.yaml")
+            await apply_catalog(store, catalog, "catalog.yaml", author="test")
         assert [str(error) for error in caught.value.errors] == [
             "catalog.yaml: Unknown feature `gold`; define it under `features` - at `$.plans[0].features`",
             "catalog.yaml: Unknown metric `calls`; define it under `metrics` - at `$.plans[0].quotas.calls`",
@@ -63,10 +63,10 @@ def test_a_reference_to_nothing_writes_nothing(backend):
         ]
         assert await store.list_catalog("plan") == []
         # What the store already holds counts: with those defined, the same file applies.
-        await store.put_catalog("feature", "gold", {})
-        await store.put_catalog("metric", "calls", {"aggregation": "count"})
-        await store.put_catalog("customer", "cus_x", {})
-        summary = await apply_catalog(store, catalog, "catalog.yaml")
+        await store.put_catalog("feature", "gold", {}, author="test")
+        await store.put_catalog("metric", "calls", {"aggregation": "count"}, author="test")
+        await store.put_catalog("customer", "cus_x", {}, author="test")
+        summary = await apply_catalog(store, catalog, "catalog.yaml", author="test")
         assert dict(summary["subscription"]) == {"created": 1}
     backend.run(scenario)
 

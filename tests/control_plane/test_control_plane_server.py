@@ -94,7 +94,7 @@ def test_costs_posted_below_a_guards_margin_reach_the_notified_channel_signed(tm
         settings = load_control_plane_settings(tmp_path / "control_plane.yaml", environ=ENVIRON)
         control_plane = await start_control_plane(settings, environ=ENVIRON, clock=lambda: NOW)
         try:
-            await apply_catalog(control_plane.store, load_catalog_file(CATALOG), "catalog.yaml")
+            await apply_catalog(control_plane.store, load_catalog_file(CATALOG), "catalog.yaml", author="test")
             headers = {"Authorization": f"Bearer {control_plane.admin_token}"}
             async with aiohttp.ClientSession(headers=headers) as session:
                 # ai_tokens earns 39.20 this period (80% of globex's 49.00 fee): 35.00 of cost leaves 10.7%.

@@ -158,7 +158,7 @@ def test_the_whole_state_is_published_again_at_the_settings_resync_interval(redi
         client = redis.from_url(redis_url)
         await client.delete(EDGE_STATE, EDGE_CHANGES, EDGE_VERSION)
         store = await open_store(str(tmp_path / "aforo.db"))
-        await apply_catalog(store, load_catalog_file(CATALOG), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(CATALOG), "catalog.yaml", author="test")
         await store.close()
         (tmp_path / "control_plane.yaml").write_text(RESYNC_SETTINGS.format(redis_url=redis_url, interval=0.2))
         settings = load_control_plane_settings(tmp_path / "control_plane.yaml", environ={})

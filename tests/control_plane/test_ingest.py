@@ -216,7 +216,7 @@ def test_an_event_that_would_overflow_a_running_total_is_refused_alone(backend):
     async def scenario(open_store):
         store = await open_store()
         await catalog_for_cus_1(store)
-        await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml", author="test")
 
         def tokens(event_id, quantity):
             return usage(event_id, customer_id="cus_acme", metric="ai_cached_tokens", quantity=quantity)
@@ -263,11 +263,11 @@ EXAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "config" / "examples" / 
 async def with_example_catalog(store, *extra_customers):
     """The example catalog, plus a customer on each (customer, plan) of `extra_customers`
     (subscribed from 2026-11-15: NOW falls in the period of Jan 15 - Feb 15, 2027)."""
-    await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml")
+    await apply_catalog(store, load_catalog_file(EXAMPLE_CATALOG), "catalog.yaml", author="test")
     for customer, plan in extra_customers:
-        await store.put_catalog("customer", customer, {"name": customer})
+        await store.put_catalog("customer", customer, {"name": customer}, author="test")
         await store.put_catalog("subscription", f"sub_{customer}", {
-            "customer": customer, "plan": plan, "period_anchor": "2026-11-15T00:00:00+00:00", "status": "active"})
+            "customer": customer, "plan": plan, "period_anchor": "2026-11-15T00:00:00+00:00", "status": "active"}, author="test")
 
 
 def priced(store_events):
@@ -378,7 +378,7 @@ def test_an_event_the_catalog_cannot_rate_is_kept_unrated_with_why_and_rated_onc
         assert [(event.event_id, reason.split(" ")[0]) for _, reason, event in listed] == [
             ("new-metric", "no"), ("who", "no"), ("early", "before")]
         # The catalog learns the metric: that one is rated now, the others wait.
-        await store.put_catalog("metric", "gpu_seconds", {"aggregation": "sum"})
+        await store.put_catalog("metric", "gpu_seconds", {"aggregation": "sum"}, author="test")
         rerated, customers = await rate_unrated(store, await Rater.load(store))
         assert (rerated.rated, rerated.still_unrated, customers) == (1, 2, {"cus_1"})
         assert [event.event_id for _, _, event in await store.unrated_events()] == ["who", "early"]

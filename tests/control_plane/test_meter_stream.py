@@ -29,12 +29,12 @@ def meter_events(count, start=0):
 
 
 async def catalog(store):
-    await store.put_catalog("metric", "api_calls", {"aggregation": "count"})
+    await store.put_catalog("metric", "api_calls", {"aggregation": "count"}, author="test")
     await store.put_catalog("plan", "pro", {"tier": "pro", "charges": [
-        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]})
-    await store.put_catalog("customer", "cus_1", {})
+        {"metric": "api_calls", "model": "per_unit", "price": "0.01", "per_units": 1}]}, author="test")
+    await store.put_catalog("customer", "cus_1", {}, author="test")
     await store.put_catalog("subscription", "sub_1", {"customer": "cus_1", "plan": "pro", "status": "active",
-                                                      "period_anchor": "2027-01-01T00:00:00+00:00"})
+                                                      "period_anchor": "2027-01-01T00:00:00+00:00"}, author="test")
 
 
 def stream_test(backend, redis_url, scenario):
@@ -162,7 +162,7 @@ def test_an_entry_that_cannot_be_taken_in_goes_to_the_dead_letters_after_a_few_t
         await reader.join_group()
         await sink.write_batch(meter_events(2))
         broken = {"tier": "pro", "charges": [{"metric": "api_calls", "model": "graduated", "tiers": []}]}
-        await store.put_catalog("plan", "pro", broken)
+        await store.put_catalog("plan", "pro", broken, author="test")
         for _ in range(MAX_ATTEMPTS - 1):
             with pytest.raises(StoreError, match="trying it again"):
                 await reader.step(block_ms=50)

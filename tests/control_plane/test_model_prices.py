@@ -92,7 +92,7 @@ def usage(event_id, metric, quantity, **dimensions):
 
 def test_the_margin_moves_with_every_priced_event_and_a_missing_price_is_flagged(backend):
     async def scenario(api):
-        await apply_catalog(api.store, load_catalog_file(EXAMPLE), "catalog.yaml")
+        await apply_catalog(api.store, load_catalog_file(EXAMPLE), "catalog.yaml", author="test")
         _, _, margin = await api.call("GET", "/v1/customers/cus_globex/margin")
         assert (margin["revenue_nanos"], margin["cogs_nanos"]) == (49_000_000_000, 0)
         cogs = 0
@@ -142,12 +142,12 @@ def test_a_price_changed_behind_the_apis_back_prices_the_next_batch(backend):
     async def scenario(open_store):
         store = await open_store()
         other = await open_store()            # `aforo apply` or another control plane, on the same database
-        await apply_catalog(store, load_catalog_file(EXAMPLE), "catalog.yaml")
+        await apply_catalog(store, load_catalog_file(EXAMPLE), "catalog.yaml", author="test")
         async with Api(store) as api:
             await api.call("POST", "/v1/events", [usage("t1", "mcp_tool_calls", 2, tool="web_search")])
-            await other.put_catalog("tool_price", "web_search", {"per_call": "0.05"})
+            await other.put_catalog("tool_price", "web_search", {"per_call": "0.05"}, author="test")
             await api.call("POST", "/v1/events", [usage("t2", "mcp_tool_calls", 2, tool="web_search")])
-            await other.delete_catalog("tool_price", "web_search")
+            await other.delete_catalog("tool_price", "web_search", author="test")
             await api.call("POST", "/v1/events", [usage("t3", "mcp_tool_calls", 2, tool="web_search")])
             costs = {event.event_id: json.loads(event.provenance)["pricing"]["cogs_nanos"]
                      for event in await store.events("usage", "cus_globex")}

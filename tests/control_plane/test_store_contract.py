@@ -69,19 +69,19 @@ def test_a_catalog_upsert_says_what_it_did_and_repeating_it_changes_nothing(back
 
     async def scenario(open_test_store):
         store = await open_test_store()
-        assert await store.put_catalog("plan", "pro", plan) == CREATED
-        assert await store.put_catalog("plan", "pro", dict(reversed(plan.items()))) == UNCHANGED   # key order
+        assert await store.put_catalog("plan", "pro", plan, author="test") == CREATED
+        assert await store.put_catalog("plan", "pro", dict(reversed(plan.items())), author="test") == UNCHANGED   # key order
         changed = {**plan, "fixed_fee_nanos": 59_000_000_000}
-        assert await store.put_catalog("plan", "pro", changed) == UPDATED
+        assert await store.put_catalog("plan", "pro", changed, author="test") == UPDATED
         assert await store.get_catalog("plan", "pro") == changed
-        assert await store.put_catalog("plan", "free", {"tier": "free"}) == CREATED
+        assert await store.put_catalog("plan", "free", {"tier": "free"}, author="test") == CREATED
         assert [key for key, _ in await store.list_catalog("plan")] == ["free", "pro"]
         assert await store.get_catalog("plan", "missing") is None
-        assert await store.delete_catalog("plan", "free") is True
-        assert await store.delete_catalog("plan", "free") is False
+        assert await store.delete_catalog("plan", "free", author="test") is True
+        assert await store.delete_catalog("plan", "free", author="test") is False
         assert await store.list_catalog("customer") == []
         with pytest.raises(StoreError, match="unknown catalog kind 'plans'"):
-            await store.put_catalog("plans", "pro", plan)
+            await store.put_catalog("plans", "pro", plan, author="test")
     backend.run(scenario)
 
 
@@ -89,18 +89,18 @@ def test_the_catalog_version_moves_with_every_change_seen_from_any_process(backe
     async def scenario(open_test_store):
         store, other = await open_test_store(), await open_test_store()     # two control-plane processes
         start = await other.catalog_version()
-        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == CREATED
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}, author="test") == CREATED
         created = await other.catalog_version()
         assert created != start
-        assert await store.put_catalog("plan", "pro", {"tier": "pro"}) == UNCHANGED
+        assert await store.put_catalog("plan", "pro", {"tier": "pro"}, author="test") == UNCHANGED
         assert await other.catalog_version() == created                  # nothing changed: nothing to reload
-        assert await store.put_catalog("plan", "pro", {"tier": "gold"}) == UPDATED
+        assert await store.put_catalog("plan", "pro", {"tier": "gold"}, author="test") == UPDATED
         updated = await other.catalog_version()
         assert updated not in (start, created)
-        assert await store.delete_catalog("plan", "pro") is True
+        assert await store.delete_catalog("plan", "pro", author="test") is True
         deleted = await other.catalog_version()
         assert deleted not in (start, created, updated)
-        assert await store.delete_catalog("plan", "pro") is False
+        assert await store.delete_catalog("plan", "pro", author="test") is False
         assert await other.catalog_version() == deleted
     backend.run(scenario)
 
@@ -112,18 +112,18 @@ def test_api_keys_are_kept_hashed_listed_by_prefix_and_revoked_once(backend):
         second = ApiKey("key_2", "cus_1", "ak_live_cd", "b" * 64, 11.0)
         other = ApiKey("key_3", "cus_2", "ak_live_ab", "c" * 64, 12.0)
         for key in (first, second, other):
-            await store.add_api_key(key)
+            await store.add_api_key(key, author="test")
         assert await store.api_keys("cus_1") == [first, second]
         assert await store.api_keys("cus_1", "ak_live_c") == [second]
         assert await store.api_keys("cus_1", "ak_test") == []
         assert await store.api_key_by_hash("b" * 64) == second
         assert await store.api_key_by_hash("d" * 64) is None
-        assert await store.revoke_api_key("key_2", 20.0) == "cus_1"
-        assert await store.revoke_api_key("key_2", 21.0) is None      # already revoked: the first time stands
-        assert await store.revoke_api_key("key_9", 21.0) is None
+        assert await store.revoke_api_key("key_2", 20.0, author="test") == "cus_1"
+        assert await store.revoke_api_key("key_2", 21.0, author="test") is None      # already revoked: the first time stands
+        assert await store.revoke_api_key("key_9", 21.0, author="test") is None
         assert (await store.api_key_by_hash("b" * 64)).revoked_at == 20.0
         with pytest.raises(StoreError):
-            await store.add_api_key(ApiKey("key_4", "cus_3", "ak_live_ee", "a" * 64, 13.0))   # same digest
+            await store.add_api_key(ApiKey("key_4", "cus_3", "ak_live_ee", "a" * 64, 13.0), author="test")   # same digest
     backend.run(scenario)
 
 
@@ -131,16 +131,16 @@ def test_tokens_are_kept_as_digests_with_a_scope_and_revoked_by_id_or_name(backe
     async def scenario(open_test_store):
         store = await open_test_store()
         assert await store.admin_tokens_count() == 0
-        await store.add_token(Token("tok_1", "first", "admin", 5.0), "e" * 64)
-        await store.add_token(Token("tok_2", "edge", "proxy", 6.0), "d" * 64)
+        await store.add_token(Token("tok_1", "first", "admin", 5.0), "e" * 64, author="test")
+        await store.add_token(Token("tok_2", "edge", "proxy", 6.0), "d" * 64, author="test")
         assert await store.live_token("e" * 64) == Token("tok_1", "first", "admin", 5.0)
         assert await store.live_token("f" * 64) is None
         assert await store.admin_tokens_count() == 1                 # proxy tokens are not admin ones
-        assert await store.revoke_token("tok_2", 7.0) == Token("tok_2", "edge", "proxy", 6.0, 7.0)
-        assert await store.revoke_token("tok_2", 8.0) is None        # already revoked: the first time stands
-        assert await store.revoke_token("tok_9", 8.0) is None
+        assert await store.revoke_token("tok_2", 7.0, author="test") == Token("tok_2", "edge", "proxy", 6.0, 7.0)
+        assert await store.revoke_token("tok_2", 8.0, author="test") is None        # already revoked: the first time stands
+        assert await store.revoke_token("tok_9", 8.0, author="test") is None
         assert await store.live_token("d" * 64) is None
-        assert await store.revoke_tokens_named("first", 9.0) == 1
+        assert await store.revoke_tokens_named("first", 9.0, author="test") == 1
         assert await store.tokens() == [Token("tok_1", "first", "admin", 5.0, 9.0),
                                         Token("tok_2", "edge", "proxy", 6.0, 7.0)]
         assert await store.admin_tokens_count() == 0

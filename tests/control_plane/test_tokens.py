@@ -28,7 +28,7 @@ async def new_token(api, name, scope):
 def test_a_proxy_token_reads_edge_state_leases_and_meters_but_manages_nothing(backend):
     async def scenario(api):
         await catalog_for_cus_1(api.store)
-        await api.store.put_catalog("plan", "pro", {"tier": "pro", "quotas": {"api_calls": {"limit": 1000}}})
+        await api.store.put_catalog("plan", "pro", {"tier": "pro", "quotas": {"api_calls": {"limit": 1000}}}, author="test")
         proxy = (await new_token(api, "edge-1", "proxy"))["token"]
         status, _, body = await as_token(api, proxy, "GET", "/v1/edge/state")
         assert status == 200 and "cus_1" in str(body["state"])

@@ -236,7 +236,7 @@ def cost(event_id, amount):
 def test_two_concurrent_evaluations_enqueue_one_webhook_per_channel(backend):
     async def scenario(open_store):
         stores = [await open_store() for _ in range(2)]
-        await apply_catalog(stores[0], load_catalog_file(CATALOG), "catalog.yaml")
+        await apply_catalog(stores[0], load_catalog_file(CATALOG), "catalog.yaml", author="test")
         # ai_tokens earns 39.20 this period (80% of the 49.00 fee): a 35.00 cost leaves 10.7%, level 2.
         await ingest(stores[0], COST, [cost("c1", "35.00")], NOW)
         recorded = await asyncio.gather(*(evaluate_guards(store, GUARDS, NOW, {"cus_globex"}) for store in stores))
@@ -308,7 +308,7 @@ def test_a_receiver_that_always_fails_is_given_up_after_max_attempts_and_listed_
                 await sender.deliver_due(session)
             assert len(receiver.requests) == 3
             assert sender.metrics.given_up.labels(channel="finance")._value.get() == 1
-            _, token = await create_token(store, "tests", NOW)
+            _, token = await create_token(store, "tests", NOW, author="test")
             runner = web.AppRunner(create_app(store, clock))
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -63,9 +63,9 @@ class ControlPlane:
     async def start(self):
         self.store = await SqliteStore.open(str(self.folder / "aforo.db"))
         await self.store.migrate()
-        _, self.token = await create_token(self.store, "tests", time.time())
+        _, self.token = await create_token(self.store, "tests", time.time(), author="test")
         # What the proxies following this control plane use: the proxy scope is enough.
-        _, self.proxy_token = await create_token(self.store, "proxies", time.time(), PROXY)
+        _, self.proxy_token = await create_token(self.store, "proxies", time.time(), PROXY, author="test")
         self.runner = web.AppRunner(create_app(self.store, guards=watch_guards(self.folder / "guards.yaml")))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
