@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from config.currencies import CURRENCY_MEANING, CURRENCY_PATTERN, CurrencyCode, currency_problem
 from config.documents import Problem, duplicate_names, parse_document, read_document, validate_data
 from config.edge_state_file import CUSTOMER_ID_PATTERN, SubscriptionStatus
 from config.schema import (
@@ -41,11 +42,10 @@ from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volum
 CATALOG_EXPECTED = ("a mapping with any of `metrics`, `model_prices`, `tool_prices`, `features`, `plans`, "
                     "`customers`, `subscriptions`")
 KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
-CURRENCY_PATTERN = r"^[A-Z]{3}$"
 CATALOG_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     KEY_PATTERN: "a key (letters, digits, `_`, `.`, `:`, `-`)",
-    CURRENCY_PATTERN: "a three-letter currency code like `USD`",
+    CURRENCY_PATTERN: CURRENCY_MEANING,
     CUSTOMER_ID_PATTERN: "a customer id (letters, digits, `_`, `.`, `:`, `-`)",
     METERED_METRIC_PATTERN: "a metric name (letters, digits, `_`, `.`, `:`, `-`)",
 }
@@ -164,19 +164,29 @@ class Quota(Schema):
 
 
 class Plan(Schema):
-    """A rate plan: `tier`, billing `period`, `fixed_fee` per period (allocated across
-    metrics by `fee_allocation` for per-metric margin; shares add up to 100%),
-    `features`, `quotas` per metric and usage `charges`."""
+    """A rate plan: `tier`, billing `period`, `currency` (ISO 4217) of every amount
+    in it, `fixed_fee` per period (allocated across metrics by `fee_allocation` for
+    per-metric margin; shares add up to 100%), `features`, `quotas` per metric and
+    usage `charges`.
+
+    `allocated_value` per period: what serving a customer on the plan is worth to
+    the business beyond what it pays (a free tier's acquisition budget, a
+    partner's credit), never invoiced. Margins are computed against revenue plus
+    this value (allocated across metrics as the fee is), so a plan that earns
+    nothing can still be held to a margin floor: with `allocated_value: "1.00"` a
+    5% floor blocks once a customer's costs pass 0.95 in the period. A plan that
+    earns nothing and sets no allocated value has no margin for guards to judge."""
 
     key: Key
     tier: Name
     period: Literal["day", "week", "month", "year"] = "month"
-    currency: Annotated[str, msgspec.Meta(pattern=CURRENCY_PATTERN)] = "USD"
+    currency: CurrencyCode = "USD"
     fixed_fee: Money = Money(0)
     fee_allocation: dict[MeteredMetric, Percent] = {}
     features: tuple[Key, ...] = ()
     quotas: dict[MeteredMetric, Quota] = {}
     charges: tuple[Charge, ...] = ()
+    allocated_value: Money = Money(0)
 
 
 class Customer(Schema):
@@ -235,6 +245,8 @@ def entry_problems(kind: str, entry: Schema, path: str) -> list[Problem]:
 
 def _plan_problems(plan: Plan, path: str) -> list[Problem]:
     problems = []
+    if (unknown := currency_problem(plan.currency)) is not None:
+        problems.append(Problem(f"{path}.currency", unknown))
     if plan.fee_allocation and abs(sum(plan.fee_allocation.values()) - 100.0) > 1e-9:
         problems.append(Problem(f"{path}.fee_allocation",
                                 f"Fee allocation shares add up to {sum(plan.fee_allocation.values()):g}%, "

@@ -19,6 +19,9 @@
 #   meter_claim_idle_s (30)    with `redis_url`: a meter stream entry another control
 #                              plane read and has not acknowledged for this long (it
 #                              died) is taken over, > 0
+#   reporting (none)           the one currency P&L totals are converted into, at the
+#                              operator's rates (see Reporting); without it, totals
+#                              are per currency only
 from __future__ import annotations
 
 import os
@@ -30,11 +33,12 @@ from typing import Annotated
 import msgspec
 
 from config.bus import REDIS_URL_MEANING, REDIS_URL_PATTERN
+from config.currencies import CURRENCY_MEANING, CURRENCY_PATTERN, CurrencyCode, currency_problem
 from config.documents import Problem, parse_document, read_document
 from config.errors import ConfigError, raise_if_any
 from config.network import HostPort, WebhookUrl
 from config.schema import PATTERN_MEANINGS, Name, Schema
-from config.values import show
+from config.values import Money, show
 from config.yaml_source import child_path_of
 
 CONTROL_PLANE_SETTINGS_EXPECTED = "a mapping of control plane settings"
@@ -49,6 +53,7 @@ SETTINGS_PATTERN_MEANINGS = {
     **PATTERN_MEANINGS,
     REDIS_URL_PATTERN: REDIS_URL_MEANING,
     ENV_NAME_PATTERN: "an environment variable name (letters, digits, `_`; not starting with a digit)",
+    CURRENCY_PATTERN: CURRENCY_MEANING,
 }
 Count = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -103,6 +108,25 @@ class WebhookSettings(Schema):
             )
 
 
+class Reporting(Schema):
+    """How P&L totals across currencies are given: in `currency`, each other
+    currency converted at `exchange_rates` (currency -> units of `currency` one unit
+    of it is worth, exact to 9 places, set by the operator: `EUR: "1.08"`). The
+    rates used are stated in every P&L; a currency without a rate leaves the
+    converted totals out (the per-currency totals are always there)."""
+
+    currency: CurrencyCode = "USD"
+    exchange_rates: dict[CurrencyCode, Money] = {}
+
+    def __post_init__(self) -> None:
+        for code in (self.currency, *self.exchange_rates):
+            if (unknown := currency_problem(code)) is not None:
+                raise ValueError(unknown)
+        for code, rate in self.exchange_rates.items():
+            if not rate.nanos:
+                raise ValueError(f"The exchange rate of `{code}` must be above 0")
+
+
 class ControlPlaneSettings(Schema):
     """A validated control plane settings file (see the module comment for every field).
     Also the `control_plane:` section of a larger file: check it with
@@ -116,6 +140,7 @@ class ControlPlaneSettings(Schema):
     redis_url: Annotated[str, msgspec.Meta(pattern=REDIS_URL_PATTERN)] | None = None
     edge_resync_interval_s: Seconds = DEFAULT_EDGE_RESYNC_INTERVAL_S
     meter_claim_idle_s: Seconds = DEFAULT_METER_CLAIM_IDLE_S
+    reporting: Reporting | None = None
 
 
 def parse_control_plane_settings(

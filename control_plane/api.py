@@ -28,6 +28,7 @@ from control_plane.ingest import (
 )
 from control_plane.intake import Intake
 from control_plane.margins import customer_margins
+from control_plane.pnl import profit_and_loss
 from control_plane.quota_leases import LeaseRequest, LeaseReturn, ThrottleRequest
 from control_plane.rating import CurrentRater
 from control_plane.store import (
@@ -61,6 +62,7 @@ OPENAPI = web.AppKey("openapi", dict)
 GUARDS = web.AppKey("guards", object)
 METRICS = web.AppKey("metrics", object)
 FEED = web.AppKey("feed", EdgeFeed)
+REPORTING = web.AppKey("reporting", object)
 # Who called (the bearer token's Principal), for the audit trail.
 PRINCIPAL = web.RequestKey("principal", Principal)
 WEBHOOKS = web.AppKey("webhooks", object)
@@ -484,9 +486,7 @@ async def _customer_margin(request):
 
 async def _pnl(request):
     margins = await customer_margins(request.app[STORE], request.app[CLOCK](), rater=await request.app[RATER].get())
-    return json_response({"customers": margins,
-                          "revenue_nanos": sum(margin.revenue_nanos for margin in margins),
-                          "cogs_nanos": sum(margin.cogs_nanos for margin in margins)})
+    return json_response(profit_and_loss(margins, request.app[REPORTING]))
 
 
 async def _metrics(request):
@@ -619,15 +619,17 @@ def _outgoing_webhooks() -> dict:
 
 def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=None,
                metrics: ControlPlaneMetrics | None = None, webhooks=None,
-               feed: EdgeFeed | None = None) -> web.Application:
+               feed: EdgeFeed | None = None, reporting=None) -> web.Application:
     """The REST API over `store`; `clock` gives epoch seconds (the ingest gates' now);
     `guards` is the watched guard file (config.guards.watch_guards) or None;
     `webhooks` the WebhookSender woken when transitions enqueue webhooks, or None;
-    `feed` the edge feed proxies follow (one over `store` and `guards` when None)."""
+    `feed` the edge feed proxies follow (one over `store` and `guards` when None);
+    `reporting` the settings' Reporting for P&L totals across currencies, or None."""
     app = web.Application(middlewares=[_problems, _scoped_tokens], client_max_size=MAX_BODY_BYTES)
     app[STORE] = store
     app[CLOCK] = clock
     app[GUARDS] = guards
+    app[REPORTING] = reporting
     app[METRICS] = metrics or ControlPlaneMetrics()
     app[RATER] = CurrentRater(store)
     app[FEED] = feed or EdgeFeed(store, guards, app[RATER])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import math
 
 from config.guards import GuardSet
 from config.schema import MODES
@@ -19,6 +18,16 @@ from control_plane.rating import Rater
 from control_plane.store import OVERALL, Action, Store
 from control_plane.webhooks import level_change_webhooks
 from decision_core import margin_level
+from decision_core.margin import MARGIN_NO_LOSS, MARGIN_UNBOUNDED_LOSS
+
+
+def _judged_pct(pct, pricing) -> float:
+    # The margin a guard judges: None (cost with no revenue) is an unbounded loss, but
+    # a plan that earns nothing and sets no allocated value (a free tier) has no margin
+    # to hold a customer to: judged as losing nothing (level 0), never blocked for it.
+    if pct is not None:
+        return pct
+    return MARGIN_NO_LOSS if pricing.earns_nothing else MARGIN_UNBOUNDED_LOSS
 
 
 async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=None,
@@ -45,7 +54,8 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
     levels = {(level.customer_id, level.metric, level.mode): level for level in levels}
     recorded = []
     for margin in margins:
-        tier = rater.plans[margin.plan].plan.tier
+        pricing = rater.plans[margin.plan]
+        tier = pricing.plan.tier
         period_start = datetime.datetime.fromisoformat(margin.period_start).timestamp()
         judged = [(row.metric, row.margin_pct) for row in margin.metrics] + [(OVERALL, margin.margin_pct)]
         for (metric, pct), mode in itertools.product(judged, MODES):
@@ -62,7 +72,7 @@ async def evaluate_guards(store: Store, guards: GuardSet, now: float, customers=
                 if await store.transition_level(reset, level_change_webhooks(reset, guard)):
                     recorded.append(reset)
                 current = 0
-            level = margin_level(-math.inf if pct is None else pct, level_thresholds(guard), current)
+            level = margin_level(_judged_pct(pct, pricing), level_thresholds(guard), current)
             if level == current:
                 continue
             action = Action(margin.customer_id, metric, guard.id, current, level, pct,

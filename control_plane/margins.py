@@ -1,8 +1,9 @@
 # Margin for the current billing period, per customer and metric and per customer
 # overall: revenue (usage charges rated so far plus the fixed fee, allocated across
-# metrics as the plan says; the unallocated rest counts overall only) against COGS
-# (unit costs of usage plus cost events). margin % = (revenue - COGS) / revenue * 100,
-# with the zero-revenue cases of decision_core.margin_pct.
+# metrics as the plan says; the unallocated rest counts overall only) plus the plan's
+# allocated value (allocated as the fee is) against COGS (unit costs of usage plus
+# cost events), all in the plan's currency. margin % = (revenue + allocated - COGS) /
+# (revenue + allocated) * 100, with the zero-revenue cases of decision_core.margin_pct.
 from __future__ import annotations
 
 import datetime
@@ -19,9 +20,10 @@ from decision_core import margin_pct
 class MetricMargin(msgspec.Struct):
     metric: str
     units: int
-    revenue_nanos: int
+    revenue_nanos: int             # earned: what the customer is invoiced
     cogs_nanos: int
     margin_pct: float | None       # None: cost with no revenue (an unbounded loss)
+    allocated_nanos: int = 0       # the plan's allocated value, never invoiced
 
 
 class CustomerMargin(msgspec.Struct):
@@ -34,9 +36,13 @@ class CustomerMargin(msgspec.Struct):
     cogs_nanos: int
     margin_pct: float | None
     metrics: list[MetricMargin]
+    currency: str = "USD"          # of every amount here: the plan's
+    allocated_nanos: int = 0
 
 
-def _pct(revenue, cogs):
+def margin_pct_of(revenue: int, cogs: int) -> float | None:
+    """decision_core.margin_pct rounded to 4 places as reports show it; None for an
+    unbounded loss (cost with no revenue)."""
     value = margin_pct(revenue, cogs)
     return None if math.isinf(value) else round(value, 4)
 
@@ -84,10 +90,13 @@ def _margins(rater, now, rows, customers):
         for metric in sorted((set(by_metric) | set(pricing.plan.fee_allocation)) - {OVERALL}):
             row = by_metric.get(metric)
             revenue = (row.revenue_nanos if row else 0) + pricing.fixed_fee_share_nanos(metric)
+            allocated = pricing.allocated_share_nanos(metric)
             cogs = row.cogs_nanos if row else 0
-            metrics.append(MetricMargin(metric, row.units if row else 0, revenue, cogs, _pct(revenue, cogs)))
+            metrics.append(MetricMargin(metric, row.units if row else 0, revenue, cogs,
+                                        margin_pct_of(revenue + allocated, cogs), allocated))
         revenue = sum(row.revenue_nanos for row in rows) + pricing.fixed_fee_nanos
         cogs = sum(row.cogs_nanos for row in rows)
         margins.append(CustomerMargin(customer, subscription.key, subscription.plan, start.isoformat(),
-                                      end.isoformat(), revenue, cogs, _pct(revenue, cogs), metrics))
+                                      end.isoformat(), revenue, cogs, margin_pct_of(revenue + pricing.allocated_nanos, cogs),
+                                      metrics, pricing.plan.currency, pricing.allocated_nanos))
     return margins

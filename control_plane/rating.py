@@ -29,12 +29,16 @@ class Rated(NamedTuple):
 
 class PlanPricing:
     """A stored plan, ready to rate usage: its charges by metric as the decision
-    core's pricing models, its fixed fee and the fee's allocation across metrics."""
+    core's pricing models, its fixed fee and allocated value, and their allocation
+    across metrics. `earns_nothing`: no fee, no charges and no allocated value (a
+    free tier with nothing to hold its margin to)."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.charges = {charge.metric: charge.pricing() for charge in plan.charges}
         self.fixed_fee_nanos = plan.fixed_fee.nanos
+        self.allocated_nanos = plan.allocated_value.nanos
+        self.earns_nothing = not self.charges and not self.fixed_fee_nanos and not self.allocated_nanos
 
     @classmethod
     def from_document(cls, key: str, document: dict) -> PlanPricing:
@@ -44,10 +48,17 @@ class PlanPricing:
     def fixed_fee_share_nanos(self, metric: str) -> int:
         """The part of the period's fixed fee allocated to `metric` (rounded down to a
         nano; with no allocation the whole fee belongs to the customer overall)."""
+        return self._share_nanos(self.fixed_fee_nanos, metric)
+
+    def allocated_share_nanos(self, metric: str) -> int:
+        """The part of the period's allocated value allocated to `metric`, as the fee is."""
+        return self._share_nanos(self.allocated_nanos, metric)
+
+    def _share_nanos(self, nanos: int, metric: str) -> int:
         share = self.plan.fee_allocation.get(metric)
         if share is None:
             return 0
-        return int(self.fixed_fee_nanos * decimal.Decimal(repr(float(share))) / 100)
+        return int(nanos * decimal.Decimal(repr(float(share))) / 100)
 
     def rate(self, metric: Metric | None, units_before: int, quantity: int) -> Rated:
         """Revenue and COGS of `quantity` units of a metric when the period's total so

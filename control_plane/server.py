@@ -93,7 +93,8 @@ async def start_control_plane(settings: ControlPlaneSettings, *, environ: Mappin
     try:
         webhooks = WebhookSender(store, settings.notify, secrets, settings.webhooks, clock=clock,
                                  metrics=metrics.webhooks)
-        app = create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks)
+        app = create_app(store, clock, guards=guards, metrics=metrics, webhooks=webhooks,
+                         reporting=settings.reporting)
         feed = app[FEED]
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -82,6 +82,7 @@ BAD_PLANS = [
      "$.charges[1].metric", "Duplicate charge for metric `api_calls`; first used by `$.charges[0]`"),
     ({"period": "quarter"}, "$.period", "Expected one of `day`, `week`, `month`, `year`, got `quarter`"),
     ({"currency": "usd"}, "$.currency", "Expected a three-letter currency code like `USD`, got `usd`"),
+    ({"currency": "XYZ"}, "$.currency", "`XYZ` is not an ISO 4217 currency code (like `USD`, `EUR`, `JPY`)"),
 ]
 
 
@@ -373,7 +374,7 @@ def test_usage_and_costs_move_margins_per_metric_and_overall_and_the_pnl_ranks_t
             47_200_000_000, 2_500_000_000)
         assert by_metric["ai_tokens"]["margin_pct"] == pytest.approx(94.7034, abs=1e-4)
         assert by_metric["api_calls"] == {"metric": "api_calls", "units": 0, "revenue_nanos": 9_800_000_000,
-                                          "cogs_nanos": 0, "margin_pct": 100.0}
+                                          "cogs_nanos": 0, "margin_pct": 100.0, "allocated_nanos": 0}
         assert (margin["revenue_nanos"], margin["cogs_nanos"]) == (57_000_000_000, 2_500_000_000)
         # A provider bill for the customer overall turns the margin negative.
         status, _, report = await api.call("POST", "/v1/costs", [
