@@ -23,6 +23,7 @@ from typing import Annotated, NamedTuple
 
 import msgspec
 
+from config.currencies import CurrencyCode, currency_problem
 from config.values import MAX_EVENT_QUANTITY, to_nanos
 from control_plane.rating import Rater
 from control_plane.store import ACCEPTED, CONFLICT, COST, DUPLICATE, REFUSED, USAGE, Store, StoredEvent
@@ -76,9 +77,11 @@ class UsageEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fal
 
 
 class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """A cost of serving one customer (COGS): `amount` in the plans' currency, as a
-    decimal (string or number; at most 9 decimal places), for one `metric` or for the
-    customer overall (no metric), at `timestamp`. `provider` says who charged it."""
+    """A cost of serving one customer (COGS): `amount` in the currency of the
+    customer's plan, as a decimal (string or number; at most 9 decimal places), for
+    one `metric` or for the customer overall (no metric), at `timestamp`. `provider`
+    says who charged it. `currency`, when given, must be the plan's: a cost in another
+    is kept unrated (never added to amounts in another currency)."""
 
     id: str
     customer_id: str
@@ -87,9 +90,12 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
     metric: Name | None = None
     provider: Name = ""
     source: Name = ""
+    currency: CurrencyCode | None = None
 
     def __post_init__(self):
         _check_common(self)
+        if self.currency is not None and (unknown := currency_problem(self.currency)) is not None:
+            raise ValueError(unknown)
         if self.amount.is_finite() and self.amount > MAX_AMOUNT:
             raise ValueError(f"`amount` must be at most {MAX_AMOUNT} (one cost event), got {self.amount:.3e}")
         to_nanos(self.amount)

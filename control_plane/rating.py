@@ -15,7 +15,7 @@ from config.catalog_file import Metric, Plan
 from config.documents import decode_value
 from control_plane.periods import period_bounds
 from control_plane.price_tables import PriceTables, unit_cogs_nanos
-from control_plane.store import OVERALL, USAGE, Rating
+from control_plane.store import COST, OVERALL, USAGE, Rating
 from decision_core import event_revenue
 
 
@@ -182,7 +182,18 @@ class Rater:
                     "(an unknown customer, or none active, trialing or past due)")
         if event.timestamp < billable[0].anchor:
             return f"before customer `{event.customer_id}`'s subscription starts ({billable[0].anchor.isoformat()})"
+        if kind == COST and (plan := self._foreign_currency_plan(event)) is not None:
+            return (f"a cost in {event.currency}, but customer `{event.customer_id}`'s plan `{plan.key}` bills in "
+                    f"{plan.currency} (amounts in two currencies are never added; send it in {plan.currency})")
         return None
+
+    def _foreign_currency_plan(self, event):
+        # The plan of a cost event's customer when the event names another currency.
+        if event.currency is None:
+            return None
+        subscription = self.subscription_of(event.customer_id, event.timestamp)
+        plan = None if subscription is None else self.plans[subscription.plan].plan
+        return plan if plan is not None and plan.currency != event.currency else None
 
     def subscription_in_force(self, customer_id: str, at: datetime.datetime) -> Subscription | None:
         """The subscription the proxies enforce for the customer at `at`, whatever its
@@ -233,6 +244,8 @@ class Rater:
             quota = None if leased_elsewhere else self.plans[subscription.plan].plan.quotas.get(event.metric)
             return Rating(event.customer_id, event.metric, period.start_s, period.end_s, subscription.key,
                           event.quantity, pricer, context, quota is not None and quota.hard)
+        if self._foreign_currency_plan(event) is not None:
+            return None                 # kept unrated (unrated_reason says why)
         amount = event.amount_nanos
         return Rating(event.customer_id, event.metric or OVERALL, period.start_s, period.end_s,
                       subscription.key, 0, lambda units_before: (0, amount), period.context)

@@ -78,6 +78,26 @@ def test_the_pnl_never_adds_two_currencies_without_a_rate(backend):
     run_api(backend, scenario)
 
 
+def test_a_cost_in_another_currency_than_the_plans_is_kept_unrated_with_why(backend):
+    async def scenario(api):
+        events = [{**cost("c1", "cus_eu", "10.00")[0], "currency": "USD"},
+                  {**cost("c2", "cus_eu", "4.00")[0], "currency": "EUR"},
+                  {**cost("c3", "cus_eu", "1.00")[0], "currency": "ABC"}]
+        status, _, report = await api.call("POST", "/v1/costs", events)
+        assert status == 200
+        results = {result["id"]: result for result in report["results"]}
+        assert results["c1"]["status"] == "unrated"
+        assert results["c1"]["reason"] == ("a cost in USD, but customer `cus_eu`'s plan `eur_pro` bills in EUR "
+                                           "(amounts in two currencies are never added; send it in EUR)")
+        assert results["c2"]["status"] == "accepted"
+        assert results["c3"]["status"] == "rejected" and "not an ISO 4217 currency code" in results["c3"]["reason"]
+        _, _, margin = await api.call("GET", "/v1/customers/cus_eu/margin")
+        assert margin["cogs_nanos"] == 4 * 10**9                       # the dollars are not in it
+        _, _, unrated = await api.call("GET", "/v1/events/unrated")
+        assert [item["event_id"] for item in unrated["items"]] == ["c1"]
+    run_api(backend, scenario)
+
+
 @pytest.mark.parametrize("rates, total", [
     ({"EUR": "1.10"}, (100 * 10**9 + 55 * 10**9, 30 * 10**9 + 11 * 10**9)),
     ({}, None),
