@@ -82,7 +82,8 @@ async def measure(database, total, size, concurrency, guards=None, checkout=None
     if checkout is None:
         await prepare()
     else:                   # that checkout's own schema and catalog code
-        subprocess.run([_python(checkout), "-m", "control_plane.cli", "apply", "-f", str(CATALOG), "--database",
+        catalog = Path(checkout) / CATALOG.relative_to(CATALOG.parents[2])     # its own example catalog
+        subprocess.run([_python(checkout), "-m", "control_plane.cli", "apply", "-f", str(catalog), "--database",
                         database], cwd=checkout, check=True, capture_output=True)
     process, base, token = start_control_plane(database, guards, checkout)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
