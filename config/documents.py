@@ -147,6 +147,10 @@ def _validated(document, file, schema_type, pattern_meanings, cross_check):
     try:
         value = msgspec.convert(document.data, schema_type, dec_hook=decode_value)
     except msgspec.ValidationError as err:
+        errors = [_schema_error(text, document, file, schema_type, pattern_meanings or {})
+                  for text in _schema_errors(document.data, schema_type, "$")]
+        errors.sort(key=lambda error: error.line or 0)
+        raise_if_any(errors)
         raise _schema_error(str(err), document, file, schema_type, pattern_meanings or {}) from err
     if cross_check is not None:
         errors = [
@@ -158,6 +162,55 @@ def _validated(document, file, schema_type, pattern_meanings, cross_check):
         errors.sort(key=lambda error: error.line or 0)
         raise_if_any(errors)
     return value
+
+
+def _schema_errors(data: object, annotation: Any, path: str) -> list[str]:
+    """Every schema error of `data` as a value of `annotation`, as msgspec words them
+    (`message - at `path``, paths from the document's top `$`). msgspec stops at the
+    first error, so on one the entries of a struct, a list or a mapping are validated
+    each on its own and their errors gathered; an entry whose parts are all valid
+    reports its own error (a cross-field rule, a wrong type). Empty when valid."""
+    try:
+        msgspec.convert(data, annotation, dec_hook=decode_value)
+        return []
+    except msgspec.ValidationError as err:
+        own = [_rebased(str(err), path)]
+    kind = _unwrap(annotation)
+    errors: list[str] = []
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct) and isinstance(data, dict):
+        fields = {field.encode_name: field for field in msgspec.structs.fields(kind)}
+        for key, value in data.items():
+            field = fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                errors.append(_rebased(f"Object contains unknown field `{key}`", path))
+            else:
+                errors += _schema_errors(value, field.type, child_path_of(path, key))
+        errors += [_rebased(f"Object missing required field `{name}`", path)
+                   for name, field in fields.items() if field.required and name not in data]
+    elif typing.get_origin(kind) in (tuple, list) and isinstance(data, list):
+        args = typing.get_args(kind)
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):
+            for index, item in enumerate(data):
+                errors += _schema_errors(item, args[0], f"{path}[{index}]")
+    elif typing.get_origin(kind) is dict and isinstance(data, dict):
+        key_type, value_type = typing.get_args(kind)
+        for key, value in data.items():
+            errors += _schema_errors(value, value_type, child_path_of(path, key))
+            try:
+                msgspec.convert(key, key_type, dec_hook=decode_value)
+            except msgspec.ValidationError as err:
+                errors.append(_rebased(f"{err} - at `key` in `$`", path))
+    return errors or own
+
+
+def _rebased(text: str, path: str) -> str:
+    # A msgspec error found validating the value at `path` on its own, with its path
+    # (from that value's `$`) made one from the document's top.
+    if path == "$":
+        return text
+    if " - at `" not in text:
+        return f"{text} - at `{path}`"
+    return text.replace(" - at `$", f" - at `{path}", 1).replace(" - at `key` in `$", f" - at `key` in `{path}", 1)
 
 
 def _schema_error(

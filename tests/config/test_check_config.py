@@ -22,7 +22,8 @@ BAD_FIXTURES = [
     ("unknown_key.yaml",
      "{file}:8: Object contains unknown field `notfy` - at `$.guards[0].actions.level_1`"),
     ("unknown_top_key.yaml",
-     "{file}:1: Object contains unknown field `guard`"),
+     "{file}:1: Object contains unknown field `guard`\n"
+     "{file}:1: Object missing required field `guards`"),
     ("wrong_type.yaml",
      "{file}:3: Expected `str`, got `int` - at `$.guards[0].metric`"),
     ("missing_field.yaml",
@@ -245,5 +246,49 @@ def test_cli_says_which_kind_it_took_a_bad_file_to_be(capsys, tmp_path):
         f"{path}:2: Expected one of `sum`, `count`, `max`, got `total` - at `$.metrics[0].aggregation`\n")
     assert main(["check-config", "--kind", "guards", str(path)]) == 1
     assert capsys.readouterr().err == (
-        f"{path}: checked as guards file, 1 error\n"
-        f"{path}:1: Object contains unknown field `metrics`\n")
+        f"{path}: checked as guards file, 2 errors\n"
+        f"{path}:1: Object contains unknown field `metrics`\n"
+        f"{path}:1: Object missing required field `guards`\n")
+
+
+def test_cli_reports_every_schema_error_of_a_file_not_only_the_first(capsys, tmp_path):
+    # One pass shows a user everything to fix, in file order, each with its line.
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "metrics:\n"
+        "  - {key: api_calls, aggregation: summ}\n"
+        "  - {key: tokens, unit_cost: abc}\n"
+        "plans:\n"
+        "  - key: pro\n"
+        "    tier: pro\n"
+        "    period: monthly\n"
+        "    currency: USD\n"
+        "    fixed_fee: \"10\"\n"
+        "customers:\n"
+        "  - {key: acme, name: Acme, emial: ops@acme.test}\n")
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: checked as catalog, 4 errors",
+        f"{path}:2: Expected one of `sum`, `count`, `max`, got `summ` - at `$.metrics[0].aggregation`",
+        f"{path}:3: Expected an amount like `\"49.00\"`, got `abc` - at `$.metrics[1].unit_cost`",
+        f"{path}:7: Expected one of `day`, `week`, `month`, `year`, got `monthly` - at `$.plans[0].period`",
+        f"{path}:11: Object contains unknown field `emial` - at `$.customers[0]`",
+    ]
+
+
+def test_every_bad_guard_and_every_bad_part_of_one_is_reported(tmp_path):
+    path = tmp_path / "guards.yaml"
+    path.write_text(
+        "guards:\n"
+        "  - {id: calls, metric: api_calls, min_margin: 5, actions: {level_1: {threshold: 10%, notfy: [ops]}}}\n"
+        "  - {id: Tokens Floor, metric: tokens, min_margin: 5%, actions: {}}\n"
+        "  - {id: fine, metric: tokens, min_margin: 5%, actions: {level_3: {threshold: 0%}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_guards(path)
+    assert [str(error) for error in caught.value.errors] == [
+        f"{path}:2: Expected a percentage like `25%`, got `5` - at `$.guards[0].min_margin`",
+        f"{path}:2: Object contains unknown field `notfy` - at `$.guards[0].actions.level_1`",
+        f"{path}:3: Expected a guard id (lowercase letters, digits, `_`, `.`, `-`), got `Tokens Floor`"
+        " - at `$.guards[1].id`",
+        f"{path}:3: At least one of `level_1`, `level_2`, `level_3` is required - at `$.guards[1].actions`",
+    ]

@@ -129,6 +129,7 @@ def test_a_missing_secret_names_the_variable_and_the_channel(text, environ, mess
 BAD_SETTINGS = [
     # (text, message)
     (CHANNEL.replace("secret_env: FINANCE_SECRET", "secret: s3cret"),
+     "control_plane.yaml:2: Object missing required field `secret_env` - at `$.notify.finance`\n"
      "control_plane.yaml:4: Object contains unknown field `secret` - at `$.notify.finance`"),
     (CHANNEL.replace("secret_env: FINANCE_SECRET", "secret_env: 1PASSWORD"),
      ("control_plane.yaml:4: Expected an environment variable name (letters, digits, `_`; not starting with a "
