@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -22,6 +23,8 @@ import urllib.request
 from collections.abc import Callable
 
 from config.catalog_file import load_catalog_file
+from config.check import check_file
+from config.network import HostPort
 from config.up_settings import UpSettings, load_up_settings, up_proxy_settings
 from control_plane.catalog import apply_catalog, describe_apply
 from control_plane.store import open_store
@@ -42,11 +45,14 @@ def run_up(settings_path: str, *, announce: Callable[[str], None] = print,
     admin_token)` runs in a thread once the control plane and the proxies answer
     (the demo drives traffic from there); `extra_children` are (name, target, args)
     processes started before the proxies and stopped after them (the demo upstream).
-    Raises ConfigError for invalid settings and StoreError when the store cannot be
-    prepared, before anything is started."""
+    Raises ConfigError for invalid settings or any file they name (all checked
+    before the store is migrated, the catalog applied or a token made) and
+    StoreError when the store cannot be prepared, before anything is started."""
     from proxy.server import Supervisor
 
+    check_file(settings_path, "all-in-one")      # every file it names, before the store is touched
     settings = load_up_settings(settings_path)
+    _check_addresses_free(settings)
     admin_token, proxy_token = asyncio.run(_prepare_store(settings, announce))
     os.environ[settings.proxy.control_plane.token_env] = proxy_token
     context = multiprocessing.get_context("spawn")
@@ -77,6 +83,26 @@ def run_up(settings_path: str, *, announce: Callable[[str], None] = print,
         for child in [*children, control_plane]:
             _stop(child)
         asyncio.run(_revoke_proxy_token(settings))
+
+
+def _check_addresses_free(settings: UpSettings) -> None:
+    # Every address `aforo up` will listen on (the control plane, the proxy, each
+    # worker's admin port) can be bound now; OSError naming the first that cannot.
+    proxy = settings.proxy
+    addresses = [("the control plane", settings.control_plane.listen), ("the proxy", proxy.listen)]
+    if proxy.admin.port:
+        addresses += [(f"worker {index}'s health and metrics", HostPort(proxy.admin.host, proxy.admin.port + index))
+                      for index in range(proxy.workers)]
+    for what, address in addresses:
+        if address.port == 0:
+            continue
+        try:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((address.host, address.port))
+        except OSError as err:
+            raise OSError(f"{what} cannot listen on {address}: {err.strerror}") from err
 
 
 async def _prepare_store(settings: UpSettings, announce) -> tuple[str | None, str]:
@@ -116,7 +142,11 @@ def _run_control_plane(settings_path: str) -> None:
     from control_plane.server import run_control_plane
 
     configure_logging()
-    run_control_plane(load_up_settings(settings_path).control_plane)
+    try:
+        run_control_plane(load_up_settings(settings_path).control_plane)
+    except OSError as err:
+        log.error("the control plane cannot start: %s", err)
+        raise SystemExit(1) from None
 
 
 def _wait_until_answering(url: str, process=None, timeout_s: float = START_TIMEOUT_S) -> bool:

@@ -20,8 +20,9 @@
 #   subscriptions  {key, customer, plan, status, period_anchor}
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from os import PathLike
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -37,6 +38,7 @@ from config.schema import (
     Schema,
 )
 from config.values import Money, Percent, Timestamp
+from config.yaml_source import child_path_of
 from decision_core import Graduated, Package, PerUnit, PricingError, Tier, Volume
 
 CATALOG_EXPECTED = ("a mapping with any of `metrics`, `model_prices`, `tool_prices`, `features`, `plans`, "
@@ -267,10 +269,61 @@ def _plan_problems(plan: Plan, path: str) -> list[Problem]:
 _ENTRY_CHECKS = {"plan": _plan_problems}
 
 
-def parse_catalog_file(text: str, file: str) -> CatalogFile:
-    """Validate a catalog file's text; ConfigError(s) with file, line and path."""
+class Reference(NamedTuple):
+    """An entry named by another: its `kind` and `key`, and where the naming entry
+    names it (`path`, under the naming entry's own path)."""
+
+    kind: str
+    key: str
+    path: str
+
+
+def references_of(kind: str, document: dict, path: str = "$") -> list[Reference]:
+    """The entries a catalog entry of `kind` names, from its document (as the store
+    keeps it, see document_of), with paths under `path` (where the entry is): a plan
+    its features and the metrics of its quotas, fee allocation and charges; a
+    subscription its customer and plan. The one place what refers to what is written:
+    a catalog file's check, apply and the REST API check these exist, and a delete checks nothing live names
+    what it would remove."""
+    references = []
+    if kind == "plan":
+        references += [Reference("feature", feature, f"{path}.features") for feature in document.get("features", ())]
+        for field in ("quotas", "fee_allocation"):
+            references += [Reference("metric", metric, child_path_of(f"{path}.{field}", metric))
+                           for metric in document.get(field, {})]
+        references += [Reference("metric", charge["metric"], f"{path}.charges[{number}].metric")
+                       for number, charge in enumerate(document.get("charges", ()))]
+    elif kind == "subscription":
+        references += [Reference("customer", document["customer"], f"{path}.customer"),
+                       Reference("plan", document["plan"], f"{path}.plan")]
+    return references
+
+
+def unknown_reference(reference: Reference) -> str:
+    """What is wrong with a reference to an entry that does not exist."""
+    return f"Unknown {reference.kind} `{reference.key}`; define it under `{reference.kind}s`"
+
+
+def unknown_references(catalog: CatalogFile, others: Mapping[str, Collection[str]]) -> list[Problem]:
+    """A Problem for every entry of `catalog` naming a metric, feature, customer or
+    plan that is neither in `catalog` nor among `others` (kind -> keys held
+    elsewhere: what the store holds, or nothing for a catalog that must be whole)."""
+    known = {kind: {entry.key for entry in getattr(catalog, section)} for section, kind in SECTIONS}
+    return [Problem(reference.path, unknown_reference(reference))
+            for section, kind in SECTIONS
+            for index, entry in enumerate(getattr(catalog, section))
+            for reference in references_of(kind, document_of(entry), f"$.{section}[{index}]")
+            if reference.key not in known[reference.kind] and reference.key not in others.get(reference.kind, ())]
+
+
+def parse_catalog_file(text: str, file: str, others: Mapping[str, Collection[str]] | None = None) -> CatalogFile:
+    """Validate a catalog file's text; ConfigError(s) with file, line and path. With
+    `others` (see unknown_references) every entry the file names must be in it or
+    among them; None leaves references to the caller (apply_catalog checks them)."""
+    def cross_check(catalog: CatalogFile) -> list[Problem]:
+        return _cross_check(catalog) + ([] if others is None else unknown_references(catalog, others))
     return parse_document(text, file, CatalogFile, expected=CATALOG_EXPECTED,
-                          pattern_meanings=CATALOG_PATTERN_MEANINGS, cross_check=_cross_check)
+                          pattern_meanings=CATALOG_PATTERN_MEANINGS, cross_check=cross_check)
 
 
 def parse_catalog_entry(kind: str, data: object, source: str = "body") -> Schema:
@@ -283,10 +336,11 @@ def parse_catalog_entry(kind: str, data: object, source: str = "body") -> Schema
                          cross_check=lambda entry: entry_problems(kind, entry, "$"))
 
 
-def load_catalog_file(path: str | PathLike[str]) -> CatalogFile:
-    """Read and validate the catalog file at `path` (OSError when it cannot be read)."""
+def load_catalog_file(path: str | PathLike[str], others: Mapping[str, Collection[str]] | None = None) -> CatalogFile:
+    """Read and validate the catalog file at `path` (OSError when it cannot be read),
+    its references checked against `others` as parse_catalog_file does."""
     text, _ = read_document(path)
-    return parse_catalog_file(text, str(path))
+    return parse_catalog_file(text, str(path), others)
 
 
 def document_of(entry: Schema) -> dict:

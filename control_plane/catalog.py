@@ -8,40 +8,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import NamedTuple
 
-from config.catalog_file import SECTIONS, CatalogFile, document_of
-from config.yaml_source import child_path_of
+from config.catalog_file import (
+    SECTIONS,
+    CatalogFile,
+    document_of,
+    references_of,
+    unknown_reference,
+    unknown_references,
+)
 from config.errors import ConfigError, raise_if_any
 from control_plane.store import UNCHANGED, Store
-
-
-class Reference(NamedTuple):
-    """An entry named by another: its `kind` and `key`, and where the naming entry
-    names it (`path`, under the naming entry's own path)."""
-
-    kind: str
-    key: str
-    path: str
-
-
-def references_of(kind: str, document: dict, path: str = "$") -> list[Reference]:
-    """The entries a catalog entry of `kind` names, from its document (as the store
-    keeps it, see document_of), with paths under `path` (where the entry is): a plan
-    its features and the metrics of its quotas, fee allocation and charges; a
-    subscription its customer and plan. The one place what refers to what is written:
-    apply and the REST API check these exist, and a delete checks nothing live names
-    what it would remove."""
-    references = []
-    if kind == "plan":
-        references += [Reference("feature", feature, f"{path}.features") for feature in document.get("features", ())]
-        for field in ("quotas", "fee_allocation"):
-            references += [Reference("metric", metric, child_path_of(f"{path}.{field}", metric))
-                           for metric in document.get(field, {})]
-        references += [Reference("metric", charge["metric"], f"{path}.charges[{number}].metric")
-                       for number, charge in enumerate(document.get("charges", ()))]
-    elif kind == "subscription":
-        references += [Reference("customer", document["customer"], f"{path}.customer"),
-                       Reference("plan", document["plan"], f"{path}.plan")]
-    return references
 
 
 # A subscription in one of these has ended: it no longer holds what it names.
@@ -75,30 +51,25 @@ async def referrers_of(store: Store, kind: str, key: str) -> list[Referrer]:
             if (reference.kind, reference.key) == (kind, key)]
 
 
-def _unknown(reference: Reference, file: str) -> ConfigError:
-    return ConfigError(f"Unknown {reference.kind} `{reference.key}`; define it under `{reference.kind}s`", file,
-                       path=reference.path)
+async def stored_keys(store: Store) -> dict[str, set[str]]:
+    """The keys of every catalog entry the store holds, per kind: what a catalog file
+    applied to it may name besides its own entries (see load_catalog_file)."""
+    return {kind: {key for key, _ in await store.list_catalog(kind)} for _, kind in SECTIONS}
 
 
 async def check_references(store: Store, catalog: CatalogFile, file: str) -> list[ConfigError]:
     """A ConfigError (file, path) for every entry naming a metric, feature, customer or
     plan that is neither in the file nor in the store."""
-    known = {}
-    for section, kind in SECTIONS:
-        stored = {key for key, _ in await store.list_catalog(kind)}
-        known[kind] = stored | {entry.key for entry in getattr(catalog, section)}
-    return [_unknown(reference, file)
-            for section, kind in SECTIONS
-            for index, entry in enumerate(getattr(catalog, section))
-            for reference in references_of(kind, document_of(entry), f"$.{section}[{index}]")
-            if reference.key not in known[reference.kind]]
+    return [ConfigError(problem.message, file, path=problem.path)
+            for problem in unknown_references(catalog, await stored_keys(store))]
 
 
 async def check_entry_references(store: Store, kind: str, document: dict, source: str = "body") -> list[ConfigError]:
     """check_references for one entry of `kind` on its own (its `document`): a
     ConfigError naming `source`, with a path from the entry's top, for every entry it
     names that the store does not hold."""
-    return [_unknown(reference, source) for reference in references_of(kind, document)
+    return [ConfigError(unknown_reference(reference), source, path=reference.path)
+            for reference in references_of(kind, document)
             if await store.get_catalog(reference.kind, reference.key) is None]
 
 

@@ -9,11 +9,8 @@ import re
 import sys
 import time
 
-import yaml
-
-from config import ConfigError, load_guards
-from config.edge_state_file import load_edge_state_file
-from config.proxy_settings import load_proxy_settings
+from config import ConfigError
+from config.check import KINDS, check_file, kind_of
 from control_plane.store import DEFAULT_SQLITE_PATH
 from control_plane.tokens import ADMIN, SCOPES
 
@@ -44,95 +41,22 @@ def _print_errors(err: ConfigError) -> None:
         print(error, file=sys.stderr)
 
 
-def _describe_guards(file: str) -> str:
-    guard_set = load_guards(file)
-    count = len(guard_set.guards)
-    return f"{count} {'guard' if count == 1 else 'guards'}, version {guard_set.version}"
-
-
-def _describe_proxy_settings(file: str) -> str:
-    settings = load_proxy_settings(file)
-    return f"proxy settings, {len(settings.routes)} routes, {len(settings.upstreams)} upstreams"
-
-
-def _describe_edge_state(file: str) -> str:
-    state = load_edge_state_file(file)
-    return f"edge state, {len(state.plans)} plans, {len(state.customers)} customers"
-
-
-def _describe_up_settings(file: str) -> str:
-    from config.up_settings import load_up_settings
-
-    settings = load_up_settings(file)
-    return (f"all-in-one settings, control plane on {settings.control_plane.listen}, "
-            f"proxy with {len(settings.proxy.routes)} routes")
-
-
-def _describe_catalog(file: str) -> str:
-    from config.catalog_file import SECTIONS, load_catalog_file
-
-    catalog = load_catalog_file(file)
-    return "catalog, " + ", ".join(f"{len(getattr(catalog, section))} {section}" for section, _ in SECTIONS)
-
-
-def _describe_control_plane_settings(file: str) -> str:
-    from config.control_plane_settings import load_control_plane_settings
-
-    settings = load_control_plane_settings(file)
-    return f"control plane settings, listening on {settings.listen}, {len(settings.notify)} notify channels"
-
-
-# kind -> (top-level keys that identify it, validator returning a summary); the first
-# kind with any of its keys in a file wins. KIND_NAMES says each kind in words, as
-# check-config tells a user what it took a file to be.
-CONFIG_KINDS = {
-    "all-in-one": (("proxy",), _describe_up_settings),
-    "proxy": (("upstreams",), _describe_proxy_settings),
-    "edge-state": (("period",), _describe_edge_state),
-    "catalog": (("metrics", "model_prices", "tool_prices", "features", "plans", "customers", "subscriptions"),
-                _describe_catalog),
-    "control-plane": (("listen", "database", "notify", "webhooks", "redis_url", "edge_resync_interval_s",
-                      "meter_claim_idle_s"),
-                      _describe_control_plane_settings),
-    "guards": (("guards",), _describe_guards),
-}
-
-
-KIND_NAMES = {"all-in-one": "all-in-one settings", "proxy": "proxy settings", "edge-state": "edge state",
-              "catalog": "catalog", "control-plane": "control plane settings", "guards": "guards file"}
-
-
-def _kind_of(file: str) -> str:
-    # Sniff the top-level keys; anything unreadable goes to the guard loader, which
-    # reports YAML errors with their line.
-    try:
-        with open(file, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return "guards"
-    if isinstance(document, dict):
-        for kind, (keys, _) in CONFIG_KINDS.items():
-            if any(key in document for key in keys):
-                return kind
-    return "guards"
-
-
 def run_check_config(args: argparse.Namespace) -> int:
     """Validate each configuration file — guards, proxy settings, edge state, catalog,
-    control plane or all-in-one settings, told
-    apart by their top-level keys unless --kind says — and print `ok: FILE (summary)`
+    control plane or all-in-one settings, told apart by their top-level keys unless
+    --kind says — with every file it names (see config.check), and print `ok: FILE (summary)`
     to stdout, or `FILE: checked as KIND, N errors` and then every error to stderr
     (so a file taken for another kind than meant is seen at once; --kind says which).
     Returns 0 if all are valid, 1 if any is invalid, 2 if any cannot be read (every
     file is still checked)."""
     status = EXIT_OK
     for file in args.files:
+        kind = args.kind or kind_of(file)
         try:
-            kind = args.kind or _kind_of(file)
-            summary = CONFIG_KINDS[kind][1](file)
+            summary = check_file(file, kind)
         except ConfigError as err:
             count = len(err.errors)
-            print(f"{file}: checked as {KIND_NAMES[kind]}, {count} {'error' if count == 1 else 'errors'}",
+            print(f"{file}: checked as {KINDS[kind].name}, {count} {'error' if count == 1 else 'errors'}",
                   file=sys.stderr)
             _print_errors(err)
             status = max(status, EXIT_INVALID)
@@ -343,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         "error with file, line and path.",
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="YAML file")
-    check.add_argument("--kind", choices=sorted(CONFIG_KINDS), help="the kind of file (default: from its keys)")
+    check.add_argument("--kind", choices=sorted(KINDS), help="the kind of file (default: from its keys)")
     check.set_defaults(run=run_check_config)
     proxy = commands.add_parser(
         "proxy",

@@ -14,7 +14,8 @@ class Command:
         self.output = []
         self.process = subprocess.Popen([sys.executable, "-m", "control_plane.cli", *args], cwd=cwd, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read_output, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
 
     def _read_output(self):
         for line in self.process.stdout:
@@ -42,3 +43,9 @@ class Command:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+    def exit_status(self, timeout_s=WAIT_S):
+        """The exit status of a command that ends by itself, with its output read to the end."""
+        status = self.process.wait(timeout_s)
+        self._reader.join(timeout_s)
+        return status

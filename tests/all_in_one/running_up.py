@@ -114,22 +114,23 @@ guards:
 """
 
 
-class Up:
-    """`aforo up --config FILE` running in its own process, with `catalog` and
-    `guards` files, `routes` (flow mappings) to `upstream_port` (default: the
-    backend's) and meter events sent every `flush_interval_s`."""
+class UpFiles:
+    """The files of `aforo up --config FILE` in `folder`: `catalog` and `guards`
+    files, `routes` (flow mappings) to `upstream_port` (default: the backend's),
+    meter events sent every `flush_interval_s`, and free ports for everything."""
 
     def __init__(self, folder, backend, catalog=CATALOG, guards=GUARDS,
                  routes=("{name: api, upstream: api, path_prefix: /v1, metric: api_calls}",), upstream_port=None,
                  flush_interval_s=3600):
         self.folder = folder
+        self.settings = folder / "aforo.yaml"
         self.control_plane_port = free_port()
         self.proxy_port = free_port()
         self.admin_port = free_port(2)           # one admin port per worker
         (folder / "catalog.yaml").write_text(catalog)
         (folder / "guards.yaml").write_text(guards)
         route_lines = "".join(f"\n    - {route}" for route in routes)
-        (folder / "aforo.yaml").write_text(textwrap.dedent(f"""\
+        self.settings.write_text(textwrap.dedent(f"""\
             control_plane:
               listen: 127.0.0.1:{self.control_plane_port}
               database: aforo.db
@@ -145,8 +146,20 @@ class Up:
                 api: {{url: "http://127.0.0.1:{upstream_port or backend.port}"}}
               metering: {{spool_dir: meter-spool, flush_interval_s: {flush_interval_s}}}
               routes:""") + route_lines + "\n")
-        self.command = Command(["up", "--config", str(folder / "aforo.yaml")], folder,
-                               {**os.environ, "AFORO_TEST_WEBHOOK_SECRET": SECRET})
+        self.environ = {**os.environ, "AFORO_TEST_WEBHOOK_SECRET": SECRET}
+
+    def start(self):
+        """`aforo up` on these files, started."""
+        return Command(["up", "--config", str(self.settings)], self.folder, self.environ)
+
+
+class Up(UpFiles):
+    """`aforo up --config FILE` on UpFiles (the same arguments), running in its own
+    process, ready once the admin token is printed and every worker answers."""
+
+    def __init__(self, folder, backend, **files):
+        super().__init__(folder, backend, **files)
+        self.command = self.start()
         self.output = self.command.output
         self.admin_token = self.command.line_with("admin token (shown once, keep it): ").rsplit(" ", 1)[1]
         self.command.line_with("Ctrl-C stops everything")

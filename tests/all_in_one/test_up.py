@@ -7,9 +7,10 @@ import asyncio
 import contextlib
 import datetime
 import json
+import socket
 
 import pytest
-from running_up import ANCHOR, GUARDS, Backend, Up, eventually, rfc3339_now
+from running_up import ANCHOR, CATALOG, GUARDS, Backend, Up, UpFiles, eventually, rfc3339_now
 
 from control_plane.periods import period_bounds
 from control_plane.store import USAGE, open_store
@@ -191,3 +192,34 @@ def test_ctrl_c_stops_everything_and_keeps_every_meter_event(up, backend):
             await store.close()
     assert len(asyncio.run(stored())) == forwarded
     assert "control plane" in "\n".join(up.output)
+
+
+def refused_start(files):
+    # `aforo up` on files it must refuse: its exit status and output, once it has exited.
+    command = files.start()
+    return command.exit_status(), command.output
+
+
+def test_aforo_up_checks_every_file_before_it_touches_the_store(tmp_path, backend):
+    files = UpFiles(tmp_path, backend, guards=GUARDS.replace("notify: [ops]", "notify: [ops, pager]"),
+                    catalog=CATALOG.replace("plan: starter", "plan: growth"))
+    status, output = refused_start(files)
+    assert status == 1
+    assert output == [
+        f"{tmp_path / 'guards.yaml'}:6: Notify channel `pager` is not defined in the control plane settings "
+        f"{files.settings} (defined: `ops`); its webhooks would fail - at `$.guards[0].actions.level_1.notify[1]`",
+        f"{tmp_path / 'catalog.yaml'}:12: Unknown plan `growth`; define it under `plans` "
+        "- at `$.subscriptions[0].plan`",
+    ]
+    assert not (tmp_path / "aforo.db").exists()          # nothing migrated, applied, or a token made
+
+
+def test_aforo_up_refuses_an_address_in_use_before_it_touches_the_store(tmp_path, backend):
+    files = UpFiles(tmp_path, backend)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", files.proxy_port))
+        taken.listen()
+        status, output = refused_start(files)
+    assert status == 2
+    assert output == [f"aforo up: the proxy cannot listen on 127.0.0.1:{files.proxy_port}: Address already in use"]
+    assert not (tmp_path / "aforo.db").exists()

@@ -223,6 +223,7 @@ edge_state: {file: edge_state.yaml}
 def test_cli_reports_a_provider_key_missing_from_the_environment(capsys, monkeypatch, tmp_path):
     path = tmp_path / "proxy.yaml"
     path.write_text(PROVIDER_SETTINGS)
+    (tmp_path / "edge_state.yaml").write_text((REPO / "config" / "examples" / "edge_state.yaml").read_text())
     monkeypatch.delenv("AFORO_TEST_PROVIDER_KEY", raising=False)
     assert main(["check-config", str(path)]) == 1
     assert capsys.readouterr().err == (
@@ -291,4 +292,113 @@ def test_every_bad_guard_and_every_bad_part_of_one_is_reported(tmp_path):
         f"{path}:3: Expected a guard id (lowercase letters, digits, `_`, `.`, `-`), got `Tokens Floor`"
         " - at `$.guards[1].id`",
         f"{path}:3: At least one of `level_1`, `level_2`, `level_3` is required - at `$.guards[1].actions`",
+    ]
+
+
+def test_a_catalog_on_its_own_must_define_every_entry_it_names(capsys, tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "metrics:\n"
+        "  - {key: api_calls, unit_cost: \"0.001\"}\n"
+        "plans:\n"
+        "  - key: pro\n"
+        "    tier: pro\n"
+        "    fixed_fee: \"10\"\n"
+        "    features: [sso]\n"
+        "    quotas: {api_calls: {limit: 5}, tokens: {limit: 9}}\n"
+        "subscriptions:\n"
+        "  - {key: s1, customer: ghost, plan: pro, period_anchor: \"2026-01-01T00:00:00Z\"}\n")
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: checked as catalog, 3 errors",
+        f"{path}:7: Unknown feature `sso`; define it under `features` - at `$.plans[0].features`",
+        f"{path}:8: Unknown metric `tokens`; define it under `metrics` - at `$.plans[0].quotas.tokens`",
+        f"{path}:10: Unknown customer `ghost`; define it under `customers` - at `$.subscriptions[0].customer`",
+    ]
+
+
+NOTIFYING_GUARDS = """\
+guards:
+  - id: calls
+    metric: api_calls
+    min_margin: 40%
+    actions:
+      level_1: {threshold: 30%, notify: [finance, pager]}
+      level_3: {threshold: 0%, notify: [pager]}
+"""
+
+
+def test_control_plane_settings_check_the_guard_file_and_the_channels_it_names(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AFORO_TEST_FINANCE_SECRET", "s1")
+    guards = tmp_path / "guards.yaml"
+    guards.write_text(NOTIFYING_GUARDS)
+    settings = tmp_path / "control_plane.yaml"
+    settings.write_text("listen: 127.0.0.1:8070\nguards: guards.yaml\nnotify:\n"
+                        "  finance: {url: \"https://hooks.example.com/f\", secret_env: AFORO_TEST_FINANCE_SECRET}\n")
+    assert main(["check-config", str(settings)]) == 1
+    undefined = (f"Notify channel `pager` is not defined in the control plane settings {settings} "
+                 "(defined: `finance`); its webhooks would fail")
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as control plane settings, 2 errors",
+        f"{guards}:6: {undefined} - at `$.guards[0].actions.level_1.notify[1]`",
+        f"{guards}:7: {undefined} - at `$.guards[0].actions.level_3.notify[0]`",
+    ]
+    guards.write_text(NOTIFYING_GUARDS.replace("pager", "finance").replace("40%", "forty"))
+    assert main(["check-config", str(settings)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as control plane settings, 1 error",
+        f"{guards}:4: Expected a percentage like `25%`, got `forty` - at `$.guards[0].min_margin`",
+    ]
+    guards.unlink()
+    assert main(["check-config", str(settings)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as control plane settings, 1 error",
+        f"{settings}:2: Cannot read the guard file {guards}: No such file or directory - at `$.guards`",
+    ]
+
+
+def test_proxy_settings_check_the_edge_state_file_they_read(capsys, tmp_path):
+    settings = tmp_path / "proxy.yaml"
+    settings.write_text("upstreams:\n  api: {url: \"http://127.0.0.1:8001\"}\nroutes:\n  - {name: all, upstream: api}\n"
+                        "edge_state: {file: state.yaml}\n")
+    state = tmp_path / "state.yaml"
+    assert main(["check-config", str(settings)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as proxy settings, 1 error",
+        f"{settings}:5: Cannot read the edge state file {state}: No such file or directory - at `$.edge_state.file`",
+    ]
+    state.write_text("period: {start: \"2026-01-01T00:00:00Z\", end: \"2026-02-01T00:00:00Z\"}\nplans: {}\n"
+                     "customers:\n  - {id: acme, plan: gold, status: active}\n")
+    assert main(["check-config", str(settings)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as proxy settings, 1 error",
+        f"{state}:4: Unknown plan `gold`; the plans are none - at `$.customers[0].plan`",
+    ]
+
+
+def test_an_all_in_one_file_checks_every_file_it_names(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AFORO_TEST_FINANCE_SECRET", "s1")
+    (tmp_path / "guards.yaml").write_text(NOTIFYING_GUARDS)
+    (tmp_path / "catalog.yaml").write_text("plans:\n  - {key: pro, tier: pro, quotas: {api_calls: {limit: 5}}}\n")
+    settings = tmp_path / "aforo.yaml"
+    settings.write_text("control_plane:\n  guards: guards.yaml\n  notify:\n"
+                        "    finance: {url: \"https://hooks.example.com/f\", secret_env: AFORO_TEST_FINANCE_SECRET}\n"
+                        "catalog: catalog.yaml\n"
+                        "proxy:\n  upstreams:\n    api: {url: \"http://127.0.0.1:8001\"}\n"
+                        "  routes:\n    - {name: all, upstream: api}\n")
+    assert main(["check-config", str(settings)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{settings}: checked as all-in-one settings, 3 errors"
+    assert [line.split(" - at ")[1] for line in err[1:]] == [
+        "`$.guards[0].actions.level_1.notify[1]`", "`$.guards[0].actions.level_3.notify[0]`",
+        "`$.plans[0].quotas.api_calls`"]
+    assert err[3] == (f"{tmp_path / 'catalog.yaml'}:2: Unknown metric `api_calls`; define it under `metrics` "
+                      "- at `$.plans[0].quotas.api_calls`")
+    (tmp_path / "catalog.yaml").unlink()
+    (tmp_path / "guards.yaml").write_text("guards: []\n")
+    assert main(["check-config", str(settings)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{settings}: checked as all-in-one settings, 1 error",
+        f"{settings}:5: Cannot read the catalog {tmp_path / 'catalog.yaml'}: No such file or directory"
+        " - at `$.catalog`",
     ]
