@@ -8,19 +8,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import yaml
 
-from config.catalog_file import SECTIONS, load_catalog_file
+from config.catalog_file import SECTIONS, CatalogFile, load_catalog_file
 from config.control_plane_settings import ControlPlaneSettings, load_control_plane_settings
 from config.documents import read_document
 from config.edge_state_file import load_edge_state_file
 from config.errors import ConfigError, raise_if_any
-from config.guards import GuardSet, load_guards
+from config.guards import load_guards
 from config.proxy_settings import load_proxy_settings
 from config.up_settings import load_up_settings
-from config.yaml_source import child_path_of, load_yaml
+from config.yaml_source import load_yaml
+
+T = TypeVar("T")
 
 
 class Kind(NamedTuple):
@@ -76,10 +78,15 @@ def _edge_state(file: str) -> str:
 
 
 def _catalog(file: str) -> str:
-    # On its own a catalog must be whole: `aforo apply` would also accept what the
-    # store it is applied to already holds.
-    catalog = load_catalog_file(file, others={})
+    catalog = _whole_catalog(file)
     return "catalog, " + ", ".join(f"{len(getattr(catalog, section))} {section}" for section, _ in SECTIONS)
+
+
+def _whole_catalog(file: str) -> CatalogFile:
+    # Checked on its own (or by `aforo up`, before the store is touched) a catalog
+    # must define every entry it names; `aforo apply` also accepts what the store it
+    # is applied to already holds.
+    return load_catalog_file(file, others={})
 
 
 def _control_plane_settings(file: str) -> str:
@@ -92,8 +99,10 @@ def _up_settings(file: str) -> str:
     settings = load_up_settings(file)
     errors = _guard_file_errors(file, "$.control_plane.guards", settings.control_plane)
     if settings.catalog is not None:
-        errors += _errors_of(lambda: _named_file(file, "$.catalog", "catalog", lambda path: load_catalog_file(
-            path, others={}), settings.catalog))
+        try:
+            _named_file(file, "$.catalog", "catalog", _whole_catalog, settings.catalog)
+        except ConfigError as err:
+            errors += err.errors
     raise_if_any(errors)
     return (f"all-in-one settings, control plane on {settings.control_plane.listen}, "
             f"proxy with {len(settings.proxy.routes)} routes")
@@ -104,54 +113,26 @@ def _guard_file_errors(file: str, at: str, settings: ControlPlaneSettings) -> li
     # each notify channel its guards name that the settings do not define.
     if settings.guards is None:
         return []
-    errors: list[ConfigError] = []
-    guard_set = None
-
-    def load(path: str) -> GuardSet:
-        nonlocal guard_set
-        guard_set = load_guards(path)
-        return guard_set
-
-    errors += _errors_of(lambda: _named_file(file, at, "guard file", load, settings.guards))
-    if guard_set is not None:
-        errors += _unknown_channels(guard_set, settings, file)
-    return errors
-
-
-def _unknown_channels(guard_set: GuardSet, settings: ControlPlaneSettings, settings_file: str) -> list[ConfigError]:
+    try:
+        guard_set = _named_file(file, at, "guard file", load_guards, settings.guards)
+    except ConfigError as err:
+        return list(err.errors)
     defined = ", ".join(f"`{name}`" for name in sorted(settings.notify)) or "none"
     document = load_yaml(read_document(guard_set.source)[0], guard_set.source)
-    errors = []
-    for index, guard in enumerate(guard_set.guards):
-        for number, level in guard.actions.levels:
-            for place, channel in enumerate(level.notify):
-                if channel not in settings.notify:
-                    path = f"$.guards[{index}].actions.level_{number}.notify[{place}]"
-                    errors.append(ConfigError(
-                        f"Notify channel `{channel}` is not defined in the control plane settings "
-                        f"{settings_file} (defined: {defined}); its webhooks would fail",
-                        guard_set.source, document.line_of(path), path))
-    return errors
+    return [ConfigError(f"Notify channel `{channel}` is not defined in the control plane settings "
+                        f"{file} (defined: {defined}); its webhooks would fail",
+                        guard_set.source, document.line_of(path), path)
+            for path, channel in guard_set.channels() if channel not in settings.notify]
 
 
-def _named_file(file: str, at: str | None, what: str, check: Callable[[str], object], named: str) -> None:
+def _named_file(file: str, at: str, what: str, check: Callable[[str], T], named: str) -> T:
     # Check the file `named` that `file` names at path `at`: its own errors stand, and
     # one that cannot be read is an error of `file` at `at` (with its line).
     try:
-        check(named)
+        return check(named)
     except OSError as err:
-        line = None
-        if at is not None:
-            line = load_yaml(read_document(file)[0], file).line_of(at)
+        line = load_yaml(read_document(file)[0], file).line_of(at)
         raise ConfigError(f"Cannot read the {what} {named}: {err.strerror or err}", file, line, at) from err
-
-
-def _errors_of(check: Callable[[], object]) -> list[ConfigError]:
-    try:
-        check()
-    except ConfigError as err:
-        return list(err.errors)
-    return []
 
 
 # The first kind with any of its keys in a file wins (an all-in-one file also has

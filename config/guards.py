@@ -91,6 +91,14 @@ class GuardSet:
                     return guard
         return None
 
+    def channels(self) -> list[tuple[str, str]]:
+        """Every notify channel the guards name, as (path in the file, channel), in
+        file order: `("$.guards[0].actions.level_1.notify[1]", "pager")`."""
+        return [(f"$.guards[{index}].actions.level_{number}.notify[{place}]", channel)
+                for index, guard in enumerate(self.guards)
+                for number, level in guard.actions.levels
+                for place, channel in enumerate(level.notify)]
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("GuardSet is immutable; load a new one instead")
 

@@ -174,7 +174,7 @@ def run_control_plane(settings: ControlPlaneSettings) -> None:
 def _warn_of_unknown_channels(guard_set, settings: ControlPlaneSettings) -> None:
     # A guard may name a channel the settings lack: its webhooks are kept as failed,
     # and said here at start, once per channel.
-    named = {name for guard in guard_set.guards for _, level in guard.actions.levels for name in level.notify}
+    named = {channel for _, channel in guard_set.channels()}
     for name in sorted(named - set(settings.notify)):
         log.warning("guards in %s notify `%s`, which is not a notify channel in the control plane settings: "
                     "its webhooks will fail", guard_set.source, name)
