@@ -52,6 +52,8 @@ def test_the_catalog_is_written_and_read_back_through_the_api(backend):
                                    "path": "$.features"}]
         status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "fixed_fee": "-1"})
         assert status == 422 and "Expected an amount >= 0" in body["detail"]
+        status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "fixed_fee": "-1", "period": "quarter"})
+        assert status == 422 and [error["path"] for error in body["errors"]] == ["$.fixed_fee", "$.period"]
         status, _, body = await api.call("PUT", "/v1/plans/gold", {**plan, "key": "silver"})
         assert status == 422 and "not the key in the path" in body["detail"]
         status, _, body = await api.call("GET", "/v1/plans/gold")
