@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import decimal
 from collections.abc import Sequence
-from typing import Annotated, NamedTuple
+from typing import Annotated, Generic, NamedTuple, TypeVar
 
 import msgspec
 
@@ -155,6 +155,15 @@ class IngestReport(msgspec.Struct):
     rejected: int
     results: list[EventResult]
     unrated: int = 0
+
+
+Event = TypeVar("Event")
+
+
+class Batch(msgspec.Struct, Generic[Event], forbid_unknown_fields=True):
+    """A JSON body of events as an object (split_batch also takes a bare array)."""
+
+    events: list[Event]
 
 
 class BatchError(ValueError):
