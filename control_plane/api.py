@@ -202,10 +202,10 @@ def _kind(request):
 _KIND_OF_SECTION = dict(SECTIONS)
 
 
-def _written(entry_type):
-    # What a PUT answers: the entry as kept, and whether it was created, updated or unchanged.
-    return msgspec.defstruct(f"{entry_type.__name__}Written", [("result", Literal[CREATED, UPDATED, UNCHANGED])],
-                             bases=(entry_type,), kw_only=True)
+# What a PUT answers, per kind: the entry as kept, and whether it was created, updated or unchanged.
+_WRITTEN = {kind: msgspec.defstruct(f"{entry_type.__name__}Written", [("result", Literal[CREATED, UPDATED, UNCHANGED])],
+                                    bases=(entry_type,), kw_only=True)
+            for kind, entry_type in ENTRY_TYPES.items()}
 
 
 async def _put_entry(request):
@@ -225,7 +225,8 @@ async def _put_entry(request):
     outcome = await request.app[STORE].put_catalog(kind, key, document_of(entry), author=request[PRINCIPAL].author)
     if outcome != UNCHANGED:
         request.app[FEED].changed()
-    return json_response({"key": key, "result": outcome, **document_of(entry)}, 201 if outcome == CREATED else 200)
+    written = _WRITTEN[kind](**msgspec.structs.asdict(entry), result=outcome)
+    return json_response(written, 201 if outcome == CREATED else 200)
 
 
 def _invalid_entry(kind, error: ConfigError) -> web.Response:
@@ -490,7 +491,7 @@ async def _audit(request):
     return await _listed(request, lambda after, limit: request.app[STORE].audit(kind, key, after, limit))
 
 
-ListedWebhook = _listing("ListedWebhook", WebhookDelivery, seq=False, shown_as={"body": ("payload", dict)})
+ListedWebhook = _listing("ListedWebhook", WebhookDelivery, seq=False, shown_as={"body": ("payload", LevelChanged)})
 
 
 class WebhookOutbox(Shown):
@@ -647,10 +648,10 @@ _COLLECTION_NOTES = {"model_prices": " (per million tokens; a `/` in a model nam
                      "tool_prices": " (per call)"}
 
 
-def _catalog_routes(section: str, entry_type) -> tuple[Route, ...]:
+def _catalog_routes(section: str, kind: str) -> tuple[Route, ...]:
     # The four routes of one catalog collection, `/v1/<section>` and `/v1/<section>/{key}`.
     what = f"`{section}`{_COLLECTION_NOTES.get(section, '')}"
-    written = _written(entry_type)
+    entry_type, written = ENTRY_TYPES[kind], _WRITTEN[kind]
     return (
         Route("GET", f"/v1/{section}", _list_entries, f"List the catalog's {what}", {200: Page[entry_type]}),
         Route("GET", f"/v1/{section}/{{key}}", _get_entry, f"One entry of {what}", {200: entry_type}),
@@ -732,7 +733,7 @@ ROUTES = (
           "The webhook outbox: each delivery's status, attempts and last error", {200: WebhookOutbox},
           query=(Query("status", {"enum": list(WEBHOOK_STATUSES)}, "only deliveries in this status"),
                  AFTER, LIMIT)),
-    *(route for section, kind in SECTIONS for route in _catalog_routes(section, ENTRY_TYPES[kind])),
+    *(route for section, kind in SECTIONS for route in _catalog_routes(section, kind)),
 )
 
 

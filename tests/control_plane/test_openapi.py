@@ -241,7 +241,8 @@ def test_every_answer_of_a_walk_through_the_api_is_what_the_document_says(backen
             await store.add_dead_letters([DeadLetter("meter-stream", "1-0", b'{"id": "x"}', "too many units", NOW)])
             assert (await walk.call("GET", "/v1/dead-letters"))[1]["items"][0]["event"] == '{"id": "x"}'
             outbox = (await walk.call("GET", "/v1/webhooks", query="?status=pending"))[1]
-            assert outbox["counts"]["pending"] == len(outbox["items"])
+            assert outbox["counts"]["pending"] == len(outbox["items"]) >= 1
+            assert outbox["items"][0]["payload"]["type"] == "margin.level_changed"
             assert (await walk.call("GET", "/v1/webhooks", query="?status=lost"))[0] == 400
 
             # What the proxies call.
