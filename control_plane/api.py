@@ -324,22 +324,8 @@ class NewToken(Shown):
     scope: Literal[SCOPES] = ADMIN
 
 
-class ShownToken(Shown):
-    """A bearer token as listed: never the token itself."""
-
-    id: str
-    name: str
-    scope: Literal[SCOPES]
-    created_at: float
-    revoked_at: float | None
-
-
-class CreatedToken(ShownToken):
-    token: str                      # shown this once
-
-
-def _shown_token(token: Token) -> ShownToken:
-    return ShownToken(token.id, token.name, token.scope, token.created_at, token.revoked_at)
+class CreatedToken(Token, kw_only=True):
+    token: str                      # the token itself, shown this once
 
 
 async def _create_token(request):
@@ -358,11 +344,11 @@ async def _create_token(request):
     token, secret = await create_token(request.app[STORE], name, request.app[CLOCK](), scope,
                                        author=request[PRINCIPAL].author)
     # The only time the token itself is ever shown.
-    return json_response(CreatedToken(*msgspec.structs.astuple(_shown_token(token)), secret), 201)
+    return json_response(CreatedToken(**msgspec.structs.asdict(token), token=secret), 201)
 
 
 async def _list_tokens(request):
-    return json_response(Page([_shown_token(token) for token in await request.app[STORE].tokens()]))
+    return json_response(Page(await request.app[STORE].tokens()))
 
 
 async def _revoke_token(request):
@@ -705,7 +691,7 @@ ROUTES = (
     Route("POST", "/v1/tokens", _create_token, "Create a bearer token of a scope (`admin` or `proxy`; shown once)",
           {201: CreatedToken}, body=NewToken),
     Route("GET", "/v1/tokens", _list_tokens, "List the tokens: id, name, scope, created_at, revoked_at",
-          {200: Page[ShownToken]}),
+          {200: Page[Token]}),
     Route("DELETE", "/v1/tokens/{token_id}", _revoke_token, "Revoke a token (refused from its next request on)",
           {204: None}),
     Route("GET", "/v1/actions", _actions, "The trail of guard level transitions", {200: Page[ListedAction]},

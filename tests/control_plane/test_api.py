@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 import pytest
-from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api
+from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api, token_guards
 
 from config import ConfigError
 from config.catalog_file import parse_catalog_file
@@ -474,12 +474,10 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
 def test_a_new_guard_file_judges_every_customer_again_at_once(backend, tmp_path):
     import asyncio
 
-    from config.guards import watch_guards
     from control_plane.api import INTAKE
 
+    guards = token_guards(tmp_path)
     guard_file = tmp_path / "guards.yaml"
-    guard_file.write_text(TOKEN_GUARD)
-    guards = watch_guards(guard_file)
 
     async def scenario(open_store):
         store = await open_store()

@@ -11,9 +11,8 @@ import aiohttp
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
-from running_api import NOW, TOKEN_GUARD, api_test, example_api
+from running_api import NOW, api_test, example_api, token_guards
 
-from config.guards import watch_guards
 from control_plane.api import ROUTES
 from control_plane.store import DeadLetter
 
@@ -159,13 +158,9 @@ def cost(event_id, amount, **fields):
 
 
 def test_every_answer_of_a_walk_through_the_api_is_what_the_document_says(backend, tmp_path):
-    guard_file = tmp_path / "guards.yaml"
-    guard_file.write_text(TOKEN_GUARD)
-    guards = watch_guards(guard_file)
-
     async def scenario(open_store):
         store = await open_store()
-        async with await example_api(store, guards) as api:
+        async with await example_api(store, token_guards(tmp_path)) as api:
             walk = Walk(api, Described(await served_document(api)))
             for template in ("/healthz", "/openapi.json", "/metrics", "/v1/guards"):
                 assert (await walk.call("GET", template))[0] == 200
