@@ -14,7 +14,7 @@ from typing import Generic, NamedTuple, TypeVar
 import msgspec
 import msgspec._json_schema
 
-from config.values import Money, Percent, Rate, Scope, Timestamp
+from config.values import AMOUNT_PATTERN, Money, Percent, Rate, Scope, Timestamp
 
 COMPONENTS = "#/components/schemas/"
 JSON = "application/json"
@@ -81,7 +81,7 @@ def _schema_hook(kind) -> dict:
     if kind is object:
         return {"description": "any JSON value"}
     if kind is Money:
-        return {"type": ["string", "number"], "pattern": r"^[0-9]+(\.[0-9]+)?$", "minimum": 0,
+        return {"type": ["string", "number"], "pattern": AMOUNT_PATTERN, "minimum": 0,
                 "description": "an amount of money >= 0, a decimal exact to 9 places (`\"2.50\"`)"}
     if issubclass(kind, Percent):
         return {"type": "string", "pattern": r"^[+-]?[0-9]+(\.[0-9]+)?\s*%$",

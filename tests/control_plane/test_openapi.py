@@ -214,6 +214,9 @@ def test_every_answer_of_a_walk_through_the_api_is_what_the_document_says(backen
                                                                    cost("c3", "1.00", currency="EUR")])
             assert [result["status"] for result in report["results"]] == ["accepted", "rejected", "unrated"]
             assert report["unrated"] == 1
+            for amount in ("-1", "1e400"):
+                assert not walk.described.takes("POST", "/v1/costs", [cost("c4", amount)])
+                assert (await walk.call("POST", "/v1/costs", [cost("c4", amount)]))[1]["rejected"] == 1
 
             # What the events came to.
             unrated = (await walk.call("GET", "/v1/events/unrated"))[1]["items"]
@@ -251,9 +254,11 @@ def test_every_answer_of_a_walk_through_the_api_is_what_the_document_says(backen
             assert status == 200 and granted["granted"] >= 1
             assert (await walk.call("POST", "/v1/edge/leases", {**lease, "metric": "ai_tokens",
                                                                "customer_id": "cus_globex"}))[0] == 404
-            await walk.refused("POST", "/v1/edge/leases", {**lease, "needed": "1"}, 422)
+            for bad in ({"needed": "1"}, {"needed": -1}, {"debt": -5}):
+                await walk.refused("POST", "/v1/edge/leases", {**lease, **bad}, 422)
             returned = {"customer_id": "cus_wonka", "metric": "api_calls", "period_start": granted["period_start"],
                         "units": granted["granted"]}
+            await walk.refused("POST", "/v1/edge/leases/return", {**returned, "units": -1}, 422)
             assert (await walk.call("POST", "/v1/edge/leases/return", returned))[0] == 204
             throttle = {"customer_id": "cus_globex", "guard_id": "tokens-floor", "metric": "ai_tokens", "tokens": 5,
                         "per_s": 1, "burst": 5}
