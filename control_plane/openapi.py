@@ -136,37 +136,40 @@ def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_
 
     paths: dict = {}
     for route in routes:
-        responses = {str(status): {"description": _DESCRIPTIONS.get(status, "success")}
-                     for status in route.answers}
-        for status, kind in route.answers.items():
-            if kind is not None:
-                responses[str(status)]["content"] = content(kind)
-        responses["default"] = {"description": "an error", "content": content(problem, PROBLEM_JSON)}
-        operation: dict = {"summary": route.summary, "responses": responses}
-        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                      for name in route.path_parameters]
-        parameters += [{"name": query.name, "in": "query", "required": query.required, "schema": query.schema,
-                        **({"description": query.description} if query.description else {})}
-                       for query in route.query]
-        if parameters:
-            operation["parameters"] = parameters
-        if route.body is not None:
-            body = content(route.body)
-            for media_type in route.ndjson:
-                body[media_type] = {"schema": {"type": "string", "description": "one JSON text per line, each "
-                                               "as an item of the application/json array"}}
-            operation["requestBody"] = {"required": True, "content": body}
-        if route.path.startswith("/v1/"):
-            operation["security"] = [{"admin": []}]
-        paths.setdefault(route.path, {})[route.method.lower()] = operation
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, content, problem)
     outgoing = {name: {"post": {
         "summary": summary, "parameters": headers,
         "requestBody": {"required": True, "content": content(body)},
         "responses": {"2XX": {"description": "delivered; anything else is retried with backoff"}}}}
         for name, (summary, headers, body) in webhooks.items()}
     document = {"openapi": "3.1.0", "info": {"title": title, "version": "1"}, "paths": paths, "webhooks": outgoing,
-                "components": {"schemas": components, "securitySchemes": {"admin": {
+                "components": {"schemas": components, "securitySchemes": {"bearer": {
                     "type": "http", "scheme": "bearer",
                     "description": "a token of a scope that allows the route (`admin`: every route)"}}}}
     return msgspec.json.decode(msgspec.json.encode(document))       # JSON values only (no tuple defaults)
+
+
+def _operation(route: Route, content: Callable, problem: type) -> dict:
+    # One route's operation; `content(kind[, media type])` is the content of a body of `kind`.
+    responses = {str(status): {"description": _DESCRIPTIONS.get(status, "success"),
+                               **({"content": content(kind)} if kind is not None else {})}
+                 for status, kind in route.answers.items()}
+    responses["default"] = {"description": "an error", "content": content(problem, PROBLEM_JSON)}
+    operation: dict = {"summary": route.summary, "responses": responses}
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in route.path_parameters]
+    parameters += [{"name": query.name, "in": "query", "required": query.required, "schema": query.schema,
+                    **({"description": query.description} if query.description else {})}
+                   for query in route.query]
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
+        body = content(route.body)
+        for media_type in route.ndjson:
+            body[media_type] = {"schema": {"type": "string", "description": "one JSON text per line, each as an "
+                                           "item of the application/json array"}}
+        operation["requestBody"] = {"required": True, "content": body}
+    if route.path.startswith("/v1/"):
+        operation["security"] = [{"bearer": []}]
+    return operation
 

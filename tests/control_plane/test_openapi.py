@@ -118,6 +118,7 @@ def test_the_document_is_valid_openapi_3_1_and_describes_exactly_the_routes_serv
                 assert successes, f"{method} {path} has no success answer"
                 for status, response in successes.items():
                     assert status == "204" or response["content"], f"{method} {path} {status} has no schema"
+                assert operation.get("security") == ([{"bearer": []}] if path.startswith("/v1/") else None), path
                 problem = operation["responses"]["default"]["content"]["application/problem+json"]["schema"]
                 assert problem == {"$ref": "#/components/schemas/Problem"}
         schemas = document["components"]["schemas"]
