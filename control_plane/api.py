@@ -628,6 +628,13 @@ async def _openapi(request):
 
 
 TEXT = Content("text/plain", {"type": "string"})
+# The problems a route answers (besides 401 and 403 on /v1, 413 for a body too large,
+# and a 500 or 503 anywhere), each with when.
+JSON_BODY = {400: "the body is not JSON", 415: "the body is not application/json"}
+INVALID = {422: "the body breaks its schema (`detail` says where)"}
+PAGED = {400: "`after` or `limit` is not a whole number in range"}
+BATCH = {400: "the body is not a batch of events (each event is judged on its own, in the 200 answer)",
+         415: "the body is neither application/json nor NDJSON"}
 CUSTOMER = Query("customer", {"type": "string"}, "only this customer's")
 # A collection's notes beside its summaries.
 _COLLECTION_NOTES = {"model_prices": " (per million tokens; a `/` in a model name is written `%2F`)",
@@ -640,12 +647,15 @@ def _catalog_routes(section: str, kind: str) -> tuple[Route, ...]:
     entry_type, written = ENTRY_TYPES[kind], _WRITTEN[kind]
     return (
         Route("GET", f"/v1/{section}", _list_entries, f"List the catalog's {what}", {200: Page[entry_type]}),
-        Route("GET", f"/v1/{section}/{{key}}", _get_entry, f"One entry of {what}", {200: entry_type}),
+        Route("GET", f"/v1/{section}/{{key}}", _get_entry, f"One entry of {what}",
+              {200: entry_type, 404: "no such entry"}),
         Route("PUT", f"/v1/{section}/{{key}}", _put_entry,
               f"Create (201) or update (200) an entry of {what}: idempotent, `result` says which",
-              {201: written, 200: written}, body=entry_type),
-        Route("DELETE", f"/v1/{section}/{{key}}", _delete_entry,
-              f"Delete an entry of {what} (409 with the referrers while a live entry names it)", {204: None}),
+              {201: written, 200: written, **JSON_BODY,
+               422: "the entry breaks its schema or the catalog's rules, or names what is not there (`errors`)"},
+              body=entry_type),
+        Route("DELETE", f"/v1/{section}/{{key}}", _delete_entry, f"Delete an entry of {what}",
+              {204: None, 404: "no such entry", 409: "a live entry still names it (`referrers`)"}),
     )
 
 
@@ -655,20 +665,22 @@ ROUTES = (
     Route("GET", "/openapi.json", _openapi, "This document", {200: dict[str, object]}),
     Route("GET", "/metrics", _metrics, "Prometheus metrics", {200: TEXT}),
     Route("GET", "/v1/guards", _guards, "The guard file in force: version, guards, reloads and rejected reloads",
-          {200: GuardsInForce}),
+          {200: GuardsInForce, 404: "no guard file is configured"}),
     Route("POST", "/v1/events", _ingest_handler(USAGE), "Ingest usage events (JSON batch or NDJSON); the answer "
-          "says what became of each (a rejected one does not sink the rest)", {200: IngestReport},
+          "says what became of each (a rejected one does not sink the rest)", {200: IngestReport, **BATCH},
           body=list[UsageEvent] | Batch[UsageEvent], ndjson=NDJSON),
     Route("POST", "/v1/costs", _ingest_handler(COST), "Ingest cost (COGS) events (JSON batch or NDJSON); the "
-          "answer says what became of each", {200: IngestReport}, body=list[CostEvent] | Batch[CostEvent],
+          "answer says what became of each", {200: IngestReport, **BATCH}, body=list[CostEvent] | Batch[CostEvent],
           ndjson=NDJSON),
     Route("POST", "/v1/customers/{customer}/api-keys", _create_api_key, "Create an API key (the key is shown once)",
-          {201: CreatedApiKey}),
+          {201: CreatedApiKey, 404: "no such customer"}),
     Route("GET", "/v1/customers/{customer}/api-keys", _list_api_keys, "List a customer's API keys",
           {200: Page[ShownApiKey]}, query=(Query("prefix", {"type": "string"}, "only keys starting so"),)),
-    Route("DELETE", "/v1/api-keys/{key_id}", _revoke_api_key, "Revoke an API key", {204: None}),
+    Route("DELETE", "/v1/api-keys/{key_id}", _revoke_api_key, "Revoke an API key",
+          {204: None, 404: "no such active key"}),
     Route("GET", "/v1/customers/{customer}/margin", _customer_margin,
-          "A customer's margin this billing period, per metric and overall", {200: CustomerMargin}),
+          "A customer's margin this billing period, per metric and overall",
+          {200: CustomerMargin, 404: "no such customer, or none with a billable subscription now"}),
     Route("GET", "/v1/reports/pnl", _pnl, "Profit and loss this billing period: every customer, worst margin "
           "first, totals per currency and a grand total where one currency (or stated rates) allows",
           {200: ProfitAndLoss}),
@@ -676,33 +688,34 @@ ROUTES = (
           {200: EdgeState}),
     Route("GET", "/v1/edge/changes", _edge_changes,
           "Customers changed since version `since` (long poll up to `wait_s` seconds); `resync`: pull the state",
-          {200: EdgeChanges}, query=(
+          {200: EdgeChanges, 400: "`wait_s` is not a number"}, query=(
               Query("since", {"type": "string", "default": ""}, "the version the proxy holds"),
               Query("wait_s", {"type": "number", "default": 0},
                     f"seconds to wait for a change when there is none yet (at most {LONG_POLL_MAX_S:g})"))),
     Route("POST", "/v1/edge/leases", _lease_quota,
-          "Lease units of a customer's hard quota to a proxy worker (chunks shrink near the limit)", {200: Lease},
-          body=LeaseRequest),
-    Route("POST", "/v1/edge/leases/return", _return_quota, "Give unused leased units back", {204: None},
+          "Lease units of a customer's hard quota to a proxy worker (chunks shrink near the limit)",
+          {200: Lease, 404: "the customer has no hard quota on the metric now", **INVALID}, body=LeaseRequest),
+    Route("POST", "/v1/edge/leases/return", _return_quota, "Give unused leased units back", {204: None, **INVALID},
           body=LeaseReturn),
     Route("POST", "/v1/edge/throttles", _take_throttle_tokens,
           "Take tokens of a throttled customer's level-2 bucket, shared by every proxy worker",
-          {200: ThrottleTokens}, body=ThrottleRequest),
+          {200: ThrottleTokens, **INVALID}, body=ThrottleRequest),
     Route("POST", "/v1/tokens", _create_token, "Create a bearer token of a scope (`admin` or `proxy`; shown once)",
-          {201: CreatedToken}, body=NewToken),
+          {201: CreatedToken, **JSON_BODY, **INVALID}, body=NewToken),
     Route("GET", "/v1/tokens", _list_tokens, "List the tokens: id, name, scope, created_at, revoked_at",
           {200: Page[Token]}),
     Route("DELETE", "/v1/tokens/{token_id}", _revoke_token, "Revoke a token (refused from its next request on)",
-          {204: None}),
-    Route("GET", "/v1/actions", _actions, "The trail of guard level transitions", {200: Page[ListedAction]},
+          {204: None, 404: "no such live token"}),
+    Route("GET", "/v1/actions", _actions, "The trail of guard level transitions", {200: Page[ListedAction], **PAGED},
           query=(CUSTOMER, AFTER, LIMIT)),
     Route("GET", "/v1/events/unrated", _unrated_events,
           "Events kept but not rated (unknown metric, no subscription yet), each with why",
-          {200: Page[UnratedEvent]}, query=(AFTER, LIMIT)),
+          {200: Page[UnratedEvent], **PAGED}, query=(AFTER, LIMIT)),
     Route("POST", "/v1/events/unrated/rate", _rate_unrated, "Rate the unrated events the catalog now knows how to",
           {200: Rerated}),
     Route("GET", "/v1/events", _late_events,
-          "Late events (more than 24 h behind when they arrived), for reconciliation", {200: Page[LateEvent]},
+          "Late events (more than 24 h behind when they arrived), for reconciliation",
+          {200: Page[LateEvent], 400: "`late=true` is missing, or `since` or `limit` is out of form"},
           query=(Query("late", {"enum": ["true", "1"]}, "list the late events (the only listing of events)",
                        required=True),
                  Query("since", {"type": "number", "default": 0}, "only those ingested since (epoch seconds)"),
@@ -710,13 +723,14 @@ ROUTES = (
                        "at most this many (more than 1000 is read as 1000)"))),
     Route("GET", "/v1/audit", _audit,
           "The audit trail: who changed which catalog entry, API key or token, and the entry before and after",
-          {200: Page[AuditEntry]}, query=(
+          {200: Page[AuditEntry], **PAGED}, query=(
               Query("kind", {"type": "string"}, "only changes to this kind (a catalog kind, `api_key`, `token`)"),
               Query("key", {"type": "string"}, "only changes to the entry of this key or id"), AFTER, LIMIT)),
     Route("GET", "/v1/dead-letters", _dead_letters, "Events the meter stream could not take in, each with why",
-          {200: Page[ListedDeadLetter]}, query=(AFTER, LIMIT)),
+          {200: Page[ListedDeadLetter], **PAGED}, query=(AFTER, LIMIT)),
     Route("GET", "/v1/webhooks", _webhooks,
-          "The webhook outbox: each delivery's status, attempts and last error", {200: WebhookOutbox},
+          "The webhook outbox: each delivery's status, attempts and last error",
+          {200: WebhookOutbox, 400: "`status` is not a status, or `after` or `limit` not a whole number in range"},
           query=(Query("status", {"enum": list(WEBHOOK_STATUSES)}, "only deliveries in this status"),
                  AFTER, LIMIT)),
     *(route for section, kind in SECTIONS for route in _catalog_routes(section, kind)),

@@ -21,6 +21,8 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 _PATH_PARAMETER = re.compile(r"\{(\w+)\}")
 _DESCRIPTIONS = {200: "OK", 201: "Created", 204: "No Content"}
+_BEARER_PROBLEMS = {401: "no bearer token, or an unknown or revoked one",
+                    403: "the token's scope does not allow this route (`needed_scope`)"}
 
 Item = TypeVar("Item")
 
@@ -50,8 +52,9 @@ class Content(NamedTuple):
 
 class Route(NamedTuple):
     """One route of the API: `method` and `path` (aiohttp's template, `{name}` for a
-    path parameter), its `handler` and `summary`; `answers`: each success status and
-    the type its body is encoded from (None: no body, a Content: not JSON); `body`:
+    path parameter), its `handler` and `summary`; `answers`: each status it answers
+    with: a success's body type (None: no body, a Content: not JSON), or for a
+    problem (application/problem+json) when it is answered; `body`:
     the type the request body decodes as (None: it takes none), also accepted as one
     JSON text per line in each of `ndjson` media types; `query`: its query parameters."""
 
@@ -121,7 +124,7 @@ def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_
     types: list[object] = [problem]
     for route in routes:
         types += [kind for kind in (route.body, *route.answers.values()) if kind is not None
-                  and not isinstance(kind, Content)]
+                  and not isinstance(kind, (Content, str))]
     types += [body for _, _, body in webhooks.values()]
     schemas, components = _schema_components(types)
     schema_of = dict(zip(map(id, types), schemas))
@@ -151,10 +154,17 @@ def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_
 
 def _operation(route: Route, content: Callable, problem: type) -> dict:
     # One route's operation; `content(kind[, media type])` is the content of a body of `kind`.
-    responses = {str(status): {"description": _DESCRIPTIONS.get(status, "success"),
-                               **({"content": content(kind)} if kind is not None else {})}
-                 for status, kind in route.answers.items()}
-    responses["default"] = {"description": "an error", "content": content(problem, PROBLEM_JSON)}
+    problems = {**(_BEARER_PROBLEMS if route.path.startswith("/v1/") else {}),
+                **({413: "the body is larger than the control plane takes"} if route.body is not None else {})}
+    responses = {}
+    for status, kind in sorted({**problems, **route.answers}.items()):
+        if isinstance(kind, str):
+            responses[str(status)] = {"description": kind, "content": content(problem, PROBLEM_JSON)}
+        else:
+            responses[str(status)] = {"description": _DESCRIPTIONS.get(status, "success"),
+                                      **({"content": content(kind)} if kind is not None else {})}
+    responses["default"] = {"description": "the control plane failed (500) or its store is unavailable (503)",
+                            "content": content(problem, PROBLEM_JSON)}
     operation: dict = {"summary": route.summary, "responses": responses}
     parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in route.path_parameters]
