@@ -317,8 +317,9 @@ async def _revoke_api_key(request):
 
 # -- tokens ----------------------------------------------------------------------------
 
-class NewToken(Shown):
-    """A token to create: who or what uses it (`name`) and its `scope`."""
+class NewToken(msgspec.Struct, forbid_unknown_fields=True):
+    """A token to create: who or what uses it (`name`) and its `scope`. (The handler
+    checks each field itself, to name the one in a problem's `path`.)"""
 
     name: Annotated[str, msgspec.Meta(pattern=r"\S")]
     scope: Literal[SCOPES] = ADMIN
@@ -737,6 +738,16 @@ ROUTES = (
 )
 
 
+def _token_problems(route: Route) -> dict[int, str]:
+    # What a /v1 route answers a request whose bearer token it does not accept.
+    if not route.path.startswith("/v1/"):
+        return {}
+    problems = {401: "no bearer token, or an unknown or revoked one"}
+    if len(scopes_allowing(route.method, route.path)) < len(SCOPES):
+        problems[403] = "the token's scope does not allow this route (`needed_scope`)"
+    return problems
+
+
 def _outgoing_webhooks() -> dict:
     # What the control plane POSTs to each notify channel (OpenAPI 3.1 `webhooks`).
     headers = [{"name": name, "in": "header", "required": True, "description": description, "schema": {
@@ -767,7 +778,7 @@ def create_app(store: Store, clock: Callable[[], float] = time.time, *, guards=N
     app[WEBHOOKS] = webhooks
     app[INTAKE] = Intake(store, app[RATER], app[FEED], guards, webhooks, clock,
                          count_unrated=app[METRICS].unrated.inc)
-    app[OPENAPI] = openapi_document(ROUTES, Problem, title="Aforo Edge control plane",
+    app[OPENAPI] = openapi_document(ROUTES, Problem, title="Aforo Edge control plane", token_problems=_token_problems,
                                     key_from_path=tuple(ENTRY_TYPES.values()), webhooks=_outgoing_webhooks())
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)

@@ -21,8 +21,7 @@ JSON = "application/json"
 PROBLEM_JSON = "application/problem+json"
 _PATH_PARAMETER = re.compile(r"\{(\w+)\}")
 _DESCRIPTIONS = {200: "OK", 201: "Created", 204: "No Content"}
-_BEARER_PROBLEMS = {401: "no bearer token, or an unknown or revoked one",
-                    403: "the token's scope does not allow this route (`needed_scope`)"}
+
 
 Item = TypeVar("Item")
 
@@ -114,13 +113,17 @@ def _schema_components(types: Sequence[object]) -> tuple[tuple[dict, ...], dict]
         msgspec._json_schema.to_builtins = plain
 
 
-def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_from_path: Sequence[type] = (),
+def openapi_document(routes: Sequence[Route], problem: type, *, title: str,
+                     token_problems: Callable[[Route], Mapping[int, str]] = lambda route: {},
+                     key_from_path: Sequence[type] = (),
                      webhooks: Mapping[str, tuple[str, list[dict], type]] = {}) -> dict:
     """The OpenAPI 3.1 document of `routes`: path parameters, query parameters, the
-    request body and each success answer with its schema; every other answer is a
-    `problem` (application/problem+json). `key_from_path`: entry types whose `key` a
-    body may leave out (the path's). `webhooks`: name -> (summary, header parameters,
-    body type) of what the service POSTs out (OpenAPI's `webhooks`)."""
+    request body and each answer, a success's with its schema, a problem's
+    (application/problem+json) as `problem`. `token_problems(route)`: the problems
+    a route answers a request without a bearer token it accepts (none: the route is
+    open). `key_from_path`: entry types whose `key` a body may leave out (the
+    path's). `webhooks`: name -> (summary, header parameters, body type) of what
+    the service POSTs out (OpenAPI's `webhooks`)."""
     types: list[object] = [problem]
     for route in routes:
         types += [kind for kind in (route.body, *route.answers.values()) if kind is not None
@@ -139,7 +142,8 @@ def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_
 
     paths: dict = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, content, problem)
+        operation = _operation(route, content, problem, token_problems(route))
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
     outgoing = {name: {"post": {
         "summary": summary, "parameters": headers,
         "requestBody": {"required": True, "content": content(body)},
@@ -152,9 +156,9 @@ def openapi_document(routes: Sequence[Route], problem: type, *, title: str, key_
     return msgspec.json.decode(msgspec.json.encode(document))       # JSON values only (no tuple defaults)
 
 
-def _operation(route: Route, content: Callable, problem: type) -> dict:
+def _operation(route: Route, content: Callable, problem: type, token_problems: Mapping[int, str]) -> dict:
     # One route's operation; `content(kind[, media type])` is the content of a body of `kind`.
-    problems = {**(_BEARER_PROBLEMS if route.path.startswith("/v1/") else {}),
+    problems = {**token_problems,
                 **({413: "the body is larger than the control plane takes"} if route.body is not None else {})}
     responses = {}
     for status, kind in sorted({**problems, **route.answers}.items()):
@@ -179,7 +183,7 @@ def _operation(route: Route, content: Callable, problem: type) -> dict:
             body[media_type] = {"schema": {"type": "string", "description": "one JSON text per line, each as an "
                                            "item of the application/json array"}}
         operation["requestBody"] = {"required": True, "content": body}
-    if route.path.startswith("/v1/"):
+    if token_problems:
         operation["security"] = [{"bearer": []}]
     return operation
 
