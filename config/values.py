@@ -233,6 +233,11 @@ NANOS_PER_UNIT = 1_000_000_000
 MAX_EVENT_QUANTITY = 10**15
 
 
+# An amount as a decimal string (`"49.00"`), as JSON Schema states it: >= 0 and not
+# an exponent (more than 9 decimal places is refused by to_nanos, not by the pattern).
+AMOUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+
+
 def to_nanos(amount: decimal.Decimal) -> int:
     """An amount of money in whole nanos of its currency (exact). ValueError for an
     amount that is negative, not finite, or finer than a nano (10 decimal places)."""

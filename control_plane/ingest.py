@@ -19,12 +19,12 @@ from __future__ import annotations
 import datetime
 import decimal
 from collections.abc import Sequence
-from typing import Annotated, NamedTuple
+from typing import Annotated, Generic, NamedTuple, TypeVar
 
 import msgspec
 
 from config.currencies import CurrencyCode, currency_problem
-from config.values import MAX_EVENT_QUANTITY, to_nanos
+from config.values import AMOUNT_PATTERN, MAX_EVENT_QUANTITY, to_nanos
 from control_plane.rating import Rater
 from control_plane.store import ACCEPTED, CONFLICT, COST, DUPLICATE, REFUSED, USAGE, Store, StoredEvent
 
@@ -44,6 +44,9 @@ MAX_DIMENSIONS = 32
 MAX_DIMENSION_KEY_CHARS = 64
 MAX_DIMENSION_VALUE_CHARS = 256
 Quantity = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]
+# A cost's amount, >= 0 and at most MAX_AMOUNT (checked in CostEvent.__post_init__).
+Amount = Annotated[decimal.Decimal, msgspec.Meta(extra_json_schema={
+    "pattern": AMOUNT_PATTERN, "description": f"a decimal >= 0 and at most {MAX_AMOUNT}, exact to 9 places"})]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 Dimensions = Annotated[
     dict[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DIMENSION_KEY_CHARS)],
@@ -85,7 +88,7 @@ class CostEvent(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=Fals
 
     id: str
     customer_id: str
-    amount: decimal.Decimal
+    amount: Amount
     timestamp: datetime.datetime
     metric: Name | None = None
     provider: Name = ""
@@ -155,6 +158,15 @@ class IngestReport(msgspec.Struct):
     rejected: int
     results: list[EventResult]
     unrated: int = 0
+
+
+Event = TypeVar("Event")
+
+
+class Batch(msgspec.Struct, Generic[Event], forbid_unknown_fields=True):
+    """A JSON body of events as an object (split_batch also takes a bare array)."""
+
+    events: list[Event]
 
 
 class BatchError(ValueError):

@@ -18,6 +18,7 @@ from decision_core.bucket import US_PER_S, shared_interval_us, shared_take
 from decision_core.quota import grant_size
 
 
+Units = Annotated[int, msgspec.Meta(ge=0)]
 # A worker asks for the tokens of the requests waiting on it, never more than this.
 MAX_WANTED_TOKENS = 1000
 
@@ -29,9 +30,9 @@ class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     customer_id: str
     metric: str
-    needed: int
-    wanted: int
-    debt: int = 0
+    needed: Units
+    wanted: Units
+    debt: Units = 0
 
 
 class Lease(msgspec.Struct):
@@ -49,7 +50,7 @@ class LeaseReturn(msgspec.Struct, forbid_unknown_fields=True):
     customer_id: str
     metric: str
     period_start: float
-    units: int
+    units: Units
 
 
 class NoHardQuota(Exception):

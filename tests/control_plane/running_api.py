@@ -22,6 +22,15 @@ guards:
 """
 
 
+def token_guards(tmp_path):
+    """TOKEN_GUARD written to `tmp_path`/guards.yaml, and watched there."""
+    from config.guards import watch_guards
+
+    guard_file = tmp_path / "guards.yaml"
+    guard_file.write_text(TOKEN_GUARD)
+    return watch_guards(guard_file)
+
+
 class Api:
     """A running API on 127.0.0.1 and a client session with the admin token."""
 

@@ -6,7 +6,7 @@ import json
 
 import aiohttp
 import pytest
-from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api
+from running_api import NOW, TOKEN_GUARD, Api, api_test, catalog_for_cus_1, example_api, token_guards
 
 from config import ConfigError
 from config.catalog_file import parse_catalog_file
@@ -59,7 +59,7 @@ def test_the_catalog_is_written_and_read_back_through_the_api(backend):
         status, _, body = await api.call("GET", "/v1/plans/gold")
         assert (status, body["title"]) == (404, "Not Found")
         status, _, body = await api.call("GET", "/v1/widgets")
-        assert status == 404 and body["detail"] == "no such collection `/v1/widgets`"
+        assert (status, body["title"]) == (404, "Not Found")
         status, _, body = await api.call("PUT", "/v1/plans/pro", raw=b"{not json")
         assert status == 400 and body["detail"].startswith("the body is not JSON")
         status, _, _ = await api.call("DELETE", "/v1/plans/pro")
@@ -215,18 +215,6 @@ def test_dead_letters_are_listed_with_why(backend):
             ('{"id": "x"}', "too many units"), ("{oops", "not valid JSON")]
         status, _, later = await api.call("GET", f"/v1/dead-letters?after={listed['items'][0]['seq']}")
         assert [item["reason"] for item in later["items"]] == ["not valid JSON"]
-    api_test(backend, scenario)
-
-
-def test_the_openapi_document_describes_every_route(backend):
-    async def scenario(api):
-        async with aiohttp.ClientSession() as anonymous:
-            async with anonymous.get(api.base + "/openapi.json") as response:
-                document = await response.json()
-        assert document["openapi"].startswith("3.")
-        assert {"/v1/events", "/v1/costs", "/v1/{section}/{key}", "/v1/api-keys/{key_id}"} <= set(document["paths"])
-        assert document["paths"]["/v1/events"]["post"]["security"] == [{"admin": []}]
-        assert "quantity" in document["components"]["schemas"]["UsageEvent"]["properties"]
     api_test(backend, scenario)
 
 
@@ -488,12 +476,10 @@ def test_margin_moves_walk_a_customer_through_the_levels_and_each_change_is_reco
 def test_a_new_guard_file_judges_every_customer_again_at_once(backend, tmp_path):
     import asyncio
 
-    from config.guards import watch_guards
     from control_plane.api import INTAKE
 
+    guards = token_guards(tmp_path)
     guard_file = tmp_path / "guards.yaml"
-    guard_file.write_text(TOKEN_GUARD)
-    guards = watch_guards(guard_file)
 
     async def scenario(open_store):
         store = await open_store()

@@ -82,7 +82,7 @@ def test_a_bad_token_request_says_which_field_and_creates_nothing(backend, body,
 
 
 def test_every_route_a_scope_names_is_a_route_of_the_api():
-    routes = {(method, path) for method, path, _, _ in ROUTES}
+    routes = {(route.method, route.path) for route in ROUTES}
     for allowed in SCOPE_ROUTES.values():
         assert allowed is None or allowed <= routes
 
