@@ -11,7 +11,7 @@ from config import ConfigError
 from config.up_settings import load_up_settings, parse_up_settings
 
 EXAMPLES = Path(config.__file__).parent / "examples"
-SECRETS = {"AFORO_WEBHOOK_SECRET_FINANCE": "s1", "AFORO_WEBHOOK_SECRET_ENGINEERING": "s2"}
+SECRETS = {"AFORO_WEBHOOK_SECRET_FINANCE": "s1", "AFORO_WEBHOOK_SECRET_ENGINEERING": "s2", "AFORO_WEBHOOK_SECRET_ACME": "s3"}
 GOOD = textwrap.dedent("""\
     control_plane:
       listen: 0.0.0.0:8070
