@@ -841,12 +841,13 @@ class SqlStore:
     async def rate_unrated(self, rated):
         # (seq, Rating) of unrated events now rated, in order: their totals move as
         # a new event's would, and they are no longer unrated; all in one transaction.
+        # One that would carry a running total past its maximum stays unrated.
         if not rated:
             return []
         async with self._transaction():
             ratings = [rating for _, rating in rated]
             totals = await self._lock_totals(ratings)
-            done, refused = [], {}
+            done = []
             for seq, rating in rated:
                 sums = totals[rating.customer_id, rating.metric, rating.period_start]
                 revenue, cogs = rating.price(sums[0])
