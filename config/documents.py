@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from config.errors import ConfigError, raise_if_any
-from config.yaml_source import YamlDocument, child_path_of, load_yaml, path_steps
+from config.yaml_source import YamlDocument, child_path_of, load_yaml, no_cyclic_gc, path_steps
 
 T = TypeVar("T")
 VERSION_HEX_CHARS = 16
@@ -116,15 +116,16 @@ def parse_document(
     a top level that is not a mapping, and the first schema error; ConfigErrors when
     several problems are known at once.
     """
-    document = load_yaml(text, file)
-    if document.root is None:
-        raise ConfigError(f"File is empty; expected {expected}", file)
-    if not isinstance(document.data, dict):
-        kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
-        raise ConfigError(
-            f"Expected {expected} at the top level, got {kind}", file, document.line_of(None)
-        )
-    return _validated(document, file, schema_type, pattern_meanings, cross_check)
+    with no_cyclic_gc():        # a file of a million entries: see no_cyclic_gc
+        document = load_yaml(text, file)
+        if document.root is None:
+            raise ConfigError(f"File is empty; expected {expected}", file)
+        if not isinstance(document.data, dict):
+            kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
+            raise ConfigError(
+                f"Expected {expected} at the top level, got {kind}", file, document.line_of(None)
+            )
+        return _validated(document, file, schema_type, pattern_meanings, cross_check)
 
 
 def validate_data(

@@ -1,9 +1,13 @@
 # Strict YAML reading for configuration files: plain data only (standard tags), no
 # duplicate keys, bounded alias expansion. The composed node tree is kept so a
 # validation path such as `$.guards[2].actions.level_2` maps back to a 1-based line.
+# libyaml composes when PyYAML has it (ten times faster on a file of a million
+# customers); a syntax error is then read again by the pure loader for its message.
 from __future__ import annotations
 
+import gc
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import yaml
@@ -21,6 +25,13 @@ ALLOWED_TAGS = frozenset(
 # value (the "billion laughs" shape) that validation would then walk: the values
 # aliases add (beyond those written in the file, which may be millions) are bounded.
 MAX_EXPANDED_VALUES = 100_000
+# Whether libyaml composes (PyYAML built with it); False forces the pure-Python
+# composer everywhere (the benchmark's baseline).
+USE_LIBYAML = yaml.__with_libyaml__
+# libyaml words syntax errors its own way ("did not find expected key"); a document
+# up to this size is read again by the pure loader for the house message (same line).
+# A larger one keeps libyaml's words: reading it again would take minutes.
+PURE_REREAD_MAX_CHARS = 4 << 20
 # Path steps: `.key`, `[0]`, and `['any key']` for keys that are not identifiers.
 _PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^'\\]*)'\]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,6 +62,15 @@ StrictSafeLoader.add_constructor(None, StrictSafeLoader.construct_undefined)
 # date must not crash the loader.
 StrictSafeLoader.add_constructor(_CORE_TAG + "timestamp", StrictSafeLoader.construct_yaml_str)
 StrictSafeLoader.add_constructor(_CORE_TAG + "value", StrictSafeLoader.construct_yaml_str)
+
+if yaml.__with_libyaml__:
+    class StrictCSafeLoader(yaml.CSafeLoader):
+        """StrictSafeLoader's constructors over libyaml's parser and composer."""
+
+        yaml_constructors = StrictSafeLoader.yaml_constructors
+        construct_undefined = StrictSafeLoader.construct_undefined
+else:  # pragma: no cover - PyYAML without libyaml
+    StrictCSafeLoader = None
 
 
 @dataclass(frozen=True)
@@ -105,22 +125,40 @@ def load_yaml(text: str, file: str) -> YamlDocument:
 
     Returns the document (data None and root None for an empty file). Raises
     ConfigError (ConfigErrors when several) for a syntax error, a second document,
-    a non-standard tag, a duplicate mapping key, or runaway alias expansion.
+    a non-standard tag, a duplicate mapping key, or alias expansion beyond
+    MAX_EXPANDED_VALUES (the message names the limit). Any number of values written
+    in the file is accepted. Composed by libyaml when USE_LIBYAML; the messages and
+    lines are the same either way.
     """
+    if not USE_LIBYAML:
+        return _load(StrictSafeLoader, text, file)
     try:
-        loader = StrictSafeLoader(text)
+        return _load(StrictCSafeLoader, text, file)
+    except ConfigError as error:
+        if not isinstance(error.__cause__, yaml.YAMLError) or len(text) > PURE_REREAD_MAX_CHARS:
+            raise
+    return _load(StrictSafeLoader, text, file)
+
+
+def _load(loader_class, text: str, file: str) -> YamlDocument:
+    try:
+        loader = loader_class(text)
     except yaml.reader.ReaderError as err:
-        line = text.count("\n", 0, err.position) + 1
-        message = f"Invalid YAML: unacceptable character #x{err.character:04x} ({err.reason})"
-        raise ConfigError(message, file, line) from err
+        raise _reader_error(err, text, file) from err
+    may_share = "*" in text        # no alias without one: the nodes form a plain tree
     try:
-        root = loader.get_single_node()
-        if root is None:
-            return YamlDocument(data=None, root=None)
-        raise_if_any(_check_tree(root, file))
-        data = loader.construct_document(root)
+        with no_cyclic_gc():
+            root = loader.get_single_node()
+            if root is None:
+                return YamlDocument(data=None, root=None)
+            raise_if_any(_check_tree(root, file, may_share))
+            data = None if may_share else _plain_data(loader, root)
+            if data is None:
+                data = loader.construct_document(root)
     except yaml.MarkedYAMLError as err:
         raise _syntax_error(err, file) from err
+    except yaml.reader.ReaderError as err:     # libyaml checks characters as it parses
+        raise _reader_error(err, text, file) from err
     except yaml.YAMLError as err:
         raise ConfigError(f"Invalid YAML: {err}", file) from err
     except RecursionError as err:
@@ -128,6 +166,55 @@ def load_yaml(text: str, file: str) -> YamlDocument:
     finally:
         loader.dispose()
     return YamlDocument(data=data, root=root)
+
+
+@contextmanager
+def no_cyclic_gc():
+    """Run the block with Python's cyclic garbage collector paused (then restored).
+
+    Reading a large file allocates millions of objects and no garbage cycles (an
+    alias that would make one is refused): the collector would re-scan the growing
+    tree again and again for nothing, tripling the time a large file takes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _NotPlain(Exception):
+    """The tree has a merge key or a key that is not a scalar: construct it the long way."""
+
+
+def _plain_data(loader, root: Node) -> object:
+    """The data of a checked tree without aliases, built in one pass (the loader's
+    own construction walks each node through a state machine, three times slower).
+    None when the tree needs the loader's construction (a merge key, a key that is
+    not a scalar); the loader's constructors still read every scalar but strings."""
+    constructors = loader.yaml_constructors
+    string_tag = _CORE_TAG + "str"
+
+    def scalar(node: ScalarNode) -> object:
+        return node.value if node.tag == string_tag else constructors[node.tag](loader, node)
+
+    def build(node: Node) -> object:
+        if node.__class__ is ScalarNode:
+            return scalar(node)
+        if node.__class__ is SequenceNode:
+            return [scalar(item) if item.__class__ is ScalarNode else build(item) for item in node.value]
+        mapping = {}
+        for key_node, value_node in node.value:
+            if key_node.__class__ is not ScalarNode or key_node.tag == _MERGE_TAG:
+                raise _NotPlain
+            mapping[scalar(key_node)] = scalar(value_node) if value_node.__class__ is ScalarNode else build(value_node)
+        return mapping
+
+    try:
+        return build(root)
+    except _NotPlain:
+        return None
 
 
 def display_tag(tag: str) -> str:
@@ -149,6 +236,11 @@ def _find_key(node: Node, key: str) -> tuple[Node, Node] | None:
     return None
 
 
+def _reader_error(err: yaml.reader.ReaderError, text: str, file: str) -> ConfigError:
+    line = text.count("\n", 0, err.position) + 1
+    return ConfigError(f"Invalid YAML: unacceptable character #x{err.character:04x} ({err.reason})", file, line)
+
+
 def _syntax_error(err: yaml.MarkedYAMLError, file: str) -> ConfigError:
     mark = err.problem_mark or err.context_mark
     line = None if mark is None else mark.line + 1
@@ -161,29 +253,41 @@ def _syntax_error(err: yaml.MarkedYAMLError, file: str) -> ConfigError:
     return ConfigError(f"Invalid YAML: {problem}", file, line)
 
 
-def _check_tree(root: Node, file: str) -> list[ConfigError]:
-    """Tags and duplicate keys, each node checked once; expanded size bounded."""
+def _check_tree(root: Node, file: str, may_share: bool = True) -> list[ConfigError]:
+    """Tags and duplicate keys, each node checked once; expanded size bounded.
+
+    `may_share`: the text has an alias (`*`), so a node may be reached twice. Without
+    one the tree is a plain tree, walked without remembering nodes (a file of a
+    million customers has some fifteen million of them). Paths are spelled out only
+    for an error.
+    """
     errors: list[ConfigError] = []
     checked: set[int] = set()
     sizes: dict[int, int] = {}
+    allowed = ALLOWED_TAGS
 
-    def error(message: str, node: Node, path: str) -> None:
-        errors.append(ConfigError(message, file, _line(node), None if path == "$" else path))
+    def error(message: str, node: Node, path: _PathStep | None) -> None:
+        errors.append(ConfigError(message, file, _line(node), _spelled(path)))
 
-    def visit(node: Node, path: str) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if id(node) in checked:
-            error("An alias refers to a node that contains it", node, path)
-            return 0
-        checked.add(id(node))
-        if node.tag not in ALLOWED_TAGS:
-            tag = display_tag(node.tag)
-            error(f"Tag `{tag}` is not allowed; use plain YAML values", node, path)
+    def visit(node: Node, path: _PathStep | None) -> int:
+        if may_share:
+            if id(node) in sizes:
+                return sizes[id(node)]
+            if id(node) in checked:
+                error("An alias refers to a node that contains it", node, path)
+                return 0
+            checked.add(id(node))
+        if node.tag not in allowed:
+            error(f"Tag `{display_tag(node.tag)}` is not allowed; use plain YAML values", node, path)
         size = 1
         if isinstance(node, SequenceNode):
             for index, item in enumerate(node.value):
-                size += visit(item, f"{path}[{index}]")
+                if item.__class__ is ScalarNode and not may_share:    # most values: no call
+                    size += 1
+                    if item.tag not in allowed:
+                        visit(item, (path, index))
+                else:
+                    size += visit(item, (path, index))
         elif isinstance(node, MappingNode):
             first_line: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
@@ -191,32 +295,52 @@ def _check_tree(root: Node, file: str) -> list[ConfigError]:
                 if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
                     size += visit(value_node, path)
                     continue
-                child_path = child_path_of(path, key_node.value)
                 identity = (key_node.tag, key_node.value)
                 if identity in first_line:
-                    error(
-                        f"Duplicate key `{key_node.value}` (first at line {first_line[identity]})",
-                        key_node,
-                        child_path,
-                    )
+                    error(f"Duplicate key `{key_node.value}` (first at line {first_line[identity]})",
+                          key_node, (path, key_node.value))
                 else:
                     first_line[identity] = _line(key_node)
-                size += visit(value_node, child_path)
-        sizes[id(node)] = size
+                if value_node.__class__ is ScalarNode and not may_share:
+                    size += 1
+                    if value_node.tag not in allowed:
+                        visit(value_node, (path, key_node.value))
+                else:
+                    size += visit(value_node, (path, key_node.value))
+        if may_share:
+            sizes[id(node)] = size
         return size
 
-    total = visit(root, "$")
-    added = total - len(checked)            # values written once are counted once
+    total = visit(root, None)
+    added = total - len(checked) if may_share else 0    # values written once are counted once
     if added > MAX_EXPANDED_VALUES:
         errors.append(
             ConfigError(
                 f"Aliases expand the document by {added} values beyond the {len(checked)} written "
-                f"(limit {MAX_EXPANDED_VALUES})",
+                f"(limit: {MAX_EXPANDED_VALUES} values added by aliases)",
                 file,
                 _line(root),
             )
         )
     return errors
+
+
+# A path as the walk holds it: (parent, key or index), None at the top.
+_PathStep = tuple
+
+
+def _spelled(path: _PathStep | None) -> str | None:
+    """(((None, "guards"), 0), "scope") -> `$.guards[0].scope`; None for the top."""
+    steps = []
+    while path is not None:
+        path, step = path
+        steps.append(step)
+    if not steps:
+        return None
+    spelled = "$"
+    for step in reversed(steps):
+        spelled = f"{spelled}[{step}]" if isinstance(step, int) else child_path_of(spelled, step)
+    return spelled
 
 
 def path_steps(path: str | None) -> list[tuple[str, None] | tuple[None, int]]:
