@@ -203,11 +203,23 @@ def _explain_choices(message: str, written: str | None, schema_type: type, path:
     # msgspec says "Invalid enum value 'x'" for a word outside a Literal; name the choices.
     if not message.startswith("Invalid enum value") or path is None:
         return message
-    annotation = _unwrap(_annotation_at(schema_type, path))
-    if typing.get_origin(annotation) is not typing.Literal:
+    annotation = _literal_in(_annotation_at(schema_type, path))
+    if annotation is None:
         return message
     choices = ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
     return f"Expected one of {choices}, got `{written}`" if written is not None else f"Expected one of {choices}"
+
+
+def _literal_in(annotation: Any) -> Any:
+    # The Literal a field takes, alone or beside other forms (`Period | Literal["monthly"]`).
+    unwrapped = _unwrap(annotation)
+    if typing.get_origin(unwrapped) is typing.Literal:
+        return unwrapped
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            if typing.get_origin(member) is typing.Literal:
+                return member
+    return None
 
 
 def _name_mapping_keys(path: str, data: object, schema_type: type) -> str:

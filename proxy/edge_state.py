@@ -70,6 +70,13 @@ class FileEdgeState(WatchedFile):
     CustomerState objects and is NOT carried into a new one: the file is the source
     of truth, and the usage it lists replaces the local count. Throttle buckets
     start full again for the same reason.
+
+    A file with `period: monthly` is built for the calendar month `clock` is in;
+    once that month has ended, the next reload check builds it again from the file
+    for the new month, just as a new file for the next period would be loaded
+    (local counts reset to the file's usage, standings restated). Until that check
+    (every reload interval) decide() treats the ended period as over: quotas and
+    standings do not apply.
     """
 
     ready = True
