@@ -118,7 +118,7 @@ def parse_document(
     """
     with no_cyclic_gc():        # a file of a million entries: see no_cyclic_gc
         document = load_yaml(text, file)
-        if document.root is None:
+        if document.empty:
             raise ConfigError(f"File is empty; expected {expected}", file)
         if not isinstance(document.data, dict):
             kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")

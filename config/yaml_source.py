@@ -1,22 +1,34 @@
 # Strict YAML reading for configuration files: plain data only (standard tags), no
 # duplicate keys, bounded alias expansion. The composed node tree is kept so a
 # validation path such as `$.guards[2].actions.level_2` maps back to a 1-based line.
-# libyaml composes when PyYAML has it (ten times faster on a file of a million
+# libyaml parses when PyYAML has it (ten times faster on a file of a million
 # customers); a syntax error is then read again by the pure loader for its message.
+# A document without aliases is read straight from the parser's events into data,
+# and composed into nodes only if an error needs the line of a path.
 from __future__ import annotations
 
 import gc
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import yaml
+from yaml.events import (
+    AliasEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from config.errors import ConfigError, raise_if_any
 
 _CORE_TAG = "tag:yaml.org,2002:"
 _MERGE_TAG = _CORE_TAG + "merge"
+_STR_TAG = _CORE_TAG + "str"
 ALLOWED_TAGS = frozenset(
     _CORE_TAG + name
     for name in ("str", "int", "float", "bool", "null", "seq", "map", "merge", "timestamp", "value")
@@ -25,9 +37,12 @@ ALLOWED_TAGS = frozenset(
 # value (the "billion laughs" shape) that validation would then walk: the values
 # aliases add (beyond those written in the file, which may be millions) are bounded.
 MAX_EXPANDED_VALUES = 100_000
-# Whether libyaml composes (PyYAML built with it); False forces the pure-Python
-# composer everywhere (the benchmark's baseline).
+# Whether libyaml parses (PyYAML built with it); False forces the pure-Python
+# parser everywhere. Whether a document without aliases is read straight from the
+# parser's events (no node tree); False composes every document first. Both False
+# is how every file was read before (the benchmark's baseline).
 USE_LIBYAML = yaml.__with_libyaml__
+STREAM_WITHOUT_ALIASES = True
 # libyaml words syntax errors its own way ("did not find expected key"); a document
 # up to this size is read again by the pure loader for the house message (same line).
 # A larger one keeps libyaml's words: reading it again would take minutes.
@@ -73,13 +88,28 @@ else:  # pragma: no cover - PyYAML without libyaml
     StrictCSafeLoader = None
 
 
-@dataclass(frozen=True)
 class YamlDocument:
     """A parsed YAML document: `data` (plain dicts, lists, scalars) and the node tree
-    it came from (`root`, None for an empty file), used to find lines for paths."""
+    it came from (`root`, None for an empty file or for data that never was YAML),
+    used to find lines for paths. `compose()`, when given, makes the tree on first
+    use instead (a large document read straight into data keeps no tree)."""
 
-    data: object
-    root: Node | None
+    def __init__(self, data: object, root: Node | None,
+                 compose: Callable[[], Node | None] | None = None) -> None:
+        self.data = data
+        self._root = root
+        self._compose = compose
+
+    @property
+    def empty(self) -> bool:
+        """True for a document with no node at all (an empty file)."""
+        return self._root is None and self._compose is None
+
+    @property
+    def root(self) -> Node | None:
+        if self._compose is not None:
+            self._root, self._compose = self._compose(), None
+        return self._root
 
     def line_of(self, path: str | None, unknown_key: str | None = None) -> int | None:
         """The 1-based line of the node at `path` (`$.guards[0].scope`, None for the top).
@@ -141,20 +171,24 @@ def load_yaml(text: str, file: str) -> YamlDocument:
 
 
 def _load(loader_class, text: str, file: str) -> YamlDocument:
+    # Without a `*` the text has no alias: its events are read straight into data
+    # (no node tree). With one, or where streaming gives up, the tree is composed,
+    # checked and constructed.
+    if STREAM_WITHOUT_ALIASES and "*" not in text:
+        document = _attempt(loader_class, text, file, _streamed)
+        if document is not None:
+            return document
+    return _attempt(loader_class, text, file, _composed)
+
+
+def _attempt(loader_class, text: str, file: str, read) -> YamlDocument | None:
     try:
         loader = loader_class(text)
     except yaml.reader.ReaderError as err:
         raise _reader_error(err, text, file) from err
-    may_share = "*" in text        # no alias without one: the nodes form a plain tree
     try:
         with no_cyclic_gc():
-            root = loader.get_single_node()
-            if root is None:
-                return YamlDocument(data=None, root=None)
-            raise_if_any(_check_tree(root, file, may_share))
-            data = None if may_share else _plain_data(loader, root)
-            if data is None:
-                data = loader.construct_document(root)
+            return read(loader, loader_class, text, file)
     except yaml.MarkedYAMLError as err:
         raise _syntax_error(err, file) from err
     except yaml.reader.ReaderError as err:     # libyaml checks characters as it parses
@@ -165,7 +199,110 @@ def _load(loader_class, text: str, file: str) -> YamlDocument:
         raise ConfigError("Invalid YAML: nested too deeply", file) from err
     finally:
         loader.dispose()
-    return YamlDocument(data=data, root=root)
+
+
+def _composed(loader, loader_class, text: str, file: str) -> YamlDocument:
+    root = loader.get_single_node()
+    if root is None:
+        return YamlDocument(data=None, root=None)
+    raise_if_any(_check_tree(root, file))
+    return YamlDocument(data=loader.construct_document(root), root=root)
+
+
+def _compose_later(loader_class, text: str) -> Callable[[], Node | None]:
+    def compose() -> Node | None:
+        loader = loader_class(text)
+        try:
+            with no_cyclic_gc():
+                return loader.get_single_node()
+        finally:
+            loader.dispose()
+    return compose
+
+
+def _streamed(loader, loader_class, text: str, file: str) -> YamlDocument | None:
+    """A document without aliases read from the parser's events straight into data,
+    with the checks _check_tree makes (tags, duplicate keys with their lines); no
+    node tree is kept. None when the document needs one after all: a merge key, a
+    key that is not a scalar, a second document (whose error the composer words)."""
+    get_event = loader.get_event
+    resolve = loader.resolve
+    constructors = loader.yaml_constructors
+    allowed = ALLOWED_TAGS
+    errors: list[ConfigError] = []
+
+    def refused(tag: str, event, path: _PathStep | None) -> None:
+        errors.append(ConfigError(f"Tag `{display_tag(tag)}` is not allowed; use plain YAML values",
+                                  file, event.start_mark.line + 1, _spelled(path)))
+
+    def scalar(event, path: _PathStep | None) -> object:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = resolve(ScalarNode, event.value, event.implicit)
+        if tag == _STR_TAG:
+            return event.value
+        if tag not in allowed:
+            refused(tag, event, path)
+            return None
+        return constructors[tag](loader, ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style))
+
+    def value_of(event, path: _PathStep | None) -> object:
+        kind = event.__class__
+        if kind is ScalarEvent:
+            return scalar(event, path)
+        if kind is AliasEvent:
+            raise _NotPlain
+        collection = SequenceNode if kind is SequenceStartEvent else MappingNode
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = resolve(collection, None, event.implicit)
+        if tag not in allowed:
+            refused(tag, event, path)
+        if collection is SequenceNode:
+            items = []
+            event = get_event()
+            while event.__class__ is not SequenceEndEvent:
+                items.append(scalar(event, (path, len(items))) if event.__class__ is ScalarEvent
+                             else value_of(event, (path, len(items))))
+                event = get_event()
+            return items
+        mapping = {}
+        first_line: dict[tuple[str, str], int] = {}
+        event = get_event()
+        while event.__class__ is not MappingEndEvent:
+            if event.__class__ is not ScalarEvent:
+                raise _NotPlain
+            key_tag = event.tag
+            if key_tag is None or key_tag == "!":
+                key_tag = resolve(ScalarNode, event.value, event.implicit)
+            if key_tag == _MERGE_TAG:
+                raise _NotPlain
+            key = scalar(event, path)
+            identity, line = (key_tag, event.value), event.start_mark.line + 1
+            if identity in first_line:
+                errors.append(ConfigError(f"Duplicate key `{event.value}` (first at line {first_line[identity]})",
+                                          file, line, _spelled((path, event.value))))
+            else:
+                first_line[identity] = line
+            child = get_event()
+            mapping[key] = scalar(child, (path, event.value)) if child.__class__ is ScalarEvent \
+                else value_of(child, (path, event.value))
+            event = get_event()
+        return mapping
+
+    get_event()                                   # the stream starts
+    if loader.check_event(StreamEndEvent):
+        return YamlDocument(data=None, root=None)
+    get_event()                                   # the document starts
+    try:
+        data = value_of(get_event(), None)
+    except _NotPlain:
+        return None
+    get_event()                                   # the document ends
+    if not loader.check_event(StreamEndEvent):
+        return None
+    raise_if_any(errors)
+    return YamlDocument(data, None, _compose_later(loader_class, text))
 
 
 @contextmanager
@@ -185,36 +322,7 @@ def no_cyclic_gc():
 
 
 class _NotPlain(Exception):
-    """The tree has a merge key or a key that is not a scalar: construct it the long way."""
-
-
-def _plain_data(loader, root: Node) -> object:
-    """The data of a checked tree without aliases, built in one pass (the loader's
-    own construction walks each node through a state machine, three times slower).
-    None when the tree needs the loader's construction (a merge key, a key that is
-    not a scalar); the loader's constructors still read every scalar but strings."""
-    constructors = loader.yaml_constructors
-    string_tag = _CORE_TAG + "str"
-
-    def scalar(node: ScalarNode) -> object:
-        return node.value if node.tag == string_tag else constructors[node.tag](loader, node)
-
-    def build(node: Node) -> object:
-        if node.__class__ is ScalarNode:
-            return scalar(node)
-        if node.__class__ is SequenceNode:
-            return [scalar(item) if item.__class__ is ScalarNode else build(item) for item in node.value]
-        mapping = {}
-        for key_node, value_node in node.value:
-            if key_node.__class__ is not ScalarNode or key_node.tag == _MERGE_TAG:
-                raise _NotPlain
-            mapping[scalar(key_node)] = scalar(value_node) if value_node.__class__ is ScalarNode else build(value_node)
-        return mapping
-
-    try:
-        return build(root)
-    except _NotPlain:
-        return None
+    """The document needs its node tree to be read (see _streamed)."""
 
 
 def display_tag(tag: str) -> str:
@@ -253,41 +361,28 @@ def _syntax_error(err: yaml.MarkedYAMLError, file: str) -> ConfigError:
     return ConfigError(f"Invalid YAML: {problem}", file, line)
 
 
-def _check_tree(root: Node, file: str, may_share: bool = True) -> list[ConfigError]:
-    """Tags and duplicate keys, each node checked once; expanded size bounded.
-
-    `may_share`: the text has an alias (`*`), so a node may be reached twice. Without
-    one the tree is a plain tree, walked without remembering nodes (a file of a
-    million customers has some fifteen million of them). Paths are spelled out only
-    for an error.
-    """
+def _check_tree(root: Node, file: str) -> list[ConfigError]:
+    """Tags and duplicate keys, each node checked once; expanded size bounded."""
     errors: list[ConfigError] = []
     checked: set[int] = set()
     sizes: dict[int, int] = {}
-    allowed = ALLOWED_TAGS
 
     def error(message: str, node: Node, path: _PathStep | None) -> None:
         errors.append(ConfigError(message, file, _line(node), _spelled(path)))
 
     def visit(node: Node, path: _PathStep | None) -> int:
-        if may_share:
-            if id(node) in sizes:
-                return sizes[id(node)]
-            if id(node) in checked:
-                error("An alias refers to a node that contains it", node, path)
-                return 0
-            checked.add(id(node))
-        if node.tag not in allowed:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in checked:
+            error("An alias refers to a node that contains it", node, path)
+            return 0
+        checked.add(id(node))
+        if node.tag not in ALLOWED_TAGS:
             error(f"Tag `{display_tag(node.tag)}` is not allowed; use plain YAML values", node, path)
         size = 1
         if isinstance(node, SequenceNode):
             for index, item in enumerate(node.value):
-                if item.__class__ is ScalarNode and not may_share:    # most values: no call
-                    size += 1
-                    if item.tag not in allowed:
-                        visit(item, (path, index))
-                else:
-                    size += visit(item, (path, index))
+                size += visit(item, (path, index))
         elif isinstance(node, MappingNode):
             first_line: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
@@ -301,18 +396,12 @@ def _check_tree(root: Node, file: str, may_share: bool = True) -> list[ConfigErr
                           key_node, (path, key_node.value))
                 else:
                     first_line[identity] = _line(key_node)
-                if value_node.__class__ is ScalarNode and not may_share:
-                    size += 1
-                    if value_node.tag not in allowed:
-                        visit(value_node, (path, key_node.value))
-                else:
-                    size += visit(value_node, (path, key_node.value))
-        if may_share:
-            sizes[id(node)] = size
+                size += visit(value_node, (path, key_node.value))
+        sizes[id(node)] = size
         return size
 
     total = visit(root, None)
-    added = total - len(checked) if may_share else 0    # values written once are counted once
+    added = total - len(checked)            # values written once are counted once
     if added > MAX_EXPANDED_VALUES:
         errors.append(
             ConfigError(

@@ -1,6 +1,6 @@
-# The strict YAML loader composes with libyaml where PyYAML has it and says the same
-# things either way: the same data, the same errors on the same lines and paths. A
-# large file with no alias is read in one plain pass; aliases are still bounded.
+# The strict YAML loader parses with libyaml where PyYAML has it, and reads a file
+# without aliases straight into data; it says the same things either way: the same
+# data, the same errors on the same lines and paths. Aliases are still bounded.
 import hashlib
 import os
 
@@ -20,6 +20,10 @@ DOCUMENTS = [
     "plain: yes\nnumber: 0x1f\nstar_in_text: 'a*b'\n",
     "",
     "~\n",
+    "---\n",
+    "# only a comment\n",
+    "a: &anchored {b: 1}\nc: 2\n",
+    "list:\n  - [1, [2, {x: y}]]\n  - !!str 3\n  - !!int '4'\n",
 ]
 BROKEN = [
     ("? [complex, key]\n: 1\n", "f.yaml:1: Invalid YAML: found unhashable key (while constructing a mapping at line 1)"),
@@ -35,11 +39,20 @@ BROKEN = [
     ("a: 1\n---\nb: 2\n", "f.yaml:2: Invalid YAML: expected a single document in the stream, "
                           "but found another document"),
     ("a: \x07\n", "f.yaml:1: Invalid YAML: unacceptable character #x0007 (special characters are not allowed)"),
+    ("a: {b: 1, b: 2}\nc: !x\n  - 1\n", "f.yaml:1: Duplicate key `b` (first at line 1) - at `$.a.b`\n"
+                                        "f.yaml:2: Tag `!x` is not allowed; use plain YAML values - at `$.c`"),
+    ("!bad top: 1\n", "f.yaml:1: Tag `!bad` is not allowed; use plain YAML values"),
 ]
 
 
-def load(text, use_libyaml, monkeypatch):
+# (libyaml, streamed): as shipped, and every other way the loader can read.
+READERS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+def load(text, reader, monkeypatch):
+    use_libyaml, streamed = reader
     monkeypatch.setattr(yaml_source, "USE_LIBYAML", use_libyaml)
+    monkeypatch.setattr(yaml_source, "STREAM_WITHOUT_ALIASES", streamed)
     return load_yaml(text, "f.yaml")
 
 
@@ -52,20 +65,29 @@ def test_libyaml_composes_where_pyyaml_has_it():
 
 
 @pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml")
+@pytest.mark.parametrize("reader", READERS[1:])
 @pytest.mark.parametrize("text", DOCUMENTS)
-def test_both_composers_read_the_same_data(text, monkeypatch):
-    fast, pure = load(text, True, monkeypatch), load(text, False, monkeypatch)
-    assert fast.data == pure.data
-    assert fast.line_of("$.plans.b") == pure.line_of("$.plans.b")
+def test_every_reader_reads_the_same_data_and_lines(text, reader, monkeypatch):
+    shipped, other = load(text, READERS[0], monkeypatch), load(text, reader, monkeypatch)
+    assert shipped.data == other.data
+    assert shipped.empty == other.empty
+    for path in ("$.plans.b", "$.b[2]", "$.c.e", "$.merged.b", None):
+        assert shipped.line_of(path) == other.line_of(path)
 
 
 @pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml")
-@pytest.mark.parametrize("use_libyaml", [True, False])
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("text, message", BROKEN)
-def test_both_composers_give_the_same_errors(text, message, use_libyaml, monkeypatch):
+def test_every_reader_gives_the_same_errors(text, message, reader, monkeypatch):
     with pytest.raises(ConfigError) as caught:
-        load(text, use_libyaml, monkeypatch)
+        load(text, reader, monkeypatch)
     assert str(caught.value) == message
+
+
+def test_a_document_without_aliases_keeps_no_node_tree_until_a_line_is_asked():
+    document = load_yaml("a:\n  b: [1, 2]\n", "f.yaml")
+    assert document._root is None and not document.empty
+    assert document.line_of("$.a.b[1]") == 2
 
 
 @pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml")
@@ -73,7 +95,7 @@ def test_a_syntax_error_in_a_huge_file_keeps_its_line(monkeypatch):
     # Past PURE_REREAD_MAX_CHARS libyaml's own words are kept; the line is the same.
     monkeypatch.setattr(yaml_source, "PURE_REREAD_MAX_CHARS", 0)
     with pytest.raises(ConfigError) as caught:
-        load("a: 1\nb:\n  c: 1\n d: 2\n", True, monkeypatch)
+        load("a: 1\nb:\n  c: 1\n d: 2\n", READERS[0], monkeypatch)
     assert (caught.value.line, caught.value.message) == (4, "Invalid YAML: did not find expected key "
                                                             "(while parsing a block mapping at line 1)")
 
