@@ -99,9 +99,10 @@ class WatchedFile(Generic[T]):
     def reload_if_changed(self) -> bool:
         """Rebuild and swap in the value if the file changed since it was last read,
         or if the value has run out: its `valid_until` (seconds on `clock`; a value
-        without one holds until the file changes) has come, and the file still holds
-        what it was built from. Returns True when a new value was swapped in, False
-        when nothing changed or the reload failed (the old value stays)."""
+        without one holds until the file changes) has come, when it is built again
+        from the file as it is, changed or not (bytes already refused stay refused).
+        Returns True when a new value was swapped in, False when nothing changed or
+        the reload failed (the old value stays)."""
         ran_out = self.clock() >= getattr(self.value, "valid_until", math.inf)
         raw = self._read_if_changed(ran_out)
         if raw is None:
