@@ -47,6 +47,9 @@ STREAM_WITHOUT_ALIASES = True
 # up to this size is read again by the pure loader for the house message (same line).
 # A larger one keeps libyaml's words: reading it again would take minutes.
 PURE_REREAD_MAX_CHARS = 4 << 20
+# Plain scalars whose resolved tag is remembered while streaming (keys and values
+# such as `plan`, `active`, `free` repeat on every customer; ids and digests do not).
+PLAIN_TAGS_REMEMBERED = 4096
 # Path steps: `.key`, `[0]`, and `['any key']` for keys that are not identifiers.
 _PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^'\\]*)'\]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -226,10 +229,22 @@ def _streamed(loader, loader_class, text: str, file: str) -> YamlDocument | None
     node tree is kept. None when the document needs one after all: a merge key, a
     key that is not a scalar, a second document (whose error the composer words)."""
     get_event = loader.get_event
-    resolve = loader.resolve
     constructors = loader.yaml_constructors
     allowed = ALLOWED_TAGS
     errors: list[ConfigError] = []
+    plain_tags: dict[str, str] = {}
+
+    def resolve(kind, value, implicit):
+        # The loader's resolver runs its patterns on every plain scalar; the answer
+        # depends on the text alone, so repeated texts are looked up.
+        if kind is not ScalarNode or implicit != (True, False):
+            return loader.resolve(kind, value, implicit)
+        tag = plain_tags.get(value)
+        if tag is None:
+            tag = loader.resolve(kind, value, implicit)
+            if len(plain_tags) < PLAIN_TAGS_REMEMBERED:
+                plain_tags[value] = tag
+        return tag
 
     def refused(tag: str, event, path: _PathStep | None) -> None:
         errors.append(ConfigError(f"Tag `{display_tag(tag)}` is not allowed; use plain YAML values",
