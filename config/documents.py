@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from config.errors import ConfigError, raise_if_any
-from config.yaml_source import YamlDocument, child_path_of, load_yaml, path_steps
+from config.yaml_source import YamlDocument, child_path_of, load_yaml, no_cyclic_gc, path_steps
 
 T = TypeVar("T")
 VERSION_HEX_CHARS = 16
@@ -116,15 +116,16 @@ def parse_document(
     a top level that is not a mapping, and the first schema error; ConfigErrors when
     several problems are known at once.
     """
-    document = load_yaml(text, file)
-    if document.root is None:
-        raise ConfigError(f"File is empty; expected {expected}", file)
-    if not isinstance(document.data, dict):
-        kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
-        raise ConfigError(
-            f"Expected {expected} at the top level, got {kind}", file, document.line_of(None)
-        )
-    return _validated(document, file, schema_type, pattern_meanings, cross_check)
+    with no_cyclic_gc():        # a file of a million entries: see no_cyclic_gc
+        document = load_yaml(text, file)
+        if document.empty:
+            raise ConfigError(f"File is empty; expected {expected}", file)
+        if not isinstance(document.data, dict):
+            kind = "null" if document.data is None else _YAML_KIND.get(type(document.data), "a number")
+            raise ConfigError(
+                f"Expected {expected} at the top level, got {kind}", file, document.line_of(None)
+            )
+        return _validated(document, file, schema_type, pattern_meanings, cross_check)
 
 
 def validate_data(
@@ -255,11 +256,23 @@ def _explain_choices(message: str, written: str | None, schema_type: type, path:
     # msgspec says "Invalid enum value 'x'" for a word outside a Literal; name the choices.
     if not message.startswith("Invalid enum value") or path is None:
         return message
-    annotation = _unwrap(_annotation_at(schema_type, path))
-    if typing.get_origin(annotation) is not typing.Literal:
+    annotation = _literal_in(_annotation_at(schema_type, path))
+    if annotation is None:
         return message
     choices = ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
     return f"Expected one of {choices}, got `{written}`" if written is not None else f"Expected one of {choices}"
+
+
+def _literal_in(annotation: Any) -> Any:
+    # The Literal a field takes, alone or beside other forms (`Period | Literal["monthly"]`).
+    unwrapped = _unwrap(annotation)
+    if typing.get_origin(unwrapped) is typing.Literal:
+        return unwrapped
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            if typing.get_origin(member) is typing.Literal:
+                return member
+    return None
 
 
 def _name_mapping_keys(path: str, data: object, schema_type: type) -> str:

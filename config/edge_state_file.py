@@ -2,7 +2,9 @@
 # subscription status, hashed API keys, usage so far and margin standings. Every
 # customer names a defined plan; ids and key digests are unique across the file.
 #
-#   period     {start, end}: RFC 3339 timestamps with a timezone, end after start
+#   period     {start, end}: RFC 3339 timestamps with a timezone, end after start;
+#              or `monthly`: the calendar month (UTC) the clock is in, rolling over
+#              on the first of each month (then no customer has its own period_end)
 #   plans      name -> {tier, features, quotas: metric -> {limit, hard}}
 #   customers  list of {id, plan, status, api_keys (sha256 hex), usage, levels,
 #              period_end (optional: this customer's period ends elsewhere)}
@@ -11,6 +13,7 @@
 #              or a list of two such standings: the enforcing guard's and a shadow one's
 from __future__ import annotations
 
+import datetime
 from os import PathLike
 from typing import Annotated, Literal
 
@@ -44,6 +47,7 @@ CustomerId = Annotated[str, msgspec.Meta(pattern=CUSTOMER_ID_PATTERN)]
 Units = Annotated[int, msgspec.Meta(ge=0)]
 MarginLevel = Annotated[int, msgspec.Meta(ge=0, le=3)]
 SubscriptionStatus = Literal["active", "trialing", "past_due", "canceled", "paused", "expired"]
+RollingPeriod = Literal["monthly"]
 
 
 class Period(Schema):
@@ -56,6 +60,19 @@ class Period(Schema):
     def __post_init__(self) -> None:
         if not self.end.at > self.start.at:
             raise ValueError(f"Period `end` ({self.end}) must be after `start` ({self.start})")
+
+
+def calendar_month(at: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
+    """[first of `at`'s month 00:00, first of the next month 00:00) in `at`'s timezone
+    (December's ends on January 1st of the next year; February's has 28 or 29 days)."""
+    start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start, (start + datetime.timedelta(days=32)).replace(day=1)
+
+
+def rolling_period_at(now: float) -> Period:
+    """The `monthly` period in force at `now` (epoch seconds): its calendar month in UTC."""
+    start, end = calendar_month(datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
+    return Period(start=Timestamp(start), end=Timestamp(end))
 
 
 class Quota(Schema):
@@ -136,11 +153,25 @@ class Customer(Schema):
 
 
 class EdgeStateFile(Schema):
-    """A validated edge state file."""
+    """A validated edge state file. `period` is fixed, or `monthly` (rolling): then
+    the usage and standings it lists are those of whichever month is current, and
+    state built from it is built again for each new month (see period_at)."""
 
-    period: Period
+    period: Period | RollingPeriod
     plans: dict[Name, Plan] = msgspec.field(default_factory=dict)
     customers: tuple[Customer, ...] = ()
+
+    @property
+    def rolling(self) -> bool:
+        """True for a period that rolls over with the clock (`monthly`)."""
+        return not isinstance(self.period, Period)
+
+    def period_at(self, now: float) -> Period:
+        """The billing period in force at `now` (epoch seconds): `period` as written,
+        or for `monthly` the calendar month (UTC) holding `now`, which ends on the
+        first of the next month. A fixed period is returned even when `now` lies
+        outside it (its quotas and standings then no longer apply)."""
+        return rolling_period_at(now) if self.rolling else self.period
 
 
 def parse_edge_state_file(text: str, file: str = "<string>") -> EdgeStateFile:
@@ -179,6 +210,11 @@ def _customer_problems(state: EdgeStateFile) -> list[Problem]:
     first_by_digest: dict[str, tuple[str, str]] = {}
     for index, customer in enumerate(state.customers):
         path = f"$.customers[{index}]"
+        if state.rolling and customer.period_end is not None:
+            problems.append(Problem(
+                f"{path}.period_end",
+                f"With `period: {state.period}` every customer's period is the calendar month; "
+                "a customer's own `period_end` needs a fixed `period: {start, end}`"))
         if customer.plan not in state.plans:
             problems.append(
                 Problem(f"{path}.plan", f"Unknown plan `{customer.plan}`; the plans are {known}")

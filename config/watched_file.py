@@ -3,12 +3,15 @@
 # file changed within RACY_WINDOW_NS of its last read is read again) and confirmed by
 # the content's hash, so a touch or a rewrite with the same bytes rebuilds nothing.
 # On any error the last good value stays in force; each failure is logged with file,
-# line and path, counted, and reported once until the file changes again.
+# line and path, counted, and reported once until the file changes again. A value
+# that runs out (`valid_until`: a rolling billing period that ended) is built again
+# from the same file.
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -94,18 +97,22 @@ class WatchedFile(Generic[T]):
         return max(0.0, self.clock() - self._confirmed_at)
 
     def reload_if_changed(self) -> bool:
-        """Rebuild and swap in the value if the file changed since it was last read.
+        """Rebuild and swap in the value if the file changed since it was last read,
+        or if the value has run out: its `valid_until` (seconds on `clock`; a value
+        without one holds until the file changes) has come, when it is built again
+        from the file as it is, changed or not (bytes already refused stay refused).
         Returns True when a new value was swapped in, False when nothing changed or
         the reload failed (the old value stays)."""
-        raw = self._read_if_changed()
+        ran_out = self.clock() >= getattr(self.value, "valid_until", math.inf)
+        raw = self._read_if_changed(ran_out)
         if raw is None:
             return False
         content = hashlib.sha256(raw).digest()
-        if content == self._served_content:  # touched, or back to the served bytes
+        if content == self._served_content and not ran_out:  # touched, or back to the served bytes
             self._content = content
             self._confirmed_at = self.clock()
             return False
-        if content == self._content:  # the same broken bytes, already reported
+        if content == self._content and content != self._served_content:  # the same broken bytes, reported
             return False
         self._content = content
         try:
@@ -117,7 +124,8 @@ class WatchedFile(Generic[T]):
         self._served_content = content
         self._confirmed_at = self.clock()
         self.reloads += 1
-        log.info("%s %s: now serving version %s", self.what, self.path, self.version)
+        log.info("%s %s: now serving version %s%s", self.what, self.path, self.version,
+                 " (the last one ran out)" if ran_out else "")
         return True
 
     async def watch(self, interval_s: float,
@@ -137,12 +145,14 @@ class WatchedFile(Generic[T]):
                 log.exception("%s %s: reload failed unexpectedly", self.what, self.path)
                 self._count(err)
 
-    def _read_if_changed(self) -> bytes | None:
+    def _read_if_changed(self, even_unchanged: bool = False) -> bytes | None:
         # The file's bytes, or None when its signature says it is unchanged (then the
-        # served value is confirmed current) or it cannot be read (reported once).
+        # served value is confirmed current; `even_unchanged` reads it all the same) or
+        # it cannot be read (reported once).
         try:
             signature = _file_signature(self.path)
-            if signature == self._seen and signature[0] < self._read_at_ns - RACY_WINDOW_NS:
+            if (not even_unchanged and signature == self._seen
+                    and signature[0] < self._read_at_ns - RACY_WINDOW_NS):
                 if self._content == self._served_content:
                     self._confirmed_at = self.clock()
                 return None

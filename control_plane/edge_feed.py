@@ -29,6 +29,7 @@ from config.edge_state_file import (
     Plan,
     Quota,
     Standing,
+    calendar_month,
 )
 from config.values import Timestamp
 from control_plane.rating import CurrentRater
@@ -180,8 +181,7 @@ class EdgeFeed:
                 levels=standings, period_end=Timestamp(end)))
         if only is None:
             self._next_period_end = earliest_end
-        month_start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        month_end = (month_start + datetime.timedelta(days=32)).replace(day=1)
+        month_start, month_end = calendar_month(at)
         return EdgeStateFile(period=Period(start=Timestamp(month_start), end=Timestamp(month_end)),
                              plans=plans, customers=tuple(customers))
 

@@ -11,6 +11,7 @@ cdef class EdgeSnapshot:
     cdef dict _by_index
     cdef readonly str version
     cdef readonly double period_end
+    cdef readonly double valid_until
     cdef bint _sealed
 
     @cython.locals(state=CustomerState)

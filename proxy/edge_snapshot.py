@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from array import array
 from collections.abc import Iterable, Mapping
 
@@ -52,18 +53,22 @@ class EdgeSnapshot:
     kept: every key of a customer finds the same state, so local usage counts once.
     A million customers therefore cost about 60 bytes each until they send traffic.
     `version`: the source's version (for a file, a hash of its bytes); `period_end`:
-    end of the billing period, epoch seconds (a customer may have its own). A
+    end of the billing period, epoch seconds (a customer may have its own);
+    `valid_until`: when the snapshot stops holding and its source builds the next
+    one (the end of a rolling period; inf for a fixed one, which only ends). A
     snapshot is itself an EdgeState that is always ready.
     """
 
     ready = True
 
-    def __init__(self, store: _CustomerStore, version: str, period_end: float) -> None:
+    def __init__(self, store: _CustomerStore, version: str, period_end: float,
+                 valid_until: float = math.inf) -> None:
         self._store = store
         self._by_key: dict[bytes, CustomerState] = {}     # hot path: recent keys, as sent
         self._by_index: dict[int, CustomerState] = {}     # made states, by customer
         self.version = version
         self.period_end = period_end
+        self.valid_until = valid_until
         self._sealed = True
 
     @property
@@ -345,6 +350,7 @@ def build_snapshot(
     now: float,
     version: str = "built",
     shared: bool = False,
+    valid_until: float = math.inf,
 ) -> EdgeSnapshot:
     """Build a snapshot from plans (name -> Plan) and customers (Customer values as
     in the edge state file, which need not come from one; a generator keeps memory
@@ -359,7 +365,8 @@ def build_snapshot(
     counters start used up (nothing leased to this worker yet), while what the
     customer is told it used (RateLimit) is its usage as given; and enforcing level-2
     buckets start empty, fed from the deployment's shared ones. Usage of a metric
-    without a quota in the plan is not counted. Raises InvalidStateError for an
+    without a quota in the plan is not counted. `valid_until`: see EdgeSnapshot.
+    Raises InvalidStateError for an
     unknown plan, a duplicate customer id or key digest, a digest that is not 64
     hex characters, a period that does not end after it starts, and (naming the
     customer) any state the decision core refuses, such as a throttle rate too
@@ -399,16 +406,19 @@ def build_snapshot(
             f"customer {store.customer_id(owner)!r}: API key digest {digest.hex()[:12]}... already "
             f"belongs to customer {store.customer_id(other)!r}"
         )
-    return EdgeSnapshot(store, version, float(period_end))
+    return EdgeSnapshot(store, version, float(period_end), float(valid_until))
 
 
 def snapshot_from_file(state: EdgeStateFile, version: str, now: float) -> EdgeSnapshot:
     """Build the snapshot of a validated edge state file at `now` (epoch seconds),
-    tagged with `version`. Raises InvalidStateError as build_snapshot does (only a
-    throttle rate or burst too large for a token bucket gets past validation)."""
-    period = state.period
+    tagged with `version`, for the period in force at `now` (a `monthly` file's
+    calendar month: the snapshot is valid until that month ends). Raises
+    InvalidStateError as build_snapshot does (only a throttle rate or burst too
+    large for a token bucket gets past validation)."""
+    period = state.period_at(now)
     return build_snapshot(
-        state.plans, state.customers, period.start.epoch_s, period.end.epoch_s, now, version
+        state.plans, state.customers, period.start.epoch_s, period.end.epoch_s, now, version,
+        valid_until=period.end.epoch_s if state.rolling else math.inf,
     )
 
 

@@ -12,6 +12,7 @@ from config import ConfigError
 from config.documents import content_version, decode_document
 from config.edge_state_file import parse_edge_state_file
 from config.watched_file import ReloadErrorCallback, WatchedFile
+from config.yaml_source import no_cyclic_gc
 from decision_core import CustomerState, DecisionCoreError
 from proxy.edge_snapshot import (
     EdgeSnapshot,
@@ -69,6 +70,13 @@ class FileEdgeState(WatchedFile):
     CustomerState objects and is NOT carried into a new one: the file is the source
     of truth, and the usage it lists replaces the local count. Throttle buckets
     start full again for the same reason.
+
+    A file with `period: monthly` is built for the calendar month `clock` is in;
+    once that month has ended, the next reload check builds it again from the file
+    for the new month, just as a new file for the next period would be loaded
+    (local counts reset to the file's usage, standings restated). Until that check
+    (every reload interval) decide() treats the ended period as over: quotas and
+    standings do not apply.
     """
 
     ready = True
@@ -95,8 +103,9 @@ class FileEdgeState(WatchedFile):
 
     def _build_snapshot(self, raw: bytes) -> EdgeSnapshot:
         # ConfigError for anything that keeps the file from becoming a snapshot.
-        state = parse_edge_state_file(decode_document(raw, self.path), self.path)
-        try:
-            return snapshot_from_file(state, content_version(raw), self.clock())
-        except DecisionCoreError as err:
-            raise ConfigError(f"Cannot build the edge state: {err}", self.path) from err
+        with no_cyclic_gc():
+            state = parse_edge_state_file(decode_document(raw, self.path), self.path)
+            try:
+                return snapshot_from_file(state, content_version(raw), self.clock())
+            except DecisionCoreError as err:
+                raise ConfigError(f"Cannot build the edge state: {err}", self.path) from err

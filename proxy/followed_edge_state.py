@@ -243,8 +243,10 @@ class FollowedEdgeState:
         state = self._state
         old = self.snapshot
         customers = self._customers.values()
-        new = build_snapshot(state.plans, customers, state.period.start.epoch_s, state.period.end.epoch_s,
-                             self.clock(), version, shared=self.leased_quotas)
+        now = self.clock()
+        period = state.period_at(now)
+        new = build_snapshot(state.plans, customers, period.start.epoch_s, period.end.epoch_s,
+                             now, version, shared=self.leased_quotas)
         for seen in old.seen_customers():
             carried = new.customer_by_id(seen.customer_id)
             if carried is None or carried.period_end != seen.period_end:

@@ -222,3 +222,59 @@ def test_a_file_of_many_customers_loads(tmp_path):
     (tmp_path / "edge.yaml").write_text("\n".join(lines) + "\n")
     state = load_edge_state_file(tmp_path / "edge.yaml")
     assert len(state.customers) == 110_000 and state.customers[-1].id == "cus_109999"
+
+
+MONTHLY = STATE.replace(PERIOD_LINE, "period: monthly")
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("at", "start", "end"),
+    [
+        ("2026-12-07T23:45:00Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),   # December -> January
+        ("2026-12-31T23:59:59.999Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+        ("2027-01-01T00:00:00Z", "2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z"),   # the boundary is the next month's
+        ("2026-11-30T23:59:59Z", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
+        ("2027-02-14T12:00:00Z", "2027-02-01T00:00:00Z", "2027-03-01T00:00:00Z"),   # 28 days
+        ("2028-02-29T12:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),   # a leap year: 29 days
+        ("2026-07-31T22:30:00-02:00", "2026-08-01T00:00:00Z", "2026-09-01T00:00:00Z"),  # months are UTC's
+    ],
+)
+def test_a_monthly_period_is_the_calendar_month_of_the_clock(at, start, end):
+    state = parse_edge_state_file(MONTHLY, "edge.yaml")
+    period = state.period_at(utc(at).timestamp())
+    assert state.rolling
+    assert (period.start.at, period.end.at) == (utc(start), utc(end))
+    assert period.start.at.tzinfo == timezone.utc
+
+
+def test_a_fixed_period_is_the_same_at_any_time():
+    state = parse_edge_state_file(STATE, "edge.yaml")
+    assert not state.rolling
+    assert state.period_at(utc("2030-05-05T00:00:00Z").timestamp()) is state.period
+
+
+def test_the_example_state_rolls_monthly():
+    # So its quotas and standings are in force whenever someone tries it.
+    assert load_edge_state_file(EXAMPLE).period == "monthly"
+
+
+@pytest.mark.parametrize(
+    ("period", "message"),
+    [
+        ("weekly", "edge.yaml:1: Expected one of `monthly`, got `weekly` - at `$.period`"),
+        ("{every: month}", "edge.yaml:1: Object contains unknown field `every` - at `$.period`"),
+    ],
+)
+def test_an_unknown_rolling_period_is_refused(period, message):
+    assert error_of(STATE.replace(PERIOD_LINE, f"period: {period}")) == message
+
+
+def test_a_customer_of_a_monthly_file_has_no_period_of_its_own():
+    text = MONTHLY.replace("    plan: free\n", '    plan: free\n    period_end: "2026-12-15T00:00:00Z"\n')
+    assert error_of(text) == (
+        "edge.yaml:12: With `period: monthly` every customer's period is the calendar month; "
+        "a customer's own `period_end` needs a fixed `period: {start, end}` - at `$.customers[0].period_end`")

@@ -1,10 +1,12 @@
 # Edge state from a file: customers found by plain API key, decisions a customer would
 # see from the example state, snapshots sharing plan objects, and hot reload that
-# swaps in good files, keeps the last good state on bad ones and ignores touches.
+# swaps in good files, keeps the last good state on bad ones and ignores touches; a
+# monthly state rolls over into each new month, so the example holds on any day.
 import asyncio
 import hashlib
 import os
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -412,3 +414,83 @@ def test_age_grows_only_while_the_file_cannot_be_served(state_file):
     state_file.write_text(STATE)  # back to what is served
     edge_state.reload_if_changed()
     assert (edge_state.age_s(), edge_state.reloads) == (0, 0)
+
+
+def epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+MONTHLY = STATE.replace('period: {start: "2026-11-01T00:00:00Z", end: "2026-12-01T00:00:00Z"}', "period: monthly")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "next_end", "next_days"),
+    [
+        ("2026-11-30T23:59:59Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z", 31),   # a month boundary
+        ("2026-12-31T23:59:59Z", "2027-01-01T00:00:02Z", "2027-02-01T00:00:00Z", 31),   # December -> January
+        ("2028-01-31T23:59:00Z", "2028-02-01T00:00:30Z", "2028-03-01T00:00:00Z", 29),   # into a leap February
+        ("2027-01-31T23:59:00Z", "2027-02-01T00:00:30Z", "2027-03-01T00:00:00Z", 28),
+    ],
+)
+def test_a_monthly_state_rolls_over_when_its_month_ends(tmp_path, before, after, next_end, next_days):
+    path = tmp_path / "edge_state.yaml"
+    path.write_text(MONTHLY)
+    clock = FakeClock(epoch(before) - 3600)
+    edge_state = FileEdgeState(path, clock=clock)
+    customer = edge_state.customer_for_key(b"key-a")
+    customer.add_usage("api_calls", 60)            # counted here this month: 40 + 60, the hard quota
+    assert decide(customer, RequestFacts((), "api_calls", 1), clock.now).reason == "quota_exceeded"
+    assert customer.period_end == epoch(after[:8] + "01T00:00:00Z")
+
+    clock.now = epoch(before)
+    assert not edge_state.reload_if_changed()       # still this month: nothing rebuilt
+    clock.now = epoch(after)
+    assert edge_state.reload_if_changed()           # the month ended: the state for the next one
+    rolled = edge_state.customer_for_key(b"key-a")
+    assert rolled is not customer
+    assert (rolled.quota_used("api_calls"), rolled.period_end) == (40, epoch(next_end))
+    assert rolled.quotas.limit_at(rolled.quotas.slot("api_calls")).window_s == next_days * 86400
+    assert decide(rolled, RequestFacts((), "api_calls", 1), clock.now).reason == "allowed"
+    assert edge_state.customer_for_key(b"key-b").guard_levels["ai_tokens"].level == 2    # standings restated
+    assert (edge_state.reloads, edge_state.reload_errors, edge_state.version) == (1, 0, FileEdgeState(path).version)
+    assert not edge_state.reload_if_changed()       # once per month
+
+
+def test_a_fixed_period_never_rolls_over(state_file):
+    clock = FakeClock(PERIOD_END + 86400)
+    edge_state = FileEdgeState(state_file, clock=clock)
+    clock.now += 40 * 86400
+    assert not edge_state.reload_if_changed()
+    assert edge_state.snapshot.period_end == PERIOD_END
+
+
+def test_a_broken_monthly_file_at_the_month_end_keeps_the_old_state_reported_once(tmp_path):
+    path = tmp_path / "edge_state.yaml"
+    path.write_text(MONTHLY)
+    clock = FakeClock(epoch("2026-12-20T00:00:00Z"))
+    edge_state = FileEdgeState(path, clock=clock)
+    old = edge_state.snapshot
+    path.write_text("period: [")
+    assert not edge_state.reload_if_changed()
+    clock.now = epoch("2027-01-01T00:00:05Z")
+    assert not edge_state.reload_if_changed()
+    assert not edge_state.reload_if_changed()
+    # The old month's state stays (its quotas no longer apply); the error was reported once.
+    assert (edge_state.snapshot, edge_state.reload_errors) == (old, 1)
+    path.write_text(MONTHLY)
+    assert edge_state.reload_if_changed()
+    assert edge_state.snapshot.period_end == epoch("2027-02-01T00:00:00Z")
+
+
+@pytest.mark.parametrize("today", ["2026-12-07T23:45:00Z", "2027-01-01T00:00:00Z", "2027-06-15T08:00:00Z",
+                                   "2028-02-29T12:00:00Z", "2031-10-31T23:59:59Z"])
+def test_the_example_is_in_force_on_any_day(today):
+    now = epoch(today)
+    edge_state = FileEdgeState(EXAMPLE, clock=FakeClock(now))
+    outcomes = {key: decide(edge_state.customer_for_key(key), RequestFacts(features, metric, 1), now).reason
+                for key, features, metric in [(b"ak_demo_wonka", (), "api_calls"),
+                                              (b"ak_demo_soylent", ("large_models",), "ai_tokens"),
+                                              (b"ak_demo_globex", ("large_models",), "ai_reasoning_tokens"),
+                                              (b"ak_demo_acme_rotated", ("premium_compute",), "api_calls")]}
+    assert list(outcomes.values()) == ["quota_exceeded", "margin_blocked", "throttle", "feature_locked"]
+    assert edge_state.snapshot.period_end > now
