@@ -2,7 +2,7 @@
 reaction time through the proxy.
 
     python -m bench.control_plane [--events 20000] [--batch 500] [--concurrency 4] [--postgres URL]
-                                  [--guards FILE] [--trials 50] [--baseline DIR]
+                                  [--guards FILE] [--trials 50] [--baseline DIR] [--rounds 3]
 
 Applies the example catalog to a fresh SQLite file and a fresh PostgreSQL schema,
 starts `aforo control-plane` over each in its own process and posts usage events in
@@ -17,7 +17,8 @@ guard file. Guard reaction time is measured as bench.reaction does (`aforo up`,
 POST to the first proxy response that blocks). With `--baseline DIR` (another
 checkout of Aforo Edge installed in its own `.venv`), that checkout's control plane
 ingests the same events into stores of its own, each store's runs taking turns with
-this checkout's, and ingest_ratio_vs_baseline_sqlite / _postgres compare them.
+this checkout's, and ingest_ratio_vs_baseline_sqlite / _postgres compare them. Each
+figure is the median of `--rounds` runs.
 """
 
 import argparse
@@ -110,28 +111,33 @@ async def measure(database, total, size, concurrency, guards=None, checkout=None
 
 
 async def main_async(args):
-    results = {}
-    # This checkout and the baseline take turns per store (the order flips per store).
+    runs = {}
+    # This checkout and the baseline take turns per store, `--rounds` times, the order
+    # flipping each time, so a machine whose speed drifts slows both alike; each
+    # figure is the median run's.
     checkouts = [("", None)] + ([("baseline_", args.baseline)] if args.baseline else [])
-    with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
-        for prefix, checkout in checkouts:
-            results[prefix + "sqlite"] = await measure(str(Path(folder) / f"{prefix}aforo.db"), args.events,
-                                                       args.batch, args.concurrency, args.guards, checkout)
     import asyncpg
     admin = await asyncpg.connect(args.postgres)
     try:
-        for prefix, checkout in reversed(checkouts):
-            schema = f"bench_{uuid.uuid4().hex[:10]}"
-            await admin.execute(f"CREATE SCHEMA {schema}")
-            try:
-                scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
-                results[prefix + "postgres"] = await measure(scoped, args.events, args.batch, args.concurrency,
-                                                             args.guards, checkout)
-            finally:
-                await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        with tempfile.TemporaryDirectory(prefix="aforo-bench-") as folder:
+            for round_ in range(args.rounds):
+                turns = checkouts if round_ % 2 == 0 else list(reversed(checkouts))
+                for prefix, checkout in turns:
+                    database = str(Path(folder) / f"{prefix}aforo-{round_}.db")
+                    runs.setdefault(prefix + "sqlite", []).append(await measure(
+                        database, args.events, args.batch, args.concurrency, args.guards, checkout))
+                for prefix, checkout in reversed(turns):
+                    schema = f"bench_{uuid.uuid4().hex[:10]}"
+                    await admin.execute(f"CREATE SCHEMA {schema}")
+                    try:
+                        scoped = f"{args.postgres}?options=-csearch_path%3D{schema}"
+                        runs.setdefault(prefix + "postgres", []).append(await measure(
+                            scoped, args.events, args.batch, args.concurrency, args.guards, checkout))
+                    finally:
+                        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     finally:
         await admin.close()
-    return results
+    return {name: sorted(taken, key=lambda run: run["events_per_s"])[len(taken) // 2] for name, taken in runs.items()}
 
 
 def main(argv=None):
@@ -144,13 +150,15 @@ def main(argv=None):
                                                          f"(e.g. {GUARDS})")
     parser.add_argument("--trials", type=int, default=50, help="guard reaction trials")
     parser.add_argument("--baseline", help="another checkout whose control plane ingests beside this one's")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per checkout and store (the median is reported)")
     args = parser.parse_args(argv)
     results = asyncio.run(main_async(args))
     reacted = reaction.reaction_figures(asyncio.run(reaction.measure(args.trials)))
     print(f"{'store':<10}{'events':>9}{'accepted':>10}{'seconds':>9}{'events/s':>11}")
     for name, run in results.items():
         print(f"{name:<10}{run['events']:>9}{run['accepted']:>10}{run['seconds']:>9.2f}{run['events_per_s']:>11,.0f}")
-    print(f"batches of {args.batch} events, {args.concurrency} in flight, guards: {args.guards or 'none'}")
+    print(f"batches of {args.batch} events, {args.concurrency} in flight, guards: {args.guards or 'none'}; "
+          f"the median of {args.rounds} runs each")
     print(f"guard reaction over {reacted['reaction_trials']} trials: p50 {reacted['reaction_p50_ms']} ms, "
           f"p99 {reacted['reaction_p99_ms']} ms")
     print("targets: >= 10,000 events/s into SQLite, >= 20,000 into PostgreSQL; reaction p99 <= 1,000 ms")
@@ -168,6 +176,7 @@ def main(argv=None):
         "concurrency": args.concurrency,
         "guards": args.guards,
         "events": args.events,
+        "rounds": args.rounds,
         **reacted,
     }))
     return 0
