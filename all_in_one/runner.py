@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 from config.catalog_file import load_catalog_file
 from config.check import check_file
-from config.network import HostPort
 from config.up_settings import UpSettings, load_up_settings, up_proxy_settings
 from control_plane.catalog import apply_catalog, describe_apply
 from control_plane.store import open_store
@@ -89,10 +88,8 @@ def _check_addresses_free(settings: UpSettings) -> None:
     # Every address `aforo up` will listen on (the control plane, the proxy, each
     # worker's admin port) can be bound now; OSError naming the first that cannot.
     proxy = settings.proxy
-    addresses = [("the control plane", settings.control_plane.listen), ("the proxy", proxy.listen)]
-    if proxy.admin.port:
-        addresses += [(f"worker {index}'s health and metrics", HostPort(proxy.admin.host, proxy.admin.port + index))
-                      for index in range(proxy.workers)]
+    addresses = [("the control plane", settings.control_plane.listen), ("the proxy", proxy.listen),
+                 *((f"worker {index}'s health and metrics", proxy.admin_of(index)) for index in range(proxy.workers))]
     for what, address in addresses:
         if address.port == 0:
             continue
@@ -174,9 +171,9 @@ def _watch_control_plane(control_plane, supervisor, failed) -> None:
 
 
 def _when_ready(settings: UpSettings, admin_token, on_ready) -> None:
-    admin = settings.proxy.admin
-    workers_ready = admin.port == 0 or all(_wait_until_answering(f"http://{admin.host}:{admin.port + index}/readyz")
-                        for index in range(settings.proxy.workers))
+    proxy = settings.proxy
+    workers_ready = proxy.admin.port == 0 or all(_wait_until_answering(f"http://{proxy.admin_of(index)}/readyz")
+                                                 for index in range(proxy.workers))
     if workers_ready:
         on_ready(settings, admin_token)
     else:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from config.errors import ConfigError, raise_if_any
+from config.errors import ConfigError, ConfigErrors, raise_if_any
 from config.yaml_source import YamlDocument, child_path_of, load_yaml, no_cyclic_gc, path_steps
 
 T = TypeVar("T")
@@ -148,11 +148,11 @@ def _validated(document, file, schema_type, pattern_meanings, cross_check):
     try:
         value = msgspec.convert(document.data, schema_type, dec_hook=decode_value)
     except msgspec.ValidationError as err:
+        # msgspec stops at the first error; every one is reported (never none: it found one).
         errors = [_schema_error(text, document, file, schema_type, pattern_meanings or {})
                   for text in _schema_errors(document.data, schema_type, "$")]
         errors.sort(key=lambda error: error.line or 0)
-        raise_if_any(errors)
-        raise _schema_error(str(err), document, file, schema_type, pattern_meanings or {}) from err
+        raise (errors[0] if len(errors) == 1 else ConfigErrors(errors)) from err
     if cross_check is not None:
         errors = [
             ConfigError(problem.message, file, document.line_of(problem.path), problem.path)

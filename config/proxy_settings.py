@@ -353,6 +353,11 @@ class ProxySettings(Schema):
     redis: RedisCalls = msgspec.field(default_factory=RedisCalls)
     degraded: DegradedMode = msgspec.field(default_factory=DegradedMode)
 
+    def admin_of(self, worker_index: int) -> HostPort:
+        """Where worker `worker_index` answers health and metrics: `admin`'s port plus
+        the worker's index (port 0: each worker's own, picked by the system)."""
+        return HostPort(self.admin.host, self.admin.port + worker_index if self.admin.port else 0)
+
     @property
     def api_key_is_bearer(self) -> bool:
         """True when the key is read as `Bearer <key>` from the Authorization header;

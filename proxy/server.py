@@ -185,8 +185,8 @@ class ProxyWorker:
         sock = listening_socket(settings.listen.host, settings.listen.port)
         self.port = sock.getsockname()[1]
         self.server = await self.loop.create_server(lambda: ClientConnection(self.app), sock=sock)
-        admin_port = settings.admin.port + self.worker_index if settings.admin.port else 0
-        self.admin = await start_admin_server(settings.admin.host, admin_port, metrics, self.ready)
+        admin = settings.admin_of(self.worker_index)
+        self.admin = await start_admin_server(admin.host, admin.port, metrics, self.ready)
         self.admin_port = self.admin.sockets[0].getsockname()[1]
         self.meter_task = self.loop.create_task(self.meter.run())
         if hasattr(self.edge_state, "follow"):
