@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-import yaml
-
 from config.catalog_file import SECTIONS, CatalogFile, load_catalog_file
 from config.control_plane_settings import ControlPlaneSettings, load_control_plane_settings
 from config.documents import read_document
@@ -47,9 +45,8 @@ def kind_of(file: str) -> str:
     keys there; anything unreadable is taken for a guard file, whose loader reports
     YAML errors with their line."""
     try:
-        with open(file, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        document = load_yaml(read_document(file)[0], file).data
+    except (ConfigError, OSError):
         return "guards"
     if isinstance(document, dict):
         for kind, (_, keys, _) in KINDS.items():
